@@ -1,0 +1,257 @@
+"""Capture a model's forward as an ATen-level fx graph (``torch.export``, non-strict).
+
+A capture is made per *input signature* (shapes, dtypes, devices of the tensor inputs,
+values of the non-tensor inputs, train/eval mode): a new signature is captured anew, so a
+graph specialised to one resolution is never run on another. Parameters are not copied:
+the graph takes them as inputs and every call reads the live tensors of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from .errors import CaptureError
+
+log = logging.getLogger("rasfx")
+
+
+class _KwargsModule(torch.nn.Module):
+    """Calls the model with keyword arguments only; export sees a plain kwargs signature."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+
+def bind_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Map positional and keyword arguments to the forward's parameter names."""
+    if not args:
+        return dict(kwargs)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"arguments do not match {type(model).__name__}.forward: {e}") from None
+    out = {}
+    for name, value in bound.arguments.items():
+        param = inspect.signature(model.forward).parameters[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+            raise CaptureError(f"{type(model).__name__}.forward takes *{name}; pass its inputs by keyword")
+        else:
+            out[name] = value
+    return out
+
+
+def _leaf_key(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), x.dtype, x.device.type, x.device.index)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return ("C", type(x).__name__, x)
+    return ("O", type(x).__name__, repr(x))
+
+
+def input_signature(model: torch.nn.Module, kwargs: dict) -> tuple:
+    """Hashable key of everything a capture specialises on."""
+    leaves, spec = pytree.tree_flatten(kwargs)
+    return (str(spec), tuple(_leaf_key(x) for x in leaves), model.training)
+
+
+def describe_signature(sig: tuple) -> str:
+    parts = []
+    for key in sig[1]:
+        if key[0] == "T":
+            parts.append(f"{tuple(key[1])}:{str(key[2]).replace('torch.', '')}@{key[3]}")
+    return ", ".join(parts)
+
+
+def export(model: torch.nn.Module, kwargs: dict) -> ExportedProgram:
+    """Non-strict ``torch.export`` of ``model(**kwargs)``; clear error when it fails."""
+    wrapper = _KwargsModule(model)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.export.export(wrapper, (), kwargs, strict=False)
+        except Exception as e:  # export raises many types; all mean "cannot capture"
+            msg = str(e).strip().splitlines()
+            first = msg[0] if msg else type(e).__name__
+            raise CaptureError(
+                f"torch.export could not capture {type(model).__name__}.forward: {type(e).__name__}: {first}. "
+                "rasfx needs a forward without data-dependent Python control flow "
+                "(e.g. .item()/.tolist() on tensors); see docs/limitations.md."
+            ) from e
+
+
+@dataclass
+class Capture:
+    """One exported graph, and how to call it with a model's live parameters."""
+
+    program: ExportedProgram
+    graph_module: torch.fx.GraphModule
+    # per graph input: ("param"|"buffer", fqn) | ("const", name) | ("user", position in flat leaves)
+    input_sources: list[tuple[str, Any]]
+    user_output_positions: list[int]
+    out_spec: Any
+    in_spec: Any
+    signature: tuple
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_program(cls, ep: ExportedProgram, signature: tuple) -> "Capture":
+        sources: list[tuple[str, Any]] = []
+        user_pos = 0
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind == InputKind.PARAMETER:
+                sources.append(("param", spec.target.removeprefix("model.")))
+            elif spec.kind == InputKind.BUFFER:
+                sources.append(("buffer", spec.target.removeprefix("model.")))
+            elif spec.kind == InputKind.CONSTANT_TENSOR:
+                sources.append(("const", spec.target))
+            elif spec.kind == InputKind.USER_INPUT:
+                sources.append(("user", user_pos))
+                user_pos += 1
+            else:
+                raise CaptureError(f"unsupported graph input kind {spec.kind} ({spec.arg}); rasfx supports plain modules")
+        outs = [i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT]
+        for s in ep.graph_signature.output_specs:
+            if s.kind not in (OutputKind.USER_OUTPUT,):
+                raise CaptureError(
+                    f"the forward mutates state ({s.kind.name} {s.target}); rasfx needs a forward without side effects"
+                )
+        return cls(
+            program=ep,
+            graph_module=ep.graph_module,
+            input_sources=sources,
+            user_output_positions=outs,
+            out_spec=ep.call_spec.out_spec,
+            in_spec=ep.call_spec.in_spec,
+            signature=signature,
+        )
+
+    def input_resolver(self, model: torch.nn.Module) -> Callable[[list], list]:
+        """Returns f(flat user leaves) -> the graph's flat inputs, reading live parameters."""
+        getters: list[Callable[[list], Any]] = []
+        for kind, ref in self.input_sources:
+            if kind in ("param", "buffer"):
+                owner_path, _, name = ref.rpartition(".")
+                owner = model.get_submodule(owner_path) if owner_path else model
+                table = owner._parameters if kind == "param" else owner._buffers
+                getters.append(lambda leaves, t=table, n=name: t[n])
+            elif kind == "const":
+                value = self.program.constants[ref]
+                getters.append(lambda leaves, v=value: v)
+            else:
+                getters.append(lambda leaves, i=ref: leaves[i])
+        return lambda leaves: [g(leaves) for g in getters]
+
+    def unflatten_outputs(self, flat_outputs) -> Any:
+        user = [flat_outputs[i] for i in self.user_output_positions]
+        return pytree.tree_unflatten(user, self.out_spec)
+
+
+def capture(model: torch.nn.Module, kwargs: dict) -> Capture:
+    sig = input_signature(model, kwargs)
+    return Capture.from_program(export(model, kwargs), sig)
+
+
+# --------------------------------------------------------------------------------------
+# A second resolution, for the token analysis
+# --------------------------------------------------------------------------------------
+
+IMAGE_INPUT_NAMES = ("hidden_states", "x", "sample", "latents", "img", "image")
+
+
+def find_image_input(kwargs: dict, name: str | None = None) -> str:
+    """Name of the input that carries the image (or video) tokens."""
+    if name is not None:
+        if name not in kwargs or not isinstance(kwargs[name], torch.Tensor):
+            raise CaptureError(f"image input {name!r} is not a tensor argument of this call; got {sorted(kwargs)}")
+        return name
+    for cand in IMAGE_INPUT_NAMES:
+        if isinstance(kwargs.get(cand), torch.Tensor) and kwargs[cand].dim() >= 3:
+            return cand
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 3:
+            return key
+    raise CaptureError(
+        "found no image input (a tensor of rank >= 3: [B, C, H, W], [B, C, F, H, W] or packed [B, N, C]); "
+        f"inputs were {sorted(kwargs)}. Pass TransformConfig(image_input=...) to name it."
+    )
+
+
+def _resized(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
+    shape = list(t.shape)
+    for d, s in sizes.items():
+        shape[d] = s
+    if t.is_floating_point() or t.is_complex():
+        return torch.randn(shape, dtype=t.dtype, device=t.device)
+    return torch.zeros(shape, dtype=t.dtype, device=t.device)
+
+
+def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
+    """Candidate inputs at another resolution, each with a description
+    {"mode": "grid"|"packed", sizes before/after}. Tried in order until one captures."""
+    x = kwargs[image_key]
+    variants = []
+    if x.dim() >= 4:
+        h, w = x.shape[-2], x.shape[-1]
+        deltas = [(8, 16), (-8, -16), (16, 8), (-16, -8), (8, 8), (-8, -8), (16, 16), (-16, -16), (4, 8), (-4, -8)]
+        for dh, dw in deltas:
+            h2, w2 = h + dh, w + dw
+            if h2 <= 0 or w2 <= 0 or h2 * w * 1.0 == h * w2 * 1.0 and dh == dw == 0:
+                continue
+            new = dict(kwargs)
+            new[image_key] = _resized(x, {x.dim() - 2: h2, x.dim() - 1: w2})
+            # Other inputs whose dims equal a token count of the grid (e.g. RoPE tables passed
+            # in as inputs) are resized along: try the usual patch sizes.
+            for key, value in kwargs.items():
+                if key == image_key or not isinstance(value, torch.Tensor):
+                    continue
+                sizes = {}
+                for p in (1, 2, 4, 8):
+                    if h % p or w % p or h2 % p or w2 % p:
+                        continue
+                    n1, n2 = (h // p) * (w // p), (h2 // p) * (w2 // p)
+                    if x.dim() == 5:
+                        n1, n2 = n1 * x.shape[2], n2 * x.shape[2]
+                    for d, s in enumerate(value.shape):
+                        if s == n1 and n1 > 1:
+                            sizes[d] = n2
+                if sizes:
+                    new[key] = _resized(value, sizes)
+            variants.append((new, {"mode": "grid", "hw": (h, w), "hw2": (h2, w2)}))
+    elif x.dim() == 3:
+        n = x.shape[1]
+        for n2 in (n + max(4, n // 2), max(1, n - max(4, n // 3)), 2 * n):
+            if n2 == n or n2 <= 1:
+                continue
+            new = dict(kwargs)
+            new[image_key] = _resized(x, {1: n2})
+            for key, value in kwargs.items():
+                if key == image_key or not isinstance(value, torch.Tensor):
+                    continue
+                sizes = {d: n2 for d, s in enumerate(value.shape) if s == n}
+                if sizes:
+                    new[key] = _resized(value, sizes)
+            variants.append((new, {"mode": "packed", "n": n, "n2": n2}))
+    return variants
+
+
+@contextlib.contextmanager
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

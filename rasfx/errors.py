@@ -1,0 +1,26 @@
+"""One exception hierarchy for everything rasfx refuses to do.
+
+Every error names the construct, where it is (module path or graph node) and what the
+user can do about it. ``RasfxError`` is the root; the value errors also derive from
+``ValueError`` so that plain ``except ValueError`` keeps working.
+"""
+
+
+class RasfxError(Exception):
+    """Root of all rasfx errors."""
+
+
+class UnsupportedModelError(RasfxError):
+    """The model cannot be transformed (no image tokens, a U-Net, capture impossible...)."""
+
+
+class CaptureError(UnsupportedModelError):
+    """The model's forward could not be captured as a graph."""
+
+
+class InvalidIndexError(RasfxError, ValueError):
+    """An active-token index set is malformed (dtype, shape, range, duplicates, device)."""
+
+
+class ConfigError(RasfxError, ValueError):
+    """A configuration value is invalid; the message names the field."""

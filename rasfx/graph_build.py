@@ -1,0 +1,123 @@
+"""Build the runnable graph variants of one capture (dense / shared / rowwise)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from . import passes
+from .capture import Capture, analysis_variants, describe_signature, export, find_image_input
+from .errors import CaptureError, UnsupportedModelError
+from .passes.context import RewriteContext
+
+aten = torch.ops.aten
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+@dataclass
+class Variant:
+    name: str
+    gm: fx.GraphModule
+    caches: list
+    counters: Counter
+
+
+@dataclass
+class CompiledCapture:
+    """Everything rasfx knows about one input signature."""
+
+    capture: Capture
+    analysis: passes.TokenAnalysis
+    plan: passes.Plan
+    image_key: str
+    batch: int
+    counters: Counter = field(default_factory=Counter)
+    variants: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.analysis.num_tokens
+
+    def variant(self, name: str) -> Variant:
+        if name not in self.variants:
+            self.variants[name] = build_variant(self, name)
+            ref = self.variants.get("dense")
+            got = self.variants[name]
+            if ref is not None and [(c.shape, c.dtype) for c in ref.caches] != [(c.shape, c.dtype) for c in got.caches]:
+                raise AssertionError("graph variants disagree on their caches")
+        return self.variants[name]
+
+
+def build_variant(cc: CompiledCapture, name: str) -> Variant:
+    t0 = time.perf_counter()
+    gm = copy_graph_module(cc.capture.graph_module)
+    ctx = RewriteContext(gm, cc.plan, cc.num_tokens, name)
+    if name == "rowwise":
+        _check_rowwise(cc)
+    counters = Counter()
+    counters["gathers"] = passes.insert_gathers(ctx)
+    counters["resized_args"] = passes.resize_token_shapes(ctx)
+    counters.update(passes.insert_cache_sites(ctx))
+    ctx.finalize()
+    cc.timings[f"build_{name}"] = time.perf_counter() - t0
+    return Variant(name, gm, ctx.caches, counters)
+
+
+def _check_rowwise(cc: CompiledCapture) -> None:
+    for site in cc.plan.sites:
+        if site.axis.dim == 0 or site.shape[0] != cc.batch:
+            raise UnsupportedModelError(
+                f"per-row active sets need the batch in dim 0 of every cached tensor; {site.producer} has shape "
+                f"{site.shape} (batch {cc.batch}). Use one index set [n] shared by all rows."
+            )
+
+
+def compile_capture(model: torch.nn.Module, kwargs: dict, image_input: str | None, signature) -> CompiledCapture:
+    t0 = time.perf_counter()
+    image_key = find_image_input(kwargs, image_input)
+    cap = Capture.from_program(export(model, kwargs), signature)
+    t1 = time.perf_counter()
+    errors = []
+    alt = None
+    for alt_kwargs, desc in analysis_variants(kwargs, image_key):
+        try:
+            alt = (export(model, alt_kwargs), desc)
+            break
+        except CaptureError as e:
+            errors.append(f"{desc}: {e}")
+    if alt is None:
+        raise CaptureError(
+            "could not capture the model at a second resolution, which the token analysis needs to tell "
+            f"image-token axes from other dims (captured at {describe_signature(signature)}). Tried:\n  "
+            + "\n  ".join(errors or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] or [B,N,C])"])
+        )
+    t2 = time.perf_counter()
+    counters = Counter()
+    gm = cap.graph_module
+    counters["asserts"] = passes.strip_asserts(gm)
+    gm_alt = alt[0].graph_module
+    passes.strip_asserts(gm_alt)
+    analysis = passes.analyze_tokens(gm, gm_alt, alt[1])
+    plan = passes.plan_regions(gm)
+    if plan.counters["active_nodes"] == 0:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no op of the graph can run on a subset of the image tokens "
+            f"({len(plan.conservative)} ops handled conservatively, e.g. {plan.conservative[:3]}); "
+            "RAS would save nothing."
+        )
+    counters.update(plan.counters)
+    batch = int(kwargs[image_key].shape[0])
+    cc = CompiledCapture(cap, analysis, plan, image_key, batch, counters)
+    cc.timings.update(export=t1 - t0, export_alt=t2 - t1, analysis=time.perf_counter() - t2)
+    return cc

@@ -1,0 +1,17 @@
+"""The compiler passes of rasfx, in pipeline order.
+
+capture -> strip_asserts -> analyze_tokens -> plan_regions ->
+insert_gathers -> resize_token_shapes -> insert_cache_sites (-> fusion passes)
+"""
+
+from .insert_cache_sites import insert_cache_sites
+from .insert_gathers import insert_gathers
+from .plan_regions import Plan, Site, plan_regions
+from .resize_token_shapes import resize_token_shapes
+from .strip_asserts import strip_asserts
+from .token_analysis import Axis, TokenAnalysis, analyze_tokens, token_axes
+
+__all__ = [
+    "Axis", "Plan", "Site", "TokenAnalysis", "analyze_tokens", "insert_cache_sites", "insert_gathers",
+    "plan_regions", "resize_token_shapes", "strip_asserts", "token_axes",
+]

@@ -1,0 +1,211 @@
+"""How each ATen op treats the token axis: token-wise, token-mixing, or opaque.
+
+``classify(node)`` returns an ``OpRule``:
+- ``tokenwise``: the op never combines values of different tokens; it can run on the
+  active tokens only (its token axes pass through);
+- ``mixing``: some operands are contracted or reduced over their token axis; those
+  (``full``) must be full length (fresh values for active tokens, cached ones for the
+  rest); the other operands pass through;
+- ``opaque``: unknown or irregular; the conservative answer (run at full length on
+  full-length inputs) is always correct.
+
+``cheap`` marks ops worth running at full length when all their inputs are full anyway
+(views, elementwise ops): the active region starts at the first op that is not cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .token_analysis import token_axes
+
+aten = torch.ops.aten
+
+
+@dataclass
+class OpRule:
+    kind: str  # "tokenwise" | "mixing" | "opaque"
+    full: set = field(default_factory=set)  # input nodes needed at full length
+    cheap: bool = False
+    reason: str = ""
+
+
+VIEW_OPS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+    aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.flatten.using_ints, aten.unflatten.int, aten.expand.default,
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten._to_copy.default,
+    aten.type_as.default, aten.view_as_complex.default, aten.view_as_real.default,
+    aten.lift_fresh_copy.default, aten.dropout.default, aten.slice.Tensor, aten.narrow.default,
+    aten.select.int, aten.movedim.int, aten.swapaxes.default, aten.real.default, aten.imag.default,
+    aten.view.dtype, aten.expand_as.default, aten.reshape_as.default, aten.view_as.default,
+    aten.feature_dropout.default, aten.alpha_dropout.default, aten.identity.default if hasattr(aten, "identity") else aten.alias.default,
+    operator.getitem,
+}
+SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default, aten.tensor_split.indices}
+CAT_OPS = {aten.cat.default, aten.concat.default}
+REDUCE_OPS = {
+    aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
+    aten.var_mean.correction, aten.std.correction, aten.softmax.int, aten._softmax.default,
+    aten.log_softmax.int, aten._log_softmax.default, aten.logsumexp.default, aten.norm.ScalarOpt_dim,
+    aten.linalg_vector_norm.default, aten.argmax.default, aten.max.dim, aten.min.dim, aten.cumsum.default,
+    aten.prod.dim_int, aten.any.dim, aten.all.dim,
+}
+NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
+SDPA_OPS = {aten.scaled_dot_product_attention.default}
+MATMUL_OPS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+              aten.matmul.default, aten.einsum.default}
+
+
+def is_pointwise(target) -> bool:
+    tags = getattr(target, "tags", ())
+    return torch.Tag.pointwise in tags
+
+
+def _rank(node) -> int:
+    val = node.meta.get("val")
+    return val.dim() if isinstance(val, torch.Tensor) else 0
+
+
+def _out_axes(node: fx.Node) -> list:
+    info = node.meta.get("rasfx_tokens")
+    if isinstance(info, tuple):
+        return list(info)
+    if isinstance(info, list):
+        return [a for elem in info if elem for a in elem]
+    return []
+
+
+def _axis_dims(node) -> set:
+    return {a.dim for a in token_axes(node)}
+
+
+def _dims_arg(node, pos, key, rank):
+    dims = node.args[pos] if len(node.args) > pos else node.kwargs.get(key)
+    if dims is None:
+        return set(range(rank))
+    if isinstance(dims, int):
+        dims = [dims]
+    return {d % rank for d in dims}
+
+
+def _contracted(node) -> dict:
+    """{input node: contracted dims} for the matmul family."""
+    t, a = node.target, node.args
+    if t is aten.linear.default:
+        return {a[0]: {_rank(a[0]) - 1}}
+    if t is aten.mm.default:
+        return {a[0]: {1}, a[1]: {0}}
+    if t is aten.addmm.default:
+        return {a[1]: {1}, a[2]: {0}}
+    if t is aten.bmm.default:
+        return {a[0]: {2}, a[1]: {1}}
+    if t is aten.baddbmm.default:
+        return {a[1]: {2}, a[2]: {1}}
+    if t is aten.matmul.default:
+        rb = _rank(a[1])
+        return {a[0]: {_rank(a[0]) - 1}, a[1]: {0 if rb == 1 else rb - 2}}
+    if t is aten.einsum.default:
+        eq = a[0].replace(" ", "")
+        lhs, _, rhs = eq.partition("->")
+        subs = lhs.split(",")
+        if "." in eq or not rhs and "->" not in eq:
+            return {}
+        out = {}
+        for op, sub in zip(a[1], subs):
+            out.setdefault(op, set()).update(i for i, ch in enumerate(sub) if ch not in rhs)
+        return out
+    return {}
+
+
+def classify(node: fx.Node) -> OpRule:
+    t = node.target
+    ins = [i for i in node.all_input_nodes if token_axes(i)]
+    out_axes = _out_axes(node)
+    if node.op != "call_function":
+        return OpRule("opaque", set(ins), reason=f"{node.op}")
+    if any(len(token_axes(i)) > 1 for i in ins) or len(token_axes(node)) > 1:
+        return OpRule("opaque", set(ins), reason="tensor with several token axes")
+    if t in VIEW_OPS or t in SPLIT_OPS:
+        if t is aten.select.int and ins and (node.args[1] % _rank(node.args[0])) in _axis_dims(node.args[0]):
+            return OpRule("opaque", set(ins), reason="select on the token axis")
+        if t is aten.chunk.default and ins:
+            d = (node.args[2] if len(node.args) > 2 else 0) % _rank(node.args[0])
+            if d in _axis_dims(node.args[0]):
+                return OpRule("opaque", set(ins), reason="chunk over the token axis")
+        if t is aten.unbind.int and ins:
+            d = (node.args[1] if len(node.args) > 1 else 0) % _rank(node.args[0])
+            if d in _axis_dims(node.args[0]):
+                return OpRule("opaque", set(ins), reason="unbind over the token axis")
+        if t in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
+                 aten.unflatten.int) and ins:
+            src = ins[0]
+            if not out_axes:
+                return OpRule("opaque", set(ins), reason="reshape splits or merges the token axis")
+            ia, oa = token_axes(src)[0], out_axes[0]
+            sin, sout = src.meta["val"].shape, node.meta["val"].shape
+            if math.prod(sin[: ia.dim]) != math.prod(sout[: oa.dim]) or sin[ia.dim] != sout[oa.dim]:
+                return OpRule("opaque", set(ins), reason="reshape merges the token axis with another dim")
+        return OpRule("tokenwise", cheap=True)
+    if t in CAT_OPS:
+        return OpRule("tokenwise", cheap=True)
+    if is_pointwise(t):
+        rank = _rank(node)
+        for i in ins:
+            for ax in token_axes(i):
+                if ax.dim + rank - _rank(i) not in {a.dim for a in out_axes}:
+                    return OpRule("opaque", set(ins), reason="broadcast moves the token axis")
+        return OpRule("tokenwise", cheap=True)
+    if t in REDUCE_OPS:
+        src = node.args[0]
+        rank = _rank(src)
+        if t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
+                 aten.cumsum.default, aten.argmax.default, aten.max.dim, aten.min.dim, aten.prod.dim_int,
+                 aten.any.dim, aten.all.dim):
+            dims = {node.args[1] % rank} if len(node.args) > 1 and isinstance(node.args[1], int) else set(range(rank))
+        elif t in (aten.norm.ScalarOpt_dim,):
+            dims = _dims_arg(node, 2, "dim", rank)
+        elif t is aten.linalg_vector_norm.default:
+            dims = _dims_arg(node, 2, "dim", rank)
+        else:
+            dims = _dims_arg(node, 1, "dim", rank)
+        if dims & _axis_dims(src):
+            return OpRule("mixing", {src}, reason=f"reduction over the token axis ({t})")
+        return OpRule("tokenwise")
+    if t in NORM_OPS:
+        src = node.args[0]
+        shape = node.args[1]
+        if any(d >= _rank(src) - len(shape) for d in _axis_dims(src)):
+            return OpRule("mixing", {src}, reason="normalisation over the token axis")
+        return OpRule("tokenwise")
+    if t in SDPA_OPS:
+        q, k, v = node.args[:3]
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node) and token_axes(mask):
+            return OpRule("opaque", set(ins), reason="attention mask over image tokens")
+        if token_axes(q) and {a.dim for a in token_axes(q)} != {_rank(q) - 2}:
+            return OpRule("opaque", set(ins), reason="query token axis is not the sequence dim")
+        full = {x for x in (k, v) if token_axes(x)}
+        for x in full:
+            if {a.dim for a in token_axes(x)} != {_rank(x) - 2}:
+                return OpRule("opaque", set(ins), reason="key/value token axis is not the sequence dim")
+        return OpRule("mixing", full, reason="attention")
+    if t in MATMUL_OPS:
+        contracted = _contracted(node)
+        if not contracted:
+            return OpRule("opaque", set(ins), reason=f"unparsed {t}")
+        full = {i for i in ins if _axis_dims(i) & contracted.get(i, set())}
+        passing = [i for i in ins if i not in full]
+        if len(passing) > 1:
+            return OpRule("opaque", set(ins), reason="product of two token sequences")
+        if full:
+            return OpRule("mixing", full, reason="contraction over the token axis")
+        return OpRule("tokenwise")
+    return OpRule("opaque", set(ins), reason=f"unknown op {t}")

@@ -1,0 +1,161 @@
+"""Plan the active region: which nodes run on the active tokens only.
+
+Walks the analysed graph in topological order and gives every node a mode:
+- ``F``: runs as captured, at full length (sources of token axes such as the patch
+  embedding and positional tables, cheap ops on full inputs, opaque ops);
+- ``A``: runs on the active tokens only (sizes that are ``a*N+b`` become ``a*n+b``);
+- ``-``: does not touch token axes.
+
+and records the edges where a value changes form:
+- ``gathers``: an ``A`` node reads an ``F`` value -> gather its active rows;
+- ``sites``: a node needs an ``A`` value at full length (token-mixing operands, opaque
+  ops, the graph output / unpatchify) -> a cache at that edge supplies the inactive rows.
+
+Invariants: the graph is not modified; the plan is keyed by node names; every ``A`` node
+has all its token-bearing inputs in ``A`` form (or ``F`` form for its ``full`` operands);
+every token axis of an ``A`` tensor has a known image-segment offset, so that gathers and
+caches can be indexed. Conservative choices are recorded in ``plan.conservative`` with
+their reason, never taken silently.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .op_rules import SDPA_OPS, classify
+from .token_analysis import Axis, token_axes
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Site:
+    producer: str  # node name of the active value
+    consumer: str  # node name that needs it at full length
+    kind: str  # "attention" | "mixing" | "opaque" | "output"
+    axis: Axis
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+    reason: str = ""
+
+
+@dataclass
+class Plan:
+    mode: dict = field(default_factory=dict)  # node name -> "A" | "F" | "-"
+    gathers: list = field(default_factory=list)  # (producer, consumer)
+    sites: list = field(default_factory=list)  # [Site]
+    conservative: list = field(default_factory=list)  # (node name, target, reason)
+    counters: Counter = field(default_factory=Counter)
+
+    def is_active(self, node: fx.Node) -> bool:
+        """True when ``node``'s value is an active-only tensor (carries a token axis)."""
+        return self.mode.get(node.name) == "A" and _has_axes(node)
+
+
+def _has_axes(node: fx.Node) -> bool:
+    info = node.meta.get("rasfx_tokens")
+    if isinstance(info, tuple):
+        return bool(info)
+    if isinstance(info, list):
+        return any(bool(e) for e in info)
+    return False
+
+
+def _offsets_known(node: fx.Node) -> bool:
+    info = node.meta.get("rasfx_tokens")
+    elems = info if isinstance(info, list) else [info]
+    return all(a.offset is not None for e in elems if e for a in e)
+
+
+def _gatherable(node: fx.Node) -> bool:
+    axes = token_axes(node)
+    return len(axes) == 1 and axes[0].offset is not None
+
+
+def plan_regions(gm: fx.GraphModule) -> Plan:
+    plan = Plan()
+    for node in gm.graph.nodes:
+        ins = [i for i in node.all_input_nodes if _has_axes(i)]
+        if node.op == "placeholder" or node.op == "get_attr":
+            plan.mode[node.name] = "F" if _has_axes(node) else "-"
+            continue
+        if node.op == "output":
+            for i in ins:
+                if plan.is_active(i):
+                    _add_site(plan, i, node, "output", "graph output")
+            continue
+        if not ins:
+            plan.mode[node.name] = "F" if _has_axes(node) else "-"
+            continue
+        rule = classify(node)
+        passing = [i for i in ins if i not in rule.full]
+        if rule.kind == "opaque":
+            _run_full(plan, node, ins, "opaque", rule.reason)
+            continue
+        any_active = any(plan.is_active(i) for i in passing)
+        want_active = passing and (any_active or not rule.cheap)
+        can_active = (
+            node.meta.get("rasfx_ints") is not None
+            and _offsets_known(node)
+            and all(plan.is_active(i) or _gatherable(i) for i in passing)
+            and (_has_axes(node) or rule.kind == "tokenwise")
+        )
+        if want_active and can_active:
+            plan.mode[node.name] = "A"
+            for i in passing:
+                if not plan.is_active(i):
+                    plan.gathers.append((i.name, node.name))
+            for i in rule.full:
+                if plan.is_active(i):
+                    kind = "attention" if node.target in SDPA_OPS else "mixing"
+                    _add_site(plan, i, node, kind, rule.reason)
+            continue
+        if want_active and any_active:
+            why = "sizes not linear in the token count" if node.meta.get("rasfx_ints") is None else "token segment not located"
+            _run_full(plan, node, ins, "opaque", why)
+            continue
+        # all inputs full and the op is cheap (or cannot run active): keep it at full length
+        _run_full(plan, node, ins, rule.kind if rule.kind == "mixing" else "opaque", rule.reason, record=False)
+    _mark_output_sites(gm, plan)
+    plan.counters["active_nodes"] = sum(1 for m in plan.mode.values() if m == "A")
+    plan.counters["gathers"] = len({p for p, _ in plan.gathers})
+    plan.counters["sites"] = len(plan.sites)
+    for s in plan.sites:
+        plan.counters[f"sites_{s.kind}"] += 1
+    return plan
+
+
+def _mark_output_sites(gm: fx.GraphModule, plan: Plan) -> None:
+    """A site after which no node runs active ends the region: it feeds the output
+    (unpatchify and the like). Those are ``output`` sites, not conservative choices."""
+    feeds_active: dict = {}
+    for node in reversed(gm.graph.nodes):
+        feeds_active[node.name] = any(plan.mode.get(u.name) == "A" or feeds_active.get(u.name) for u in node.users)
+    ends = set()
+    for site in plan.sites:
+        if site.kind == "opaque" and not feeds_active.get(site.consumer, False):
+            site.kind, site.reason = "output", "end of the token region"
+            ends.add(site.consumer)
+    plan.conservative = [c for c in plan.conservative if c[0] not in ends]
+
+
+def _run_full(plan: Plan, node: fx.Node, ins, kind: str, reason: str, record: bool = True) -> None:
+    plan.mode[node.name] = "F" if _has_axes(node) else "-"
+    active = [i for i in ins if plan.is_active(i)]
+    for i in active:
+        _add_site(plan, i, node, kind, reason)
+    if active and record and kind == "opaque":
+        plan.conservative.append((node.name, str(node.target), reason))
+
+
+def _add_site(plan: Plan, producer: fx.Node, consumer: fx.Node, kind: str, reason: str) -> None:
+    axes = token_axes(producer)
+    val = producer.meta["val"]
+    plan.sites.append(
+        Site(producer.name, consumer.name, kind, axes[0], tuple(val.shape), val.dtype, val.device, reason)
+    )

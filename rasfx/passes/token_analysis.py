@@ -1,0 +1,312 @@
+"""Token analysis: find the image-token axis of every node from the graph itself.
+
+What it computes (no model names, no per-model tables): the same forward is captured at
+two resolutions; nodes are aligned by their op sequence, and a tensor dimension whose size
+is ``N + c`` at both resolutions (``N`` = number of image tokens, ``c`` a constant) is a
+token axis. ``c > 0`` marks a sequence that concatenates the image tokens with ``c``
+conditioning tokens; where the image segment sits (its offset) is propagated from the
+``cat``/``slice``/``split`` nodes that build and cut such sequences.
+
+``N`` itself is found as the size that scales exactly with the image area (grid inputs) or
+is the packed sequence length (packed inputs). A graph with several token grids of
+different sizes (a U-Net) or none (a model without image tokens) is rejected.
+
+Invariants: the graph is not modified; every node gets ``node.meta["rasfx_tokens"]`` (a
+``TokenInfo`` for tensor outputs, a list of them for multi-output nodes, ``None`` for
+non-tensors) and, where int arguments vary with the resolution,
+``node.meta["rasfx_ints"]`` (``{leaf position: (a, b)}`` meaning ``a * N + b``, or
+``None`` when the variation is not linear in N).
+"""
+
+from __future__ import annotations
+
+import difflib
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from ..errors import UnsupportedModelError
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A token axis: ``dim`` of a tensor of size ``N + extra``; the image segment starts at
+    ``offset`` (``None`` = unknown)."""
+
+    dim: int
+    extra: int = 0
+    offset: Optional[int] = 0
+
+    def full_size(self, n_img: int) -> int:
+        return n_img + self.extra
+
+
+TokenInfo = tuple  # tuple[Axis, ...], sorted by dim; () = no token axis
+
+
+@dataclass
+class TokenAnalysis:
+    num_tokens: int  # N at the captured resolution
+    num_tokens_alt: int  # N at the analysis resolution
+    matched: int
+    unmatched: list[str] = field(default_factory=list)
+    stats: Counter = field(default_factory=Counter)
+
+
+def _key(node: fx.Node) -> str:
+    if node.op == "call_function":
+        return f"f:{node.target}"
+    if node.op in ("placeholder", "get_attr"):
+        return f"{node.op}:{node.target}"
+    return node.op
+
+
+def align(g1: fx.Graph, g2: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """Pairs of nodes doing the same thing in two captures of one forward."""
+    n1, n2 = list(g1.nodes), list(g2.nodes)
+    sm = difflib.SequenceMatcher(a=[_key(n) for n in n1], b=[_key(n) for n in n2], autojunk=False)
+    pairs = {}
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        if tag == "equal":
+            for k in range(i2 - i1):
+                pairs[n1[i1 + k]] = n2[j1 + k]
+    return pairs
+
+
+def _tensors(val: Any) -> list[Optional[torch.Tensor]]:
+    if isinstance(val, torch.Tensor):
+        return [val]
+    if isinstance(val, (list, tuple)):
+        return [v if isinstance(v, torch.Tensor) else None for v in val]
+    return []
+
+
+def _area_pairs(pairs, area1: int, area2: int) -> Counter:
+    counts: Counter = Counter()
+    for a, b in pairs.items():
+        for t1, t2 in zip(_tensors(a.meta.get("val")), _tensors(b.meta.get("val"))):
+            if t1 is None or t2 is None or t1.dim() != t2.dim():
+                continue
+            for s1, s2 in zip(t1.shape, t2.shape):
+                s1, s2 = int(s1), int(s2)
+                if s1 > 1 and s1 != s2 and s1 * area2 == s2 * area1:
+                    counts[(s1, s2)] += 1
+    return counts
+
+
+def find_token_count(pairs, variant: dict) -> tuple[int, int]:
+    """(N, N_alt): the number of image tokens at the two resolutions."""
+    if variant["mode"] == "packed":
+        return variant["n"], variant["n2"]
+    (h, w), (h2, w2) = variant["hw"], variant["hw2"]
+    counts = _area_pairs(pairs, h * w, h2 * w2)
+    if not counts:
+        raise UnsupportedModelError(
+            "no image-token sequence: no tensor dimension of the graph scales with the image area, "
+            "so the model does not process the image as a sequence of tokens (a convolutional model?). "
+            "rasfx needs a diffusion transformer."
+        )
+    (best, freq), *rest = counts.most_common()
+    grids = [pair for pair, c in rest if c >= max(3, freq // 10) and pair[0] != best[0]]
+    if grids:
+        sizes = ", ".join(str(p[0]) for p in [best, *grids])
+        raise UnsupportedModelError(
+            f"several token grids of different sizes ({sizes} tokens): this looks like a U-Net or a "
+            "multi-scale model, whose token sets do not map one-to-one; rasfx supports transformers "
+            "with one image-token sequence."
+        )
+    return best
+
+
+def _axes_of(t1: torch.Tensor, t2: Optional[torch.Tensor], n1: int, n2: int, extras: set) -> tuple:
+    axes = []
+    for d in range(t1.dim()):
+        s1 = int(t1.shape[d])
+        if t2 is not None:
+            s2 = int(t2.shape[d])
+            if s1 >= n1 and s1 - n1 == s2 - n2 and s1 != s2:
+                axes.append(Axis(d, s1 - n1, None))
+        elif s1 >= n1 and (s1 - n1) in extras:
+            axes.append(Axis(d, s1 - n1, None))
+    return tuple(axes)
+
+
+def _int_leaves(node: fx.Node) -> list:
+    return pytree.tree_leaves((node.args, node.kwargs))
+
+
+def _fit_ints(a: fx.Node, b: fx.Node, n1: int, n2: int) -> Optional[dict]:
+    la, lb = _int_leaves(a), _int_leaves(b)
+    if len(la) != len(lb):
+        return None
+    fits = {}
+    for i, (x, y) in enumerate(zip(la, lb)):
+        if type(x) is int and type(y) is int and x != y:
+            num = y - x
+            if num % (n2 - n1) != 0 or num // (n2 - n1) < 1:
+                return None
+            k = num // (n2 - n1)
+            fits[i] = (k, x - k * n1)
+    return fits
+
+
+# ---------------------------------------------------------------- offsets of image segments
+
+
+def _input_axes(node: fx.Node) -> list[tuple[fx.Node, Axis]]:
+    out = []
+    for arg in node.all_input_nodes:
+        info = arg.meta.get("rasfx_tokens")
+        if isinstance(info, tuple):
+            out.extend((arg, ax) for ax in info)
+        elif isinstance(info, list):
+            out.extend((arg, ax) for elem in info if elem for ax in elem)
+    return out
+
+
+def _segment(offset, extra, n, start, end, size):
+    """Image segment of [offset, offset+n) seen through a slice [start, end) of a sequence
+    of ``size``: the new offset, or None when the slice does not hold the whole segment."""
+    if offset is None:
+        return None
+    start = max(0, start + size if start < 0 else start)
+    end = min(size, end + size if end < 0 else end)
+    if start <= offset and end >= offset + n:
+        return offset - start
+    return None
+
+
+def _propagate_offsets(graph: fx.Graph, n1: int) -> None:
+    for node in graph.nodes:
+        info = node.meta.get("rasfx_tokens")
+        if not info:
+            continue
+        ins = _input_axes(node)
+        if isinstance(info, list):
+            node.meta["rasfx_tokens"] = [
+                tuple(_resolve_axis(node, ax, ins, n1, k) for ax in elem) if elem is not None else None
+                for k, elem in enumerate(info)
+            ]
+        else:
+            node.meta["rasfx_tokens"] = tuple(_resolve_axis(node, ax, ins, n1, None) for ax in info)
+
+
+def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) -> Axis:
+    t = node.target
+    if not ins:  # a source
+        return Axis(ax.dim, ax.extra, 0 if ax.extra == 0 else None)
+    if t is operator.getitem:
+        src = node.args[0]
+        infos = src.meta.get("rasfx_tokens")
+        k = node.args[1]
+        if isinstance(infos, list) and isinstance(k, int) and k < len(infos) and infos[k]:
+            for a in infos[k]:
+                if a.extra == ax.extra:
+                    return Axis(ax.dim, ax.extra, a.offset)
+        return Axis(ax.dim, ax.extra, None)
+    if t in (aten.cat.default, aten.concat.default):
+        tensors = node.args[0]
+        cat_dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        rank = node.meta["val"].dim()
+        if cat_dim % rank == ax.dim:
+            pos, found = 0, None
+            for inp in tensors:
+                val = inp.meta.get("val")
+                axes = inp.meta.get("rasfx_tokens") or ()
+                here = [a for a in axes if a.dim == ax.dim] if isinstance(axes, tuple) else []
+                if here:
+                    if found is not None or here[0].offset is None:
+                        return Axis(ax.dim, ax.extra, None)
+                    found = pos + here[0].offset
+                pos += int(val.shape[ax.dim])
+            return Axis(ax.dim, ax.extra, found)
+    if elem is not None and t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+        src = node.args[0]
+        sval = src.meta["val"]
+        sdim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % sval.dim()
+        src_axes = [a for a in (src.meta.get("rasfx_tokens") or ()) if a.dim == sdim]
+        if src_axes:
+            pieces = node.meta["val"]
+            start = sum(int(p.shape[sdim]) for p in pieces[:elem])
+            end = start + int(pieces[elem].shape[sdim])
+            off = _segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, int(sval.shape[sdim]))
+            return Axis(ax.dim, ax.extra, off)
+    if t in (aten.slice.Tensor, aten.narrow.default):
+        src = node.args[0]
+        sval = src.meta["val"]
+        sdim = (node.args[1] if len(node.args) > 1 else 0) % sval.dim()
+        src_axes = [a for a in (src.meta.get("rasfx_tokens") or ()) if a.dim == sdim]
+        if src_axes and sdim == ax.dim:
+            size = int(sval.shape[sdim])
+            if t is aten.slice.Tensor:
+                start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+                end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+                step = node.args[4] if len(node.args) > 4 else 1
+                if step != 1:
+                    return Axis(ax.dim, ax.extra, None)
+            else:
+                start, end = node.args[2], node.args[2] + node.args[3]
+            return Axis(ax.dim, ax.extra, _segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, size))
+    # token-wise ops keep the segment: take it from an input axis with the same extra
+    offs = {a.offset for _, a in ins if a.extra == ax.extra}
+    if len(offs) == 1:
+        return Axis(ax.dim, ax.extra, offs.pop())
+    return Axis(ax.dim, ax.extra, None)
+
+
+# ---------------------------------------------------------------- the pass
+
+
+def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, variant: dict) -> TokenAnalysis:
+    """Annotate every node of ``gm`` with its token axes (see module docstring)."""
+    pairs = align(gm.graph, gm_alt.graph)
+    n1, n2 = find_token_count(pairs, variant)
+    extras: set = set()
+    for a, b in pairs.items():
+        for t1, t2 in zip(_tensors(a.meta.get("val")), _tensors(b.meta.get("val"))):
+            if t1 is not None and t2 is not None and t1.dim() == t2.dim():
+                extras.update(ax.extra for ax in _axes_of(t1, t2, n1, n2, set()))
+    result = TokenAnalysis(num_tokens=n1, num_tokens_alt=n2, matched=len(pairs))
+    for node in gm.graph.nodes:
+        other = pairs.get(node)
+        if other is None and node.op not in ("output",):
+            result.unmatched.append(node.name)
+        val = node.meta.get("val")
+        vals = _tensors(val)
+        alts = _tensors(other.meta.get("val")) if other is not None else [None] * len(vals)
+        infos = []
+        for t1, t2 in zip(vals, alts if len(alts) == len(vals) else [None] * len(vals)):
+            if t1 is None:
+                infos.append(None)
+                continue
+            if t2 is not None and t2.dim() != t1.dim():
+                t2 = None
+            infos.append(_axes_of(t1, t2, n1, n2, extras))
+        if isinstance(val, torch.Tensor):
+            node.meta["rasfx_tokens"] = infos[0]
+        elif isinstance(val, (list, tuple)):
+            node.meta["rasfx_tokens"] = infos
+        else:
+            node.meta["rasfx_tokens"] = None
+        if other is not None:
+            fits = _fit_ints(node, other, n1, n2)
+            node.meta["rasfx_ints"] = fits
+        else:
+            node.meta["rasfx_ints"] = {} if not any(type(x) is int for x in _int_leaves(node)) else None
+        if any(node.meta["rasfx_tokens"] if isinstance(node.meta["rasfx_tokens"], tuple) else ()):
+            result.stats["token_nodes"] += 1
+    _propagate_offsets(gm.graph, n1)
+    return result
+
+
+def token_axes(node: fx.Node) -> tuple:
+    """The token axes of a tensor-valued node (``()`` if none)."""
+    info = node.meta.get("rasfx_tokens")
+    return info if isinstance(info, tuple) else ()

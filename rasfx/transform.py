@@ -1,0 +1,50 @@
+"""``rasfx.transform``: the one public verb of the compiler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import ConfigError, UnsupportedModelError
+from .module import RASModule
+
+
+@dataclass
+class TransformConfig:
+    """Options of ``rasfx.transform``.
+
+    image_input: name of the forward argument that carries the image/video tokens
+        (default: ``hidden_states`` or the first tensor of rank >= 3).
+    max_captures: how many input signatures keep their graphs (least recently used are
+        dropped; a dropped signature is captured again when it comes back).
+    """
+
+    image_input: Optional[str] = None
+    max_captures: int = 8
+
+    def __post_init__(self):
+        if self.image_input is not None and (not isinstance(self.image_input, str) or not self.image_input):
+            raise ConfigError(f"image_input must be a non-empty string or None, got {self.image_input!r}")
+        if not isinstance(self.max_captures, int) or self.max_captures < 1:
+            raise ConfigError(f"max_captures must be a positive int, got {self.max_captures!r}")
+
+
+def transform(model: torch.nn.Module, config: Optional[TransformConfig] = None) -> RASModule:
+    """Make ``model`` region-adaptive.
+
+    Returns a ``RASModule`` with the model's forward signature; nothing is captured until
+    the first call (capture is per input signature). Weights are shared with ``model``.
+    """
+    if isinstance(model, RASModule):
+        raise UnsupportedModelError("this model is already transformed by rasfx")
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModelError(f"rasfx.transform needs a torch.nn.Module, got {type(model).__name__}")
+    name = type(model).__name__
+    if "UNet" in name or "Unet" in name:
+        raise UnsupportedModelError(
+            f"{name} is a U-Net: its feature maps change resolution between blocks, so there is no single "
+            "image-token sequence to compute sparsely. rasfx supports diffusion transformers (DiT)."
+        )
+    return RASModule(model, config or TransformConfig())
