@@ -81,7 +81,7 @@ def describe_signature(sig: tuple) -> str:
 def export(model: torch.nn.Module, kwargs: dict) -> ExportedProgram:
     """Non-strict ``torch.export`` of ``model(**kwargs)``; clear error when it fails."""
     wrapper = _KwargsModule(model)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_logs():
         warnings.simplefilter("ignore")
         try:
             return torch.export.export(wrapper, (), kwargs, strict=False)
@@ -211,14 +211,18 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
         deltas = [(8, 16), (-8, -16), (16, 8), (-16, -8), (8, 8), (-8, -8), (16, 16), (-16, -16), (4, 8), (-4, -8)]
         for dh, dw in deltas:
             h2, w2 = h + dh, w + dw
-            if h2 <= 0 or w2 <= 0 or h2 * w * 1.0 == h * w2 * 1.0 and dh == dw == 0:
+            if h2 <= 0 or w2 <= 0:
                 continue
             new = dict(kwargs)
             new[image_key] = _resized(x, {x.dim() - 2: h2, x.dim() - 1: w2})
-            # Other inputs whose dims equal a token count of the grid (e.g. RoPE tables passed
-            # in as inputs) are resized along: try the usual patch sizes.
+            desc = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2)}
+            variants.append((new, desc))
+            # Inputs that carry a per-token table (e.g. RoPE cos/sin passed in by the pipeline)
+            # must follow the resolution: a second candidate resizes non-feature dims that
+            # equal the token count of a usual patch size.
+            resized = dict(new)
             for key, value in kwargs.items():
-                if key == image_key or not isinstance(value, torch.Tensor):
+                if key == image_key or not isinstance(value, torch.Tensor) or value.dim() < 2:
                     continue
                 sizes = {}
                 for p in (1, 2, 4, 8):
@@ -227,12 +231,13 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
                     n1, n2 = (h // p) * (w // p), (h2 // p) * (w2 // p)
                     if x.dim() == 5:
                         n1, n2 = n1 * x.shape[2], n2 * x.shape[2]
-                    for d, s in enumerate(value.shape):
+                    for d, s in enumerate(value.shape[:-1]):
                         if s == n1 and n1 > 1:
                             sizes[d] = n2
                 if sizes:
-                    new[key] = _resized(value, sizes)
-            variants.append((new, {"mode": "grid", "hw": (h, w), "hw2": (h2, w2)}))
+                    resized[key] = _resized(value, sizes)
+            if any(resized[k] is not new[k] for k in new):
+                variants.append((resized, dict(desc, resized=True)))
     elif x.dim() == 3:
         n = x.shape[1]
         for n2 in (n + max(4, n // 2), max(1, n - max(4, n // 3)), 2 * n):
@@ -251,7 +256,16 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
 
 
 @contextlib.contextmanager
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+def _quiet_logs():
+    # A failed trial export logs full tracebacks from fake-tensor internals; the error we
+    # raise already says what failed.
+    names = ("torch._subclasses.fake_tensor", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
         yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
