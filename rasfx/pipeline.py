@@ -1,0 +1,708 @@
+"""One-line region-adaptive sampling for diffusers pipelines.
+
+    rasfx.enable(pipe, rasfx.RASConfig(ratio=0.25))
+    image = pipe(prompt, num_inference_steps=28).images[0]
+    print(rasfx.stats(pipe))
+    rasfx.disable(pipe)                      # the pipeline is exactly as before
+
+How it hooks in, without copying any pipeline code:
+
+* ``pipe.transformer`` (and ``pipe.transformer_2`` where present) stays the same object; its
+  ``forward`` gets an instance-level wrapper that runs the call through a ``RASModule``
+  (``rasfx.transform(model)``, weights shared) after choosing the state slot and the active set
+  of the current step. Calls the ``RASModule`` makes into the model itself (graph capture) reach
+  the original forward.
+* Slots: a pipeline that calls the transformer separately per CFG branch wraps each call in
+  ``self.transformer.cache_context("cond" | "uncond")`` (models with diffusers' ``CacheMixin``);
+  that method is wrapped too, so each branch gets its own slot (caches). A second call in the
+  same step and branch (e.g. SD3 skip-layer guidance) gets a slot of its own as well. A batched
+  CFG call (``torch.cat([latents] * 2)``) shares one active set between the two halves.
+* ``pipe.scheduler.step`` is wrapped to see the noise prediction after CFG (the tensor the
+  scheduler integrates) and the step boundary; ``scheduler.set_timesteps`` marks the start of a
+  run. The number of steps is ``len(scheduler.timesteps)`` minus the scheduler's begin index at
+  the first transformer call of a run (one scheduler step per transformer evaluation, so
+  second-order schedulers that call ``step`` twice per step count both evaluations).
+* The first call of a run goes through the ``RASModule`` (dense) to learn the number of image
+  tokens and the token map; the plan of the run is built then. A dense step after which no RAS
+  step follows calls the original forward (no caches are written that nobody reads), and so does
+  every step of a run whose config allows no RAS step (``ratio=1.0``): such a run is the plain
+  pipeline, bit for bit. Every cache is dropped when a run ends.
+* Flux-style packed latents (``[B, M, C * k]``): the layout of a packed row is read from the
+  pipeline's own ``_pack_latents`` (run on a tensor of channel and pixel ids); the std is taken
+  over the ``C`` latent channels of each of the ``k`` latent pixels of a row, exactly as on the
+  unpacked latents. Calls to ``_unpack_latents`` are observed to lay the per-token stats out on
+  the image grid for heatmaps.
+
+Inactive tokens: the ``RASModule`` returns full-shape outputs whose inactive entries are the
+values of the last step that computed them, so the scheduler integrates the paper's estimated
+full noise ``N^``: active tokens move along the fresh direction, inactive ones keep the trajectory
+of their last computed step (paper 3.2). The module caches each CFG branch's raw output and CFG
+is linear, so the combined noise equals CFG of the cached branches, which is the official
+code's cached combined noise whenever the guidance scale is constant.
+
+Schedulers: any diffusers scheduler works, since only ``step``'s inputs are read. First-order
+flow matching (``FlowMatchEulerDiscreteScheduler``) is the paper's setting. Multistep solvers
+(DPM-Solver++, UniPC) keep a history of model outputs; for an inactive token the reused output
+enters that history again, so the higher-order correction sees a repeated value for it, which is
+exactly as accurate as the reuse itself. Stochastic schedulers (DDPM, Euler ancestral, SDE
+solvers) add fresh noise to every latent pixel on every step; that is untouched, and the
+selection reads only the noise prediction, so runs stay reproducible with a seeded generator.
+Second-order schedulers (Heun) call the transformer twice per step: each evaluation is one RAS
+step.
+
+Not handled: accelerate offload hooks on the transformer (the ``RASModule`` reads the weights
+where they are; move the transformer to its device instead) and ``torch.compile``d transformers
+(enable RAS before compiling anything around it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+import warnings
+import weakref
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from .config import RASConfig
+from .sampler import (
+    PixelLayout,
+    RegionSampler,
+    StepPlan,
+    build_plan,
+    index_for_batch,
+    step_kinds,
+)
+from .stats import RunStats, StepStats
+
+__all__ = ["enable", "disable", "enabled", "stats", "is_enabled", "RASWarning"]
+
+_MODEL_ATTRS = ("transformer", "transformer_2")
+_MISSING = object()
+_STATES: "weakref.WeakKeyDictionary[Any, _PipelineState]" = weakref.WeakKeyDictionary()
+_LAST_STATS: "weakref.WeakKeyDictionary[Any, RunStats]" = weakref.WeakKeyDictionary()
+
+
+class RASWarning(UserWarning):
+    """RAS could not run as configured (the run falls back to dense steps)."""
+
+
+class _LayoutError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------
+# Patching instance attributes and undoing it exactly
+
+
+class _Patch:
+    """Sets ``obj.__dict__[name]`` and restores the previous entry (or its absence).
+
+    Holds ``obj`` weakly, so the per-pipeline state never keeps the pipeline alive.
+    """
+
+    def __init__(self, obj: Any, name: str, value: Any) -> None:
+        self.obj_ref = weakref.ref(obj)
+        self.name = name
+        self.previous = obj.__dict__.get(name, _MISSING)
+        obj.__dict__[name] = value
+
+    def restore(self) -> None:
+        obj = self.obj_ref()
+        if obj is None:
+            return
+        if self.previous is _MISSING:
+            obj.__dict__.pop(self.name, None)
+        else:
+            obj.__dict__[self.name] = self.previous
+
+
+def _is_ours(fn: Any) -> bool:
+    return getattr(fn, "__rasfx_wrapper__", False)
+
+
+# ------------------------------------------------------------------------------------------
+# Timing without per-step synchronisation
+
+
+class _StepTimer:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.start: Any = None
+        self.end: Any = None
+
+    def begin(self) -> None:
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start = time.perf_counter()
+
+    def finish(self) -> None:
+        if self.cuda:
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.end.record()
+        else:
+            self.end = time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.start is None or self.end is None:
+            return 0.0
+        if self.cuda:
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / 1e3
+        return self.end - self.start
+
+
+# ------------------------------------------------------------------------------------------
+# State
+
+
+class _ModelHook:
+    def __init__(self, name: str, model: torch.nn.Module, ras: Any) -> None:
+        self.name = name
+        self.model = model
+        self.ras = ras
+        self.original_forward = model.forward
+        self.original_cache_context = getattr(model, "cache_context", None)
+        self.contexts: list[str] = []
+
+
+class _Run:
+    """One pipeline call: from the first transformer call after ``set_timesteps`` to the last step."""
+
+    def __init__(self, state: "_PipelineState", num_steps: int) -> None:
+        self.config = state.config
+        self.num_steps = num_steps
+        self.kinds = step_kinds(state.config, num_steps)  # raises on explicit resets out of range
+        # No RAS step can happen: the transformer runs unmodified (no capture, no caches).
+        self.all_dense = state.config.ratio >= 1.0 or not any(self.kinds)
+        self.plan: Optional[StepPlan] = None
+        self.sampler: Optional[RegionSampler] = None
+        self.token_map: Optional[torch.Tensor] = None
+        self.num_tokens: Optional[int] = None
+        self.fallback: Optional[str] = None
+        self.step = 0
+        self.finished = False
+        self.records: list[tuple[int, bool, int, _StepTimer]] = []
+        self.unpack_call: Optional[tuple[tuple, dict]] = None  # args of the pipeline's _unpack_latents
+        self.notes: list[str] = []
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        self.forwards = 0
+        self.step_dense = True
+        self.step_ras_forwards = 0
+        self.calls: dict[tuple[str, str], int] = {}
+        self.timer: Optional[_StepTimer] = None
+
+    def bypass(self, step: int) -> bool:
+        """Dense step after which no RAS step follows: run the original forward, keep no caches."""
+        if self.all_dense or (self.fallback is not None and self.plan is not None):
+            return True
+        return self.plan is not None and self.plan.is_dense(step) and not self.plan.needs_cache_after(step)
+
+
+class _PipelineState:
+    def __init__(self, pipe: Any, config: RASConfig, hooks: list[_ModelHook]) -> None:
+        self.config = config
+        self.hooks = hooks
+        self.scheduler = pipe.scheduler
+        self.patches: list[_Patch] = []
+        self.inside = False
+        self.run: Optional[_Run] = None
+        self.pixel_scale = _pixel_scale(pipe)
+        self.original_step = self.scheduler.step
+        self.original_set_timesteps = getattr(self.scheduler, "set_timesteps", None)
+        self.original_unpack = getattr(type(pipe), "_unpack_latents", None)
+        self.original_pack = getattr(type(pipe), "_pack_latents", None)
+        self.latent_channels = _latent_channels(pipe)
+        self.layout_cache: Optional[tuple] = None
+
+    # -------------------------------------------------------------- run lifecycle
+    def end_run(self) -> None:
+        run = self.run
+        if run is not None and not run.finished:
+            run.finished = True
+        for hook in self.hooks:
+            hook.ras.reset()  # free every cache (the official code never does)
+
+    def current_run(self) -> _Run:
+        """The run in progress, or a new one (caches dropped) at the first call of a run."""
+        run = self.run
+        if run is None or run.finished:
+            num_steps = _num_steps(self.scheduler)
+            for hook in self.hooks:
+                hook.ras.reset()
+            self.run = None
+            self.run = _Run(self, num_steps)  # may raise: explicit reset steps outside the run
+        return self.run
+
+    # -------------------------------------------------------------- forward
+    def forward(self, hook: _ModelHook, args: tuple, kwargs: dict) -> Any:
+        if self.inside:  # the RASModule capturing / calling into the model itself
+            return hook.original_forward(*args, **kwargs)
+        if getattr(self.scheduler, "timesteps", None) is None:  # not inside a denoising loop
+            return hook.original_forward(*args, **kwargs)
+        run = self.current_run()
+        step = run.step
+        if run.timer is None:
+            run.timer = _StepTimer(_device_of(args, kwargs, hook.model))
+            run.timer.begin()
+        run.forwards += 1
+        context = hook.contexts[-1] if hook.contexts else "default"
+        key = (hook.name, context)
+        ordinal = run.calls.get(key, 0)
+        run.calls[key] = ordinal + 1
+        slot = context if ordinal == 0 else f"{context}#{ordinal}"
+
+        if run.bypass(step):
+            return hook.original_forward(*args, **kwargs)
+
+        index = None
+        if run.sampler is not None and run.fallback is None:
+            active = run.sampler.active_for(step)
+            if active is not None:
+                batch = _batch_of(args, kwargs)
+                try:
+                    index = index_for_batch(active, batch) if batch is not None else active[0]
+                except ValueError as e:
+                    run.notes.append(f"step {step}: {e}; ran dense")
+                    index = None
+        ras = hook.ras
+        self.inside = True
+        try:
+            with ras.cache_context(slot):
+                ras.set_active(index, check=False)
+                out = ras(*args, **kwargs)
+                dense = bool(ras.last_forward_dense)
+        finally:
+            self.inside = False
+        run.step_dense = run.step_dense and dense
+        if not dense:
+            run.step_ras_forwards += 1
+        if run.plan is None:
+            self._plan_run(run, ras)
+        return out
+
+    def _plan_run(self, run: _Run, ras: Any) -> None:
+        n = ras.num_image_tokens
+        if not isinstance(n, int) or n < 1:
+            run.fallback = "the transformed model reported no image tokens"
+            run.plan = build_plan(self.config.replace(ratio=1.0), run.num_steps, 1)
+            warnings.warn(f"rasfx: {run.fallback}; this run is dense", RASWarning, stacklevel=4)
+            return
+        run.num_tokens = n
+        run.plan = build_plan(self.config, run.num_steps, n)
+        try:
+            run.token_map = ras.token_map()
+        except Exception as e:  # the module could not derive a map: RAS cannot score tokens
+            run.fallback = f"no token map ({e})"
+            warnings.warn(f"rasfx: {run.fallback}; this run is dense", RASWarning, stacklevel=4)
+
+    # -------------------------------------------------------------- scheduler
+    def step(self, args: tuple, kwargs: dict) -> Any:
+        run = self.run
+        if run is None or run.finished or run.forwards == 0:
+            return self.original_step(*args, **kwargs)  # not part of a RAS run (manual use)
+        noise = args[0] if args else kwargs.get("model_output")
+        step = run.step
+        if isinstance(noise, torch.Tensor) and run.plan is not None and run.fallback is None:
+            if run.sampler is None and run.token_map is not None:
+                try:
+                    layout = self.layout_for(noise, run.token_map, run.plan.num_tokens)
+                    run.sampler = RegionSampler(self.config, run.plan, layout)
+                except _LayoutError as e:
+                    run.fallback = str(e)
+                    warnings.warn(f"rasfx: {e}; this run is dense", RASWarning, stacklevel=3)
+            if run.sampler is not None:
+                ran_dense = run.step_dense or run.step_ras_forwards == 0
+                run.sampler.observe(step, noise.detach(), ran_dense=ran_dense)
+        out = self.original_step(*args, **kwargs)
+        if run.timer is not None:
+            run.timer.finish()
+        dense = run.step_dense or run.fallback is not None or run.plan is None or run.plan.is_dense(step)
+        if run.plan is None:
+            active = 0
+        else:
+            active = run.plan.num_tokens if dense else run.plan.active[step]
+        run.records.append((step, dense, active, run.timer or _StepTimer(torch.device("cpu"))))
+        run.step += 1
+        run._reset_step()
+        if run.step >= run.num_steps:
+            self.end_run()
+        return out
+
+    def layout_for(self, noise: torch.Tensor, token_map: torch.Tensor, num_tokens: int) -> PixelLayout:
+        """The pixel layout of this run, reused while the token map and latent shape stay the same
+        (building one reads the token map on the host once)."""
+        key = (tuple(noise.shape), noise.device, num_tokens)
+        cached = self.layout_cache
+        if cached is not None and cached[0] is token_map and cached[1] == key:
+            return cached[2]
+        layout = _layout(self, noise, token_map, num_tokens)
+        self.layout_cache = (token_map, key, layout)
+        return layout
+
+    # -------------------------------------------------------------- stats
+    def build_stats(self) -> RunStats:
+        run = self.run
+        if run is None:
+            raise ValueError("rasfx.stats: this pipeline has not run since RAS was enabled")
+        n = run.num_tokens or 0
+        steps = [
+            StepStats(
+                index=i,
+                dense=dense,
+                active_tokens=active,
+                num_tokens=n,
+                flops_fraction=(active / n) if n else 1.0,
+                wall_time_s=timer.seconds(),
+            )
+            for i, dense, active, timer in run.records
+        ]
+        out = RunStats(config=self.config, num_steps=run.num_steps, num_tokens=n, steps=steps,
+                       pixel_scale=self.pixel_scale, notes=list(run.notes))
+        if run.fallback is not None:
+            out.notes.append(f"ran dense: {run.fallback}")
+        if run.all_dense:
+            out.notes.append("every step dense by configuration: the transformer ran unmodified")
+        sampler = run.sampler
+        if sampler is not None and sampler.computed is not None:
+            out.computed_steps = sampler.computed.detach().cpu()
+            out.noise_std = None if sampler.noise_std is None else sampler.noise_std.detach().cpu()
+            if sampler.longest_streak is not None:
+                out.longest_inactive_streak = int(sampler.longest_streak.max())
+            out.token_grid = self._token_grid(run, sampler.layout, out.notes)
+        return out
+
+    def _token_grid(self, run: _Run, layout: PixelLayout, notes: list[str]) -> Optional[torch.Tensor]:
+        """Token of every latent pixel on the latent grid. Packed latents: the run's own
+        ``_unpack_latents`` call, replayed on a tensor of token ids."""
+        if layout.packed_perm is None:
+            return None if layout.grid_token is None else layout.grid_token.detach().cpu()
+        if run.unpack_call is None or self.original_unpack is None or run.token_map is None:
+            notes.append("latent grid unknown (the pipeline did not unpack its latents): heatmaps use a square layout")
+            return None
+        args, kwargs = run.unpack_call
+        d = layout.packed_perm.numel()
+        try:
+            ids = run.token_map.detach().cpu()[:1, :, :d].to(torch.float64)
+            grid = self.original_unpack(ids, *args, **kwargs)
+            return grid[0, 0].round().to(torch.long)
+        except Exception as e:
+            notes.append(f"no token grid for heatmaps ({e})")
+            return None
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers that know about diffusers
+
+
+def _num_steps(scheduler: Any) -> int:
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        raise ValueError(
+            "rasfx: the scheduler has no timesteps; call scheduler.set_timesteps(...) before the "
+            "first transformer call of a run"
+        )
+    begin = getattr(scheduler, "begin_index", None)
+    n = len(timesteps) - (int(begin) if isinstance(begin, int) else 0)
+    return max(1, n)
+
+
+def _pixel_scale(pipe: Any) -> int:
+    for name in ("vae_scale_factor", "vae_scale_factor_spatial"):
+        v = getattr(pipe, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 1
+
+
+def _latent_channels(pipe: Any) -> Optional[int]:
+    cfg = getattr(getattr(pipe, "vae", None), "config", None)
+    for name in ("latent_channels", "z_dim"):
+        v = getattr(cfg, name, None) if cfg is not None else None
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _batch_of(args: tuple, kwargs: dict) -> Optional[int]:
+    x = kwargs.get("hidden_states")
+    if not isinstance(x, torch.Tensor):
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if not isinstance(x, torch.Tensor):
+        x = next((v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() >= 3), None)
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
+
+
+def _device_of(args: tuple, kwargs: dict, model: torch.nn.Module) -> torch.device:
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            return v.device
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _packed_structure(state: _PipelineState, d: int) -> tuple[torch.Tensor, int, int]:
+    """``(perm, C, k)`` of a packed latent row of ``d`` values: ``k`` pixels of ``C`` channels.
+
+    ``perm`` reorders the row into ``(k, C)`` order. Read from the pipeline's ``_pack_latents``
+    run on a tensor of (pixel, channel) ids; without one, diffusers' convention (channel-major,
+    ``d = c * k + j``) with ``C`` = the VAE's latent channels.
+    """
+    c = state.latent_channels
+    if c is None or d % c:
+        c = d
+    k = d // c
+    pack = state.original_pack
+    q = math.isqrt(k)
+    if pack is not None and k > 1 and q * q == k:
+        try:
+            h = w = 2 * q
+            pix = torch.arange(h * w, dtype=torch.float64).view(1, 1, h, w).expand(1, c, h, w)
+            ch = torch.arange(c, dtype=torch.float64).view(1, c, 1, 1).expand(1, c, h, w)
+            packed = pack((pix * c + ch).contiguous(), 1, c, h, w)
+            if packed.dim() == 3 and packed.shape[-1] == d:
+                v = packed[0].round().to(torch.long)
+                chan, pixel = v % c, v // c
+                ref = None
+                for m in range(v.shape[0]):
+                    uniq = torch.unique(pixel[m])  # sorted
+                    if uniq.numel() != k:
+                        ref = None
+                        break
+                    j = torch.searchsorted(uniq, pixel[m])
+                    sig = j * c + chan[m]
+                    if ref is None:
+                        ref = sig
+                    elif not torch.equal(ref, sig):
+                        ref = None
+                        break
+                if ref is not None and torch.equal(ref.sort().values, torch.arange(d)):
+                    perm = torch.empty(d, dtype=torch.long)
+                    perm[ref] = torch.arange(d)
+                    return perm, c, k
+        except Exception:
+            pass
+    return torch.arange(d).view(c, k).t().reshape(-1), c, k
+
+
+def _layout(state: _PipelineState, noise: torch.Tensor, token_map: torch.Tensor, num_tokens: int) -> PixelLayout:
+    """Map the scheduler's latents to latent pixels and tokens, from the module's token map."""
+    tm = token_map.to(noise.device)
+    if noise.dim() >= 4:
+        if tm.dim() != noise.dim() or tuple(tm.shape[2:]) != tuple(noise.shape[2:]):
+            raise _LayoutError(
+                f"cannot map the scheduler's latents {tuple(noise.shape)} to the model output "
+                f"{tuple(tm.shape)} (different grids)"
+            )
+        spatial = tm[0, 0]
+        if not bool((tm[0] == spatial).all()):
+            raise _LayoutError("the channels of one latent pixel come from different tokens")
+        return PixelLayout.channels_first(spatial, num_tokens, channels=noise.shape[1])
+    if noise.dim() == 3:
+        d = noise.shape[-1]
+        if tm.dim() != 3 or tm.shape[1] != noise.shape[1] or tm.shape[2] < d:
+            raise _LayoutError(
+                f"cannot map the scheduler's packed latents {tuple(noise.shape)} to the model output "
+                f"{tuple(tm.shape)}"
+            )
+        perm, c, k = _packed_structure(state, d)
+        perm = perm.to(noise.device)
+        rows = tm[0, :, :d].index_select(-1, perm).view(-1, k, c)
+        if not bool((rows == rows[:, :, :1]).all()):
+            raise _LayoutError("the channels of one packed latent pixel come from different tokens")
+        return PixelLayout.packed(rows[:, :, 0], perm, num_tokens, channels=c)
+    raise _LayoutError(f"latents of shape {tuple(noise.shape)} are neither [B, C, *grid] nor packed [B, M, D]")
+
+
+def _resolve_transform(transform: Optional[Callable]) -> Callable:
+    if transform is not None:
+        return transform
+    import importlib
+
+    mod = importlib.import_module("rasfx.transform")
+    return mod.transform
+
+
+# ------------------------------------------------------------------------------------------
+# Public API
+
+
+def is_enabled(pipe: Any) -> bool:
+    """Whether ``rasfx.enable`` is active on ``pipe``."""
+    return pipe in _STATES
+
+
+def enable(pipe: Any, config: Optional[RASConfig] = None, *, transform: Optional[Callable] = None) -> Any:
+    """Attach region-adaptive sampling to a diffusers pipeline; returns ``pipe``.
+
+    ``transform``: the model transform (default ``rasfx.transform``); it must return a module with
+    the ``RASModule`` contract. The pipeline's objects stay the same; only instance attributes
+    are added (all removed again by :func:`disable`).
+    """
+    config = RASConfig() if config is None else config
+    if not isinstance(config, RASConfig):
+        raise TypeError(f"rasfx.enable: config must be a rasfx.RASConfig, got {type(config).__name__}")
+    if pipe in _STATES:
+        raise ValueError("rasfx.enable: RAS is already enabled on this pipeline; call rasfx.disable(pipe) first")
+    models = [(n, getattr(pipe, n, None)) for n in _MODEL_ATTRS]
+    models = [(n, m) for n, m in models if isinstance(m, torch.nn.Module)]
+    if not models:
+        raise ValueError(
+            f"rasfx.enable: {type(pipe).__name__} has no `transformer` module; RAS needs a diffusion "
+            "transformer pipeline"
+        )
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None or not callable(getattr(scheduler, "step", None)):
+        raise ValueError(f"rasfx.enable: {type(pipe).__name__} has no scheduler with a step() method")
+    for n, m in models:
+        if _is_ours(m.__dict__.get("forward")):
+            raise ValueError(
+                f"rasfx.enable: pipe.{n} is already RAS-enabled through another pipeline that shares it; "
+                "disable that one first"
+            )
+    if _is_ours(scheduler.__dict__.get("step")):
+        raise ValueError(
+            "rasfx.enable: pipe.scheduler is already RAS-enabled through another pipeline that shares it; "
+            "give each pipeline its own scheduler or disable the other one first"
+        )
+    make = _resolve_transform(transform)
+    hooks = [_ModelHook(n, m, make(m)) for n, m in models]
+    state = _PipelineState(pipe, config, hooks)
+
+    patches: list[_Patch] = []
+    try:
+        for hook in hooks:
+            patches.append(_Patch(hook.model, "forward", _forward_wrapper(state, hook)))
+            if hook.original_cache_context is not None:
+                patches.append(_Patch(hook.model, "cache_context", _context_wrapper(hook)))
+        patches.append(_Patch(scheduler, "step", _step_wrapper(state)))
+        if state.original_set_timesteps is not None:
+            patches.append(_Patch(scheduler, "set_timesteps", _set_timesteps_wrapper(state)))
+        if state.original_unpack is not None:
+            patches.append(_Patch(pipe, "_unpack_latents", _unpack_wrapper(state)))
+    except Exception:
+        for p in reversed(patches):
+            p.restore()
+        raise
+    state.patches = patches
+    _STATES[pipe] = state
+    return pipe
+
+
+def disable(pipe: Any) -> Any:
+    """Remove RAS from ``pipe``: every patched attribute is restored and every cache freed.
+
+    Afterwards the pipeline is exactly as before :func:`enable` (same objects, no extra
+    attributes, identical outputs). The last run's stats stay available through :func:`stats`.
+    """
+    state = _STATES.pop(pipe, None)
+    if state is None:
+        raise ValueError("rasfx.disable: RAS is not enabled on this pipeline")
+    try:
+        if state.run is not None:
+            _LAST_STATS[pipe] = state.build_stats()
+    finally:
+        for p in reversed(state.patches):
+            p.restore()
+        for hook in state.hooks:
+            hook.ras.reset()
+        state.patches = []
+        state.run = None
+    return pipe
+
+
+@contextlib.contextmanager
+def enabled(pipe: Any, config: Optional[RASConfig] = None, *, transform: Optional[Callable] = None) -> Iterator[Any]:
+    """``with rasfx.enabled(pipe, cfg): ...`` enables RAS for the block and disables it after."""
+    enable(pipe, config, transform=transform)
+    try:
+        yield pipe
+    finally:
+        disable(pipe)
+
+
+def stats(pipe: Any) -> RunStats:
+    """Stats of the last run of ``pipe`` (while enabled, or the last one before :func:`disable`)."""
+    state = _STATES.get(pipe)
+    if state is not None and state.run is not None:
+        return state.build_stats()
+    if pipe in _LAST_STATS:
+        return _LAST_STATS[pipe]
+    raise ValueError("rasfx.stats: no RAS run recorded for this pipeline")
+
+
+# ------------------------------------------------------------------------------------------
+# Wrappers
+
+
+def _forward_wrapper(state: _PipelineState, hook: _ModelHook) -> Callable:
+    original = hook.original_forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return state.forward(hook, args, kwargs)
+
+    forward.__rasfx_wrapper__ = True  # type: ignore[attr-defined]
+    return forward
+
+
+def _context_wrapper(hook: _ModelHook) -> Callable:
+    original = hook.original_cache_context
+
+    @contextlib.contextmanager
+    def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
+        with original(name, *args, **kwargs):
+            hook.contexts.append(str(name) if name else "default")
+            try:
+                yield
+            finally:
+                hook.contexts.pop()
+
+    cache_context.__rasfx_wrapper__ = True  # type: ignore[attr-defined]
+    return cache_context
+
+
+def _step_wrapper(state: _PipelineState) -> Callable:
+    original = state.original_step
+
+    @functools.wraps(original)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        return state.step(args, kwargs)
+
+    step.__rasfx_wrapper__ = True  # type: ignore[attr-defined]
+    return step
+
+
+def _set_timesteps_wrapper(state: _PipelineState) -> Callable:
+    original = state.original_set_timesteps
+
+    @functools.wraps(original)
+    def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        if state.run is not None and not state.run.finished:
+            state.end_run()  # a new run starts; drop an interrupted run's caches
+        return out
+
+    set_timesteps.__rasfx_wrapper__ = True  # type: ignore[attr-defined]
+    return set_timesteps
+
+
+def _unpack_wrapper(state: _PipelineState) -> Callable:
+    original = state.original_unpack
+
+    @functools.wraps(original)
+    def unpack(latents: Any, *args: Any, **kwargs: Any) -> Any:
+        if state.run is not None:
+            state.run.unpack_call = (args, kwargs)
+        return original(latents, *args, **kwargs)
+
+    unpack.__rasfx_wrapper__ = True  # type: ignore[attr-defined]
+    return unpack
