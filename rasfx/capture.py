@@ -245,13 +245,19 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
                 continue
             new = dict(kwargs)
             new[image_key] = _resized(x, {1: n2})
+            desc = {"mode": "packed", "n": n, "n2": n2}
+            # Per-token inputs (position ids) follow the sequence length; feature dims (last)
+            # never do. If a conditioning length equals N by chance, the plain variant helps.
+            resized = dict(new)
             for key, value in kwargs.items():
-                if key == image_key or not isinstance(value, torch.Tensor):
+                if key == image_key or not isinstance(value, torch.Tensor) or value.dim() < 2:
                     continue
-                sizes = {d: n2 for d, s in enumerate(value.shape) if s == n}
+                sizes = {d: n2 for d, s in enumerate(value.shape[:-1]) if s == n}
                 if sizes:
-                    new[key] = _resized(value, sizes)
-            variants.append((new, {"mode": "packed", "n": n, "n2": n2}))
+                    resized[key] = _resized(value, sizes)
+            variants.append((resized, dict(desc, resized=True)))
+            if any(resized[k] is not new[k] for k in new):
+                variants.append((new, desc))
     return variants
 
 

@@ -46,6 +46,11 @@ class CompiledCapture:
     timings: dict = field(default_factory=dict)
 
     @property
+    def dynamic_positions(self) -> list[int]:
+        """Graph-input positions of the user's inputs (the rest are weights and constants)."""
+        return [i for i, (kind, _) in enumerate(self.capture.input_sources) if kind == "user"]
+
+    @property
     def num_tokens(self) -> int:
         return self.analysis.num_tokens
 

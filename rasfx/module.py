@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from .capture import bind_inputs, input_signature
 from .errors import InvalidIndexError
 from .graph_build import CompiledCapture, compile_capture
+from .runtime import GraphRunner
 
 log = logging.getLogger("rasfx")
 aten = torch.ops.aten
@@ -54,6 +55,7 @@ class RASModule(torch.nn.Module):
         self._slot_name = "default"
         self._lock = threading.RLock()
         self._resolvers: dict = {}
+        self.runner = GraphRunner(config.mode)
 
     # ------------------------------------------------------------------ state dict: the model's
     def state_dict(self, *args, **kwargs):
@@ -80,8 +82,9 @@ class RASModule(torch.nn.Module):
             self._slot_name = previous
 
     def reset(self) -> None:
-        """Drop every cache and active set of every slot; the next forward is dense."""
+        """Drop every cache, active set and captured CUDA graph; the next forward is dense."""
         self._slots.clear()
+        self.runner.clear()
 
     @property
     def num_image_tokens(self) -> Optional[int]:
@@ -136,13 +139,14 @@ class RASModule(torch.nn.Module):
             self._check_index_for(cc, slot, index, kwargs)
         variant = cc.variant("dense" if dense else ("shared" if index.dim() == 1 else "rowwise"))
         if slot.caches is None:
+            self.runner.drop(self._slot_name)
             slot.caches = [torch.empty(c.shape, dtype=c.dtype, device=c.device) for c in variant.caches]
+        args = [*flat, *slot.caches] if dense else [*flat, index, *slot.caches]
+        dynamic = cc.dynamic_positions if dense else cc.dynamic_positions + [len(flat)]
+        key = (self._slot_name, variant.name, sig, None if dense else tuple(index.shape))
         # Inference only: the caches are written in place and carry no autograd history.
         with torch.no_grad():
-            if dense:
-                flat_out = variant.gm(*flat, *slot.caches)
-            else:
-                flat_out = variant.gm(*flat, index, *slot.caches)
+            flat_out = self.runner.run(variant, args, dynamic, key)
         slot.last_dense = dense
         slot.forwards += 1
         return cc.capture.unflatten_outputs(flat_out)

@@ -9,6 +9,7 @@ import torch
 
 from .errors import ConfigError, UnsupportedModelError
 from .module import RASModule
+from .runtime import MODES
 
 
 @dataclass
@@ -19,16 +20,24 @@ class TransformConfig:
         (default: ``hidden_states`` or the first tensor of rank >= 3).
     max_captures: how many input signatures keep their graphs (least recently used are
         dropped; a dropped signature is captured again when it comes back).
+    mode: how the transformed graph runs: ``"eager"``; ``"compile"`` (``torch.compile``,
+        one static shape per active-count bucket); ``"cuda_graph"`` (each (signature,
+        active count) captured once as a CUDA graph and replayed: removes launch
+        overhead, the mode to use for speed on a GPU); ``"compile+cuda_graph"``. The
+        CUDA-graph modes fall back to the plain run on CPU tensors.
     """
 
     image_input: Optional[str] = None
     max_captures: int = 8
+    mode: str = "eager"
 
     def __post_init__(self):
         if self.image_input is not None and (not isinstance(self.image_input, str) or not self.image_input):
             raise ConfigError(f"image_input must be a non-empty string or None, got {self.image_input!r}")
         if not isinstance(self.max_captures, int) or self.max_captures < 1:
             raise ConfigError(f"max_captures must be a positive int, got {self.max_captures!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
 
 
 def transform(model: torch.nn.Module, config: Optional[TransformConfig] = None) -> RASModule:

@@ -1,0 +1,354 @@
+"""Dense vs. RAS, side by side, on real-size DiT architectures with random weights.
+
+Timing does not depend on weight values (weights are re-drawn from N(0, 0.02): never
+zeros, which can run faster). For each model: one forward of the original model and of
+the transformed one at ratios 1 .. 0.125, in the same execution mode (eager vs eager,
+CUDA graph vs CUDA graph), then whole 28-step schedules (4 dense warm-up steps, dense
+resets at 12 and 20, RAS at ratio r on the other 22 steps). Prints one markdown table and
+writes JSON.
+
+    python benchmarks/bench_models.py --models sd3,flux --modes eager,cuda_graph --out perf.json
+
+Runs with torch + diffusers only (rasfx is imported from this checkout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import rasfx  # noqa: E402
+
+RATIOS = (1.0, 0.75, 0.5, 0.25, 0.125)
+
+
+# ----------------------------------------------------------------------------- models
+def _sd3(scale, dev, dt, batch=2, hw=128):
+    from diffusers import SD3Transformer2DModel
+
+    if scale == "tiny":
+        cfg = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                   joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=32, out_channels=16,
+                   pos_embed_max_size=64)
+        txt, hw = 7, 16
+    else:  # SD3-medium
+        cfg = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                   joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                   pos_embed_max_size=192)
+        txt = 333
+    model = SD3Transformer2DModel(**cfg)
+    kw = dict(
+        hidden_states=torch.randn(batch, 16, hw, hw, device=dev, dtype=dt),
+        encoder_hidden_states=torch.randn(batch, txt, cfg["joint_attention_dim"], device=dev, dtype=dt),
+        pooled_projections=torch.randn(batch, cfg["pooled_projection_dim"], device=dev, dtype=dt),
+        timestep=torch.full((batch,), 500.0, device=dev, dtype=dt),
+        return_dict=False,
+    )
+    return model, kw, (hw // 2) ** 2, txt
+
+
+def _flux(scale, dev, dt, batch=1, hw=64):
+    from diffusers import FluxTransformer2DModel
+
+    if scale == "tiny":
+        cfg = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+                   axes_dims_rope=(4, 6, 6))
+        txt, hw = 7, 8
+    else:  # Flux.1-dev (12B)
+        cfg = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                   num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                   axes_dims_rope=(16, 56, 56))
+        txt = 512
+    model = FluxTransformer2DModel(**cfg)
+    n = hw * hw
+    ids = torch.zeros(hw, hw, 3)
+    ids[..., 1] = torch.arange(hw)[:, None]
+    ids[..., 2] = torch.arange(hw)[None, :]
+    kw = dict(
+        hidden_states=torch.randn(batch, n, 64, device=dev, dtype=dt),
+        encoder_hidden_states=torch.randn(batch, txt, cfg["joint_attention_dim"], device=dev, dtype=dt),
+        pooled_projections=torch.randn(batch, cfg["pooled_projection_dim"], device=dev, dtype=dt),
+        timestep=torch.full((batch,), 0.5, device=dev, dtype=dt),
+        img_ids=ids.reshape(n, 3).to(dev, dt),
+        txt_ids=torch.zeros(txt, 3, device=dev, dtype=dt),
+        guidance=torch.full((batch,), 3.5, device=dev, dtype=dt),
+        return_dict=False,
+    )
+    return model, kw, n, txt
+
+
+def _pixart(scale, dev, dt, batch=2, hw=128):
+    from diffusers import PixArtTransformer2DModel
+
+    if scale == "tiny":
+        cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+                   cross_attention_dim=32, sample_size=16, patch_size=2, caption_channels=64, norm_type="ada_norm_single",
+                   use_additional_conditions=False, interpolation_scale=None)
+        txt, hw = 7, 16
+    else:  # PixArt-Sigma 1024
+        cfg = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                   cross_attention_dim=1152, sample_size=128, patch_size=2, caption_channels=4096,
+                   norm_type="ada_norm_single", use_additional_conditions=False, interpolation_scale=2)
+        txt = 300
+    model = PixArtTransformer2DModel(**cfg)
+    kw = dict(
+        hidden_states=torch.randn(batch, 4, hw, hw, device=dev, dtype=dt),
+        encoder_hidden_states=torch.randn(batch, txt, cfg["caption_channels"], device=dev, dtype=dt),
+        encoder_attention_mask=torch.ones(batch, txt, device=dev, dtype=dt),
+        timestep=torch.full((batch,), 500.0, device=dev, dtype=dt),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )
+    return model, kw, (hw // 2) ** 2, 0
+
+
+def _lumina(scale, dev, dt, batch=2, hw=128):
+    from diffusers import LuminaNextDiT2DModel
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    if scale == "tiny":
+        cfg = dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_attention_heads=2,
+                   num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, learn_sigma=True,
+                   qk_norm=True, cross_attention_dim=32, scaling_factor=1.0)
+        txt, hw = 7, 16
+    else:  # Lumina-Next-SFT 2B
+        cfg = dict(sample_size=128, patch_size=2, in_channels=4, hidden_size=2304, num_layers=24, num_attention_heads=32,
+                   num_kv_heads=8, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, learn_sigma=True,
+                   qk_norm=True, cross_attention_dim=2048, scaling_factor=1.0)
+        txt = 256
+    model = LuminaNextDiT2DModel(**cfg)
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    kw = dict(
+        hidden_states=torch.randn(batch, 4, hw, hw, device=dev, dtype=dt),
+        timestep=torch.full((batch,), 0.5, device=dev, dtype=dt),
+        encoder_hidden_states=torch.randn(batch, txt, cfg["cross_attention_dim"], device=dev, dtype=dt),
+        encoder_mask=torch.ones(batch, txt, device=dev, dtype=torch.bool),
+        image_rotary_emb=get_2d_rotary_pos_embed_lumina(head_dim, 384, 384).to(dev),
+        cross_attention_kwargs={"base_sequence_length": (1024 // 16) ** 2},
+        return_dict=False,
+    )
+    return model, kw, (hw // 2) ** 2, 0
+
+
+def _wan(scale, dev, dt, batch=1, frames=9, h=60, w=104):
+    from diffusers import WanTransformer3DModel
+
+    if scale == "tiny":
+        cfg = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+                   text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+                   qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
+        txt, frames, h, w = 7, 3, 8, 12
+    else:  # Wan 2.1 T2V 1.3B, 480x832, 33 frames -> latent 9 x 60 x 104
+        cfg = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                   text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                   qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+        txt = 512
+    model = WanTransformer3DModel(**cfg)
+    kw = dict(
+        hidden_states=torch.randn(batch, 16, frames, h, w, device=dev, dtype=dt),
+        timestep=torch.full((batch,), 500, device=dev, dtype=torch.long),
+        encoder_hidden_states=torch.randn(batch, txt, cfg["text_dim"], device=dev, dtype=dt),
+        return_dict=False,
+    )
+    return model, kw, frames * (h // 2) * (w // 2), txt
+
+
+MODELS = {"sd3": _sd3, "flux": _flux, "pixart": _pixart, "lumina": _lumina, "wan": _wan}
+LABELS = {"sd3": "SD3-medium 1024px, CFG batch 2", "flux": "Flux.1-dev 1024px", "pixart": "PixArt-Sigma 1024px, CFG batch 2",
+          "lumina": "Lumina-Next 2B 1024px, CFG batch 2", "wan": "Wan2.1-1.3B 480x832x33f"}
+
+
+# ----------------------------------------------------------------------------- timing
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, dev, iters, warmup=3):
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    times = []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), (max(times) - min(times))
+
+
+class GraphedModel:
+    """The original model replayed as one CUDA graph (the fair baseline for rasfx's
+    cuda_graph mode); on CPU it just calls the model."""
+
+    def __init__(self, model, kw, dev):
+        self.model, self.kw, self.graph = model, kw, None
+        if dev.type == "cuda":
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    model(**kw)
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = model(**kw)
+
+    def __call__(self):
+        if self.graph is None:
+            return self.model(**self.kw)
+        self.graph.replay()
+        return self.out
+
+
+def active_count(ratio, n_img, round_to=64):
+    n = int(round(ratio * n_img / round_to)) * round_to if n_img >= 4 * round_to else int(round(ratio * n_img))
+    return max(1, min(n_img, n))
+
+
+def schedule(steps=28, warmup=4, resets=(12, 20)):
+    return ["dense" if (i < warmup or i in resets) else "ras" for i in range(steps)]
+
+
+def run_model(name, scale, dev, dt, modes, iters, ratios, log):
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device(dev):
+        model, kw, n_img, n_txt = MODELS[name](scale, dev, dt)
+    model = model.to(dev, dt).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    build_s = time.perf_counter() - t0
+    f = lambda r: (r * n_img + n_txt) / (n_img + n_txt)  # noqa: E731
+    res = {"model": name, "label": LABELS[name], "n_img": n_img, "n_cond": n_txt, "build_s": build_s, "modes": {}}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mode in modes:
+            torch.cuda.empty_cache() if dev.type == "cuda" else None
+            base_fn = GraphedModel(model, kw, dev) if mode == "cuda_graph" else (lambda: model(**kw))
+            base_ms, base_spread = time_call(base_fn, dev, iters)
+            del base_fn
+            ras = rasfx.transform(model, rasfx.TransformConfig(mode=mode))
+            t = time.perf_counter()
+            ras(**kw)
+            _sync(dev)
+            capture_s = time.perf_counter() - t
+            cc = ras.captures()[0]
+            row = {"original_ms": base_ms, "original_spread_ms": base_spread, "capture_s": capture_s,
+                   "capture_timings": dict((k, v) for k, v in cc.timings.items() if isinstance(v, float)),
+                   "cache_bytes": ras.cache_bytes(), "steps": {}}
+            ras.set_active(None)
+            row["ras_dense_ms"], _ = time_call(lambda: ras(**kw), dev, iters)
+            for r in ratios:
+                n = active_count(r, n_img)
+                idx = torch.randperm(n_img, generator=g)[:n].sort().values.to(dev)
+                ras.set_active(idx, check=False)
+                ms, spread = time_call(lambda: ras(**kw), dev, iters)
+                row["steps"][str(r)] = {"n_active": n, "ms": ms, "spread_ms": spread, "f": f(n / n_img),
+                                        "vs_original": ms / base_ms}
+                log(f"  {name} {mode} r={r} n={n}: {ms:.2f} ms (original {base_ms:.2f}; f={f(n / n_img):.3f}, "
+                    f"ratio {ms / base_ms:.3f})")
+            # whole 28-step schedules at ratio 0.25 and 0.5 (transformer calls only)
+            row["schedules"] = {}
+            for r in (0.5, 0.25):
+                n = active_count(r, n_img)
+                idx = torch.randperm(n_img, generator=g)[:n].sort().values.to(dev)
+                plan = schedule()
+
+                def run_schedule():
+                    ras.reset() if mode == "eager" else None
+                    for kind in plan:
+                        ras.set_active(None if kind == "dense" else idx, check=False)
+                        ras(**kw)
+
+                def run_dense():
+                    for _ in plan:
+                        base2()
+
+                base2 = GraphedModel(model, kw, dev) if mode == "cuda_graph" else (lambda: model(**kw))
+                dense_ms, _ = time_call(run_dense, dev, max(2, iters // 5), warmup=1)
+                ras_ms, _ = time_call(run_schedule, dev, max(2, iters // 5), warmup=1)
+                del base2
+                nd = sum(1 for k in plan if k == "dense")
+                ideal = len(plan) / (nd + (len(plan) - nd) * f(n / n_img))
+                row["schedules"][str(r)] = {"dense_ms": dense_ms, "ras_ms": ras_ms, "speedup": dense_ms / ras_ms,
+                                            "ideal": ideal, "of_ideal": dense_ms / ras_ms / ideal}
+                log(f"  {name} {mode} 28 steps r={r}: dense {dense_ms:.0f} ms, RAS {ras_ms:.0f} ms, "
+                    f"{dense_ms / ras_ms:.2f}x (ideal {ideal:.2f}x)")
+            if dev.type == "cuda":
+                row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+            row["cache_bytes"] = ras.cache_bytes()
+            res["modes"][mode] = row
+            del ras
+    del model
+    return res
+
+
+def table(results) -> str:
+    lines = ["| model | mode | original ms | RAS r=1 | " + " | ".join(f"r={r}" for r in RATIOS[1:])
+             + " | 28 steps r=0.5 | 28 steps r=0.25 | caches |",
+             "|" + "---|" * (7 + len(RATIOS) - 1)]
+    for res in results:
+        for mode, row in res["modes"].items():
+            cells = []
+            for r in RATIOS:
+                s = row["steps"].get(str(r))
+                cells.append(f"{s['ms']:.1f} ({s['vs_original']:.2f}; f {s['f']:.2f})" if s else "-")
+            sch = [row["schedules"].get(k) for k in ("0.5", "0.25")]
+            sch_txt = [f"{s['speedup']:.2f}x (ideal {s['ideal']:.2f}x)" if s else "-" for s in sch]
+            lines.append(f"| {res['label']} | {mode} | {row['original_ms']:.1f} | " + " | ".join(cells)
+                         + f" | {sch_txt[0]} | {sch_txt[1]} | {row['cache_bytes'] / 2**30:.2f} GiB |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="sd3,flux", help=f"comma list of {','.join(MODELS)}")
+    ap.add_argument("--modes", default="eager,cuda_graph", help="comma list of rasfx modes (eager, cuda_graph, compile, ...)")
+    ap.add_argument("--scale", default="real", choices=["real", "tiny"], help="tiny: small configs for a CPU dry run")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=480, help="skip remaining models after this many seconds")
+    ap.add_argument("--out", default=None, help="write JSON results here")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(f"# rasfx model benchmark on {card}, torch {torch.__version__}, {dt}", flush=True)
+    t0, results = time.perf_counter(), []
+    for name in args.models.split(","):
+        if time.perf_counter() - t0 > args.budget_s:
+            print(f"skipping {name}: time budget spent", flush=True)
+            continue
+        try:
+            results.append(run_model(name, args.scale, dev, dt, args.modes.split(","), args.iters, RATIOS,
+                                     lambda m: print(m, flush=True)))
+        except Exception as e:  # keep the other models' numbers
+            print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+            results.append({"model": name, "error": f"{type(e).__name__}: {e}", "modes": {}, "label": LABELS[name]})
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump({"card": card, "torch": torch.__version__, "results": results}, fh, indent=1)
+    print(table([r for r in results if r["modes"]]))
+
+
+if __name__ == "__main__":
+    main()
