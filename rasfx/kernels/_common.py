@@ -1,0 +1,283 @@
+"""Helpers shared by the rasfx Triton kernels.
+
+Availability and dispatch (`triton_available`, `use_triton`), the autotuning config
+sets, dtype/precision mapping and index validation live here so that the two kernel
+files only hold their kernel, launcher and reference.
+
+This module must stay importable with only torch installed: Triton is optional.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is an optional dependency: the PyTorch references run instead.
+    triton = None
+    tl = None
+
+__all__ = [
+    "jit",
+    "triton_available",
+    "use_triton",
+    "interpret_enabled",
+    "check_index",
+    "check_index_arg",
+    "dot_input_precision",
+    "autotune_enabled",
+    "build_launchable",
+    "cpu_range_check",
+    "launch_mode",
+    "matmul_configs",
+    "prune_matmul_configs",
+    "rows_bucket",
+]
+
+
+def jit(fn):
+    """`triton.jit` when Triton imports, else the identity, so kernel files import without it.
+
+    The kernels are re-jitted for the mode in force at their first launch (see
+    `build_launchable`); this decoration only marks them as Triton kernels.
+    """
+    return triton.jit(fn) if triton is not None else fn
+
+
+_TRUE_STRINGS = ("1", "true", "yes", "on", "y")
+
+
+def triton_available() -> bool:
+    """True when `import triton` succeeded."""
+    return triton is not None
+
+
+def interpret_enabled() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1).
+
+    Read at call time, not import time: the kernels are built lazily for the mode in
+    force at their launch (see `build_launchable`), so a test module can set the
+    variable even after another module imported `rasfx.kernels`.
+    """
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE_STRINGS
+
+
+def use_triton(t: Tensor) -> bool:
+    """Whether the Triton kernel (rather than the PyTorch reference) handles tensor `t`.
+
+    True when Triton imports and either `t` is on CUDA, or TRITON_INTERPRET=1 and `t` is
+    on the CPU (the interpreter runs the kernel with NumPy; used by the CPU test-suite).
+    """
+    if not triton_available():
+        return False
+    if t.device.type == "cuda":
+        return True
+    return t.device.type == "cpu" and interpret_enabled()
+
+
+# ----------------------------------------------------------------------------------
+# Index validation
+# ----------------------------------------------------------------------------------
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_index_arg(index: Tensor, batch: int, name: str = "index") -> None:
+    """Metadata-only checks of a row index (dtype, rank, batch size); never syncs.
+
+    index: [n] (shared by every batch row) or [B, n] (one row list per batch row).
+    """
+    if not isinstance(index, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
+    if index.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name} must be int64 or int32, got {index.dtype}")
+    if index.dim() not in (1, 2):
+        raise ValueError(f"{name} must have shape [n] or [B, n], got {tuple(index.shape)}")
+    if index.dim() == 2 and index.shape[0] != batch:
+        raise ValueError(f"{name} of shape [B, n] must have B == {batch} (the batch size), got {tuple(index.shape)}")
+
+
+def check_index(index: Tensor, M: int, *, unique: bool = False) -> None:
+    """Full validation of a row index into a dimension of size `M`; raises ValueError.
+
+    Checks dtype and rank, that every value lies in [0, M), and with `unique=True` that
+    no row of the index repeats a value (a scatter with repeats has no defined winner).
+    Reading the values forces a host-device sync on CUDA, which is why the launchers
+    do not call this on their fast path; call it when the index comes from untrusted
+    code, or in tests.
+    """
+    check_index_arg(index, index.shape[0] if index.dim() == 2 else 1)
+    if index.numel() == 0:
+        return
+    _check_range(index, M)
+    if unique:
+        rows = index.reshape(-1, index.shape[-1])  # rows: [B or 1, n]
+        sorted_rows = rows.sort(dim=-1).values
+        if bool((sorted_rows[:, 1:] == sorted_rows[:, :-1]).any()):
+            raise ValueError("index has repeated values within a row; a scatter needs unique rows")
+
+
+def _check_range(index: Tensor, M: int) -> None:
+    lo = int(index.min())
+    hi = int(index.max())
+    if lo < 0 or hi >= M:
+        raise ValueError(f"index values must lie in [0, {M}), got min {lo} and max {hi}")
+
+
+def cpu_range_check(index: Tensor, M: int) -> None:
+    """Range check done by the launchers only when it costs no host-device sync (CPU index)."""
+    if index.device.type == "cpu" and index.numel() > 0:
+        _check_range(index, M)
+
+
+# ----------------------------------------------------------------------------------
+# Precision
+# ----------------------------------------------------------------------------------
+
+
+def dot_input_precision(dtype: torch.dtype) -> str:
+    """`input_precision` for tl.dot on `dtype` operands.
+
+    fp16/bf16 operands run on the tensor cores at their own precision (the argument is
+    ignored). For fp32 we follow PyTorch's own switch, so the fused kernel rounds like
+    the F.linear it replaces: TF32 when `torch.backends.cuda.matmul.allow_tf32` is True
+    (i.e. `torch.set_float32_matmul_precision("high")`), exact fp32 ("ieee") otherwise,
+    which is PyTorch's default.
+    """
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+# ----------------------------------------------------------------------------------
+# Autotuning
+# ----------------------------------------------------------------------------------
+
+
+def rows_bucket(n: int) -> int:
+    """Autotune key for the row count: the next power of two, so ratios share tunings."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# Hopper: wgmma-friendly 128-wide tiles with deep cp.async pipelines (228 KiB of smem).
+_HOPPER_TILES = (
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+)
+# Everything else (Ampere, Ada, ...): the classic mma.sync tiles that fit 99-164 KiB.
+_DEFAULT_TILES = (
+    (128, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 32, 4, 3),
+)
+# The interpreter runs each program in NumPy, so one small tile keeps the tests quick.
+_INTERPRET_TILE = (16, 32, 32, 4, 1)
+# With RASFX_KERNELS_AUTOTUNE=0 on the GPU: a tile that fits every GPU and dtype.
+_UNTUNED_TILE = (64, 64, 32, 4, 3)
+
+
+def _tile_of(cfg) -> tuple:
+    kw = cfg.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+
+
+def _config(tile: tuple):
+    bm, bn, bk, warps, stages = tile
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+def autotune_enabled() -> bool:
+    """Autotuning is on unless RASFX_KERNELS_AUTOTUNE=0 (quick GPU test runs, debugging)."""
+    return os.environ.get("RASFX_KERNELS_AUTOTUNE", "1").strip().lower() in _TRUE_STRINGS
+
+
+def launch_mode() -> tuple[bool, bool, dict]:
+    """(interpret, tune, meta) for a launch now.
+
+    interpret: Triton's CPU interpreter is on. tune: launch through the autotuner.
+    meta: the fixed launch config to pass when not tuning (one small tile under the
+    interpreter, whose programs run in NumPy and are slow), else empty.
+    """
+    interpret = interpret_enabled()
+    tune = not interpret and autotune_enabled()
+    if tune:
+        return interpret, tune, {}
+    bm, bn, bk, warps, stages = _INTERPRET_TILE if interpret else _UNTUNED_TILE
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+    return interpret, tune, meta
+
+
+def build_launchable(kernel, tune: bool):
+    """Wrap a `jit` kernel of this package for launch in the mode in force now.
+
+    Re-jits `kernel.fn`: Triton picks interpreter or compiler when a function is jitted,
+    so the launch-time mode must win over the import-time one. Adds the EVEN_K
+    heuristic (K % BLOCK_K == 0 drops the K masks) and, when tuning, the autotuner,
+    keyed on N, K, the row-count bucket, bias presence and fp32 precision (Triton adds
+    the tensor dtypes to the key itself). Re-running a config while tuning is harmless
+    for both kernels: they rewrite the same elements with the same values.
+    """
+    fn = triton.jit(getattr(kernel, "fn", kernel))
+    fn = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(fn)
+    if not tune:
+        return fn
+    return triton.autotune(
+        configs=matmul_configs(),
+        key=["N", "K", "ROWS_BUCKET", "HAS_BIAS", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": prune_matmul_configs},
+    )(fn)
+
+
+def matmul_configs() -> list:
+    """Autotuning candidates for the gather/scatter GeMMs on the GPU.
+
+    Holds the Hopper set and the default set; `prune_matmul_configs` keeps the one that
+    suits the GPU at hand.
+    """
+    return [_config(t) for t in _HOPPER_TILES + _DEFAULT_TILES]
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    # Older torch builds lack the opt-in field; 99 KiB is a conservative opt-in limit.
+    return int(getattr(props, "shared_memory_per_block_optin", 99 * 1024))
+
+
+def prune_matmul_configs(configs, named_args, **kwargs):
+    """`early_config_prune` hook for autotune (the kernels name their activation `x_ptr`).
+
+    Keeps the Hopper set on sm_90 and newer and the default set elsewhere, and drops configs
+    whose pipelined operand tiles cannot fit in shared memory for the operand dtype
+    (fp32 needs twice the bf16 footprint), so autotuning does not compile them.
+    """
+    x = named_args["x_ptr"]
+    device = x.device
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    wanted = set(_HOPPER_TILES if hopper else _DEFAULT_TILES)
+    limit = _shared_memory_limit(device) if device.type == "cuda" else 99 * 1024
+    itemsize = x.element_size()
+    kept = []
+    for cfg in configs:
+        bm, bn, bk, _, stages = tile = _tile_of(cfg)
+        if tile in wanted and (bm + bn) * bk * itemsize * max(1, stages) <= limit:
+            kept.append(cfg)
+    # Never return an empty list: the untuned tile fits every GPU and dtype.
+    return kept or [_config(_UNTUNED_TILE)]

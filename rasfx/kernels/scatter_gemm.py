@@ -1,0 +1,299 @@
+"""Scatter-fused GeMM: `cache[b, index[i]] = x[b, i] @ weight.T + bias`.
+
+With RAS, attention keys/values of inactive tokens come from a per-layer cache. The
+K/V projection of the active tokens would otherwise write its output to a temporary
+and then copy the rows into the cache (`index_copy_`); here the GeMM epilogue stores
+each output row straight into its cache row (the scatter of PIT-style sparse GeMMs).
+Cache rows not named by the index are never touched.
+
+Public entry point: `linear_scatter_`, a mutating torch custom op
+(`torch.ops.rasfx.linear_scatter_`, mutates `cache`) so torch.compile and torch.export
+keep it as one node. It runs the Triton kernel on CUDA (and on CPU under
+TRITON_INTERPRET=1) and the PyTorch reference otherwise.
+
+Precision: operands are loaded in their dtype, products accumulate in fp32, the bias is
+added in fp32 and the result is rounded once to cache.dtype (== x.dtype). fp32 operands
+use exact fp32 ("ieee") unless torch.backends.cuda.matmul.allow_tf32 is set, like
+F.linear.
+
+Repeated values within one row of the index leave which write wins undefined (as with
+`index_copy_` on CUDA); `check_index(index, M, unique=True)` detects them.
+
+Inference only: no autograd formula is registered.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import (
+    build_launchable,
+    check_index_arg,
+    cpu_range_check,
+    dot_input_precision,
+    jit,
+    launch_mode,
+    rows_bucket,
+    tl,
+    triton,
+    use_triton,
+)
+
+__all__ = ["linear_scatter_", "linear_scatter_reference_", "scatter_rows_"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------
+
+
+@jit
+def _linear_scatter_kernel(
+    x_ptr,  # x: [B, n, K] activations of the active rows
+    idx_ptr,  # index: [B, n] or [n] int32/int64 destination rows in M (stride_ib == 0 when shared)
+    w_ptr,  # weight: [N, K] (nn.Linear layout)
+    bias_ptr,  # bias: [N]; any valid pointer when HAS_BIAS is False (never read)
+    cache_ptr,  # cache: [B, M, N], written in place at rows index only
+    M,
+    n,
+    N,
+    K,
+    ROWS_BUCKET,  # next_power_of_2(n): autotune key only, unused in the body
+    stride_xb,
+    stride_xm,
+    stride_xk,
+    stride_ib,
+    stride_in,
+    stride_wn,
+    stride_wk,
+    stride_cb,
+    stride_cm,
+    stride_cn,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,  # upcast operands before tl.dot (interpreter bf16 workaround)
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: K-masks can be dropped
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of x @ weight.T for batch row program_id(1), stored at cache rows index."""
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)  # int64: batch offsets of big caches pass 2**31
+
+    # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
+    num_pid_m = tl.cdiv(n, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of x
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    m_mask = offs_m < n
+    n_mask = offs_n < N
+
+    # Wrapped row/column ids keep the operand loads in bounds without masks; rows and
+    # columns past n / N are discarded by the store mask.
+    offs_xm = (offs_m % n).to(tl.int64)
+    offs_wn = offs_n % N
+
+    # x_ptrs: [BLOCK_M, BLOCK_K], w_ptrs: [BLOCK_K, BLOCK_N]
+    x_ptrs = x_ptr + pid_b * stride_xb + offs_xm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k0 * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_wn).to(tl.float32)  # [BLOCK_N]
+        acc += bias[None, :]
+
+    # The scatter: destination cache row of each output row. Out-of-range ids are
+    # dropped by the mask so a bad index can never write outside the cache; check_index
+    # reports them.
+    rows = tl.load(idx_ptr + pid_b * stride_ib + offs_m * stride_in, mask=m_mask, other=0)
+    rows = rows.to(tl.int64)  # [BLOCK_M]
+    row_mask = m_mask & (rows >= 0) & (rows < M)
+
+    y = acc.to(cache_ptr.dtype.element_ty)
+    c_ptrs = cache_ptr + pid_b * stride_cb + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, y, mask=row_mask[:, None] & n_mask[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _launchable(interpret: bool, tune: bool):
+    """The kernel wrapped for launch, built once per (interpreter on, autotuning on).
+
+    `interpret` only keys the cache: build_launchable jits for the mode in force now.
+    """
+    return build_launchable(_linear_scatter_kernel, tune)
+
+
+def _linear_scatter_triton(cache: Tensor, x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """Launch the Triton kernel; arguments must already be validated."""
+    B, M, N = cache.shape  # cache: [B, M, N]
+    n, K = x.shape[1], x.shape[2]  # x: [B, n, K]
+    if B == 0 or n == 0 or N == 0:
+        return
+    if K == 0:
+        # Empty reduction: the kernel would never touch the (possibly null) operand pointers.
+        src = (bias if bias is not None else cache.new_zeros(N)).expand(B, n, N)
+        scatter_rows_(cache, src, index)
+        return
+
+    interpret, tune, meta = launch_mode()
+    kernel = _launchable(interpret, tune)
+    stride_ib = 0 if index.dim() == 1 else index.stride(0)  # 0: one index row shared by the batch
+    # Triton's interpreter multiplies bf16 tiles as their raw uint16 bits; an exact
+    # upcast to fp32 gives the same products and fp32 sums that the tensor cores compute.
+    dot_in_fp32 = interpret and x.dtype == torch.bfloat16
+
+    def grid(cfg):
+        return (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), B)
+
+    kernel[grid](
+        x,
+        index,
+        weight,
+        bias if bias is not None else weight,
+        cache,
+        M,
+        n,
+        N,
+        K,
+        rows_bucket(n),
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        stride_ib,
+        index.stride(-1),
+        weight.stride(0),
+        weight.stride(1),
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
+        HAS_BIAS=bias is not None,
+        INPUT_PRECISION="ieee" if dot_in_fp32 else dot_input_precision(x.dtype),
+        DOT_IN_FP32=dot_in_fp32,
+        **meta,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# PyTorch reference
+# ----------------------------------------------------------------------------------
+
+
+def scatter_rows_(cache: Tensor, src: Tensor, index: Tensor) -> None:
+    """`cache[b, index[i]] = src[b, i]` (shared index) or `cache[b, index[b, i]] = src[b, i]`.
+
+    cache: [B, M, C] (written in place), src: [B, n, C], index: [n] or [B, n]
+    """
+    index = index.long()
+    if index.dim() == 1:
+        cache.index_copy_(1, index, src)
+    else:
+        cache.scatter_(1, index.unsqueeze(-1).expand(-1, -1, cache.shape[-1]), src)
+
+
+def linear_scatter_reference_(
+    cache: Tensor, x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor] = None
+) -> None:
+    """Unfused PyTorch version: F.linear into a temporary, then copy its rows into the cache.
+
+    cache: [B, M, N], x: [B, n, K], index: [n] or [B, n], weight: [N, K], bias: [N]
+    """
+    scatter_rows_(cache, F.linear(x, weight, bias), index)
+
+
+# ----------------------------------------------------------------------------------
+# Argument checks and the custom op
+# ----------------------------------------------------------------------------------
+
+
+def _check_args(cache: Tensor, x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """Shape/dtype/device checks; metadata only, so they also run on fake tensors."""
+    if cache.dim() != 3:
+        raise ValueError(f"linear_scatter_: cache must be [B, M, N], got shape {tuple(cache.shape)}")
+    if x.dim() != 3:
+        raise ValueError(f"linear_scatter_: x must be [B, n, K], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"linear_scatter_: x must be float16, bfloat16 or float32, got {x.dtype}")
+    B, M, N = cache.shape
+    if x.shape[0] != B:
+        raise ValueError(f"linear_scatter_: x batch size {x.shape[0]} differs from cache batch size {B}")
+    check_index_arg(index, B)
+    n, K = x.shape[1], x.shape[2]
+    if index.shape[-1] != n:
+        raise ValueError(f"linear_scatter_: index holds {index.shape[-1]} rows per batch row but x has n={n}")
+    if weight.dim() != 2 or weight.shape != (N, K):
+        raise ValueError(
+            f"linear_scatter_: weight must be [N={N}, K={K}] (cache width, x width), got shape {tuple(weight.shape)}"
+        )
+    for name, t in (("weight", weight), ("cache", cache)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"linear_scatter_: {name} dtype {t.dtype} differs from x dtype {x.dtype}")
+    tensors = {"cache": cache, "index": index, "weight": weight}
+    if bias is not None:
+        if bias.shape != (N,):
+            raise ValueError(f"linear_scatter_: bias must be [N={N}], got shape {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise ValueError(f"linear_scatter_: bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"linear_scatter_: {name} is on {t.device} but x is on {x.device}")
+
+
+@torch.library.custom_op("rasfx::linear_scatter_", mutates_args=("cache",))
+def linear_scatter_(cache: Tensor, x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> None:
+    """Scatter-fused linear, in place: `cache[b, index[i]] = x[b, i] @ weight.T + bias`.
+
+    cache: [B, M, N] written only at the indexed rows (same dtype as x, any strides)
+    x: [B, n, K] float16/bfloat16/float32 (any strides)
+    index: [n] int64/int32 shared by all batch rows, or [B, n] one row list per batch row
+    weight: [N, K] (x.dtype), bias: [N] (x.dtype) or None
+
+    Index values are range-checked only where that needs no host-device sync (CPU
+    tensors); on CUDA out-of-range rows are not written. Use
+    `check_index(index, M, unique=True)` to validate an untrusted index.
+    """
+    _check_args(cache, x, index, weight, bias)
+    cpu_range_check(index, cache.shape[1])
+    if use_triton(x):
+        _linear_scatter_triton(cache, x, index, weight, bias)
+    else:
+        linear_scatter_reference_(cache, x, index, weight, bias)
+
+
+@linear_scatter_.register_fake
+def _linear_scatter_fake(
+    cache: Tensor, x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor] = None
+) -> None:
+    _check_args(cache, x, index, weight, bias)
