@@ -114,7 +114,8 @@ class RASModule(torch.nn.Module):
         index = self._validate_index(index, check)
         slot = self._slot
         slot.index = index
-        slot.index_checked = check and self.num_image_tokens is not None
+        # check=False: trusted by the caller (e.g. the sampler's top-k), never read back
+        slot.index_checked = (not check) or self.num_image_tokens is not None
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
@@ -132,7 +133,9 @@ class RASModule(torch.nn.Module):
                     "running dense and dropping the active set",
                     stacklevel=2,
                 )
-            slot.signature, slot.caches, slot.index = sig, None, None
+            if slot.signature is not None:
+                slot.index = None
+            slot.signature, slot.caches = sig, None
         index = slot.index
         dense = index is None or slot.caches is None
         if not dense:

@@ -209,11 +209,11 @@ def test_invalid_indices_rejected_before_state_changes(sd3, bad, match):
 
 def test_index_checked_at_forward_when_set_before_capture(sd3):
     ras = rasfx.transform(sd3)
-    ras.set_active(torch.tensor([0, 500]))  # N unknown yet: range checked later
+    ras.set_active(torch.tensor([0, 500]))  # N unknown yet: range checked at the first sparse forward
     kw = sd3_inputs(1, 8, 8, seed=0)
     with torch.no_grad():
-        ras(**kw)  # first forward is dense (no caches): the index is dropped with the new signature
-        ras.set_active(torch.tensor([0, 500]), check=False)
+        ras(**kw)  # first forward is dense (no caches yet) and keeps the active set
+        assert ras.last_forward_dense
         with pytest.raises(rasfx.InvalidIndexError, match="out of range"):
             ras(**kw)
         ras.set_active(torch.stack([torch.arange(3)] * 2))
