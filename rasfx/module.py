@@ -143,7 +143,7 @@ class RASModule(torch.nn.Module):
         variant = cc.variant("dense" if dense else ("shared" if index.dim() == 1 else "rowwise"))
         if slot.caches is None:
             self.runner.drop(self._slot_name)
-            slot.caches = [torch.empty(c.shape, dtype=c.dtype, device=c.device) for c in variant.caches]
+            slot.caches = [c.allocate() for c in variant.caches]
         args = [*flat, *slot.caches] if dense else [*flat, index, *slot.caches]
         dynamic = cc.dynamic_positions if dense else cc.dynamic_positions + [len(flat)]
         key = (self._slot_name, variant.name, sig, None if dense else tuple(index.shape))

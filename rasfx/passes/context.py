@@ -29,6 +29,12 @@ class CacheSpec:
     producer: str
     consumer: str
     dim: int
+    stride: tuple | None = None
+
+    def allocate(self) -> torch.Tensor:
+        if self.stride is not None:
+            return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device)
 
 
 @dataclass
@@ -58,12 +64,12 @@ class RewriteContext:
     def dense(self) -> bool:
         return self.variant == "dense"
 
-    def add_cache(self, kind: str, producer: str, consumer: str, shape, dtype, device, dim) -> fx.Node:
+    def add_cache(self, kind: str, producer: str, consumer: str, shape, dtype, device, dim, stride=None) -> fx.Node:
         name = f"ras_cache_{len(self.caches)}"
         with self.gm.graph.inserting_after(self._last_input):
             node = self.gm.graph.placeholder(name)
         self._last_input = node
-        self.caches.append(CacheSpec(name, tuple(shape), dtype, device, kind, producer, consumer, dim))
+        self.caches.append(CacheSpec(name, tuple(shape), dtype, device, kind, producer, consumer, dim, stride))
         node.meta["rasfx_cache"] = self.caches[-1]
         return node
 

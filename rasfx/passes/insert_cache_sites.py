@@ -45,7 +45,7 @@ def insert_cache_sites(ctx: RewriteContext) -> Counter:
             producer = ctx.nodes[site.producer]
             if site.producer not in generic_memo:
                 cache = ctx.add_cache(site.kind, site.producer, site.consumer, site.shape, site.dtype,
-                                      site.device, site.axis.dim)
+                                      site.device, site.axis.dim, site.stride)
                 index = None if ctx.dense else ctx.token_index(site.axis)
                 with graph.inserting_after(producer):
                     write = graph.call_function(
@@ -85,7 +85,7 @@ def _attention_site(ctx: RewriteContext, node, sites) -> None:
     for operand in (k, v):
         site = by_producer[operand.name]
         caches.append(ctx.add_cache("attention", site.producer, site.consumer, site.shape, site.dtype,
-                                    site.device, site.axis.dim))
+                                    site.device, site.axis.dim, site.stride))
     axis = by_producer[k.name].axis
     index = None if ctx.dense else ctx.token_index(axis)
     with graph.inserting_before(node):

@@ -42,6 +42,7 @@ class Site:
     dtype: torch.dtype
     device: torch.device
     reason: str = ""
+    stride: tuple | None = None  # the captured layout, when it is a permutation of a dense one
 
 
 @dataclass
@@ -156,6 +157,9 @@ def _run_full(plan: Plan, node: fx.Node, ins, kind: str, reason: str, record: bo
 def _add_site(plan: Plan, producer: fx.Node, consumer: fx.Node, kind: str, reason: str) -> None:
     axes = token_axes(producer)
     val = producer.meta["val"]
+    # Keep the producer's memory layout (e.g. [B, S, H, D] permuted to [B, H, S, D]):
+    # writing a cache in its own layout is a plain copy, and attention reads it as before.
+    stride = tuple(val.stride()) if torch._prims_common.is_non_overlapping_and_dense_or_false(val) else None
     plan.sites.append(
-        Site(producer.name, consumer.name, kind, axes[0], tuple(val.shape), val.dtype, val.device, reason)
+        Site(producer.name, consumer.name, kind, axes[0], tuple(val.shape), val.dtype, val.device, reason, stride)
     )
