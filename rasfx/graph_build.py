@@ -51,6 +51,10 @@ class CompiledCapture:
         return [i for i, (kind, _) in enumerate(self.capture.input_sources) if kind == "user"]
 
     @property
+    def device(self) -> torch.device:
+        return next(s.device for s in self.plan.sites) if self.plan.sites else torch.device("cpu")
+
+    @property
     def num_tokens(self) -> int:
         return self.analysis.num_tokens
 
@@ -65,9 +69,14 @@ class CompiledCapture:
 
 
 def build_variant(cc: CompiledCapture, name: str) -> Variant:
+    """``dense`` | ``shared`` | ``rowwise``; a ``fused_`` prefix adds the kernel fusion pass
+    (``fused`` alone means ``fused_shared``)."""
     t0 = time.perf_counter()
+    base = {"fused": "shared"}.get(name, name.removeprefix("fused_"))
+    if base not in ("dense", "shared", "rowwise"):
+        raise ValueError(f"unknown graph variant {name!r}")
     gm = copy_graph_module(cc.capture.graph_module)
-    ctx = RewriteContext(gm, cc.plan, cc.num_tokens, name)
+    ctx = RewriteContext(gm, cc.plan, cc.num_tokens, base)
     if name == "rowwise":
         _check_rowwise(cc)
     counters = Counter()
@@ -75,6 +84,8 @@ def build_variant(cc: CompiledCapture, name: str) -> Variant:
     counters["resized_args"] = passes.resize_token_shapes(ctx)
     counters.update(passes.insert_cache_sites(ctx))
     ctx.finalize()
+    if name != base:
+        counters.update(passes.fuse_kernels(gm))
     cc.timings[f"build_{name}"] = time.perf_counter() - t0
     return Variant(name, gm, ctx.caches, counters)
 

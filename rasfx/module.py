@@ -140,7 +140,11 @@ class RASModule(torch.nn.Module):
         dense = index is None or slot.caches is None
         if not dense:
             self._check_index_for(cc, slot, index, kwargs)
-        variant = cc.variant("dense" if dense else ("shared" if index.dim() == 1 else "rowwise"))
+        if dense:
+            variant = cc.variant("dense")
+        else:
+            name = "shared" if index.dim() == 1 else "rowwise"
+            variant = cc.variant(f"fused_{name}" if self._fuse(cc) else name)
         if slot.caches is None:
             self.runner.drop(self._slot_name)
             slot.caches = [c.allocate() for c in variant.caches]
@@ -222,6 +226,14 @@ class RASModule(torch.nn.Module):
         if not slot.index_checked:
             _check_values(index, cc.num_tokens)
             slot.index_checked = True
+
+    def _fuse(self, cc: CompiledCapture) -> bool:
+        fuse = self.config.fuse
+        if fuse == "auto":
+            from .passes.fuse_kernels import profitable
+
+            return profitable(cc.device)
+        return bool(fuse)
 
     def _model_device(self) -> Optional[torch.device]:
         for p in self.model.parameters():

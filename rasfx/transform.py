@@ -25,17 +25,22 @@ class TransformConfig:
         active count) captured once as a CUDA graph and replayed: removes launch
         overhead, the mode to use for speed on a GPU); ``"compile+cuda_graph"``. The
         CUDA-graph modes fall back to the plain run on CPU tensors.
+    fuse: fuse gathers and cache writes into the neighbouring projections (Triton
+        GeMMs, ``rasfx.kernels``): ``"auto"`` (where Triton runs, i.e. on CUDA), True, False.
     """
 
     image_input: Optional[str] = None
     max_captures: int = 8
     mode: str = "eager"
+    fuse: object = "auto"
 
     def __post_init__(self):
         if self.image_input is not None and (not isinstance(self.image_input, str) or not self.image_input):
             raise ConfigError(f"image_input must be a non-empty string or None, got {self.image_input!r}")
         if not isinstance(self.max_captures, int) or self.max_captures < 1:
             raise ConfigError(f"max_captures must be a positive int, got {self.max_captures!r}")
+        if self.fuse not in ("auto", True, False):
+            raise ConfigError(f"fuse must be 'auto', True or False; got {self.fuse!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
 

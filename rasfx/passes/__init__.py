@@ -1,9 +1,10 @@
 """The compiler passes of rasfx, in pipeline order.
 
 capture -> strip_asserts -> analyze_tokens -> plan_regions ->
-insert_gathers -> resize_token_shapes -> insert_cache_sites (-> fusion passes)
+insert_gathers -> resize_token_shapes -> insert_cache_sites -> fuse_kernels (optional)
 """
 
+from .fuse_kernels import fuse_kernels
 from .insert_cache_sites import insert_cache_sites
 from .insert_gathers import insert_gathers
 from .plan_regions import Plan, Site, plan_regions
@@ -12,6 +13,6 @@ from .strip_asserts import strip_asserts
 from .token_analysis import Axis, TokenAnalysis, analyze_tokens, token_axes
 
 __all__ = [
-    "Axis", "Plan", "Site", "TokenAnalysis", "analyze_tokens", "insert_cache_sites", "insert_gathers",
+    "Axis", "Plan", "fuse_kernels", "Site", "TokenAnalysis", "analyze_tokens", "insert_cache_sites", "insert_gathers",
     "plan_regions", "resize_token_shapes", "strip_asserts", "token_axes",
 ]

@@ -50,7 +50,7 @@ VIEW_OPS = {
     operator.getitem,
 }
 SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default, aten.tensor_split.indices}
-CAT_OPS = {aten.cat.default, aten.concat.default}
+CAT_OPS = {aten.cat.default, aten.concat.default, aten.stack.default}
 REDUCE_OPS = {
     aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
     aten.var_mean.correction, aten.std.correction, aten.softmax.int, aten._softmax.default,
@@ -155,6 +155,19 @@ def classify(node: fx.Node) -> OpRule:
                 return OpRule("opaque", set(ins), reason="reshape merges the token axis with another dim")
         return OpRule("tokenwise", cheap=True)
     if t in CAT_OPS:
+        return OpRule("tokenwise", cheap=True)
+    if t is aten.embedding.default:  # a per-token lookup: the indices' token axis passes through
+        return OpRule("tokenwise") if node.args[0] not in ins else OpRule("opaque", set(ins), reason="embedding table over tokens")
+    if t is aten.index_select.default and ins:
+        d = node.args[1] % _rank(node.args[0])
+        if d in _axis_dims(node.args[0]) or node.args[2] in ins:
+            return OpRule("opaque", set(ins), reason="index_select over the token axis")
+        return OpRule("tokenwise", cheap=True)
+    if t is aten.constant_pad_nd.default and ins:
+        rank, pad = _rank(node.args[0]), node.args[1]
+        padded = {rank - 1 - i // 2 for i, p in enumerate(pad) if p}
+        if padded & _axis_dims(node.args[0]):
+            return OpRule("opaque", set(ins), reason="padding of the token axis")
         return OpRule("tokenwise", cheap=True)
     if is_pointwise(t):
         rank = _rank(node)
