@@ -262,7 +262,16 @@ def _token_map(cc: CompiledCapture) -> torch.Tensor:
     outs = [c for c in variant.caches if c.kind == "output"]
     if not outs:
         raise RuntimeError("the model output does not come from image tokens; no token map")
-    spec = outs[0]
+    errors = []
+    for spec in outs:  # the output site that feeds the first output
+        try:
+            return _probe_tail(cc, variant, spec)
+        except RuntimeError as e:
+            errors.append(str(e))
+    raise RuntimeError("; ".join(errors))
+
+
+def _probe_tail(cc: CompiledCapture, variant, spec) -> torch.Tensor:
     graph = variant.gm.graph
     start = next(n for n in graph.nodes if n.op == "placeholder" and n.name == spec.name)
     tail: dict[fx.Node, Any] = {}

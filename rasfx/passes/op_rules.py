@@ -49,6 +49,8 @@ VIEW_OPS = {
     aten.feature_dropout.default, aten.alpha_dropout.default, aten.identity.default if hasattr(aten, "identity") else aten.alias.default,
     operator.getitem,
 }
+LIKE_OPS = {aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
+            aten.rand_like.default, aten.randn_like.default}
 SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default, aten.tensor_split.indices}
 CAT_OPS = {aten.cat.default, aten.concat.default, aten.stack.default}
 REDUCE_OPS = {
@@ -67,6 +69,17 @@ MATMUL_OPS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.bmm
 def is_pointwise(target) -> bool:
     tags = getattr(target, "tags", ())
     return torch.Tag.pointwise in tags
+
+
+def mutated_input(node: fx.Node):
+    """The argument an in-place op writes to (``None`` for functional ops)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable or not node.args:
+        return None
+    first = schema.arguments[0]
+    if first.alias_info is not None and first.alias_info.is_write and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return None
 
 
 def _rank(node) -> int:
@@ -154,7 +167,7 @@ def classify(node: fx.Node) -> OpRule:
             if math.prod(sin[: ia.dim]) != math.prod(sout[: oa.dim]) or sin[ia.dim] != sout[oa.dim]:
                 return OpRule("opaque", set(ins), reason="reshape merges the token axis with another dim")
         return OpRule("tokenwise", cheap=True)
-    if t in CAT_OPS:
+    if t in CAT_OPS or t in LIKE_OPS:
         return OpRule("tokenwise", cheap=True)
     if t is aten.embedding.default:  # a per-token lookup: the indices' token axis passes through
         return OpRule("tokenwise") if node.args[0] not in ins else OpRule("opaque", set(ins), reason="embedding table over tokens")
@@ -169,7 +182,7 @@ def classify(node: fx.Node) -> OpRule:
         if padded & _axis_dims(node.args[0]):
             return OpRule("opaque", set(ins), reason="padding of the token axis")
         return OpRule("tokenwise", cheap=True)
-    if is_pointwise(t):
+    if is_pointwise(t) or t is aten.copy_.default:
         rank = _rank(node)
         for i in ins:
             for ax in token_axes(i):

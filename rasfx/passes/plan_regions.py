@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .op_rules import SDPA_OPS, classify
+from ..errors import UnsupportedModelError
+from .op_rules import SDPA_OPS, classify, mutated_input
 from .token_analysis import Axis, token_axes
 
 aten = torch.ops.aten
@@ -94,6 +95,10 @@ def plan_regions(gm: fx.GraphModule) -> Plan:
             plan.mode[node.name] = "F" if _has_axes(node) else "-"
             continue
         rule = classify(node)
+        target = mutated_input(node)
+        if target is not None and target in ins:
+            _plan_mutation(plan, node, ins, rule, target)
+            continue
         passing = [i for i in ins if i not in rule.full]
         if rule.kind == "opaque":
             _run_full(plan, node, ins, "opaque", rule.reason)
@@ -129,6 +134,27 @@ def plan_regions(gm: fx.GraphModule) -> Plan:
     for s in plan.sites:
         plan.counters[f"sites_{s.kind}"] += 1
     return plan
+
+
+def _plan_mutation(plan: Plan, node: fx.Node, ins, rule, target: fx.Node) -> None:
+    """An in-place op runs in the form of the tensor it writes to: rewriting that operand
+    (gather, cache) would send the write to a copy and lose it."""
+    if plan.is_active(target):
+        if rule.kind != "tokenwise" or node.meta.get("rasfx_ints") is None or not all(
+            plan.is_active(i) or _gatherable(i) for i in ins
+        ):
+            where = node.meta.get("stack_trace", "").strip().splitlines()[-1:] or [node.name]
+            raise UnsupportedModelError(
+                f"in-place op {node.target} ({node.name}) writes to an active-token tensor but cannot run on "
+                f"active tokens ({rule.reason or 'inputs not located'}); at {where[0].strip()}. "
+                "Rewrite it out of place, or report the model to rasfx."
+            )
+        plan.mode[node.name] = "A"
+        for i in ins:
+            if not plan.is_active(i):
+                plan.gathers.append((i.name, node.name))
+        return
+    _run_full(plan, node, ins, "opaque", rule.reason or "in-place op on a full-length tensor")
 
 
 def _mark_output_sites(gm: fx.GraphModule, plan: Plan) -> None:
