@@ -1,12 +1,20 @@
-"""rasfx: region-adaptive sampling for any diffusion transformer, as a compiler pass."""
+"""rasfx: region-adaptive sampling for any diffusion transformer, as a compiler pass.
 
-from . import ops  # registers the rasfx:: ops
+    ras = rasfx.transform(model)                     # the compiler (any DiT nn.Module)
+    rasfx.enable(pipe, rasfx.RASConfig(ratio=0.25))  # the sampler inside a diffusers pipeline
+"""
+
+from . import ops  # registers the rasfx:: ops  # noqa: F401
+from .config import RASConfig
 from .errors import CaptureError, ConfigError, InvalidIndexError, RasfxError, UnsupportedModelError
 from .module import RASModule
+from .pipeline import RASWarning, disable, enable, enabled, is_enabled, stats
+from .run_stats import RunStats, StepStats, heatmap_image, save_heatmap
 from .transform import TransformConfig, transform
 
 __all__ = [
-    "CaptureError", "ConfigError", "InvalidIndexError", "RASModule", "RasfxError", "TransformConfig",
-    "UnsupportedModelError", "transform",
+    "CaptureError", "ConfigError", "InvalidIndexError", "RASConfig", "RASModule", "RASWarning", "RasfxError",
+    "RunStats", "StepStats", "TransformConfig", "UnsupportedModelError", "disable", "enable", "enabled",
+    "heatmap_image", "is_enabled", "save_heatmap", "stats", "transform",
 ]
 __version__ = "0.1.0"

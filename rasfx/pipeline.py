@@ -76,7 +76,7 @@ from .sampler import (
     index_for_batch,
     step_kinds,
 )
-from .stats import RunStats, StepStats
+from .run_stats import RunStats, StepStats
 
 __all__ = ["enable", "disable", "enabled", "stats", "is_enabled", "RASWarning"]
 

@@ -46,7 +46,7 @@ import rasfx.pipeline as rp  # noqa: E402
 from rasfx.config import RASConfig  # noqa: E402
 from rasfx.errors import ConfigError  # noqa: E402
 from rasfx.sampler import PixelLayout, starvation_bound, token_scores  # noqa: E402
-from rasfx.stats import heatmap_image, save_heatmap  # noqa: E402
+from rasfx.run_stats import heatmap_image, save_heatmap  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ stand-in module
