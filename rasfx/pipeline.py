@@ -522,13 +522,15 @@ def _layout(state: _PipelineState, noise: torch.Tensor, token_map: torch.Tensor,
     raise _LayoutError(f"latents of shape {tuple(noise.shape)} are neither [B, C, *grid] nor packed [B, M, D]")
 
 
-def _resolve_transform(transform: Optional[Callable]) -> Callable:
+def _resolve_transform(transform: Optional[Callable], transform_config: Any = None) -> Callable:
     if transform is not None:
+        if transform_config is not None:
+            raise ValueError("rasfx.enable: pass either transform= or transform_config=, not both")
         return transform
     import importlib
 
     mod = importlib.import_module("rasfx.transform")
-    return mod.transform
+    return lambda model: mod.transform(model, transform_config)
 
 
 # ------------------------------------------------------------------------------------------
@@ -540,11 +542,19 @@ def is_enabled(pipe: Any) -> bool:
     return pipe in _STATES
 
 
-def enable(pipe: Any, config: Optional[RASConfig] = None, *, transform: Optional[Callable] = None) -> Any:
+def enable(
+    pipe: Any,
+    config: Optional[RASConfig] = None,
+    *,
+    transform_config: Any = None,
+    transform: Optional[Callable] = None,
+) -> Any:
     """Attach region-adaptive sampling to a diffusers pipeline; returns ``pipe``.
 
-    ``transform``: the model transform (default ``rasfx.transform``); it must return a module with
-    the ``RASModule`` contract. The pipeline's objects stay the same; only instance attributes
+    ``transform_config``: a ``rasfx.TransformConfig`` for the transformer (e.g.
+    ``TransformConfig(mode="cuda_graph")`` for speed on a GPU).
+    ``transform``: a custom model transform instead of ``rasfx.transform``; it must return a
+    module with the ``RASModule`` contract. The pipeline's objects stay the same; only instance attributes
     are added (all removed again by :func:`disable`).
     """
     config = RASConfig() if config is None else config
@@ -573,7 +583,7 @@ def enable(pipe: Any, config: Optional[RASConfig] = None, *, transform: Optional
             "rasfx.enable: pipe.scheduler is already RAS-enabled through another pipeline that shares it; "
             "give each pipeline its own scheduler or disable the other one first"
         )
-    make = _resolve_transform(transform)
+    make = _resolve_transform(transform, transform_config)
     hooks = [_ModelHook(n, m, make(m)) for n, m in models]
     state = _PipelineState(pipe, config, hooks)
 
@@ -620,9 +630,15 @@ def disable(pipe: Any) -> Any:
 
 
 @contextlib.contextmanager
-def enabled(pipe: Any, config: Optional[RASConfig] = None, *, transform: Optional[Callable] = None) -> Iterator[Any]:
+def enabled(
+    pipe: Any,
+    config: Optional[RASConfig] = None,
+    *,
+    transform_config: Any = None,
+    transform: Optional[Callable] = None,
+) -> Iterator[Any]:
     """``with rasfx.enabled(pipe, cfg): ...`` enables RAS for the block and disables it after."""
-    enable(pipe, config, transform=transform)
+    enable(pipe, config, transform_config=transform_config, transform=transform)
     try:
         yield pipe
     finally:
