@@ -270,6 +270,17 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log):
                                         "vs_original": ms / base_ms}
                 log(f"  {name} {mode} r={r} n={n}: {ms:.2f} ms (original {base_ms:.2f}; f={f(n / n_img):.3f}, "
                     f"ratio {ms / base_ms:.3f})")
+            if ras._fuse(cc):
+                # the same steps without the Triton gather/scatter GeMM fusion
+                row["unfused"] = {}
+                ras.config.fuse = False
+                for r in (0.5, 0.25):
+                    n = active_count(r, n_img)
+                    idx = torch.randperm(n_img, generator=g)[:n].sort().values.to(dev)
+                    ras.set_active(idx, check=False)
+                    row["unfused"][str(r)] = time_call(lambda: ras(**kw), dev, iters)[0]
+                    log(f"  {name} {mode} r={r} without fusion: {row['unfused'][str(r)]:.2f} ms")
+                ras.config.fuse = "auto"
             # whole 28-step schedules at ratio 0.25 and 0.5 (transformer calls only)
             row["schedules"] = {}
             for r in (0.5, 0.25):
@@ -306,6 +317,33 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log):
     return res
 
 
+def attention_backends(dev, dt, log) -> dict:
+    """Active queries against the full K/V cache (SD3-medium shapes at r=0.25, batch 2):
+    which SDPA backend is fastest."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = {}
+    if dev.type != "cuda":
+        return out
+    q = torch.randn(2, 24, 1024 + 333, 64, device=dev, dtype=dt)
+    k = torch.randn(2, 24, 4096 + 333, 64, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("auto", None)):
+        try:
+            if backend is None:
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+            else:
+                def fn(b=backend):
+                    with sdpa_kernel([b]):
+                        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            out[name] = time_call(fn, dev, 20)[0]
+            log(f"  attention {name}: {out[name]:.3f} ms")
+        except Exception as e:  # a backend may be unavailable for these shapes
+            out[name] = f"unavailable: {type(e).__name__}"
+    return out
+
+
 def table(results) -> str:
     lines = ["| model | mode | original ms | RAS r=1 | " + " | ".join(f"r={r}" for r in RATIOS[1:])
              + " | 28 steps r=0.5 | 28 steps r=0.25 | caches |",
@@ -337,6 +375,7 @@ def main(argv=None):
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(f"# rasfx model benchmark on {card}, torch {torch.__version__}, {dt}", flush=True)
     t0, results = time.perf_counter(), []
+    attention = attention_backends(dev, dt, lambda m: print(m, flush=True))
     for name in args.models.split(","):
         if time.perf_counter() - t0 > args.budget_s:
             print(f"skipping {name}: time budget spent", flush=True)
@@ -349,7 +388,8 @@ def main(argv=None):
             results.append({"model": name, "error": f"{type(e).__name__}: {e}", "modes": {}, "label": LABELS[name]})
         if args.out:
             with open(args.out, "w") as fh:
-                json.dump({"card": card, "torch": torch.__version__, "results": results}, fh, indent=1)
+                json.dump({"card": card, "torch": torch.__version__, "attention_ms": attention, "results": results},
+                          fh, indent=1)
     print(table([r for r in results if r["modes"]]))
 
 
