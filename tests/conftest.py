@@ -1,8 +1,14 @@
 import os
 import sys
 
-import pytest
-import torch
+# Triton kernels run through Triton's CPU interpreter where there is no GPU. The mode is
+# read when Triton's JIT objects are created, so it must be set before anything (torch.compile
+# included) imports triton.
+if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
