@@ -99,7 +99,9 @@ def _check_rowwise(cc: CompiledCapture) -> None:
             )
 
 
-def compile_capture(model: torch.nn.Module, kwargs: dict, image_input: str | None, signature) -> CompiledCapture:
+def compile_capture(
+    model: torch.nn.Module, kwargs: dict, image_input: str | None, signature, kv_cache: bool = True
+) -> CompiledCapture:
     t0 = time.perf_counter()
     image_key = find_image_input(kwargs, image_input)
     cap = Capture.from_program(export(model, kwargs), signature)
@@ -125,7 +127,7 @@ def compile_capture(model: torch.nn.Module, kwargs: dict, image_input: str | Non
     gm_alt = alt[0].graph_module
     passes.strip_asserts(gm_alt)
     analysis = passes.analyze_tokens(gm, gm_alt, alt[1])
-    plan = passes.plan_regions(gm)
+    plan = passes.plan_regions(gm, kv_cache)
     if plan.counters["active_nodes"] == 0:
         raise UnsupportedModelError(
             f"{type(model).__name__}: no op of the graph can run on a subset of the image tokens "

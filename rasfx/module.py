@@ -183,7 +183,7 @@ class RASModule(torch.nn.Module):
         cc = self._captures.get(sig)
         if cc is None:
             log.info("rasfx: capturing %s for a new input signature", type(self.model).__name__)
-            cc = compile_capture(self.model, kwargs, self.config.image_input, sig)
+            cc = compile_capture(self.model, kwargs, self.config.image_input, sig, self.config.kv_cache)
             self._captures[sig] = cc
             while len(self._captures) > self.config.max_captures:
                 old, _ = self._captures.popitem(last=False)

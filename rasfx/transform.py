@@ -25,6 +25,9 @@ class TransformConfig:
         active count) captured once as a CUDA graph and replayed: removes launch
         overhead, the mode to use for speed on a GPU); ``"compile+cuda_graph"``. The
         CUDA-graph modes fall back to the plain run on CPU tensors.
+    kv_cache: attention of the active tokens reads the keys/values of the inactive ones from a
+        cache (the paper's K/V recovery, default). ``False`` drops them from attention: the
+        paper's ablation, lower quality; exposed for studies, not for use.
     fuse: fuse gathers and cache writes into the neighbouring projections (Triton
         GeMMs, ``rasfx.kernels``): ``"auto"`` (where Triton runs, i.e. on CUDA), True, False.
     """
@@ -33,6 +36,7 @@ class TransformConfig:
     max_captures: int = 8
     mode: str = "eager"
     fuse: object = "auto"
+    kv_cache: bool = True
 
     def __post_init__(self):
         if self.image_input is not None and (not isinstance(self.image_input, str) or not self.image_input):
@@ -41,6 +45,8 @@ class TransformConfig:
             raise ConfigError(f"max_captures must be a positive int, got {self.max_captures!r}")
         if self.fuse not in ("auto", True, False):
             raise ConfigError(f"fuse must be 'auto', True or False; got {self.fuse!r}")
+        if not isinstance(self.kv_cache, bool):
+            raise ConfigError(f"kv_cache must be True or False; got {self.kv_cache!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
 

@@ -138,7 +138,9 @@ def _contracted(node) -> dict:
     return {}
 
 
-def classify(node: fx.Node) -> OpRule:
+def classify(node: fx.Node, kv_cache: bool = True) -> OpRule:
+    """``kv_cache=False`` is the paper's ablation without K/V recovery: attention of the
+    active queries over the active keys/values only (and the conditioning tokens)."""
     t = node.target
     ins = [i for i in node.all_input_nodes if token_axes(i)]
     out_axes = _out_axes(node)
@@ -222,6 +224,8 @@ def classify(node: fx.Node) -> OpRule:
         for x in full:
             if {a.dim for a in token_axes(x)} != {_rank(x) - 2}:
                 return OpRule("opaque", set(ins), reason="key/value token axis is not the sequence dim")
+        if not kv_cache:
+            return OpRule("tokenwise", reason="attention over active tokens only (kv_cache=False)")
         return OpRule("mixing", full, reason="attention")
     if t in MATMUL_OPS:
         contracted = _contracted(node)

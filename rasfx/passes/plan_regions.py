@@ -79,7 +79,9 @@ def _gatherable(node: fx.Node) -> bool:
     return len(axes) == 1 and axes[0].offset is not None
 
 
-def plan_regions(gm: fx.GraphModule) -> Plan:
+def plan_regions(gm: fx.GraphModule, kv_cache: bool = True) -> Plan:
+    """Plan every node (see module docstring). ``kv_cache=False``: attention reads the
+    active keys/values only (an ablation; not RAS)."""
     plan = Plan()
     for node in gm.graph.nodes:
         ins = [i for i in node.all_input_nodes if _has_axes(i)]
@@ -94,7 +96,7 @@ def plan_regions(gm: fx.GraphModule) -> Plan:
         if not ins:
             plan.mode[node.name] = "F" if _has_axes(node) else "-"
             continue
-        rule = classify(node)
+        rule = classify(node, kv_cache)
         target = mutated_input(node)
         if target is not None and target in ins:
             _plan_mutation(plan, node, ins, rule, target)
