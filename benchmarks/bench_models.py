@@ -299,8 +299,8 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log):
                         base2()
 
                 base2 = GraphedModel(model, kw, dev) if mode == "cuda_graph" else (lambda: model(**kw))
-                dense_ms, _ = time_call(run_dense, dev, max(2, iters // 5), warmup=1)
-                ras_ms, _ = time_call(run_schedule, dev, max(2, iters // 5), warmup=1)
+                dense_ms, _ = time_call(run_dense, dev, max(1, iters // 5), warmup=1)
+                ras_ms, _ = time_call(run_schedule, dev, max(1, iters // 5), warmup=1)
                 del base2
                 nd = sum(1 for k in plan if k == "dense")
                 ideal = len(plan) / (nd + (len(plan) - nd) * f(n / n_img))
@@ -363,7 +363,8 @@ def table(results) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="sd3,flux", help=f"comma list of {','.join(MODELS)}")
+    ap.add_argument("--models", default="sd3,flux",
+                    help=f"comma list of {','.join(MODELS)}; NAME:MODE+MODE overrides --modes for one model")
     ap.add_argument("--modes", default="eager,cuda_graph", help="comma list of rasfx modes (eager, cuda_graph, compile, ...)")
     ap.add_argument("--scale", default="real", choices=["real", "tiny"], help="tiny: small configs for a CPU dry run")
     ap.add_argument("--iters", type=int, default=10)
@@ -376,12 +377,14 @@ def main(argv=None):
     print(f"# rasfx model benchmark on {card}, torch {torch.__version__}, {dt}", flush=True)
     t0, results = time.perf_counter(), []
     attention = attention_backends(dev, dt, lambda m: print(m, flush=True))
-    for name in args.models.split(","):
+    for spec in args.models.split(","):
+        name, _, own_modes = spec.partition(":")
+        modes = own_modes.split("+") if own_modes else args.modes.split(",")
         if time.perf_counter() - t0 > args.budget_s:
             print(f"skipping {name}: time budget spent", flush=True)
             continue
         try:
-            results.append(run_model(name, args.scale, dev, dt, args.modes.split(","), args.iters, RATIOS,
+            results.append(run_model(name, args.scale, dev, dt, modes, args.iters, RATIOS,
                                      lambda m: print(m, flush=True)))
         except Exception as e:  # keep the other models' numbers
             print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
