@@ -1,0 +1,140 @@
+"""Unit tests of each compiler pass on a small hand-written DiT (text tokens first in a
+joint sequence, SDPA, an MLP, unpatchify), with the pass counters."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rasfx
+from rasfx import passes
+from rasfx.capture import analysis_variants, export, input_signature
+from rasfx.graph_build import build_variant, compile_capture, copy_graph_module
+
+T, C, P = 3, 16, 2  # text tokens, width, patch size
+
+
+class JointDiT(torch.nn.Module):
+    def __init__(self, mixer=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+        self.txt = torch.nn.Linear(8, C)
+        self.qkv = torch.nn.Linear(C, 3 * C)
+        self.out = torch.nn.Linear(C, C)
+        self.mlp = torch.nn.Linear(C, C)
+        self.head = torch.nn.Linear(C, 4 * P * P)
+        self.mixer = mixer
+
+    def forward(self, hidden_states, text):
+        b, _, h, w = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)  # x: [B, N, C]
+        seq = torch.cat([self.txt(text), x], dim=1)  # seq: [B, T + N, C], text first
+        q, k, v = self.qkv(F.layer_norm(seq, (C,))).view(b, seq.shape[1], 3, 2, C // 2).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, seq.shape[1], C)
+        seq = seq + self.out(a)
+        x = seq[:, T:]  # image part
+        if self.mixer is not None:
+            x = x + self.mixer(x)
+        x = x + self.mlp(F.gelu(x))
+        x = self.head(x).view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+def inputs(b=2, h=8, w=12):
+    g = torch.Generator().manual_seed(1)
+    return {"hidden_states": torch.randn(b, 4, h, w, generator=g), "text": torch.randn(b, T, 8, generator=g)}
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    model, kw = JointDiT().eval(), inputs()
+    gm = export(model, kw).graph_module
+    n_asserts = sum(1 for n in gm.graph.nodes if "assert" in str(n.target))
+    removed = passes.strip_asserts(gm)
+    alt_kw, desc = analysis_variants(kw, "hidden_states")[0]
+    gm_alt = export(model, alt_kw).graph_module
+    passes.strip_asserts(gm_alt)
+    analysis = passes.analyze_tokens(gm, gm_alt, desc)
+    return model, kw, gm, analysis, removed, n_asserts
+
+
+def test_strip_asserts_counts_what_it_removes(analysed):
+    _, _, gm, _, removed, n_asserts = analysed
+    assert removed == n_asserts > 0
+    assert not any("assert" in str(n.target) for n in gm.graph.nodes)
+
+
+def test_token_analysis_finds_axes_and_segments(analysed):
+    _, _, gm, analysis, *_ = analysed
+    assert analysis.num_tokens == 24 and analysis.num_tokens_alt != 24 and not analysis.unmatched
+    nodes = {n.name: n for n in gm.graph.nodes}
+    embedded = nodes["transpose"]
+    assert passes.token_axes(embedded) == (passes.Axis(1, 0, 0),)
+    cat = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.cat.default)
+    assert passes.token_axes(cat) == (passes.Axis(1, T, T),)  # text first: image segment at offset T
+    sliced = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.slice.Tensor and passes.token_axes(n))
+    assert passes.token_axes(sliced)[0].extra == 0 and passes.token_axes(sliced)[0].offset == 0
+    conv = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default)
+    assert passes.token_axes(conv) == ()  # the spatial grid is not a token axis
+
+
+def test_plan_regions_modes_and_sites(analysed):
+    _, _, gm, *_ = analysed
+    plan = passes.plan_regions(gm)
+    kinds = sorted(s.kind for s in plan.sites)
+    assert kinds == ["attention", "attention", "output"]
+    assert not plan.conservative
+    linears = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert plan.mode[linears[0].name] == "-"  # the text projection has no token axis
+    assert all(plan.mode[n.name] == "A" for n in linears[1:])
+    assert plan.counters["sites_attention"] == 2 and plan.counters["sites_output"] == 1
+
+
+def test_rewrite_pass_counters_and_result():
+    model, kw = JointDiT().eval(), inputs()
+    cc = compile_capture(model, kw, None, input_signature(model, kw))
+    shared = cc.variant("shared")
+    assert shared.counters["gathers"] == 1  # the embedded image tokens, before the concat
+    assert shared.counters["resized_args"] >= 2  # reshape of the joint sequence, view of qkv
+    assert shared.counters["attention_sites"] == 1 and shared.counters["cache_sites"] == 1
+    ras = rasfx.transform(model)
+    with torch.no_grad():
+        want = model(**kw)
+        assert torch.allclose(ras(**kw), want, atol=1e-6)
+        ras.set_active(torch.arange(24))
+        assert torch.allclose(ras(**kw), want, atol=1e-5)
+
+
+def test_unknown_token_mixer_is_conservative_and_reported():
+    class CumsumMixer(torch.nn.Module):  # mixes tokens through an op rasfx has no rule for
+        def forward(self, x):
+            return torch.cumsum(x, dim=1) * 0.1
+
+    model, kw = JointDiT(CumsumMixer()).eval(), inputs()
+    ras = rasfx.transform(model)
+    with torch.no_grad():
+        want = model(**kw)
+        assert torch.allclose(ras(**kw), want, atol=1e-6)
+        ras.set_active(torch.arange(24))
+        assert torch.allclose(ras(**kw), want, atol=1e-5)
+        ras.set_active(torch.tensor([2, 3, 11]))
+        out = ras(**kw)
+    assert torch.isfinite(out).all()
+    cc = ras.captures()[0]
+    mixing = [s for s in cc.plan.sites if s.kind == "mixing"]
+    assert mixing and "reduction over the token axis" in mixing[0].reason
+
+
+def test_copy_graph_module_is_independent(analysed):
+    _, _, gm, *_ = analysed
+    copy = copy_graph_module(gm)
+    assert len(copy.graph.nodes) == len(gm.graph.nodes)
+    next(iter(copy.graph.nodes)).meta["x"] = 1
+    assert "x" not in next(iter(gm.graph.nodes)).meta
+
+
+def test_build_variant_rejects_unknown_names():
+    model, kw = JointDiT().eval(), inputs()
+    cc = compile_capture(model, kw, None, input_signature(model, kw))
+    with pytest.raises(ValueError, match="unknown graph variant"):
+        build_variant(cc, "sparse")
