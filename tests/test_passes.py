@@ -28,7 +28,7 @@ class JointDiT(torch.nn.Module):
     def forward(self, hidden_states, text):
         b, _, h, w = hidden_states.shape
         x = self.embed(hidden_states).flatten(2).transpose(1, 2)  # x: [B, N, C]
-        seq = torch.cat([self.txt(text), x], dim=1)  # seq: [B, T + N, C], text first
+        seq = torch.cat([self.txt(text), x], dim=1).to(hidden_states.dtype)  # seq: [B, T + N, C], text first
         q, k, v = self.qkv(F.layer_norm(seq, (C,))).view(b, seq.shape[1], 3, 2, C // 2).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, seq.shape[1], C)
         seq = seq + self.out(a)
