@@ -270,17 +270,19 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log):
                                         "vs_original": ms / base_ms}
                 log(f"  {name} {mode} r={r} n={n}: {ms:.2f} ms (original {base_ms:.2f}; f={f(n / n_img):.3f}, "
                     f"ratio {ms / base_ms:.3f})")
-            if ras._fuse(cc):
-                # the same steps without the Triton gather/scatter GeMM fusion
-                row["unfused"] = {}
-                ras.config.fuse = False
+            from rasfx.passes.fuse_kernels import profitable
+
+            if profitable(dev):
+                # the same steps with the Triton gather/scatter GeMM fusion (off by default)
+                row["fused"] = {}
+                ras.config.fuse = True
                 for r in (0.5, 0.25):
                     n = active_count(r, n_img)
                     idx = torch.randperm(n_img, generator=g)[:n].sort().values.to(dev)
                     ras.set_active(idx, check=False)
-                    row["unfused"][str(r)] = time_call(lambda: ras(**kw), dev, iters)[0]
-                    log(f"  {name} {mode} r={r} without fusion: {row['unfused'][str(r)]:.2f} ms")
-                ras.config.fuse = "auto"
+                    row["fused"][str(r)] = time_call(lambda: ras(**kw), dev, iters)[0]
+                    log(f"  {name} {mode} r={r} with fusion: {row['fused'][str(r)]:.2f} ms")
+                ras.config.fuse = False
             # whole 28-step schedules at ratio 0.25 and 0.5 (transformer calls only)
             row["schedules"] = {}
             for r in (0.5, 0.25):

@@ -54,15 +54,17 @@ def markdown(runs) -> str:
                 cap = t.get("export", 0) + t.get("export_alt", 0) + t.get("analysis", 0)
                 out.append(f"| {res['label']} | {mode} | {row['cache_bytes'] / 2**30:.2f} GiB | "
                            f"{row.get('peak_mem_gb', float('nan')):.1f} GiB | {cap:.1f} s |")
-        fused = [(res, mode, row) for res in run["results"] for mode, row in res.get("modes", {}).items() if row.get("unfused")]
+        fused = [(res, mode, row) for res in run["results"] for mode, row in res.get("modes", {}).items()
+                 if row.get("unfused") or row.get("fused")]
         if fused:
             out.append("\nTriton gather/scatter GeMM fusion on vs. off (ms per step):\n")
             out.append("| model | mode | r=0.5 fused | r=0.5 unfused | r=0.25 fused | r=0.25 unfused |")
             out.append("|---|---|---|---|---|---|")
             for res, mode, row in fused:
-                u = row["unfused"]
-                out.append(f"| {res['label']} | {mode} | {row['steps']['0.5']['ms']:.2f} | {u['0.5']:.2f} | "
-                           f"{row['steps']['0.25']['ms']:.2f} | {u['0.25']:.2f} |")
+                # older runs fused by default and timed the unfused path separately
+                f = row.get("fused") or {r: row["steps"][r]["ms"] for r in ("0.5", "0.25")}
+                u = row.get("unfused") or {r: row["steps"][r]["ms"] for r in ("0.5", "0.25")}
+                out.append(f"| {res['label']} | {mode} | {f['0.5']:.2f} | {u['0.5']:.2f} | {f['0.25']:.2f} | {u['0.25']:.2f} |")
         if run.get("attention_ms"):
             out.append("\nSDPA backends, active queries (2 x 24 heads x 1357) against the full cache (4429 keys), ms:\n")
             out.append("| " + " | ".join(run["attention_ms"]) + " |")

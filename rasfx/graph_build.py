@@ -16,6 +16,10 @@ from .passes.context import RewriteContext
 
 aten = torch.ops.aten
 
+# Graph variants of one capture: dense; one index set for all rows; per-row index sets; and the
+# same two with the kernel fusion pass.
+VARIANTS = ("dense", "shared", "rowwise", "fused", "fused_shared", "fused_rowwise")
+
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
@@ -72,9 +76,9 @@ def build_variant(cc: CompiledCapture, name: str) -> Variant:
     """``dense`` | ``shared`` | ``rowwise``; a ``fused_`` prefix adds the kernel fusion pass
     (``fused`` alone means ``fused_shared``)."""
     t0 = time.perf_counter()
+    if name not in VARIANTS:
+        raise ValueError(f"unknown graph variant {name!r}; one of {VARIANTS}")
     base = {"fused": "shared"}.get(name, name.removeprefix("fused_"))
-    if base not in ("dense", "shared", "rowwise"):
-        raise ValueError(f"unknown graph variant {name!r}")
     gm = copy_graph_module(cc.capture.graph_module)
     ctx = RewriteContext(gm, cc.plan, cc.num_tokens, base)
     if name == "rowwise":
@@ -126,7 +130,15 @@ def compile_capture(
     counters["asserts"] = passes.strip_asserts(gm)
     gm_alt = alt[0].graph_module
     passes.strip_asserts(gm_alt)
-    analysis = passes.analyze_tokens(gm, gm_alt, alt[1])
+    try:
+        analysis = passes.analyze_tokens(gm, gm_alt, alt[1])
+    except (UnsupportedModelError, CaptureError):
+        raise
+    except Exception as e:  # e.g. shapes that stay symbolic in the captured graph
+        raise CaptureError(
+            f"token analysis failed on the captured graph of {type(model).__name__}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     plan = passes.plan_regions(gm, kv_cache)
     if plan.counters["active_nodes"] == 0:
         raise UnsupportedModelError(

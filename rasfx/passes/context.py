@@ -57,6 +57,7 @@ class RewriteContext:
         if self.variant != "dense":
             with self.gm.graph.inserting_after(self._last_input):
                 self.index = self.gm.graph.placeholder("ras_index")
+            self.index.meta["rasfx_created_by"] = "rewrite_context"
             self._last_input = self.index
         self._after_inputs = self._last_input
 
@@ -69,6 +70,7 @@ class RewriteContext:
         with self.gm.graph.inserting_after(self._last_input):
             node = self.gm.graph.placeholder(name)
         self._last_input = node
+        node.meta["rasfx_created_by"] = "insert_cache_sites"
         self.caches.append(CacheSpec(name, tuple(shape), dtype, device, kind, producer, consumer, dim, stride))
         node.meta["rasfx_cache"] = self.caches[-1]
         return node
@@ -78,6 +80,7 @@ class RewriteContext:
         anchor = self._top_anchor()
         with self.gm.graph.inserting_after(anchor):
             node = self.gm.graph.call_function(target, args)
+        node.meta["rasfx_created_by"] = "rewrite_context"
         self._top = node
         return node
 

@@ -118,8 +118,8 @@ def plan_regions(gm: fx.GraphModule, kv_cache: bool = True) -> Plan:
             for i in passing:
                 if not plan.is_active(i):
                     plan.gathers.append((i.name, node.name))
-            for i in rule.full:
-                if plan.is_active(i):
+            for i in ins:  # graph order: deterministic site (and cache) numbering
+                if i in rule.full and plan.is_active(i):
                     kind = "attention" if node.target in SDPA_OPS else "mixing"
                     _add_site(plan, i, node, kind, rule.reason)
             continue
