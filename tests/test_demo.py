@@ -1,0 +1,184 @@
+"""The demo (`make demo`) and the quality benchmark, end to end on the CPU in their --quick modes.
+
+Both run in-process on one loaded pipeline and one shared RAS module (the graph capture
+happens once), so the whole file takes well under a minute on an idle 2-core machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_DIR = os.path.join(ROOT, "models", "shapes-dit")
+for _p in (ROOT, os.path.join(ROOT, "examples")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import demo  # noqa: E402  (examples/demo.py)
+
+
+def _load_quality():
+    spec = importlib.util.spec_from_file_location("rasfx_quality_bench", os.path.join(ROOT, "benchmarks", "quality.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def shared():
+    from shapes_pipeline import ShapesPipeline
+
+    # Batches of 1-2 images gain little from a second thread, and on a busy shared machine two
+    # threads spin-wait for each other: one thread is faster there and about as fast when idle.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = ShapesPipeline.from_pretrained(MODEL_DIR, torch_dtype=torch.float32).to("cpu")
+        yield pipe, demo.ReusedTransform()
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+def _ssim_reference(x: np.ndarray, y: np.ndarray, win: int = 11, sigma: float = 1.5) -> float:
+    """SSIM by explicit windows (float64 numpy), one channel: the textbook definition."""
+    g = np.exp(-((np.arange(win) - (win - 1) / 2) ** 2) / (2 * sigma**2))
+    w = np.outer(g, g)
+    w /= w.sum()
+    c1, c2 = 0.01**2, 0.03**2
+    vals = []
+    for i in range(x.shape[0] - win + 1):
+        for j in range(x.shape[1] - win + 1):
+            a, b = x[i : i + win, j : j + win], y[i : i + win, j : j + win]
+            ma, mb = (w * a).sum(), (w * b).sum()
+            va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
+            cov = (w * (a - ma) * (b - mb)).sum()
+            vals.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return float(np.mean(vals))
+
+
+def test_psnr_and_ssim_match_their_definitions():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 20, 18, generator=g)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+    mse = ((x - y) ** 2).flatten(1).mean(1).double()
+    assert torch.allclose(demo.psnr(x, y), 10 * torch.log10(1 / mse))
+    assert math.isinf(float(demo.psnr(x, x)[0]))
+
+    s = demo.ssim(x, y)
+    assert s.shape == (2,)
+    for b in range(2):
+        ref = np.mean([_ssim_reference(x[b, c].double().numpy(), y[b, c].double().numpy()) for c in range(3)])
+        assert abs(float(s[b]) - ref) < 1e-10
+    assert torch.allclose(demo.ssim(x, x), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(demo.ssim(x, y), demo.ssim(y, x))
+    z = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert (demo.ssim(x, z) < s).all()  # more noise, less similar
+
+
+# ------------------------------------------------------------------------------------- demo
+
+
+def test_demo_quick_writes_linked_outputs(tmp_path, shared):
+    pipe, tf = shared
+    out = tmp_path / "outputs"
+    res = demo.main(["--quick", "--out", str(out)], pipe=pipe, transform=tf)
+
+    for name in ("grid.png", "diff.png", "heatmaps.png", "report.md", "report.html", "results.json"):
+        assert (out / name).is_file(), name
+    maps = sorted(p.name for p in (out / "heatmaps").iterdir())
+    assert any(m.startswith("computed_steps_") for m in maps) and any(m.startswith("noise_std_") for m in maps)
+
+    report = (out / "report.md").read_text()
+    links = set(re.findall(r"\]\(([^)]+)\)", report))
+    for name in ["grid.png", "diff.png", "heatmaps.png", "results.json"] + [f"heatmaps/{m}" for m in maps]:
+        assert name in links, f"report.md does not link {name}"
+    for link in links:
+        assert (out / link).is_file(), f"report.md links a missing file {link}"
+    html = (out / "report.html").read_text()
+    for name in ("grid.png", "diff.png", "heatmaps.png"):
+        assert f"src='{name}'" in html
+
+    data = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["plain", "RAS 0.5", "RAS 0.25"]
+    assert data["quick"] is True and data["steps"] == 2
+    for run in data["runs"][1:]:
+        assert run["wall_s"] > 0 and 0 < run["flops_fraction"] < 1
+        assert all(0 < p < 100 for p in run["psnr"]) and all(-1 <= s <= 1 for s in run["ssim"])
+    assert res["runs"][0]["speedup_wall"] == 1.0
+    assert set(data["stats"]) == {"0.5", "0.25"}
+    assert data["stats"]["0.25"]["ras_steps"] == [1]
+
+
+# ------------------------------------------------------------------------------------- quality
+
+
+def test_quality_quick_schema_and_doc_splice(tmp_path, shared):
+    pipe, tf = shared
+    q = _load_quality()
+    out = tmp_path / "quality"
+    q.main(["--quick", "--out", str(out)], pipe=pipe, transform=tf)
+
+    data = json.loads((out / "quality.json").read_text())
+    assert data["schema"] == "rasfx-quality/1"
+    assert {"setup", "timing", "reference", "fidelity", "equal_compute", "ablations", "precision_floor",
+            "distribution", "skipped", "notes", "files"} <= set(data)
+    su = data["setup"]
+    assert su["quick"] is True and su["dtype"] == "float32" and su["device"] == "cpu"
+    assert data["reference"]["steps"] == 3
+
+    kinds = {(r["kind"], r["steps"], r["ratio"]) for r in data["fidelity"]}
+    assert kinds == {("dense", 1, None), ("dense", 2, None), ("ras", 2, 0.5), ("ras", 2, 0.25)}
+    for r in data["fidelity"]:
+        for k in ("compute", "flops_fraction", "seconds", "ms_per_image", "psnr", "ssim", "class_acc", "dense_steps"):
+            assert k in r, k
+        assert 0 < r["flops_fraction"] <= 1 and r["compute"] == pytest.approx(r["flops_fraction"] * r["steps"])
+        assert 0 <= r["class_acc"] <= 1 and -1 <= r["ssim"] <= 1
+        if r["kind"] == "ras":
+            assert r["flops_fraction"] < 1 and r["dense_steps"] == [0]
+
+    assert len(data["equal_compute"]) == 2
+    for e in data["equal_compute"]:
+        assert {"at_compute", "at_time", "psnr", "ssim", "compute"} <= set(e)
+        assert {"dense_below", "dense_above", "delta_psnr", "beats_dense_above"} <= set(e["at_compute"])
+
+    (abl,) = data["ablations"]
+    assert (abl["steps"], abl["ratio"]) == (2, 0.25)
+    keys = [v["key"] for v in abl["variants"]]
+    assert keys == ["default", "no-starvation", "no-kv-cache"]
+    kv = abl["variants"][-1]
+    assert kv["supported"] is False and kv["skipped"] is True
+    assert all("psnr" in v for v in abl["variants"][:-1])
+
+    dist = data["distribution"]
+    assert dist["samples"] == 2 and isinstance(dist["real_vs_real_fd"], float)
+    assert [(c["kind"], c["steps"]) for c in dist["configs"]] == [("dense", 1), ("ras", 2)]
+    for c in dist["configs"]:
+        assert {"fd", "class_acc", "compute", "ms_per_image"} <= set(c)
+
+    md = (out / "quality.md").read_text()
+    assert "Equal compute" in md and "Ablations at 2 steps" in md and "not supported" in md
+    assert (out / "samples.png").is_file()
+    assert (out / "pareto.png").is_file() == (data["files"]["plot"] == "pareto.png")
+
+    # Re-render from the JSON and splice into a doc between the marker lines.
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "doc.md"
+    doc.write_text(f"# Doc\n\nbefore\n\n{q.BEGIN_MARK}\nold\n{q.END_MARK}\n\nafter\n")
+    q.main(["--from-json", str(out / "quality.json"), "--doc", str(doc)])
+    text = doc.read_text()
+    assert "old" not in text and "before" in text and "after" in text and "Equal compute" in text
+    assert (tmp_path / "docs" / "quality" / "quality.json").is_file()
+    assert "quality/samples.png" in text and (tmp_path / "docs" / "quality" / "samples.png").is_file()
