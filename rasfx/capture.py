@@ -201,6 +201,25 @@ def _resized(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
     return torch.zeros(shape, dtype=t.dtype, device=t.device)
 
 
+def _resize_token_tables(kwargs: dict, new: dict, image_key: str, counts) -> dict:
+    """Copy of ``new`` where tensors (also inside tuples/lists, e.g. RoPE (cos, sin)) whose
+    non-feature dims equal a token count ``n1`` get ``n2`` there."""
+
+    def resize(t):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            return t
+        sizes = {d: n2 for n1, n2 in counts for d, s in enumerate(t.shape[:-1]) if s == n1 and n1 > 1}
+        return _resized(t, sizes) if sizes else t
+
+    out = dict(new)
+    for key, value in kwargs.items():
+        if key != image_key:
+            resized = pytree.tree_map(resize, value)
+            if any(a is not b for a, b in zip(pytree.tree_leaves(resized), pytree.tree_leaves(value))):
+                out[key] = resized
+    return out
+
+
 def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
     """Candidate inputs at another resolution, each with a description
     {"mode": "grid"|"packed", sizes before/after}. Tried in order until one captures."""
@@ -220,22 +239,15 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             # Inputs that carry a per-token table (e.g. RoPE cos/sin passed in by the pipeline)
             # must follow the resolution: a second candidate resizes non-feature dims that
             # equal the token count of a usual patch size.
-            resized = dict(new)
-            for key, value in kwargs.items():
-                if key == image_key or not isinstance(value, torch.Tensor) or value.dim() < 2:
+            counts = []
+            for p in (1, 2, 4, 8):
+                if h % p or w % p or h2 % p or w2 % p:
                     continue
-                sizes = {}
-                for p in (1, 2, 4, 8):
-                    if h % p or w % p or h2 % p or w2 % p:
-                        continue
-                    n1, n2 = (h // p) * (w // p), (h2 // p) * (w2 // p)
-                    if x.dim() == 5:
-                        n1, n2 = n1 * x.shape[2], n2 * x.shape[2]
-                    for d, s in enumerate(value.shape[:-1]):
-                        if s == n1 and n1 > 1:
-                            sizes[d] = n2
-                if sizes:
-                    resized[key] = _resized(value, sizes)
+                n1, n2 = (h // p) * (w // p), (h2 // p) * (w2 // p)
+                if x.dim() == 5:
+                    n1, n2 = n1 * x.shape[2], n2 * x.shape[2]
+                counts.append((n1, n2))
+            resized = _resize_token_tables(kwargs, new, image_key, counts)
             if any(resized[k] is not new[k] for k in new):
                 variants.append((resized, dict(desc, resized=True)))
     elif x.dim() == 3:
@@ -248,13 +260,7 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             desc = {"mode": "packed", "n": n, "n2": n2}
             # Per-token inputs (position ids) follow the sequence length; feature dims (last)
             # never do. If a conditioning length equals N by chance, the plain variant helps.
-            resized = dict(new)
-            for key, value in kwargs.items():
-                if key == image_key or not isinstance(value, torch.Tensor) or value.dim() < 2:
-                    continue
-                sizes = {d: n2 for d, s in enumerate(value.shape[:-1]) if s == n}
-                if sizes:
-                    resized[key] = _resized(value, sizes)
+            resized = _resize_token_tables(kwargs, new, image_key, [(n, n2)])
             variants.append((resized, dict(desc, resized=True)))
             if any(resized[k] is not new[k] for k in new):
                 variants.append((new, desc))
