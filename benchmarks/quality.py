@@ -77,7 +77,7 @@ ABLATIONS: list[tuple[str, str, dict, str]] = [
     ("random", "metric random", {"metric": "random"}, "uniformly random ranking each step"),
     ("no-reset", "no error reset", {"reset_steps": ()}, "no dense steps after the warm-up"),
     ("no-starvation", "no starvation prevention", {"starvation_scale": 0.0}, "k=0: rank by the metric alone"),
-    ("inverted", "inverted (high std computed)", {"high_ratio": 0.0}, "computes the background instead of the subject"),
+    ("inverted", "inverted (high std computed)", {"high_ratio": 0.0}, "high-std tokens computed instead of low-std ones"),
 ]
 KV_ABLATION = ("no K/V cache (attention over active tokens only)",
                "rasfx.transform always attends over the full cached keys/values; it has no switch to drop them")
@@ -377,11 +377,11 @@ def run_benchmark(args, pipe=None, transform=None) -> dict:
     fidelity: list[dict] = []
     done: dict[tuple, dict] = {}
 
-    def fid_run(kind: str, steps: int, ratio: Optional[float], cfg) -> Optional[dict]:
+    def fid_run(kind: str, steps: int, ratio: Optional[float], cfg, tag: str = "") -> Optional[dict]:
         key = (steps, _cfg_key(cfg))
         if key in done:
             return done[key]
-        label = f"dense {steps}" if cfg is None else f"RAS {ratio:g}@{steps}"
+        label = (f"dense {steps}" if cfg is None else f"RAS {ratio:g}@{steps}") + (f" {tag}" if tag else "")
         if not bench.fits(f"fidelity run {label}", bench.estimate(steps, cfg, len(lab_b))):
             return None
         images, seconds, st = bench.run(lab_b, lat_b, steps, cfg)
@@ -393,7 +393,7 @@ def run_benchmark(args, pipe=None, transform=None) -> dict:
         rec["background_steps"] = None if where is None else where["background"]
         strips[label] = images[:keep].cpu()
         done[key] = rec
-        print(f"  {label:14s} compute {rec['compute']:6.2f}  {rec['ms_per_image']:7.3f} ms/img  PSNR {rec['psnr']:6.2f}  "
+        print(f"  {label:24s} compute {rec['compute']:6.2f}  {rec['ms_per_image']:7.3f} ms/img  PSNR {rec['psnr']:6.2f}  "
               f"SSIM {rec['ssim']:.4f}  acc {rec['class_acc']:.3f}", flush=True)
         return rec
 
@@ -423,7 +423,7 @@ def run_benchmark(args, pipe=None, transform=None) -> dict:
             if key not in args.ablation_variants.split(","):
                 continue
             cfg = RASConfig(ratio=ratio, **over)
-            r = fid_run("ras", s, ratio, cfg)
+            r = fid_run("ras", s, ratio, cfg, "" if key == "default" else key)
             if r is None:
                 variants.append(dict(key=key, name=vname, overrides=over, what=what, supported=True, skipped=True))
                 continue
