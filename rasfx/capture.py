@@ -240,13 +240,13 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             # must follow the resolution: a second candidate resizes non-feature dims that
             # equal the token count of a usual patch size.
             counts = []
+            # video latents are [B, C, F, H, W] or [B, F, C, H, W]: either dim may be the frames
+            frames = {1} if x.dim() == 4 else {x.shape[1], x.shape[2]}
             for p in (1, 2, 4, 8):
                 if h % p or w % p or h2 % p or w2 % p:
                     continue
-                n1, n2 = (h // p) * (w // p), (h2 // p) * (w2 // p)
-                if x.dim() == 5:
-                    n1, n2 = n1 * x.shape[2], n2 * x.shape[2]
-                counts.append((n1, n2))
+                for f in frames:
+                    counts.append((f * (h // p) * (w // p), f * (h2 // p) * (w2 // p)))
             resized = _resize_token_tables(kwargs, new, image_key, counts)
             if any(resized[k] is not new[k] for k in new):
                 variants.append((resized, dict(desc, resized=True)))
