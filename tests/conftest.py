@@ -1,11 +1,11 @@
 import os
 import sys
 
+# Two torch threads spin-waiting for each other waste CPU on a 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Triton kernels run through Triton's CPU interpreter where there is no GPU. The mode is
 # read when Triton's JIT objects are created, so it must be set before anything (torch.compile
 # included) imports triton.
-# Two torch threads spin-waiting for each other waste CPU on a 2-core machine.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
