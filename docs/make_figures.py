@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""Make the figures of docs/how-ras-works.md (and the quickstart) with rasfx itself.
+
+    python docs/make_figures.py                # CPU: ~10-40 min on 2 busy cores; a GPU: ~1 min
+    python docs/make_figures.py --steps 10     # a quicker, coarser set (not the committed one)
+
+Everything comes from the shipped model ``models/shapes-dit`` (a 10.4 M-parameter pixel-space
+SD3 transformer, 64x64 RGB, 2x2 patches -> 1024 image tokens) sampled with its diffusers-style
+``ShapesPipeline`` (``examples/shapes_pipeline.py``), densely and with ``rasfx.enable``:
+
+* ``img/dense_vs_ras.png``   dense | RAS 0.5 | RAS 0.25 | |RAS 0.25 - dense| x4, one class per row;
+* ``img/computed_steps.png`` image | computed steps per token | noise std per token (the paper's
+                             Figures 10 and 11, drawn by ``rasfx.heatmap_image``);
+* ``img/focus_steps.png``    one image through the run: the sample x_t, the per-token std of the
+                             noise prediction at that step, and the tokens chosen for the next step;
+* ``img/schedule.png``       active image tokens per step of a 28-step run (``rasfx.sampler.build_plan``);
+* ``img/figures.json``       the numbers quoted in the text (PSNR, FLOPs share, streaks).
+
+The PNGs are small (tens of KiB) and committed; the docs test only checks that they exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (ROOT, os.path.join(ROOT, "examples")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import rasfx  # noqa: E402
+from rasfx.sampler import PixelLayout, build_plan, token_scores  # noqa: E402
+
+TILE = 144  # pixels per 64x64 image in the figures
+
+
+def _font(size: int = 13):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def to_pil(img: torch.Tensor, size: int = TILE):
+    """(3, H, W) in [0, 1] -> PIL image of size x size (nearest)."""
+    from PIL import Image
+
+    arr = (img.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr).resize((size, size), Image.NEAREST)
+
+
+def mask_pil(mask: torch.Tensor, size: int = TILE):
+    """(h, w) bool token grid -> PIL image: computed tokens white, reused tokens dark grey."""
+    from PIL import Image
+
+    arr = torch.where(mask, 235, 55).to(torch.uint8).numpy()
+    return Image.fromarray(arr, mode="L").convert("RGB").resize((size, size), Image.NEAREST)
+
+
+def grid_image(rows, col_titles, row_titles, path, tile: int = TILE, left: int = 74):
+    """Tiles in a table with column and row captions; ``None`` tiles stay blank."""
+    from PIL import Image, ImageDraw
+
+    font = _font(13)
+    pad, top = 6, 34
+    w = left + len(col_titles) * (tile + pad) + pad
+    h = top + len(rows) * (tile + pad) + pad
+    canvas = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(col_titles):
+        draw.multiline_text((left + pad + j * (tile + pad), 3), title, fill=(0, 0, 0), font=font, spacing=2)
+    for i, row in enumerate(rows):
+        y = top + pad + i * (tile + pad)
+        draw.multiline_text((6, y + tile // 2 - 14), row_titles[i], fill=(0, 0, 0), font=font, spacing=2)
+        for j, im in enumerate(row):
+            if im is not None:
+                canvas.paste(im.resize((tile, tile)), (left + pad + j * (tile + pad), y))
+    save_png(canvas, path)
+    return path
+
+
+def save_png(img, path: str) -> None:
+    """A 256-colour PNG: the figures stay small enough to commit (noise does not compress)."""
+    from PIL import Image
+
+    img.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+        path, optimize=True)
+
+
+def schedule_image(path: str, steps: int = 28, num_tokens: int = 1024) -> dict:
+    """Bar chart of the active token count per step for ratios 0.5 and 0.25 (static schedule)."""
+    from PIL import Image, ImageDraw
+
+    plans = {r: build_plan(rasfx.RASConfig(ratio=r), steps, num_tokens) for r in (0.5, 0.25)}
+    font = _font(12)
+    bar, gap, height, left, top, bottom = 14, 3, 120, 46, 24, 34
+    panel_w = left + steps * (bar + gap) + 10
+    img = Image.new("RGB", (panel_w * len(plans), top + height + bottom), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for k, (r, plan) in enumerate(plans.items()):
+        x0 = k * panel_w
+        draw.text((x0 + left, 4), f"ratio {r:g}: {plan.token_fraction:.0%} of the dense token evaluations",
+                  fill=(0, 0, 0), font=font)
+        draw.line((x0 + left - 4, top, x0 + left - 4, top + height), fill=(0, 0, 0))
+        draw.text((x0 + 4, top - 6), str(num_tokens), fill=(0, 0, 0), font=font)
+        draw.text((x0 + 22, top + height - 8), "0", fill=(0, 0, 0), font=font)
+        for i, n in enumerate(plan.active):
+            h = round(height * n / num_tokens)
+            xa = x0 + left + i * (bar + gap)
+            color = (70, 70, 70) if plan.is_dense(i) else (38, 130, 142)
+            draw.rectangle((xa, top + height - h, xa + bar, top + height), fill=color)
+            if i % 4 == 0 or i == steps - 1:
+                draw.text((xa, top + height + 4), str(i), fill=(0, 0, 0), font=font)
+        draw.text((x0 + left, top + height + 18), "step (grey: dense, teal: RAS)", fill=(0, 0, 0), font=font)
+    save_png(img, path)
+    return {f"{r:g}": dict(active=list(p.active), dense=[i for i in range(steps) if p.is_dense(i)],
+                           token_fraction=p.token_fraction) for r, p in plans.items()}
+
+
+class RecordingRAS(rasfx.RASModule):
+    """A ``RASModule`` that keeps every active set it is given and every output it returns
+    (a ``transform=`` for ``rasfx.enable``; for figures only)."""
+
+    def __init__(self, model):
+        super().__init__(model, rasfx.TransformConfig())
+        self.active_log: list = []
+        self.outputs: list = []
+
+    def set_active(self, index, check: bool = True) -> None:
+        self.active_log.append(None if index is None else index.detach().cpu().clone())
+        super().set_active(index, check)
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        self.outputs.append(out[0].detach().float().cpu())
+        return out
+
+
+def main(argv=None) -> None:
+    from demo import initial_noise, psnr  # examples/demo.py
+    from shapes_pipeline import ShapesPipeline
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--classes", default="star,heart,crescent")
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--out", default=os.path.join(HERE, "img"))
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    t0 = time.perf_counter()
+
+    numbers: dict = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed, "device": str(device)}
+    numbers["schedule"] = schedule_image(os.path.join(args.out, "schedule.png"), args.steps)
+
+    pipe = ShapesPipeline.from_pretrained(os.path.join(ROOT, "models", "shapes-dit")).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    names = [c.strip() for c in args.classes.split(",")]
+    labels = pipe.labels_to_tensor(names)
+    cfg = pipe.transformer.config
+    latents = initial_noise([args.seed + i for i in range(len(names))],
+                            (cfg.in_channels, cfg.sample_size, cfg.sample_size)).to(device)
+
+    def run(ras_config=None, transform=None, callback=None):
+        kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, latents=latents,
+                  callback_on_step_end=callback)
+        if ras_config is None:
+            return pipe(labels, **kw).images.float().cpu(), None
+        with rasfx.enabled(pipe, ras_config, transform=transform):
+            images = pipe(labels, **kw).images.float().cpu()
+        return images, rasfx.stats(pipe)
+
+    print(f"dense run, {args.steps} steps ...", flush=True)
+    dense, _ = run()
+    results = {}
+    recorder = {}
+    for ratio in (0.5, 0.25):
+        print(f"RAS {ratio} ...", flush=True)
+        samples: list = []
+        transform = None
+        if ratio == 0.25:  # record the run that the step-by-step figure shows
+            def transform(model):
+                recorder["ras"] = RecordingRAS(model)
+                return recorder["ras"]
+
+        def keep(pipe_, i, t, kw, samples=samples):
+            samples.append(kw["latents"].detach().float().cpu())
+            return {}
+
+        images, st = run(rasfx.RASConfig(ratio=ratio), transform, keep)
+        results[ratio] = (images, st, samples)
+        numbers[f"ras_{ratio:g}"] = dict(
+            psnr_vs_dense=[round(float(v), 2) for v in psnr(images, dense)],
+            flops_fraction=round(st.flops_fraction, 4), ras_ratio=round(st.ras_ratio, 4),
+            dense_steps=st.dense_steps, longest_inactive_streak=st.longest_inactive_streak,
+            computed_min_max=[int(st.computed_steps.min()), int(st.computed_steps.max())],
+        )
+
+    # 1. dense vs RAS
+    img25, st25, samples25 = results[0.25]
+    rows = [[to_pil(dense[i]), to_pil(results[0.5][0][i]), to_pil(img25[i]),
+             to_pil(((img25[i] - dense[i]).abs() * 4).clamp(0, 1))] for i in range(len(names))]
+    grid_image(rows, ["dense", "RAS 0.5", "RAS 0.25", "|RAS 0.25 - dense|\nx 4"], names,
+               os.path.join(args.out, "dense_vs_ras.png"))
+
+    # 2. computed steps and noise std per token (Figures 10 and 11)
+    rows = [[to_pil(img25[i]), rasfx.heatmap_image(st25, "computed", row=i, size=(TILE, TILE)),
+             rasfx.heatmap_image(st25, "std", row=i, size=(TILE, TILE))] for i in range(len(names))]
+    grid_image(rows, ["RAS 0.25", "computed steps\n(yellow: most)", "noise std, last step\n(dark: low)"],
+               names, os.path.join(args.out, "computed_steps.png"))
+
+    # 3. one image through the run: x_t, noise std per token at step t, tokens computed at t + 1
+    ras = recorder["ras"]
+    assert len(ras.outputs) == args.steps, "every step of the recorded run went through the RASModule"
+    n_tok = ras.num_image_tokens
+    token_grid = ras.token_map()[0, 0].cpu()  # [H, W] token of every pixel
+    layout = PixelLayout.channels_first(token_grid, n_tok, cfg.in_channels)
+    side = int(round(n_tok ** 0.5))
+    shown = [s for s in (3, 7, 11, 16, 21, 26) if s + 1 < args.steps]
+    g = args.guidance
+    cols, titles = [], []
+    for s in shown:
+        out = ras.outputs[s]  # [2B, C, H, W]: uncond rows, then cond rows
+        u, c = out.chunk(2)
+        noise = u + g * (c - u)  # what the scheduler integrates
+        std = token_scores(noise[:1], layout, "std")[0]  # [N] for image 0
+        nxt = ras.active_log[s + 1]
+        mask = torch.zeros(n_tok, dtype=torch.bool)
+        if nxt is None:
+            mask[:] = True
+        else:
+            mask[(nxt[0] if nxt.dim() == 2 else nxt).long()] = True
+        x_t = (samples25[s][0] / 2 + 0.5).clamp(0, 1)
+        one = rasfx.RunStats(config=None, num_steps=args.steps, num_tokens=n_tok, noise_std=std[None],
+                             token_grid=token_grid)  # a one-step view, drawn like rasfx.stats heatmaps
+        cols.append([to_pil(x_t), rasfx.heatmap_image(one, "std", size=(TILE, TILE)),
+                     mask_pil(mask.view(side, side))])
+        titles.append(f"step {s}" + (" -> dense" if nxt is None else ""))
+    rows = [list(r) for r in zip(*cols)]
+    grid_image(rows, titles, ["sample\nafter t", "noise std\nat step t", "computed\nat t+1"],
+               os.path.join(args.out, "focus_steps.png"), tile=128, left=84)
+    numbers["focus_steps"] = dict(image=names[0], steps=shown)
+
+    numbers["seconds"] = round(time.perf_counter() - t0, 1)
+    with open(os.path.join(args.out, "figures.json"), "w") as f:
+        json.dump(numbers, f, indent=1)
+    print(json.dumps(numbers, indent=1))
+
+
+if __name__ == "__main__":
+    main()
