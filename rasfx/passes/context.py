@@ -75,12 +75,12 @@ class RewriteContext:
         node.meta["rasfx_cache"] = self.caches[-1]
         return node
 
-    def _insert_top(self, target, args) -> fx.Node:
+    def _insert_top(self, target, args, by: str = "rewrite_context") -> fx.Node:
         # Index arithmetic lives right after the graph inputs, computed once per forward.
         anchor = self._top_anchor()
         with self.gm.graph.inserting_after(anchor):
             node = self.gm.graph.call_function(target, args)
-        node.meta["rasfx_created_by"] = "rewrite_context"
+        node.meta["rasfx_created_by"] = by
         self._top = node
         return node
 
@@ -108,14 +108,14 @@ class RewriteContext:
     def active_size(self, a: int, b: int) -> fx.Node:
         """A graph value for ``a * n + b`` (n = active count, read from the index shape)."""
         if self._count is None:
-            self._count = self._insert_top(ops.active_count, (self.index,))
+            self._count = self._insert_top(ops.active_count, (self.index,), "resize_token_shapes")
         key = (a, b)
         if key not in self._sizes:
             node = self._count
             if a != 1:
-                node = self._insert_top(operator.mul, (node, a))
+                node = self._insert_top(operator.mul, (node, a), "resize_token_shapes")
             if b != 0:
-                node = self._insert_top(operator.add, (node, b))
+                node = self._insert_top(operator.add, (node, b), "resize_token_shapes")
             self._sizes[key] = node
         return self._sizes[key]
 
