@@ -355,6 +355,8 @@ def _members(page: _Page, qual: str, cls, level: int) -> None:
     page.add("**Members**", "")
     short = qual.split(".")[-1]
     for name, value in members:
+        if page.lines[-1].strip():
+            page.add("")  # a blank line between items: multi-paragraph items stay in the list
         key = f"{short}.{name}"
         if isinstance(value, property):
             page.add(f"- **`{name}`** (property): " + _doc_or_note(page, key, value).replace("\n", "\n  "))
@@ -528,10 +530,12 @@ def _options_table(parser: argparse.ArgumentParser) -> list[str]:
             value = f"`{' '.join(meta) if isinstance(meta, tuple) else meta}`"
             if isinstance(action.type, type):
                 value += f" ({action.type.__name__})"
-        default = "" if action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0 and action.default \
-            is True and not action.option_strings else f"`{action.default}`"
-        if isinstance(action, argparse._VersionAction):
-            default = ""
+        if isinstance(action, argparse.BooleanOptionalAction):
+            default = "" if action.default is None else f"`{action.option_strings[0 if action.default else 1]}`"
+        elif action.nargs == 0 or action.default is None or action.default is argparse.SUPPRESS:
+            default = ""  # flags: off unless given
+        else:
+            default = f"`{action.default}`"
         helptext = (action.help or "").replace("|", "\\|").replace("%%", "%")
         rows.append(f"| {name} | {value} | {default} | {helptext} |")
     return rows

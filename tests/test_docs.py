@@ -223,12 +223,21 @@ def _sandbox(tmp: Path):
         if not link.exists():
             link.symlink_to(ROOT / name, target_is_directory=True)
     old_cwd, old_path = os.getcwd(), list(sys.path)
+
+    def forget_relative_finders():
+        # importlib caches a finder per sys.path entry, made absolute against the cwd of the
+        # time: a relative "examples" must be looked up again in each sandbox
+        for key in [k for k in sys.path_importer_cache if isinstance(k, str) and not os.path.isabs(k)]:
+            del sys.path_importer_cache[key]
+
+    forget_relative_finders()
     os.chdir(tmp)
     try:
         yield
     finally:
         os.chdir(old_cwd)
         sys.path[:] = old_path
+        forget_relative_finders()
 
 
 class _Tee(io.TextIOBase):
@@ -272,6 +281,8 @@ def run_page(path: Path, tmp: Path, echo: bool = False, run_slow: bool = RUN_SLO
         if run_slow:
             for b in blocks:
                 if b.marker == "slow":
+                    if echo:
+                        print(f"\n>>> {b.where} (slow)", file=sys.__stdout__)
                     exec(compile(b.code, b.where, "exec"), ns)
     return blocks
 
@@ -389,6 +400,6 @@ if __name__ == "__main__":  # python tests/test_docs.py docs/PAGE.md [--slow] [-
 
     for arg in [a for a in sys.argv[1:] if not a.startswith("--")]:
         with tempfile.TemporaryDirectory() as d:
-            run_page(Path(arg).resolve(), Path(d), echo=True, run_slow="--slow" in sys.argv,
+            run_page(Path(arg).resolve(), Path(d), echo=True, run_slow=RUN_SLOW or "--slow" in sys.argv,
                      check="--no-check" not in sys.argv)
     print("\nok")
