@@ -204,7 +204,8 @@ class StepPlan:
 def build_plan(config: RASConfig, num_steps: int, num_tokens: int) -> StepPlan:
     """The per-step plan of a run of ``num_steps`` steps over ``num_tokens`` image tokens."""
     kinds = step_kinds(config, num_steps)
-    ras_idx = [i for i, r in enumerate(kinds) if r]
+    # ratio 1.0 is dense everywhere, whatever the bucket rounding would give
+    ras_idx = [i for i, r in enumerate(kinds) if r] if config.ratio < 1.0 else []
     budgets = ras_budgets(config, len(ras_idx), num_tokens)
     active = [num_tokens] * num_steps
     for i, n in zip(ras_idx, budgets):
