@@ -9,6 +9,7 @@ the graph takes them as inputs and every call reads the live tensors of the mode
 from __future__ import annotations
 
 import contextlib
+import threading
 import inspect
 import logging
 import warnings
@@ -78,21 +79,50 @@ def describe_signature(sig: tuple) -> str:
     return ", ".join(parts)
 
 
+# torch.export keeps tracing state in process-wide globals (the proxy dispatch mode, the
+# "is exporting" flag): two exports at once, even of different models, corrupt each other.
+# Every capture of every RASModule takes this lock.
+EXPORT_LOCK = threading.RLock()
+
+_DATA_DEPENDENT = ("data-dependent", "GuardOnDataDependentSymNode", "item()", "tolist", "nonzero", "Could not guard")
+
+
 def export(model: torch.nn.Module, kwargs: dict) -> ExportedProgram:
     """Non-strict ``torch.export`` of ``model(**kwargs)``; clear error when it fails."""
     wrapper = _KwargsModule(model)
-    with warnings.catch_warnings(), torch.no_grad(), _quiet_logs():
+    with EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad(), _quiet_logs(), _restore_export_flag():
         warnings.simplefilter("ignore")
         try:
             return torch.export.export(wrapper, (), kwargs, strict=False)
         except Exception as e:  # export raises many types; all mean "cannot capture"
-            msg = str(e).strip().splitlines()
-            first = msg[0] if msg else type(e).__name__
-            raise CaptureError(
-                f"torch.export could not capture {type(model).__name__}.forward: {type(e).__name__}: {first}. "
-                "rasfx needs a forward without data-dependent Python control flow "
-                "(e.g. .item()/.tolist() on tensors); see docs/limitations.md."
-            ) from e
+            raise CaptureError(_export_failure(model, e)) from e
+
+
+def _export_failure(model: torch.nn.Module, e: Exception) -> str:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    where = f"torch.export could not capture {type(model).__name__}.forward: {type(e).__name__}: {first}. "
+    if any(k in text for k in _DATA_DEPENDENT):
+        return where + (
+            "rasfx needs a forward without data-dependent Python control flow (e.g. .item()/.tolist() on "
+            "tensors); see docs/limitations.md."
+        )
+    return where + (
+        "rasfx captures the forward with torch.export (non-strict); run torch.export.export on the model "
+        "with the same inputs to see the full error, and see docs/limitations.md."
+    )
+
+
+@contextlib.contextmanager
+def _restore_export_flag():
+    # A failed export can leave torch.compiler's "is exporting" flag set, after which every
+    # torch.compile in the process is silently skipped.
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    try:
+        yield
+    finally:
+        if flag is not None:
+            torch.compiler._is_exporting_flag = flag
 
 
 @dataclass

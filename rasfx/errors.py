@@ -18,9 +18,18 @@ class CaptureError(UnsupportedModelError):
     """The model's forward could not be captured as a graph."""
 
 
+class TooFewTokensError(UnsupportedModelError):
+    """The image has a single token at this resolution: there is nothing to skip, so the
+    transformed module runs this input signature dense (with a ``RASWarning``)."""
+
+
 class InvalidIndexError(RasfxError, ValueError):
     """An active-token index set is malformed (dtype, shape, range, duplicates, device)."""
 
 
 class ConfigError(RasfxError, ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+class RASWarning(UserWarning):
+    """RAS could not run as configured (the run, or one input signature, falls back to dense)."""

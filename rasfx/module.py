@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .capture import bind_inputs, input_signature
-from .errors import InvalidIndexError
+from .errors import InvalidIndexError, RASWarning, TooFewTokensError
 from .graph_build import CompiledCapture, compile_capture
 from .runtime import GraphRunner
 
@@ -55,6 +55,8 @@ class RASModule(torch.nn.Module):
         self._slot_name = "default"
         self._lock = threading.RLock()
         self._resolvers: dict = {}
+        self._dense_only: dict[Any, str] = {}  # signature -> why it runs the plain model
+        self._structure = _Structure()
         self.runner = GraphRunner(config.mode)
 
     # ------------------------------------------------------------------ state dict: the model's
@@ -81,13 +83,25 @@ class RASModule(torch.nn.Module):
         finally:
             self._slot_name = previous
 
-    def reset(self) -> None:
-        """Drop every cache, active set and captured CUDA graph; the next forward is dense."""
+    def reset(self, captures: bool = False) -> None:
+        """Drop every cache, active set and captured CUDA graph; the next forward is dense.
+
+        ``captures=True`` also drops the captured graphs: the next forward captures the model
+        again (needed only after a change rasfx cannot see, e.g. a plain attribute that the
+        forward reads; submodule and attention-processor swaps are detected).
+        """
         self._slots.clear()
         self.runner.clear()
+        if captures:
+            with self._lock:
+                self._captures.clear()
+                self._resolvers.clear()
+                self._dense_only.clear()
 
     @property
     def num_image_tokens(self) -> Optional[int]:
+        if self._slot.signature in self._dense_only:
+            return 1
         cc = self._current_capture()
         return cc.num_tokens if cc is not None else None
 
@@ -113,6 +127,9 @@ class RASModule(torch.nn.Module):
             return
         index = self._validate_index(index, check)
         slot = self._slot
+        cc = self._captures.get(slot.signature)
+        if cc is not None and index.dim() == 2 and index.shape[0] != cc.batch:
+            raise InvalidIndexError(f"per-row active index has {index.shape[0]} rows but the batch has {cc.batch}")
         slot.index = index
         # check=False: trusted by the caller (e.g. the sampler's top-k), never read back
         slot.index_checked = (not check) or self.num_image_tokens is not None
@@ -122,8 +139,21 @@ class RASModule(torch.nn.Module):
         kwargs = bind_inputs(self.model, args, kwargs)
         sig = input_signature(self.model, kwargs)
         with self._lock:
+            if self._structure.changed(self.model) and (self._captures or self._dense_only):
+                warnings.warn(
+                    f"rasfx: {type(self.model).__name__} changed since it was captured (a submodule or an "
+                    "attention processor was replaced); capturing it again, this forward runs dense",
+                    RASWarning,
+                    stacklevel=2,
+                )
+                self.reset(captures=True)
             cc = self._get_capture(sig, kwargs)
         slot = self._slot
+        if cc is None:  # this signature runs the plain model (see _get_capture)
+            slot.signature, slot.caches, slot.index = sig, None, None
+            slot.last_dense = True
+            slot.forwards += 1
+            return self.model(**kwargs)
         leaves = pytree.tree_leaves(kwargs)
         flat = self._resolver(cc)(leaves)
         if slot.signature != sig:
@@ -171,6 +201,8 @@ class RASModule(torch.nn.Module):
     def token_map(self) -> torch.Tensor:
         """For the last captured signature: a LongTensor shaped like the model's (first)
         output, each element the image token that produced it (-1: none)."""
+        if self._slot.signature in self._dense_only:
+            raise RuntimeError(self._dense_only[self._slot.signature])
         cc = self._current_capture()
         if cc is None:
             raise RuntimeError("token_map() needs one forward first (the map is derived from the captured graph)")
@@ -179,11 +211,19 @@ class RASModule(torch.nn.Module):
         return cc.timings["token_map"]
 
     # ------------------------------------------------------------------ internals
-    def _get_capture(self, sig, kwargs) -> CompiledCapture:
+    def _get_capture(self, sig, kwargs) -> Optional[CompiledCapture]:
+        """The capture of ``sig``, made on first use; None for a signature that runs dense."""
+        if sig in self._dense_only:
+            return None
         cc = self._captures.get(sig)
         if cc is None:
             log.info("rasfx: capturing %s for a new input signature", type(self.model).__name__)
-            cc = compile_capture(self.model, kwargs, self.config.image_input, sig, self.config.kv_cache)
+            try:
+                cc = compile_capture(self.model, kwargs, self.config.image_input, sig, self.config.kv_cache)
+            except TooFewTokensError as e:
+                self._dense_only[sig] = str(e)
+                warnings.warn(f"rasfx: {e}; this input signature runs dense", RASWarning, stacklevel=3)
+                return None
             self._captures[sig] = cc
             while len(self._captures) > self.config.max_captures:
                 old, _ = self._captures.popitem(last=False)
@@ -242,6 +282,59 @@ class RASModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"captures={len(self._captures)}, slots={list(self._slots)}"
+
+
+# Bumped whenever any nn.Module in the process registers a submodule (setattr, add_module,
+# peft/LoRA layer swaps): lets every RASModule skip its structure walk while nothing changed.
+_MODULE_REGISTRATIONS = [0]
+
+
+def _count_registration(module, name, submodule):
+    _MODULE_REGISTRATIONS[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+class _Structure:
+    """What a capture bakes in beyond the weights: the module tree (a replaced submodule,
+    e.g. a LoRA layer, brings its own forward and parameters) and the attention processors
+    (plain attributes, so they are compared on every forward; a few dozen identity tests).
+    Holds the objects themselves, so an id cannot be reused while they are compared."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.modules: list = []
+        self.processors: list = []
+
+    def changed(self, model: torch.nn.Module) -> bool:
+        """Whether the structure differs from the last call's (the first call records it)."""
+        if self.version == _MODULE_REGISTRATIONS[0] and all(
+            m.__dict__.get("processor") is p for m, p in self.processors
+        ):
+            return False
+        first = self.version < 0
+        modules, processors = _walk(model)
+        changed = not first and (
+            len(modules) != len(self.modules)
+            or any(a is not b for a, b in zip(modules, self.modules))
+            or len(processors) != len(self.processors)
+            or any(a[1] is not b[1] for a, b in zip(processors, self.processors))
+        )
+        self.version, self.modules, self.processors = _MODULE_REGISTRATIONS[0], modules, processors
+        return changed
+
+
+def _walk(model: torch.nn.Module) -> tuple[list, list]:
+    modules, processors, stack = [], [], [model]
+    while stack:
+        m = stack.pop()
+        modules.append(m)
+        p = m.__dict__.get("processor")
+        if p is not None:
+            processors.append((m, p))
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return modules, processors
 
 
 def _check_values(index: torch.Tensor, n_img: Optional[int]) -> None:

@@ -87,14 +87,30 @@ def ras_attention(
     else:
         keys, values = k_cache, v_cache
     kwargs = {"enable_gqa": True} if enable_gqa else {}
-    return F.scaled_dot_product_attention(
+    out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
     )
+    return _canonical_layout(out)
+
+
+def _canonical_layout(out: Tensor) -> Tensor:
+    # SDPA's output strides depend on the backend and on q's strides, but the fake kernel
+    # must promise one layout (inductor asserts it). [B, H, L, D] outputs get the layout of
+    # a [B, L, H, D] tensor seen through transpose(1, 2): what the flash / efficient / cuDNN
+    # backends produce anyway (no copy there), and what the model's following
+    # transpose(1, 2).reshape(B, L, H * D) reads without a copy.
+    if out.dim() == 4:
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+    return out.contiguous()
 
 
 @ras_attention.register_fake
 def _(q, k, v, k_cache, v_cache, index, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    shape = (*q.shape[:-1], v.shape[-1])
+    if q.dim() == 4:
+        b, h, lq, d = shape
+        return q.new_empty((b, lq, h, d)).transpose(1, 2)
+    return q.new_empty(shape)
 
 
 def gather_tokens(x: Tensor, index: Tensor, dim: int, rank: int) -> Tensor:

@@ -58,7 +58,9 @@ where they are; move the transformer to its device instead) and ``torch.compile`
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import inspect
 import math
 import time
 import warnings
@@ -68,6 +70,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .config import RASConfig
+from .errors import RASWarning
 from .sampler import (
     PixelLayout,
     RegionSampler,
@@ -84,10 +87,6 @@ _MODEL_ATTRS = ("transformer", "transformer_2")
 _MISSING = object()
 _STATES: "weakref.WeakKeyDictionary[Any, _PipelineState]" = weakref.WeakKeyDictionary()
 _LAST_STATS: "weakref.WeakKeyDictionary[Any, RunStats]" = weakref.WeakKeyDictionary()
-
-
-class RASWarning(UserWarning):
-    """RAS could not run as configured (the run falls back to dense steps)."""
 
 
 class _LayoutError(RuntimeError):
@@ -597,7 +596,7 @@ def enable(
         if state.original_set_timesteps is not None:
             patches.append(_Patch(scheduler, "set_timesteps", _set_timesteps_wrapper(state)))
         if state.original_unpack is not None:
-            patches.append(_Patch(pipe, "_unpack_latents", _unpack_wrapper(state)))
+            patches.append(_Patch(pipe, "_unpack_latents", _unpack_wrapper(state, pipe)))
     except Exception:
         for p in reversed(patches):
             p.restore()
@@ -659,15 +658,42 @@ def stats(pipe: Any) -> RunStats:
 # Wrappers
 
 
-def _forward_wrapper(state: _PipelineState, hook: _ModelHook) -> Callable:
-    original = hook.original_forward
+class _Wrapper:
+    """A patched method: calls ``fn``, looks like ``original`` (name, signature, docs).
 
-    @functools.wraps(original)
+    ``copy.deepcopy`` of the patched object (e.g. ``copy.deepcopy(pipe.transformer)``) must
+    not carry the patch along: the copy would run the *original* object's RAS state and
+    weights. The copy gets back what the attribute was before the patch.
+    """
+
+    __rasfx_wrapper__ = True
+
+    def __init__(self, fn: Callable, original: Callable, owner: Any, name: str) -> None:
+        functools.update_wrapper(self, original)
+        self._fn = fn
+        self._owner = weakref.ref(owner)
+        self._name = name
+        self._previous = owner.__dict__.get(name, _MISSING)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        if self._previous is not _MISSING:
+            return copy.deepcopy(self._previous, memo)
+        owner = self._owner()
+        twin = memo.get(id(owner)) if owner is not None else None
+        if twin is None:  # the wrapper copied on its own: nothing to rebind to
+            return self
+        # The twin's instance attribute becomes its class's method, bound to the twin.
+        return inspect.getattr_static(type(twin), self._name).__get__(twin, type(twin))
+
+
+def _forward_wrapper(state: _PipelineState, hook: _ModelHook) -> Callable:
     def forward(*args: Any, **kwargs: Any) -> Any:
         return state.forward(hook, args, kwargs)
 
-    forward.__rasfx_wrapper__ = True  # type: ignore[attr-defined]
-    return forward
+    return _Wrapper(forward, hook.original_forward, hook.model, "forward")
 
 
 def _context_wrapper(hook: _ModelHook) -> Callable:
@@ -682,43 +708,34 @@ def _context_wrapper(hook: _ModelHook) -> Callable:
             finally:
                 hook.contexts.pop()
 
-    cache_context.__rasfx_wrapper__ = True  # type: ignore[attr-defined]
-    return cache_context
+    return _Wrapper(cache_context, original, hook.model, "cache_context")
 
 
 def _step_wrapper(state: _PipelineState) -> Callable:
-    original = state.original_step
-
-    @functools.wraps(original)
     def step(*args: Any, **kwargs: Any) -> Any:
         return state.step(args, kwargs)
 
-    step.__rasfx_wrapper__ = True  # type: ignore[attr-defined]
-    return step
+    return _Wrapper(step, state.original_step, state.scheduler, "step")
 
 
 def _set_timesteps_wrapper(state: _PipelineState) -> Callable:
     original = state.original_set_timesteps
 
-    @functools.wraps(original)
     def set_timesteps(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         if state.run is not None and not state.run.finished:
             state.end_run()  # a new run starts; drop an interrupted run's caches
         return out
 
-    set_timesteps.__rasfx_wrapper__ = True  # type: ignore[attr-defined]
-    return set_timesteps
+    return _Wrapper(set_timesteps, original, state.scheduler, "set_timesteps")
 
 
-def _unpack_wrapper(state: _PipelineState) -> Callable:
+def _unpack_wrapper(state: _PipelineState, pipe: Any) -> Callable:
     original = state.original_unpack
 
-    @functools.wraps(original)
     def unpack(latents: Any, *args: Any, **kwargs: Any) -> Any:
         if state.run is not None:
             state.run.unpack_call = (args, kwargs)
         return original(latents, *args, **kwargs)
 
-    unpack.__rasfx_wrapper__ = True  # type: ignore[attr-defined]
-    return unpack
+    return _Wrapper(unpack, original, pipe, "_unpack_latents")

@@ -216,9 +216,13 @@ def test_index_checked_at_forward_when_set_before_capture(sd3):
         assert ras.last_forward_dense
         with pytest.raises(rasfx.InvalidIndexError, match="out of range"):
             ras(**kw)
-        ras.set_active(torch.stack([torch.arange(3)] * 2))
-        with pytest.raises(rasfx.InvalidIndexError, match="rows"):
-            ras(**kw)
+        with pytest.raises(rasfx.InvalidIndexError, match="2 rows but the batch has 1"):
+            ras.set_active(torch.stack([torch.arange(3)] * 2))  # the slot's batch is known now
+        other = rasfx.transform(sd3)
+        other.set_active(torch.stack([torch.arange(3)] * 2))  # batch unknown before the capture
+        other(**kw)
+        with pytest.raises(rasfx.InvalidIndexError, match="2 rows but the batch has 1"):
+            other(**kw)
 
 
 def test_unsupported_models_get_clear_errors():

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..errors import UnsupportedModelError
+from ..errors import TooFewTokensError, UnsupportedModelError
 
 aten = torch.ops.aten
 
@@ -88,7 +88,7 @@ def _tensors(val: Any) -> list[Optional[torch.Tensor]]:
     return []
 
 
-def _area_pairs(pairs, area1: int, area2: int) -> Counter:
+def _area_pairs(pairs, area1: int, area2: int, smallest: int = 2) -> Counter:
     counts: Counter = Counter()
     for a, b in pairs.items():
         for t1, t2 in zip(_tensors(a.meta.get("val")), _tensors(b.meta.get("val"))):
@@ -96,7 +96,7 @@ def _area_pairs(pairs, area1: int, area2: int) -> Counter:
                 continue
             for s1, s2 in zip(t1.shape, t2.shape):
                 s1, s2 = int(s1), int(s2)
-                if s1 > 1 and s1 != s2 and s1 * area2 == s2 * area1:
+                if s1 >= smallest and s1 != s2 and s1 * area2 == s2 * area1:
                     counts[(s1, s2)] += 1
     return counts
 
@@ -104,9 +104,15 @@ def _area_pairs(pairs, area1: int, area2: int) -> Counter:
 def find_token_count(pairs, variant: dict) -> tuple[int, int]:
     """(N, N_alt): the number of image tokens at the two resolutions."""
     if variant["mode"] == "packed":
+        if variant["n"] < 2:
+            raise TooFewTokensError(f"the image is a single token ({variant['n']} in the sequence): nothing to skip")
         return variant["n"], variant["n2"]
     (h, w), (h2, w2) = variant["hw"], variant["hw2"]
     counts = _area_pairs(pairs, h * w, h2 * w2)
+    if not counts and _area_pairs(pairs, h * w, h2 * w2, smallest=1):
+        raise TooFewTokensError(
+            f"the image is a single token at this resolution ({h}x{w} input): nothing to skip"
+        )
     if not counts:
         raise UnsupportedModelError(
             "no image-token sequence: no tensor dimension of the graph scales with the image area, "
