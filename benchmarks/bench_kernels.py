@@ -2,7 +2,10 @@
 
 Shapes are those of a RAS step on SD3-medium (hidden 1536) and Flux (hidden 3072):
 4096 image tokens per sample, batch 2 and 1, a fraction `ratio` of the tokens active.
-Per case, in bf16, with the median of triton.testing.do_bench:
+Per case, in bf16, GPU time per call from `triton.testing.do_bench_cudagraph` (the calls
+replayed as a CUDA graph, as rasfx runs them: host launch overhead excluded; `--timer launch`
+times eager launches with `do_bench` instead, which for these 10-200 us GeMMs mostly
+measures the Python launch path):
 
 * gather:  gather_linear(x, idx, W, b)            vs  F.linear(x[:, idx], W, b)
 * scatter: linear_scatter_(cache, x_act, idx, W, b) vs  cache.index_copy_(1, idx, F.linear(x_act, W, b))
@@ -13,6 +16,7 @@ Per case, in bf16, with the median of triton.testing.do_bench:
 Needs only torch and triton and a CUDA GPU:
 
     python benchmarks/bench_kernels.py --out bench_kernels.md
+    python benchmarks/bench_kernels.py --sweep-tiles --hidden 1536 --out tiles.md   # every tile, no autotuner
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def tflops(flops: float, ms: float) -> float:
 
 
 def bench_case(kernels, do_bench, hidden, batch, ratio, per_row, rep, warmup, device="cuda"):
-    """Time the five variants for one shape; returns table rows (gather, scatter)."""
+    """Time the variants for one shape; returns table rows (gather, scatter)."""
     dtype = torch.bfloat16
     n = max(1, round(TOKENS * ratio))
     g = torch.Generator(device="cpu").manual_seed(hidden * 10 + batch)
@@ -90,7 +94,7 @@ def bench_case(kernels, do_bench, hidden, batch, ratio, per_row, rep, warmup, de
     torch.testing.assert_close(cache, ref_cache, rtol=2e-2, atol=2e-2)
 
     def timed(fn):
-        return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+        return do_bench(fn, warmup=warmup, rep=rep)
 
     t_cublas = timed(lambda: F.linear(x_act, w, b))
     t = {
@@ -122,6 +126,56 @@ def bench_case(kernels, do_bench, hidden, batch, ratio, per_row, rep, warmup, de
     return rows
 
 
+def sweep_tiles(kernels, do_bench, hidden, batch, ratio, rep, warmup, device="cuda"):
+    """Every tile of the autotuning sets, launched without the autotuner: which tile, if
+    any, reaches cuBLAS at this shape (rows: op, tile, ms, % cuBLAS)."""
+    from rasfx.kernels import _common, gather_gemm, scatter_gemm
+
+    dtype = torch.bfloat16
+    n = max(1, round(TOKENS * ratio))
+    g = torch.Generator(device="cpu").manual_seed(hidden * 10 + batch)
+    x = torch.randn(batch, TOKENS, hidden, generator=g).to(device, dtype)  # x: [B, 4096, H]
+    w = (torch.randn(hidden, hidden, generator=g) / hidden**0.5).to(device, dtype)  # weight: [H, H]
+    b = torch.randn(hidden, generator=g).to(device, dtype)  # bias: [H]
+    idx = torch.randperm(TOKENS, generator=g)[:n].sort().values.to(device)  # [n]
+    x_act = kernels.gather_rows(x, idx).contiguous()  # [B, n, H]
+    cache = torch.zeros(batch, TOKENS, hidden, device=device, dtype=dtype)
+    t_cublas = do_bench(lambda: F.linear(x_act, w, b), warmup=warmup, rep=rep)
+    rows = []
+    tiles = _common._HOPPER_TILES + _common._DEFAULT_TILES + EXTRA_TILES
+    saved = gather_gemm.launch_mode, scatter_gemm.launch_mode
+    try:
+        for tile in dict.fromkeys(tiles):
+            bm, bn, bk, warps, stages = tile
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+            gather_gemm.launch_mode = scatter_gemm.launch_mode = lambda m=meta: (False, False, m)
+            for op, fn in (("gather", lambda: kernels.gather_linear(x, idx, w, b)),
+                           ("scatter", lambda: kernels.linear_scatter_(cache, x_act, idx, w, b))):
+                try:
+                    fn()
+                    ms = do_bench(fn, warmup=warmup, rep=rep)
+                    rows.append([str(hidden), str(batch), f"{ratio:g}", str(n), op, str(tile), f"{ms:.4f}",
+                                 f"{t_cublas:.4f}", f"{100 * t_cublas / ms:.0f}%"])
+                except Exception as e:  # a tile may not fit this GPU's shared memory
+                    rows.append([str(hidden), str(batch), f"{ratio:g}", str(n), op, str(tile), "-", f"{t_cublas:.4f}",
+                                 type(e).__name__])
+                print(" | ".join(rows[-1]), flush=True)
+    finally:
+        gather_gemm.launch_mode, scatter_gemm.launch_mode = saved
+    return rows
+
+
+# Candidates beyond the autotuning sets, tried by --sweep-tiles only.
+EXTRA_TILES = (
+    (128, 128, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+    (128, 128, 128, 8, 3),
+    (64, 128, 128, 4, 3),
+    (128, 64, 128, 4, 3),
+)
+
+SWEEP_HEADER = ["hidden", "B", "ratio", "rows", "op", "tile (BM, BN, BK, warps, stages)", "ms", "cuBLAS ms", "% cuBLAS"]
+
 HEADER = [
     "model",
     "hidden",
@@ -141,8 +195,9 @@ HEADER = [
 ]
 
 
-def markdown_table(rows) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+def markdown_table(rows, header=None) -> str:
+    header = header or HEADER
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -158,18 +213,39 @@ def main(argv=None) -> int:
     parser.add_argument("--per-row", action="store_true", help="a [B, n] index (one row set per sample)")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time, ms")
+    parser.add_argument("--timer", choices=["cudagraph", "launch"], default="cudagraph",
+                        help="cudagraph: GPU time of calls replayed as a CUDA graph (default); launch: eager do_bench")
+    parser.add_argument("--sweep-tiles", action="store_true", help="time every tile without the autotuner")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
-    from triton.testing import do_bench
+    from triton.testing import do_bench as _do_bench
+    from triton.testing import do_bench_cudagraph
+
+    def do_bench(fn, warmup, rep):
+        if args.timer == "launch":
+            return _do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+        return do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
     kernels = import_kernels()
     if not kernels.use_triton(torch.empty(0, device="cuda")):
         print("bench_kernels: the Triton kernels are not in use (TRITON_INTERPRET set?)", file=sys.stderr)
         return 2
+
+    if args.sweep_tiles:
+        rows = []
+        for hidden in args.hidden:
+            for batch in args.batch:
+                for ratio in args.ratios:
+                    rows += sweep_tiles(kernels, do_bench, hidden, batch, ratio, args.rep, args.warmup)
+        report = (f"# Tile sweep of the fused GeMMs\n\n{torch.cuda.get_device_name()} | triton {triton.__version__} | "
+                  f"bf16 | timer {args.timer}\n\n" + markdown_table(rows, SWEEP_HEADER) + "\n")
+        args.out.write_text(report)
+        print(f"wrote {args.out}")
+        return 0
 
     rows = []
     for hidden in args.hidden:
@@ -184,7 +260,7 @@ def main(argv=None) -> int:
     title = (
         f"# rasfx fused gather/scatter GeMM benchmark\n\n"
         f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16 | "
-        f"{TOKENS} image tokens | index {index_kind} | median of triton.testing.do_bench\n\n"
+        f"{TOKENS} image tokens | index {index_kind} | timer {args.timer} (median)\n\n"
         "fused % cuBLAS = time of F.linear on the same rows without gather/scatter / time of the op.\n"
     )
     report = title + "\n" + markdown_table(rows) + "\n"

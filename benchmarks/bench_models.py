@@ -196,27 +196,43 @@ def time_call(fn, dev, iters, warmup=3):
 
 
 class GraphedModel:
-    """The original model replayed as one CUDA graph (the fair baseline for rasfx's
-    cuda_graph mode); on CPU it just calls the model."""
+    """A call replayed as one CUDA graph (the fair baseline for rasfx's CUDA-graph modes);
+    on CPU it just calls ``fn``."""
 
-    def __init__(self, model, kw, dev):
-        self.model, self.kw, self.graph = model, kw, None
+    def __init__(self, fn, dev):
+        self.fn, self.graph = fn, None
         if dev.type == "cuda":
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):
-                    model(**kw)
+                    fn()
             torch.cuda.current_stream().wait_stream(s)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.out = model(**kw)
+                self.out = fn()
 
     def __call__(self):
         if self.graph is None:
-            return self.model(**self.kw)
+            return self.fn()
         self.graph.replay()
         return self.out
+
+
+def _dynamo_graphs() -> int:
+    """Graphs dynamo compiled so far in this process (recompiles included)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def baseline(model, kw, dev, mode):
+    """The original model in the same execution mode as rasfx's ``mode``: compiled with
+    ``torch.compile(dynamic=False)`` for the compile modes, replayed as a CUDA graph for the
+    CUDA-graph modes."""
+    fn = torch.compile(model, dynamic=False) if "compile" in mode else model
+    call = lambda: fn(**kw)  # noqa: E731
+    return GraphedModel(call, dev) if "cuda_graph" in mode else call
 
 
 def active_count(ratio, n_img, round_to=64):
@@ -228,7 +244,7 @@ def schedule(steps=28, warmup=4, resets=(12, 20)):
     return ["dense" if (i < warmup or i in resets) else "ras" for i in range(steps)]
 
 
-def run_model(name, scale, dev, dt, modes, iters, ratios, log):
+def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(0.5, 0.25), fusion=True):
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device(dev):
@@ -245,9 +261,13 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log):
     with torch.no_grad():
         for mode in modes:
             torch.cuda.empty_cache() if dev.type == "cuda" else None
-            base_fn = GraphedModel(model, kw, dev) if mode == "cuda_graph" else (lambda: model(**kw))
+            graphs0 = _dynamo_graphs()
+            t = time.perf_counter()
+            base_fn = baseline(model, kw, dev, mode)
+            base_fn()
+            _sync(dev)
+            base_setup_s = time.perf_counter() - t
             base_ms, base_spread = time_call(base_fn, dev, iters)
-            del base_fn
             # One capture serves every mode: only the runner changes.
             ras.reset()
             ras.runner = GraphRunner(mode)
@@ -257,10 +277,14 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log):
             capture_s = time.perf_counter() - t
             cc = ras.captures()[0]
             row = {"original_ms": base_ms, "original_spread_ms": base_spread, "capture_s": capture_s,
+                   "original_setup_s": base_setup_s,
                    "capture_timings": dict((k, v) for k, v in cc.timings.items() if isinstance(v, float)),
                    "cache_bytes": ras.cache_bytes(), "steps": {}}
             ras.set_active(None)
             row["ras_dense_ms"], _ = time_call(lambda: ras(**kw), dev, iters)
+            log(f"  {name} {mode} dense step: {row['ras_dense_ms']:.2f} ms (original {base_ms:.2f}, "
+                f"ratio {row['ras_dense_ms'] / base_ms:.3f}; first call incl. capture/compile {capture_s:.1f} s, "
+                f"original's {base_setup_s:.1f} s)")
             for r in ratios:
                 n = active_count(r, n_img)
                 idx = torch.randperm(n_img, generator=g)[:n].sort().values.to(dev)
@@ -272,7 +296,7 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log):
                     f"ratio {ms / base_ms:.3f})")
             from rasfx.passes.fuse_kernels import profitable
 
-            if profitable(dev):
+            if fusion and profitable(dev):
                 # the same steps with the Triton gather/scatter GeMM fusion (off by default)
                 row["fused"] = {}
                 ras.config.fuse = True
@@ -285,7 +309,7 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log):
                 ras.config.fuse = False
             # whole 28-step schedules at ratio 0.25 and 0.5 (transformer calls only)
             row["schedules"] = {}
-            for r in (0.5, 0.25):
+            for r in schedule_ratios:
                 n = active_count(r, n_img)
                 idx = torch.randperm(n_img, generator=g)[:n].sort().values.to(dev)
                 plan = schedule()
@@ -298,12 +322,10 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log):
 
                 def run_dense():
                     for _ in plan:
-                        base2()
+                        base_fn()
 
-                base2 = GraphedModel(model, kw, dev) if mode == "cuda_graph" else (lambda: model(**kw))
                 dense_ms, _ = time_call(run_dense, dev, max(1, iters // 5), warmup=1)
                 ras_ms, _ = time_call(run_schedule, dev, max(1, iters // 5), warmup=1)
-                del base2
                 nd = sum(1 for k in plan if k == "dense")
                 ideal = len(plan) / (nd + (len(plan) - nd) * f(n / n_img))
                 row["schedules"][str(r)] = {"dense_ms": dense_ms, "ras_ms": ras_ms, "speedup": dense_ms / ras_ms,
@@ -314,6 +336,11 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log):
                 row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
             row["cache_bytes"] = ras.cache_bytes()
+            # compiles / CUDA-graph captures over everything above: one per (variant, active count)
+            row["runner_stats"] = dict(ras.runner.stats)
+            row["runner_stats"]["dynamo_graphs"] = _dynamo_graphs() - graphs0
+            log(f"  {name} {mode} runner: {row['runner_stats']}")
+            del base_fn
             res["modes"][mode] = row
     del ras, model
     return res
@@ -370,6 +397,9 @@ def main(argv=None):
     ap.add_argument("--modes", default="eager,cuda_graph", help="comma list of rasfx modes (eager, cuda_graph, compile, ...)")
     ap.add_argument("--scale", default="real", choices=["real", "tiny"], help="tiny: small configs for a CPU dry run")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="per-step ratios to time")
+    ap.add_argument("--schedule-ratios", default="0.5,0.25", help="ratios of the whole 28-step schedules")
+    ap.add_argument("--no-fusion", action="store_true", help="skip the Triton fusion on/off comparison")
     ap.add_argument("--budget-s", type=float, default=480, help="skip remaining models after this many seconds")
     ap.add_argument("--out", default=None, help="write JSON results here")
     args = ap.parse_args(argv)
@@ -386,8 +416,10 @@ def main(argv=None):
             print(f"skipping {name}: time budget spent", flush=True)
             continue
         try:
-            results.append(run_model(name, args.scale, dev, dt, modes, args.iters, RATIOS,
-                                     lambda m: print(m, flush=True)))
+            results.append(run_model(name, args.scale, dev, dt, modes, args.iters,
+                                     tuple(float(r) for r in args.ratios.split(",")),
+                                     lambda m: print(m, flush=True),
+                                     tuple(float(r) for r in args.schedule_ratios.split(",")), not args.no_fusion))
         except Exception as e:  # keep the other models' numbers
             print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
             results.append({"model": name, "error": f"{type(e).__name__}: {e}", "modes": {}, "label": LABELS[name]})

@@ -18,8 +18,9 @@ Measures (every run starts from the same initial noise as the reference):
    time. Pareto plot (matplotlib if installed).
 3. Ablations in the spirit of the paper's Table 3 at 28 steps / ratio 0.25 and at the paper's
    10 steps / ratio 0.125: metric std vs L2 vs random, error reset on/off, starvation prevention
-   on/off (``starvation_scale=0``), static vs dynamic schedule, inverted region choice. the K/V-cache
-   ablation (rasfx.TransformConfig(kv_cache=False)) is not driven by this script yet.
+   on/off (``starvation_scale=0``), static vs dynamic schedule, inverted region choice, and without
+   the K/V cache (``rasfx.TransformConfig(kv_cache=False)``: the active tokens attend to each other
+   and the conditioning only).
 4. A distribution metric over ``--dist-samples`` (2048) generated images per configuration:
    Frechet distance of the shipped classifier's 192-d penultimate features against as many real
    procedural images (plus the real-vs-real floor), and class accuracy, for compute-matched
@@ -77,9 +78,10 @@ ABLATIONS: list[tuple[str, str, dict, str]] = [
     ("no-reset", "no error reset", {"reset_steps": ()}, "no dense steps after the warm-up"),
     ("no-starvation", "no starvation prevention", {"starvation_scale": 0.0}, "k=0: rank by the metric alone"),
     ("inverted", "inverted (high std computed)", {"high_ratio": 0.0}, "high-std tokens computed instead of low-std ones"),
+    ("no-kv-cache", "no K/V cache", {}, "attention over the active (and conditioning) tokens only; TransformConfig(kv_cache=False)"),
 ]
-KV_ABLATION = ("no K/V cache (attention over active tokens only)",
-               "not run: this benchmark does not drive rasfx.TransformConfig(kv_cache=False) yet (the switch was added to the compiler after the GPU run; tests/test_core.py checks it)")
+#: ablations that change the compiler, not the sampler: their rasfx.TransformConfig options
+TRANSFORM_ABLATIONS = {"no-kv-cache": {"kv_cache": False}}
 
 DIST_DEFAULT = "dense:28,ras:28:0.25,dense:12,ras:14:0.25,dense:7,ras:28:0.5,dense:17"
 
@@ -138,7 +140,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.quick:
         args.batch, args.fid_images, args.ref_steps = 1, 1, 3
         args.ras_steps, args.ratios, args.dense_steps = "2", "0.5,0.25", "1,2"
-        args.ablations, args.ablation_variants = "2:0.25", "default,no-starvation"
+        args.ablations, args.ablation_variants = "2:0.25", "default,no-starvation,no-kv-cache"
         args.dist_samples, args.dist_configs = 2, "dense:1,ras:2:0.25"
         args.no_warmup, args.no_precision_floor = True, True
         args.budget_s = max(args.budget_s, 900.0)
@@ -214,12 +216,12 @@ class Bench:
         return False
 
     # -------------------------------------------------------------- runs
-    def sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, cfg=None, pipe=None):
+    def sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, cfg=None, pipe=None, transform=None):
         """One pipeline call -> (images (B, 3, H, W) float32 in [0, 1] on the device, seconds, stats)."""
         pipe = pipe or self.pipe
         st = None
         if cfg is not None:
-            self._enable(pipe, cfg, transform=self.reuse)
+            self._enable(pipe, cfg, transform=transform or self.reuse)
         try:
             _sync(self.device)
             t0 = time.perf_counter()
@@ -233,14 +235,15 @@ class Bench:
                 self._disable(pipe)
         return images.float(), seconds, st
 
-    def run(self, labels_b: list[torch.Tensor], latents_b: list[torch.Tensor], steps: int, cfg=None, pipe=None):
+    def run(self, labels_b: list[torch.Tensor], latents_b: list[torch.Tensor], steps: int, cfg=None, pipe=None,
+            transform=None):
         """Every batch of a set -> (images on the device, total seconds, stats of the last batch)."""
         outs, total, st = [], 0.0, None
         for lab, lat in zip(labels_b, latents_b):
-            images, seconds, st = self.sample(lab, lat, steps, cfg, pipe)
+            images, seconds, st = self.sample(lab, lat, steps, cfg, pipe, transform)
             outs.append(images)
             total += seconds
-        if pipe is None:
+        if pipe is None and transform is None:
             self.measured[(steps, _cfg_key(cfg))] = total / len(labels_b)
             if cfg is not None:
                 self._learn(steps, cfg, total / len(labels_b))
@@ -320,6 +323,7 @@ def run_benchmark(args, pipe=None, transform=None) -> dict:
     load_s = time.perf_counter() - t_load
     bench = Bench(args, pipe, device, dtype, transform)
     RASConfig = bench.RASConfig
+    from rasfx import TransformConfig
     ncls = pipe.class_embeddings.num_classes
     cfgm = pipe.transformer.config
     shape = (cfgm.in_channels, cfgm.sample_size, cfgm.sample_size)
@@ -376,14 +380,21 @@ def run_benchmark(args, pipe=None, transform=None) -> dict:
     fidelity: list[dict] = []
     done: dict[tuple, dict] = {}
 
+    transforms: dict[str, Any] = {}
+
     def fid_run(kind: str, steps: int, ratio: Optional[float], cfg, tag: str = "") -> Optional[dict]:
-        key = (steps, _cfg_key(cfg))
+        transform = None
+        if tag in TRANSFORM_ABLATIONS:
+            if tag not in transforms:
+                transforms[tag] = ReusedTransform(TransformConfig(**TRANSFORM_ABLATIONS[tag]))
+            transform = transforms[tag]
+        key = (steps, _cfg_key(cfg), tag if transform is not None else "")
         if key in done:
             return done[key]
         label = (f"dense {steps}" if cfg is None else f"RAS {ratio:g}@{steps}") + (f" {tag}" if tag else "")
         if not bench.fits(f"fidelity run {label}", bench.estimate(steps, cfg, len(lab_b))):
             return None
-        images, seconds, st = bench.run(lab_b, lat_b, steps, cfg)
+        images, seconds, st = bench.run(lab_b, lat_b, steps, cfg, transform=transform)
         rec = _run_record(kind, steps, ratio, cfg, seconds, n_fid, st, bench.plan(steps, cfg))
         rec.update(_image_metrics(images, ref, labels, clf))
         rec["label"] = label
@@ -430,7 +441,6 @@ def run_benchmark(args, pipe=None, transform=None) -> dict:
                                    "dense_steps", "flops_fraction", "subject_steps", "background_steps")}
             variants.append(dict(key=key, name=vname, overrides={k: (list(x) if isinstance(x, tuple) else x) for k, x in over.items()},
                                  what=what, supported=True, skipped=False, **v))
-        variants.append(dict(key="no-kv-cache", name=KV_ABLATION[0], overrides=None, what=KV_ABLATION[1], supported=False, skipped=True))
         ablations.append(dict(steps=s, ratio=ratio, variants=variants))
     res["ablations"] = ablations
 
@@ -456,7 +466,6 @@ def run_benchmark(args, pipe=None, transform=None) -> dict:
                                        frechet_distance)
 
     res["skipped"] = bench.skipped
-    res["notes"].append("K/V-cache ablation not run: " + KV_ABLATION[1])
     res["timing"]["total_s"] = time.perf_counter() - _T0
     res["_strips"] = strips
     return res
