@@ -59,7 +59,7 @@ def _gather_linear_kernel(
     n,
     N,
     K,
-    ROWS_BUCKET,  # next_power_of_2(n): autotune key only, unused in the body
+    ROWS_BUCKET,  # next_power_of_2(B * n): autotune key only, unused in the body
     stride_xb,
     stride_xm,
     stride_xk,
@@ -187,7 +187,7 @@ def _gather_linear_triton(
         n,
         N,
         K,
-        rows_bucket(n),
+        rows_bucket(B * n),
         x.stride(0),
         x.stride(1),
         x.stride(2),
