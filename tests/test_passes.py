@@ -138,3 +138,97 @@ def test_build_variant_rejects_unknown_names():
     cc = compile_capture(model, kw, None, input_signature(model, kw))
     with pytest.raises(ValueError, match="unknown graph variant"):
         build_variant(cc, "sparse")
+
+
+class MaskedDiT(torch.nn.Module):
+    """Lumina-Next-like attention: a padding mask over the image tokens expanded to
+    [B, H, N, N] (a query and a key token axis), GQA keys repeated over heads with
+    ``repeat``, and a cross-attention to text whose mask is [B, H, N, T]."""
+
+    def __init__(self, mask_kind="query_key"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mask_kind = mask_kind
+        self.embed = torch.nn.Linear(4, C)
+        self.q, self.kv = torch.nn.Linear(C, C), torch.nn.Linear(C, C // 2)
+        self.txt = torch.nn.Linear(8, C)
+        self.out = torch.nn.Linear(C, 4)
+
+    def forward(self, hidden_states, text):
+        b, n, _ = hidden_states.shape
+        image_mask = hidden_states.new_ones(b, n)  # [B, N] padding mask (Lumina builds it in the forward)
+        x = self.embed(hidden_states)  # x: [B, N, C]
+        q = self.q(x).view(b, n, 2, C // 2).transpose(1, 2)  # q: [B, 2, N, C/2]
+        k, v = self.kv(x).view(b, n, 1, 2, C // 4).unbind(3)  # one kv head: [B, N, 1, C/4] each
+        k = k.unsqueeze(3).repeat(1, 1, 1, 2, 1).flatten(2, 3).transpose(1, 2)  # [B, 2, N, C/4]
+        v = v.unsqueeze(3).repeat(1, 1, 1, 2, 1).flatten(2, 3).transpose(1, 2)
+        q = q[..., : C // 4]
+        if self.mask_kind == "query_key":
+            mask = image_mask.bool().view(b, 1, 1, n).expand(-1, 2, n, -1)  # [B, 2, N(queries), N(keys)]
+        else:  # "key": broadcast over the queries
+            mask = image_mask.bool().view(b, 1, 1, n)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, C // 2)
+        t = self.txt(text).view(b, T, 2, C // 2).transpose(1, 2)  # [B, 2, T, C/2]
+        cross_mask = torch.ones(b, 2, n, T, dtype=torch.bool, device=x.device)  # [B, 2, N, T]: query rows
+        c = F.scaled_dot_product_attention(self.q(x).view(b, n, 2, C // 2).transpose(1, 2), t, t, attn_mask=cross_mask)
+        x = x + torch.cat([a, c.transpose(1, 2).reshape(b, n, C)[..., : C // 2]], dim=-1)
+        return self.out(x)
+
+
+def masked_inputs(b=2, n=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(b, n, 4, generator=g), "text": torch.randn(b, T, 8, generator=g)}
+
+
+@pytest.mark.parametrize("kind", ["query_key", "key"])
+def test_attention_masks_over_image_tokens_follow_the_queries(kind):
+    """A [.., N, N] mask is gathered along its query rows (keys come from the caches); a
+    [.., 1, N] mask is read at full length; a [.., N, T] cross-attention mask along its rows;
+    ``repeat`` over the heads is token-wise. Nothing runs conservatively, and partial steps on
+    unchanged inputs reproduce the dense output."""
+    model = MaskedDiT(kind).eval()
+    ras = rasfx.transform(model)
+    kw = masked_inputs()
+    with torch.no_grad():
+        want = model(**kw)
+        assert torch.allclose(ras(**kw), want, atol=1e-6)
+        cc = ras.captures()[0]
+        assert cc.plan.conservative == []
+        assert cc.plan.counters["sites_attention"] == 2  # K and V of the self-attention
+        gathered = {p for p, _ in cc.plan.gathers}
+        assert any(name.startswith("expand") for name in gathered) == (kind == "query_key")
+        for idx in (torch.tensor([0, 5, 6, 17, 23]), torch.tensor([[1, 2, 3], [20, 4, 9]])):
+            ras.set_active(idx)
+            assert torch.allclose(ras(**kw), want, atol=1e-5)
+            assert not ras.last_forward_dense
+        # a partial step on new inputs reads the cached keys of the inactive tokens
+        ras.set_active(None)
+        ras(**kw)
+        new = masked_inputs(seed=2)
+        ras.set_active(torch.arange(24))
+        assert torch.allclose(ras(**new), model(**new), atol=1e-5)
+
+
+def test_attention_mask_over_keys_without_kv_cache_is_conservative():
+    model = MaskedDiT("query_key").eval()
+    ras = rasfx.transform(model, rasfx.TransformConfig(kv_cache=False))
+    with torch.no_grad():
+        ras(**masked_inputs())
+    reasons = {r for _, _, r in ras.captures()[0].plan.conservative}
+    assert "attention mask over image-token keys" in reasons
+
+
+def test_repeat_along_the_token_axis_is_conservative():
+    class Repeats(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, hidden_states):
+            h = self.lin(hidden_states)  # [B, N, 4]
+            return h.repeat(1, 2, 1)[:, : h.shape[1]] + h
+
+    ras = rasfx.transform(Repeats().eval())
+    with torch.no_grad():
+        ras(hidden_states=torch.randn(1, 16, 4))
+    assert ("repeat along the token axis" in {r for _, _, r in ras.captures()[0].plan.conservative})

@@ -25,7 +25,7 @@ def insert_gathers(ctx: RewriteContext) -> int:
     memo = {}
     for producer_name, consumer_name in ctx.plan.gathers:
         producer, consumer = ctx.nodes[producer_name], ctx.nodes[consumer_name]
-        axis = token_axes(producer)[0]
+        axis = token_axes(producer)[0]  # an attention mask's query axis (its key axis stays full)
         val = consumer.meta.get("val")
         rank = val.dim() if hasattr(val, "dim") else producer.meta["val"].dim()
         key = (producer_name, rank if ctx.variant == "rowwise" else 0)

@@ -34,6 +34,10 @@ class OpRule:
     full: set = field(default_factory=set)  # input nodes needed at full length
     cheap: bool = False
     reason: str = ""
+    # operands with several token axes gathered along their first one only (an attention
+    # mask [.., queries, keys]: its query rows follow the active queries, its key columns
+    # stay full length because the keys come from the caches)
+    rows: set = field(default_factory=set)
 
 
 VIEW_OPS = {
@@ -146,6 +150,8 @@ def classify(node: fx.Node, kv_cache: bool = True) -> OpRule:
     out_axes = _out_axes(node)
     if node.op != "call_function":
         return OpRule("opaque", set(ins), reason=f"{node.op}")
+    if t in SDPA_OPS:  # its mask may carry a query and a key token axis
+        return _attention_rule(node, ins, kv_cache)
     if any(len(token_axes(i)) > 1 for i in ins) or len(token_axes(node)) > 1:
         return OpRule("opaque", set(ins), reason="tensor with several token axes")
     if t in VIEW_OPS or t in SPLIT_OPS:
@@ -213,20 +219,12 @@ def classify(node: fx.Node, kv_cache: bool = True) -> OpRule:
         if any(d >= _rank(src) - len(shape) for d in _axis_dims(src)):
             return OpRule("mixing", {src}, reason="normalisation over the token axis")
         return OpRule("tokenwise")
-    if t in SDPA_OPS:
-        q, k, v = node.args[:3]
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if isinstance(mask, fx.Node) and token_axes(mask):
-            return OpRule("opaque", set(ins), reason="attention mask over image tokens")
-        if token_axes(q) and {a.dim for a in token_axes(q)} != {_rank(q) - 2}:
-            return OpRule("opaque", set(ins), reason="query token axis is not the sequence dim")
-        full = {x for x in (k, v) if token_axes(x)}
-        for x in full:
-            if {a.dim for a in token_axes(x)} != {_rank(x) - 2}:
-                return OpRule("opaque", set(ins), reason="key/value token axis is not the sequence dim")
-        if not kv_cache:
-            return OpRule("tokenwise", reason="attention over active tokens only (kv_cache=False)")
-        return OpRule("mixing", full, reason="attention")
+    if t is aten.repeat.default and ins:
+        src, repeats = node.args[0], list(node.args[1])
+        lead = len(repeats) - _rank(src)
+        if any(repeats[lead + d] != 1 for d in _axis_dims(src)):
+            return OpRule("opaque", set(ins), reason="repeat along the token axis")
+        return OpRule("tokenwise", cheap=True)
     if t in MATMUL_OPS:
         contracted = _contracted(node)
         if not contracted:
@@ -239,3 +237,33 @@ def classify(node: fx.Node, kv_cache: bool = True) -> OpRule:
             return OpRule("mixing", full, reason="contraction over the token axis")
         return OpRule("tokenwise")
     return OpRule("opaque", set(ins), reason=f"unknown op {t}")
+
+
+def _attention_rule(node: fx.Node, ins: list, kv_cache: bool) -> OpRule:
+    q, k, v = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    mask = mask if isinstance(mask, fx.Node) and token_axes(mask) else None
+    if any(len(token_axes(i)) > 1 for i in ins if i is not mask) or len(token_axes(node)) > 1:
+        return OpRule("opaque", set(ins), reason="tensor with several token axes")
+    if token_axes(q) and {a.dim for a in token_axes(q)} != {_rank(q) - 2}:
+        return OpRule("opaque", set(ins), reason="query token axis is not the sequence dim")
+    full = {x for x in (k, v) if token_axes(x)}
+    for x in full:
+        if {a.dim for a in token_axes(x)} != {_rank(x) - 2}:
+            return OpRule("opaque", set(ins), reason="key/value token axis is not the sequence dim")
+    rows = set()
+    if mask is not None:
+        # mask: [.., Lq, Lk] (broadcastable); a token axis on Lq follows the queries, one on
+        # Lk the keys (full length from the caches, or active only without them).
+        r, dims = _rank(mask), _axis_dims(mask)
+        if not dims <= {r - 2, r - 1}:
+            return OpRule("opaque", set(ins), reason="attention mask token axis is not a query/key dim")
+        if r - 1 in dims and (not kv_cache or not full):
+            return OpRule("opaque", set(ins), reason="attention mask over image-token keys")
+        if dims == {r - 2, r - 1}:
+            rows.add(mask)  # gathered along Lq, full along Lk
+        elif dims == {r - 1}:
+            full.add(mask)  # mask columns of every key: needed at full length
+    if not kv_cache:
+        return OpRule("tokenwise", reason="attention over active tokens only (kv_cache=False)", rows=rows)
+    return OpRule("mixing", full, reason="attention", rows=rows)

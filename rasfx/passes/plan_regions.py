@@ -79,6 +79,12 @@ def _gatherable(node: fx.Node) -> bool:
     return len(axes) == 1 and axes[0].offset is not None
 
 
+def _row_gatherable(node: fx.Node) -> bool:
+    """A several-axis operand (attention mask) gathered along its first token axis only."""
+    axes = token_axes(node)
+    return bool(axes) and axes[0].offset is not None
+
+
 def plan_regions(gm: fx.GraphModule, kv_cache: bool = True) -> Plan:
     """Plan every node (see module docstring). ``kv_cache=False``: attention reads the
     active keys/values only (an ablation; not RAS)."""
@@ -101,7 +107,7 @@ def plan_regions(gm: fx.GraphModule, kv_cache: bool = True) -> Plan:
         if target is not None and target in ins:
             _plan_mutation(plan, node, ins, rule, target)
             continue
-        passing = [i for i in ins if i not in rule.full]
+        passing = [i for i in ins if i not in rule.full and i not in rule.rows]
         if rule.kind == "opaque":
             _run_full(plan, node, ins, "opaque", rule.reason)
             continue
@@ -111,11 +117,12 @@ def plan_regions(gm: fx.GraphModule, kv_cache: bool = True) -> Plan:
             node.meta.get("rasfx_ints") is not None
             and _offsets_known(node)
             and all(plan.is_active(i) or _gatherable(i) for i in passing)
+            and all(not plan.is_active(i) and _row_gatherable(i) for i in rule.rows)
             and (_has_axes(node) or rule.kind == "tokenwise")
         )
         if want_active and can_active:
             plan.mode[node.name] = "A"
-            for i in passing:
+            for i in [*passing, *(i for i in ins if i in rule.rows)]:
                 if not plan.is_active(i):
                     plan.gathers.append((i.name, node.name))
             for i in ins:  # graph order: deterministic site (and cache) numbering
