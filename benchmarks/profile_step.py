@@ -30,8 +30,8 @@ from rasfx.runtime import GraphRunner  # noqa: E402
 
 # first match wins; names of cuBLAS / CUTLASS / flash / cuDNN / ATen / Triton kernels
 CATEGORIES = (
+    ("attention", r"flash|fmha|attention|sdpa"),
     ("gemm", r"gemm|xmma|cutlass|cublas|nvjet|sm90_|matmul|splitK"),
-    ("attention", r"flash|fmha|attention|sdpa|cudnn"),
     ("gather/scatter", r"index|gather|scatter|take"),
     ("copy/cat", r"copy|Memcpy|Memset|CatArray|cat_|direct_copy"),
     ("norm", r"norm|welford|reduce"),
