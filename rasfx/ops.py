@@ -120,6 +120,17 @@ def gather_tokens(x: Tensor, index: Tensor, dim: int, rank: int) -> Tensor:
     the batch dim (a positional table) is first lifted to that rank and broadcast over the
     batch, so that broadcasting against the active tensors stays aligned.
     """
+    if x.stride(dim) == 0 and x.shape[dim] > 1:
+        # A broadcast along the token axis (e.g. an attention mask [B, H, N, N] expanded from
+        # [B, 1, 1, N]): every row is the same, so the gather is a narrower broadcast, not
+        # a copy of n full rows (which for such a mask is gigabytes).
+        sizes = list(x.shape)
+        sizes[dim] = index.shape[-1]
+        if index.dim() == 2 and x.dim() >= rank and x.shape[0] in (1, index.shape[0]):
+            sizes[0] = index.shape[0]
+        elif index.dim() == 2:
+            return gather_tokens(x.contiguous(), index, dim, rank)
+        return x.narrow(dim, 0, 1).expand(sizes)
     if index.dim() == 1:
         return x.index_select(dim, index)
     if x.dim() < rank:

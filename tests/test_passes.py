@@ -232,3 +232,19 @@ def test_repeat_along_the_token_axis_is_conservative():
     with torch.no_grad():
         ras(hidden_states=torch.randn(1, 16, 4))
     assert ("repeat along the token axis" in {r for _, _, r in ras.captures()[0].plan.conservative})
+
+
+def test_gather_of_a_broadcast_axis_stays_a_broadcast():
+    """Gathering query rows of an expanded mask must not materialise n full rows."""
+    from rasfx.ops import gather_tokens
+
+    src = torch.rand(2, 1, 1, 7) > 0.3
+    mask = src.expand(2, 3, 7, 7)  # [B, H, N(queries), N(keys)], stride 0 along the queries
+    shared, rows = torch.tensor([6, 0, 3]), torch.tensor([[1, 2], [5, 4]])
+    got = gather_tokens(mask, shared, 2, 4)
+    assert got.stride(2) == 0 and torch.equal(got, mask.index_select(2, shared))
+    got = gather_tokens(mask, rows, 2, 4)
+    want = torch.stack([mask[b].index_select(1, rows[b]) for b in range(2)])
+    assert got.stride(2) == 0 and torch.equal(got, want)
+    dense = torch.rand(2, 3, 7, 7)  # an ordinary tensor is still gathered row by row
+    assert torch.equal(gather_tokens(dense, shared, 2, 4), dense.index_select(2, shared))
