@@ -541,6 +541,25 @@ def test_fake_tensor_shapes():
 REAL_M = 4096
 
 
+@pytest.fixture(autouse=True)
+def _fixed_tile_on_gpu(monkeypatch):
+    """GPU tests launch one fixed tile: the autotuner times every candidate as a CUDA graph for
+    each new shape (seconds per shape). test_gpu_autotuned_launch covers the autotuned path;
+    RASFX_TEST_AUTOTUNE=1 runs every test through it."""
+    if ON_GPU and os.environ.get("RASFX_TEST_AUTOTUNE") != "1":
+        monkeypatch.setenv("RASFX_KERNELS_AUTOTUNE", "0")
+
+
+@gpu
+@requires_cuda
+@requires_triton
+def test_gpu_autotuned_launch(monkeypatch):
+    """The autotuner (candidates timed as CUDA-graph replays) picks a tile that is correct."""
+    monkeypatch.setenv("RASFX_KERNELS_AUTOTUNE", "1")
+    run_gather_case(2, REAL_M, 1024, 1536, 1536, torch.bfloat16, per_row=False, bias=True, poison_out=True)
+    run_scatter_case(2, REAL_M, 1024, 1536, 1536, torch.bfloat16, per_row=True, bias=True)
+
+
 @gpu
 @requires_cuda
 @requires_triton
