@@ -11,9 +11,11 @@ reduced, reshaped away, or by an opaque op or the graph output):
   rows for the others). The output site before unpatchify is this case.
 
 In the dense variant the same caches are filled completely and consumers read the fresh
-values. Invariants: every cache is a new graph input of the full shape; one cache per
+values; where attention's K/V are a concatenation (a joint text + image sequence) read by the
+attention alone, the concatenation writes into the cache (``cat.out``) and attention reads the
+cache, which saves a full copy per operand. Invariants: every cache is a new graph input of the full shape; one cache per
 (value, site kind); the consumer sees a tensor of exactly the captured full shape.
-Counters: ``attention_sites``, ``cache_sites``.
+Counters: ``attention_sites``, ``cache_sites``, ``cat_into_cache``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def insert_cache_sites(ctx: RewriteContext) -> Counter:
         consumer = ctx.nodes[consumer_name]
         attn = [s for s in sites if s.kind == "attention"]
         if attn and _fusable(consumer, attn):
-            _attention_site(ctx, consumer, attn)
+            counts["cat_into_cache"] += _attention_site(ctx, consumer, attn)
             counts["attention_sites"] += 1
             sites = [s for s in sites if s.kind != "attention"]
         for site in sites:
@@ -61,6 +63,21 @@ def insert_cache_sites(ctx: RewriteContext) -> Counter:
                 # The write sits right after the producer, hence before every consumer.
                 consumer.replace_input_with(producer, cache)
     return counts
+
+
+def _cat_into_cache(operand, cache_node) -> bool:
+    """``operand`` is a ``cat`` read only by this attention, laid out like its cache."""
+    spec = cache_node.meta["rasfx_cache"]
+    val = operand.meta.get("val")
+    return (
+        operand.target is aten.cat.default
+        and len(operand.users) == 1
+        and isinstance(val, torch.Tensor)
+        and val.is_contiguous()
+        and (spec.stride is None or tuple(spec.stride) == tuple(val.stride()))
+        and val.dtype == spec.dtype
+        and all(isinstance(p, torch.fx.Node) and p.meta["val"].dtype == val.dtype for p in operand.args[0])
+    )
 
 
 def _fusable(node, sites) -> bool:
@@ -89,12 +106,33 @@ def _attention_site(ctx: RewriteContext, node, sites) -> None:
     axis = by_producer[k.name].axis
     index = None if ctx.dense else ctx.token_index(axis)
     with graph.inserting_before(node):
-        fused = graph.call_function(
-            torch.ops.rasfx.ras_attention.default,
-            (q, k, v, caches[0], caches[1], index, mask, dropout_p, is_causal, scale, enable_gqa),
-        )
+        if ctx.dense and all(_cat_into_cache(x, c) for x, c in zip((k, v), caches)):
+            # Dense step of a joint attention (SD3: K = cat([image, text])): the concatenation
+            # writes straight into the cache and attention reads the cache, instead of a cat
+            # followed by a full copy into the cache.
+            written = []
+            for operand, cache in zip((k, v), caches):
+                parts, dim = operand.args[0], operand.args[1] if len(operand.args) > 1 else 0
+                written.append(graph.call_function(aten.cat.out, (parts, dim), {"out": cache}))
+                written[-1].meta["val"] = operand.meta.get("val")
+                written[-1].meta["rasfx_created_by"] = "insert_cache_sites"
+            fused = graph.call_function(
+                aten.scaled_dot_product_attention.default, (q, *written, mask, dropout_p, is_causal),
+                {"scale": scale, "enable_gqa": enable_gqa} if enable_gqa else {"scale": scale},
+            )
+            writes = 2
+        else:
+            writes = 0
+            fused = graph.call_function(
+                torch.ops.rasfx.ras_attention.default,
+                (q, k, v, caches[0], caches[1], index, mask, dropout_p, is_causal, scale, enable_gqa),
+            )
     fused.meta.update(node.meta)
     fused.meta["rasfx_created_by"] = "insert_cache_sites"
     node.replace_all_uses_with(fused)
     graph.erase_node(node)
     ctx.nodes[node.name] = fused
+    for operand in (k, v) if writes else ():
+        if not operand.users:
+            graph.erase_node(operand)
+    return writes
