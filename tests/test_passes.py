@@ -248,3 +248,31 @@ def test_gather_of_a_broadcast_axis_stays_a_broadcast():
     assert got.stride(2) == 0 and torch.equal(got, want)
     dense = torch.rand(2, 3, 7, 7)  # an ordinary tensor is still gathered row by row
     assert torch.equal(gather_tokens(dense, shared, 2, 4), dense.index_select(2, shared))
+
+
+def test_dense_variant_writes_concatenated_kv_into_the_caches():
+    """SD3's joint attention concatenates image and text K/V: the dense variant lets the cat
+    write into the cache (no copy), the partial variants keep the cache-aware op; outputs equal
+    the model's and the caches hold exactly the concatenated K/V."""
+    from rasfx.presets import get_preset
+
+    p = get_preset("sd3-tiny")
+    model, kw = p.build(0), p.inputs(1)
+    ras = rasfx.transform(model)
+    with torch.no_grad():
+        want = model(**kw)[0]
+        assert torch.allclose(ras(**kw)[0], want, atol=1e-6)
+        cc = ras.captures()[0]
+        dense, shared = cc.variant("dense"), cc.variant("shared")
+        assert dense.counters["cat_into_cache"] == 2 * dense.counters["attention_sites"] > 0
+        targets = [n.target for n in dense.gm.graph.nodes]
+        assert torch.ops.aten.cat.out in targets and torch.ops.rasfx.ras_attention.default not in targets
+        assert "cat_into_cache" not in shared.counters
+        # the caches filled by the dense step serve a partial step on the same inputs exactly
+        ras.set_active(torch.tensor([0, 3, 7, 12]))
+        assert torch.allclose(ras(**kw)[0], want, atol=1e-5)
+    other = get_preset("pixart-tiny")  # K/V are projections, not concatenations: unchanged
+    ras2 = rasfx.transform(other.build(0))
+    with torch.no_grad():
+        ras2(**other.inputs(1))
+    assert "cat_into_cache" not in ras2.captures()[0].variant("dense").counters

@@ -40,7 +40,9 @@ def insert_cache_sites(ctx: RewriteContext) -> Counter:
         consumer = ctx.nodes[consumer_name]
         attn = [s for s in sites if s.kind == "attention"]
         if attn and _fusable(consumer, attn):
-            counts["cat_into_cache"] += _attention_site(ctx, consumer, attn)
+            writes = _attention_site(ctx, consumer, attn)
+            if writes:
+                counts["cat_into_cache"] += writes
             counts["attention_sites"] += 1
             sites = [s for s in sites if s.kind != "attention"]
         for site in sites:
