@@ -63,14 +63,20 @@ def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 
 
-def bench_case(kernels, do_bench, hidden, batch, ratio, per_row, rep, warmup, device="cuda"):
-    """Time the variants for one shape; returns table rows (gather, scatter)."""
-    dtype = torch.bfloat16
+def operands(hidden, batch, ratio, device, dtype=torch.bfloat16):
+    """(n, generator, x, weight, bias) of one benchmark shape, seeded by the shape."""
     n = max(1, round(TOKENS * ratio))
     g = torch.Generator(device="cpu").manual_seed(hidden * 10 + batch)
     x = torch.randn(batch, TOKENS, hidden, generator=g).to(device, dtype)  # x: [B, 4096, H]
     w = (torch.randn(hidden, hidden, generator=g) / hidden**0.5).to(device, dtype)  # weight: [H, H]
     b = torch.randn(hidden, generator=g).to(device, dtype)  # bias: [H]
+    return n, g, x, w, b
+
+
+def bench_case(kernels, do_bench, hidden, batch, ratio, per_row, rep, warmup, device="cuda"):
+    """Time the variants for one shape; returns table rows (gather, scatter)."""
+    dtype = torch.bfloat16
+    n, g, x, w, b = operands(hidden, batch, ratio, device, dtype)
     if per_row:
         idx = torch.stack([torch.randperm(TOKENS, generator=g)[:n].sort().values for _ in range(batch)])  # [B, n]
     else:
@@ -132,11 +138,7 @@ def sweep_tiles(kernels, do_bench, hidden, batch, ratio, rep, warmup, device="cu
     from rasfx.kernels import _common, gather_gemm, scatter_gemm
 
     dtype = torch.bfloat16
-    n = max(1, round(TOKENS * ratio))
-    g = torch.Generator(device="cpu").manual_seed(hidden * 10 + batch)
-    x = torch.randn(batch, TOKENS, hidden, generator=g).to(device, dtype)  # x: [B, 4096, H]
-    w = (torch.randn(hidden, hidden, generator=g) / hidden**0.5).to(device, dtype)  # weight: [H, H]
-    b = torch.randn(hidden, generator=g).to(device, dtype)  # bias: [H]
+    n, g, x, w, b = operands(hidden, batch, ratio, device, dtype)
     idx = torch.randperm(TOKENS, generator=g)[:n].sort().values.to(device)  # [n]
     x_act = kernels.gather_rows(x, idx).contiguous()  # [B, n, H]
     cache = torch.zeros(batch, TOKENS, hidden, device=device, dtype=dtype)
