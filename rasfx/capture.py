@@ -231,14 +231,20 @@ def _resized(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
     return torch.zeros(shape, dtype=t.dtype, device=t.device)
 
 
-def _resize_token_tables(kwargs: dict, new: dict, image_key: str, counts) -> dict:
+def _resize_token_tables(kwargs: dict, new: dict, image_key: str, counts, row_counts=()) -> dict:
     """Copy of ``new`` where tensors (also inside tuples/lists, e.g. RoPE (cos, sin)) whose
-    non-feature dims equal a token count ``n1`` get ``n2`` there."""
+    non-feature dims equal a token count ``n1`` get ``n2`` there. ``row_counts``: lengths of a
+    joint text + image sequence, also looked for in the last dim of int/bool tensors and of
+    per-sample rows ``[B, L]`` (a mask over the joint sequence, as Chroma passes it)."""
+    batch = kwargs[image_key].shape[0]
 
     def resize(t):
         if not isinstance(t, torch.Tensor) or t.dim() < 2:
             return t
         sizes = {d: n2 for n1, n2 in counts for d, s in enumerate(t.shape[:-1]) if s == n1 and n1 > 1}
+        row = not (t.is_floating_point() or t.is_complex()) or (t.dim() == 2 and t.shape[0] == batch)
+        if row:
+            sizes.update({t.dim() - 1: n2 for n1, n2 in row_counts if t.shape[-1] == n1})
         return _resized(t, sizes) if sizes else t
 
     out = dict(new)
@@ -290,7 +296,11 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             desc = {"mode": "packed", "n": n, "n2": n2}
             # Per-token inputs (position ids) follow the sequence length; feature dims (last)
             # never do. If a conditioning length equals N by chance, the plain variant helps.
-            resized = _resize_token_tables(kwargs, new, image_key, [(n, n2)])
+            # Masks over a joint sequence are T + N long (T: a conditioning input's length).
+            lengths = {int(v.shape[1]) for k, v in kwargs.items()
+                       if k != image_key and isinstance(v, torch.Tensor) and v.dim() == 3}
+            joint = [(n + t, n2 + t) for t in sorted(lengths) if t != n]
+            resized = _resize_token_tables(kwargs, new, image_key, [(n, n2)], joint)
             variants.append((resized, dict(desc, resized=True)))
             if any(resized[k] is not new[k] for k in new):
                 variants.append((new, desc))

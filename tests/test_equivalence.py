@@ -58,17 +58,11 @@ def _examples(n: int) -> int:
 PASSING = [
     "sd3-tiny", "sd35-tiny", "flux-tiny", "pixart-tiny", "pixart-alpha-tiny", "dit-tiny",
     "lumina-next-tiny", "sana-tiny", "hunyuan-dit-tiny", "auraflow-tiny", "cogview4-tiny", "cogview3plus-tiny",
-    "wan-tiny", "hunyuan-video-tiny", "cogvideox-rope-tiny",
+    "wan-tiny", "hunyuan-video-tiny", "cogvideox-rope-tiny", "chroma-tiny",
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
 KNOWN_BUGS = {
-    "chroma-tiny": (
-        CaptureError, True,
-        "rasfx bug: ChromaPipeline's attention_mask is [B, T + N] (text mask + ones over the image "
-        "tokens); packed-mode analysis_variants only resizes dims equal to N, so the mask keeps T + N "
-        "and every second-resolution export fails -> CaptureError. Resizing it makes every property hold.",
-    ),
     "ltx-tiny": (
         CaptureError, False,
         "rasfx bug/limitation: LTX takes packed tokens [B, F*H*W, C] plus the grid as int kwargs "
