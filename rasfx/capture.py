@@ -9,9 +9,11 @@ the graph takes them as inputs and every call reads the live tensors of the mode
 from __future__ import annotations
 
 import contextlib
-import threading
 import inspect
+import itertools
 import logging
+import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -288,6 +290,10 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
                 variants.append((resized, dict(desc, resized=True)))
     elif x.dim() == 3:
         n = x.shape[1]
+        # Masks over a joint sequence are T + N long (T: a conditioning input's length).
+        lengths = {int(v.shape[1]) for k, v in kwargs.items()
+                   if k != image_key and isinstance(v, torch.Tensor) and v.dim() == 3}
+        variants += _grid_int_variants(kwargs, image_key, n, sorted(lengths))
         for n2 in (n + max(4, n // 2), max(1, n - max(4, n // 3)), 2 * n):
             if n2 == n or n2 <= 1:
                 continue
@@ -296,15 +302,42 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             desc = {"mode": "packed", "n": n, "n2": n2}
             # Per-token inputs (position ids) follow the sequence length; feature dims (last)
             # never do. If a conditioning length equals N by chance, the plain variant helps.
-            # Masks over a joint sequence are T + N long (T: a conditioning input's length).
-            lengths = {int(v.shape[1]) for k, v in kwargs.items()
-                       if k != image_key and isinstance(v, torch.Tensor) and v.dim() == 3}
-            joint = [(n + t, n2 + t) for t in sorted(lengths) if t != n]
-            resized = _resize_token_tables(kwargs, new, image_key, [(n, n2)], joint)
+            resized = _resize_token_tables(kwargs, new, image_key, [(n, n2)], _joint(n, n2, lengths))
             variants.append((resized, dict(desc, resized=True)))
             if any(resized[k] is not new[k] for k in new):
                 variants.append((new, desc))
     return variants
+
+
+def _joint(n: int, n2: int, lengths) -> list[tuple[int, int]]:
+    """Lengths of text + image sequences at both resolutions, for masks over them."""
+    return [(n + t, n2 + t) for t in sorted(lengths) if t != n]
+
+
+def _grid_int_variants(kwargs: dict, image_key: str, n: int, lengths) -> list[tuple[dict, dict]]:
+    """Packed tokens whose grid is also passed as ints (LTX: ``num_frames``, ``height``,
+    ``width`` with F * H * W = N, for its RoPE coordinates): the second resolution must change
+    the ints with the sequence, so the last of them grows or shrinks with N."""
+    ints = {k: v for k, v in kwargs.items() if type(v) is int and v > 1}
+    for size in (3, 2):
+        for names in itertools.combinations(ints, size):
+            if math.prod(ints[k] for k in names) != n:
+                continue
+            last = names[-1]
+            rest = n // ints[last]
+            out = []
+            for delta in (4, -2, 2):
+                w2 = ints[last] + delta
+                if w2 < 2:
+                    continue
+                n2 = rest * w2
+                new = dict(kwargs)
+                new[image_key] = _resized(kwargs[image_key], {1: n2})
+                new[last] = w2
+                new = _resize_token_tables(kwargs, new, image_key, [(n, n2)], _joint(n, n2, lengths))
+                out.append((new, {"mode": "packed", "n": n, "n2": n2, "resized": True, "grid_ints": list(names)}))
+            return out
+    return []
 
 
 @contextlib.contextmanager

@@ -58,18 +58,11 @@ def _examples(n: int) -> int:
 PASSING = [
     "sd3-tiny", "sd35-tiny", "flux-tiny", "pixart-tiny", "pixart-alpha-tiny", "dit-tiny",
     "lumina-next-tiny", "sana-tiny", "hunyuan-dit-tiny", "auraflow-tiny", "cogview4-tiny", "cogview3plus-tiny",
-    "wan-tiny", "hunyuan-video-tiny", "cogvideox-rope-tiny", "chroma-tiny",
+    "wan-tiny", "hunyuan-video-tiny", "cogvideox-rope-tiny", "chroma-tiny", "ltx-tiny",
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
 KNOWN_BUGS = {
-    "ltx-tiny": (
-        CaptureError, False,
-        "rasfx bug/limitation: LTX takes packed tokens [B, F*H*W, C] plus the grid as int kwargs "
-        "num_frames/height/width (RoPE coordinates). Packed-mode analysis_variants changes N but not "
-        "those ints, so the model's RoPE has F*H*W rows and every second-resolution export fails -> "
-        "CaptureError. Changing `width` to N2 / (F*H) makes every property hold.",
-    ),
 }
 
 # Presets whose properties hold except for a single active token (n = 1): none left (PixArt's

@@ -276,3 +276,16 @@ def test_dense_variant_writes_concatenated_kv_into_the_caches():
     with torch.no_grad():
         ras2(**other.inputs(1))
     assert "cat_into_cache" not in ras2.captures()[0].variant("dense").counters
+
+
+def test_packed_tokens_with_grid_ints_change_the_ints_with_the_sequence():
+    """LTX passes packed tokens [B, F*H*W, C] and the grid as ints: the second resolution of the
+    token analysis changes the last grid int with N, and a joint-sequence mask [B, T + N]
+    (Chroma) follows N too."""
+    kw = {"hidden_states": torch.randn(1, 2 * 8 * 12, 8), "encoder_hidden_states": torch.randn(1, 7, 16),
+          "num_frames": 2, "height": 8, "width": 12, "attention_mask": torch.ones(1, 7 + 192)}
+    alt, desc = analysis_variants(kw, "hidden_states")[0]
+    assert desc["grid_ints"] == ["num_frames", "height", "width"]
+    assert alt["num_frames"] * alt["height"] * alt["width"] == alt["hidden_states"].shape[1] == desc["n2"] != 192
+    assert alt["attention_mask"].shape == (1, 7 + desc["n2"])
+    assert alt["encoder_hidden_states"].shape == (1, 7, 16)
