@@ -11,12 +11,13 @@ from .errors import (
 )
 from .explain import Explanation, explain
 from .module import RASModule
+from .passes.op_rules import OpRule
 from .pipeline import disable, enable, enabled, is_enabled, stats
 from .run_stats import RunStats, StepStats, heatmap_image, save_heatmap
 from .transform import TransformConfig, transform
 
 __all__ = [
-    "CaptureError", "ConfigError", "Explanation", "explain", "InvalidIndexError", "RASConfig", "RASModule", "RASWarning", "RasfxError",
+    "CaptureError", "ConfigError", "Explanation", "explain", "InvalidIndexError", "OpRule", "RASConfig", "RASModule", "RASWarning", "RasfxError",
     "RunStats", "StepStats", "TooFewTokensError", "TransformConfig", "UnsupportedModelError", "disable", "enable", "enabled",
     "heatmap_image", "is_enabled", "save_heatmap", "stats", "transform",
 ]

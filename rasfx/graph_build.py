@@ -104,7 +104,8 @@ def _check_rowwise(cc: CompiledCapture) -> None:
 
 
 def compile_capture(
-    model: torch.nn.Module, kwargs: dict, image_input: str | None, signature, kv_cache: bool = True
+    model: torch.nn.Module, kwargs: dict, image_input: str | None, signature, kv_cache: bool = True,
+    op_rules: dict | None = None,
 ) -> CompiledCapture:
     t0 = time.perf_counter()
     image_key = find_image_input(kwargs, image_input)
@@ -139,7 +140,7 @@ def compile_capture(
             f"token analysis failed on the captured graph of {type(model).__name__}: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}"
         ) from e
-    plan = passes.plan_regions(gm, kv_cache)
+    plan = passes.plan_regions(gm, kv_cache, op_rules)
     if plan.counters["active_nodes"] == 0:
         raise UnsupportedModelError(
             f"{type(model).__name__}: no op of the graph can run on a subset of the image tokens "

@@ -219,7 +219,8 @@ class RASModule(torch.nn.Module):
         if cc is None:
             log.info("rasfx: capturing %s for a new input signature", type(self.model).__name__)
             try:
-                cc = compile_capture(self.model, kwargs, self.config.image_input, sig, self.config.kv_cache)
+                cc = compile_capture(self.model, kwargs, self.config.image_input, sig, self.config.kv_cache,
+                                     self.config.op_rules)
             except TooFewTokensError as e:
                 self._dense_only[sig] = str(e)
                 warnings.warn(f"rasfx: {e}; this input signature runs dense", RASWarning, stacklevel=3)

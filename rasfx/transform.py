@@ -28,6 +28,12 @@ class TransformConfig:
     kv_cache: attention of the active tokens reads the keys/values of the inactive ones from a
         cache (the paper's K/V recovery, default). ``False`` drops them from attention: the
         paper's ablation, lower quality; exposed for studies, not for use.
+    op_rules: ``{op: rule}`` for ops rasfx does not know (custom attention kernels, ...):
+        ``rule(node) -> rasfx.OpRule`` says whether the op is token-wise, which operands it
+        mixes over the tokens (they are given full length, from caches), or that it is opaque.
+        Consulted before the built-in rules when a signature is captured; an op is an
+        ``OpOverload`` (``torch.ops.mylib.attention.default``) or its packet. See
+        docs/compiler.md ("Teaching rasfx an op").
     fuse: fuse gathers and cache writes into the neighbouring projections (Triton
         GeMMs, ``rasfx.kernels``): False (default), True, or ``"auto"`` (where Triton runs,
         i.e. on CUDA). Off by default: on an H200 our GeMMs reach 20-75% of cuBLAS, so the
@@ -39,6 +45,7 @@ class TransformConfig:
     mode: str = "eager"
     fuse: object = False
     kv_cache: bool = True
+    op_rules: Optional[dict] = None
 
     def __post_init__(self):
         if self.image_input is not None and (not isinstance(self.image_input, str) or not self.image_input):
@@ -49,6 +56,14 @@ class TransformConfig:
             raise ConfigError(f"fuse must be 'auto', True or False; got {self.fuse!r}")
         if not isinstance(self.kv_cache, bool):
             raise ConfigError(f"kv_cache must be True or False; got {self.kv_cache!r}")
+        if self.op_rules is not None:
+            if not isinstance(self.op_rules, dict):
+                raise ConfigError(f"op_rules must be a dict {{op: rule}}, got {type(self.op_rules).__name__}")
+            for op, rule in self.op_rules.items():
+                if isinstance(op, str) or not callable(op):
+                    raise ConfigError(f"op_rules keys must be ops (e.g. torch.ops.mylib.attention.default), got {op!r}")
+                if not callable(rule):
+                    raise ConfigError(f"op_rules[{op}] must be callable (node -> rasfx.OpRule), got {rule!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
 

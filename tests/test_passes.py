@@ -289,3 +289,52 @@ def test_packed_tokens_with_grid_ints_change_the_ints_with_the_sequence():
     assert alt["num_frames"] * alt["height"] * alt["width"] == alt["hidden_states"].shape[1] == desc["n2"] != 192
     assert alt["attention_mask"].shape == (1, 7 + desc["n2"])
     assert alt["encoder_hidden_states"].shape == (1, 7, 16)
+
+
+class _FlipMixer(torch.nn.Module):
+    """Mixes tokens through torch.flip over the token axis, which rasfx has no rule for."""
+
+    def forward(self, x):
+        return torch.flip(x, dims=[1]) * 0.1
+
+
+def test_user_op_rules_are_consulted_first():
+    """TransformConfig(op_rules=...): a user rule replaces the conservative default (here: flip
+    over the tokens is 'mixing' with its input at full length), and the result stays exact."""
+    model, kw = JointDiT(_FlipMixer()).eval(), inputs()
+    default = rasfx.transform(model)
+    seen = []
+
+    def flip_rule(node):
+        seen.append(node.name)
+        return rasfx.OpRule("mixing", {node.args[0]}, reason="flip over the tokens (user rule)")
+
+    ruled = rasfx.transform(model, rasfx.TransformConfig(op_rules={torch.ops.aten.flip: flip_rule}))  # a packet
+    with torch.no_grad():
+        want = model(**kw)
+        for ras in (default, ruled):
+            assert torch.allclose(ras(**kw), want, atol=1e-6)
+            ras.set_active(torch.tensor([0, 5, 9, 17]))
+            assert torch.allclose(ras(**kw), want, atol=1e-5)
+    assert seen == ["flip"]
+    reasons = {s.reason for s in ruled.captures()[0].plan.sites}
+    assert "flip over the tokens (user rule)" in reasons
+    assert any("unknown op aten.flip" in r for _, _, r in default.captures()[0].plan.conservative)
+    assert ruled.captures()[0].plan.conservative == []
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([1, 2], "op_rules must be a dict"),
+    ({"aten::flip": lambda n: None}, "keys must be ops"),
+    ({torch.ops.aten.flip.default: "mixing"}, "must be callable"),
+])
+def test_invalid_op_rules_config(bad, match):
+    with pytest.raises(rasfx.ConfigError, match=match):
+        rasfx.TransformConfig(op_rules=bad)
+
+
+def test_op_rule_returning_garbage_is_a_type_error():
+    model, kw = JointDiT(_FlipMixer()).eval(), inputs()
+    ras = rasfx.transform(model, rasfx.TransformConfig(op_rules={torch.ops.aten.flip.default: lambda node: "mixing"}))
+    with torch.no_grad(), pytest.raises(TypeError, match="aten.flip.default returned 'mixing'"):
+        ras(**kw)

@@ -19,6 +19,7 @@ import math
 import operator
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -30,6 +31,9 @@ aten = torch.ops.aten
 
 @dataclass
 class OpRule:
+    """How one op treats the token axis (see the module docstring); returned by the built-in
+    rules and by user rules (``TransformConfig.op_rules``)."""
+
     kind: str  # "tokenwise" | "mixing" | "opaque"
     full: set = field(default_factory=set)  # input nodes needed at full length
     cheap: bool = False
@@ -142,10 +146,22 @@ def _contracted(node) -> dict:
     return {}
 
 
-def classify(node: fx.Node, kv_cache: bool = True) -> OpRule:
+def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None) -> OpRule:
     """``kv_cache=False`` is the paper's ablation without K/V recovery: attention of the
-    active queries over the active keys/values only (and the conditioning tokens)."""
+    active queries over the active keys/values only (and the conditioning tokens).
+    ``extra``: user rules ``{op: rule(node) -> OpRule}`` (``TransformConfig.op_rules``),
+    consulted before rasfx's own; an op may be given as an overload or its packet."""
     t = node.target
+    if extra and node.op == "call_function":
+        user = extra.get(t) or extra.get(getattr(t, "overloadpacket", None))
+        if user is not None:
+            rule = user(node)
+            if not isinstance(rule, OpRule) or rule.kind not in ("tokenwise", "mixing", "opaque"):
+                raise TypeError(
+                    f"the op rule for {t} returned {rule!r}; it must return rasfx.OpRule('tokenwise' | "
+                    "'mixing' | 'opaque', full=..., reason=...)"
+                )
+            return rule
     ins = [i for i in node.all_input_nodes if token_axes(i)]
     out_axes = _out_axes(node)
     if node.op != "call_function":

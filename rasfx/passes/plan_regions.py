@@ -85,9 +85,10 @@ def _row_gatherable(node: fx.Node) -> bool:
     return bool(axes) and axes[0].offset is not None
 
 
-def plan_regions(gm: fx.GraphModule, kv_cache: bool = True) -> Plan:
+def plan_regions(gm: fx.GraphModule, kv_cache: bool = True, op_rules: dict | None = None) -> Plan:
     """Plan every node (see module docstring). ``kv_cache=False``: attention reads the
-    active keys/values only (an ablation; not RAS)."""
+    active keys/values only (an ablation; not RAS). ``op_rules``: user rules consulted first
+    (``TransformConfig.op_rules``)."""
     plan = Plan()
     for node in gm.graph.nodes:
         ins = [i for i in node.all_input_nodes if _has_axes(i)]
@@ -102,7 +103,7 @@ def plan_regions(gm: fx.GraphModule, kv_cache: bool = True) -> Plan:
         if not ins:
             plan.mode[node.name] = "F" if _has_axes(node) else "-"
             continue
-        rule = classify(node, kv_cache)
+        rule = classify(node, kv_cache, op_rules)
         target = mutated_input(node)
         if target is not None and target in ins:
             _plan_mutation(plan, node, ins, rule, target)
