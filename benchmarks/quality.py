@@ -61,7 +61,9 @@ for _p in (ROOT, os.path.join(ROOT, "examples")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from demo import ReusedTransform, computed_on_subject, initial_noise, psnr, ssim, subject_mask  # noqa: E402  (examples/demo.py)
+from demo import (  # noqa: E402  (examples/demo.py)
+    ReusedTransform, computed_on_subject, initial_noise, jsonable, psnr, ssim, subject_mask,
+)
 
 SCHEMA = "rasfx-quality/1"
 DEFAULT_MODEL = os.path.join(ROOT, "models", "shapes-dit")
@@ -831,7 +833,7 @@ def write_outputs(res: dict, out: str) -> dict:
             files["samples"] = "samples.png"
     res["files"] = files
     with open(os.path.join(out, "quality.json"), "w") as f:
-        json.dump(_jsonable(res), f, indent=2)
+        json.dump(jsonable(res), f, indent=2)
     with open(os.path.join(out, "quality.md"), "w") as f:
         f.write("# RAS quality benchmark\n\n" + render_markdown(res, files["plot"], files["samples"]))
     return files
@@ -873,16 +875,6 @@ def _splice(doc: str, text: str, block: str) -> None:
     _, tail = rest.split(END_MARK, 1)
     with open(doc, "w") as f:
         f.write(head + BEGIN_MARK + "\n" + block + END_MARK + tail)
-
-
-def _jsonable(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else str(x)
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def _unjson(x):

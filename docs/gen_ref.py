@@ -445,8 +445,9 @@ def render_api() -> str:
     page.h(2, "Errors and warnings", "errors")
     page.add(md_doc(sys.modules["rasfx.errors"].__doc__), "")
     page.code("\n".join(_error_tree()), "text")
-    for cls in (rasfx.RasfxError, rasfx.UnsupportedModelError, rasfx.CaptureError, rasfx.InvalidIndexError,
-                rasfx.ConfigError, explain_mod.ExplainError, explain_mod.StageUnavailableError,
+    for cls in (rasfx.RasfxError, rasfx.UnsupportedModelError, rasfx.CaptureError, rasfx.TooFewTokensError,
+                rasfx.InvalidIndexError,
+                rasfx.ConfigError, explain_mod.ExplainError,
                 explain_mod.ToolMissingError, rasfx.RASWarning):
         qual = f"rasfx.{cls.__name__}" if getattr(rasfx, cls.__name__, None) is cls else f"rasfx.explain.{cls.__name__}"
         page.add(f"- **`{qual}`**: {md_doc(cls.__doc__)}")

@@ -429,7 +429,7 @@ def main(argv: Optional[Sequence[str]] = None, pipe=None, transform: Optional[Re
                    report_md="report.md", report_html="report.html"),
     )
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(_jsonable(results), f, indent=2)
+        json.dump(jsonable(results), f, indent=2)
     _write_markdown(os.path.join(out, "report.md"), results, runs, label_names, heat, all_stats, device)
     _write_html(os.path.join(out, "report.html"), results, runs, label_names, heat, all_stats, device)
     print(f"\nwrote {out}/: grid.png, diff.png, heatmaps.png, heatmaps/ ({2 * len(heat)} maps), results.json, "
@@ -468,13 +468,14 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _jsonable(x):
+def jsonable(x):
+    """``x`` with non-finite floats as strings and tuples as lists, for json.dump."""
     if isinstance(x, float):
         return x if math.isfinite(x) else str(x)
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x
 
 

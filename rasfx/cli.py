@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "or package.module:factory")
     g = p.add_argument_group("what to show")
     g.add_argument("--stage", choices=STAGES, default=None,
-                   help="compiler stage (default: transformed; fused only where the fusion passes exist)")
+                   help="compiler stage (default: transformed; fused: with the Triton gather/scatter GeMM fusion)")
     g.add_argument("--variant", choices=VARIANTS, default="shared",
                    help="graph variant of the transformed stage: shared (one active set, default), rowwise "
                         "(one per batch row), dense")

@@ -90,7 +90,6 @@ __all__ = [
     "Explanation",
     "NodeView",
     "StageDiff",
-    "StageUnavailableError",
     "ToolMissingError",
     "explain",
 ]
@@ -117,11 +116,6 @@ PASS_ORDER = (
 class ExplainError(RasfxError, ValueError):
     """A bad request to ``explain`` (unknown stage, variant or format, a filter that
     matches nothing)."""
-
-
-class StageUnavailableError(ExplainError):
-    """The requested stage does not exist in this build of rasfx (e.g. ``fused`` before the
-    fusion passes land)."""
 
 
 class ToolMissingError(RasfxError, RuntimeError):
@@ -457,15 +451,7 @@ class Explanation:
     def _load_variant(self):
         cc = self.cc
         if self.stage == "fused":
-            if not fused_available():
-                raise StageUnavailableError(
-                    "the fused stage is not available in this build of rasfx (the fusion passes have not "
-                    f"landed yet); stages available: {', '.join(s for s in STAGES if s != 'fused')}"
-                )
-            try:
-                return cc.variant("fused")
-            except (KeyError, NotImplementedError) as e:
-                raise StageUnavailableError(f"the fused stage is not available: {e}") from None
+            return cc.variant("fused")
         return cc.variant(self.variant_name)
 
     @property
@@ -1130,16 +1116,6 @@ def _active_share(v: NodeView, n: int, N: int) -> float:
         for ax in v.tokens[0]:
             scale *= (n + ax.extra) / (N + ax.extra)
     return scale
-
-
-def fused_available() -> bool:
-    """Whether this build of rasfx has the fusion passes (the ``fused`` stage)."""
-    from . import graph_build, passes
-
-    variants = getattr(graph_build, "VARIANTS", None)
-    if variants is not None:
-        return "fused" in variants
-    return any("fuse" in name for name in getattr(passes, "__all__", ()))
 
 
 def _pass_rank(name: str):

@@ -34,7 +34,6 @@ from rasfx.explain import (
     StageDiff,
     _module_matches,
     explain,
-    fused_available,
 )
 from rasfx.presets import PRESETS
 
@@ -379,10 +378,7 @@ def test_stages_and_variants(capsys):
     doc = json.loads(out)
     assert rc == 0 and not any(n["op"] == "rasfx::gather_tokens" for n in doc["nodes"])
     rc, out, err = run(["inspect", "sd3-tiny", "--stage", "fused"], capsys)
-    if fused_available():
-        assert rc == 0 and "stage fused" in out
-    else:
-        assert_clean_error(rc, err, 2, "fused stage is not available")
+    assert rc == 0 and "stage fused" in out
 
 
 def test_diff_grouped_by_pass(capsys):
