@@ -8,6 +8,10 @@ graph gives the wall time, so ``replay - kernels`` is what launching and schedul
 the graph (the per-kernel gaps), not the kernels themselves.
 
     python benchmarks/profile_step.py --model sd3 --ratios 0.25,0.125 --out profile.md
+    python benchmarks/profile_step.py --model sd3 --mode compile --out profile_compiled.md
+
+``--mode compile`` profiles the ``torch.compile``d original against rasfx's compile mode (kernel
+times of the compiled functions, replay of compile+cuda_graph): compiled against compiled.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="sd3", choices=sorted(bm.MODELS))
     ap.add_argument("--ratios", default="0.5,0.25,0.125")
     ap.add_argument("--out", default="profile.md")
+    ap.add_argument("--mode", default="eager", choices=["eager", "compile"],
+                    help="eager: kernels of the eager graphs, replay of cuda_graph; compile: both compiled")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_step: needs a CUDA GPU", file=sys.stderr)
@@ -92,8 +98,10 @@ def main(argv=None) -> int:
         for p in model.parameters():
             p.normal_(0, 0.02)
     f = lambda n: (n + n_txt) / (n_img + n_txt)  # noqa: E731
-    eager = rasfx.transform(model)
-    graphed = rasfx.transform(model, rasfx.TransformConfig(mode="cuda_graph"))
+    compiled = args.mode == "compile"
+    eager = rasfx.transform(model, rasfx.TransformConfig(mode="compile" if compiled else "eager"))
+    graphed = rasfx.transform(model, rasfx.TransformConfig(mode="compile+cuda_graph" if compiled else "cuda_graph"))
+    original = torch.compile(model, dynamic=False) if compiled else model
     g = torch.Generator().manual_seed(0)
     cases = [("original", None), ("RAS dense step", "dense")]
     cases += [(f"RAS r={r}", float(r)) for r in args.ratios.split(",")]
@@ -103,7 +111,7 @@ def main(argv=None) -> int:
             m(**kw)  # capture, dense caches
         for label, what in cases:
             if what is None:
-                fn_eager = lambda: model(**kw)  # noqa: E731
+                fn_eager = lambda: original(**kw)  # noqa: E731
                 fn_graph = bm.GraphedModel(fn_eager, dev)
                 n = n_img
             else:
@@ -118,15 +126,17 @@ def main(argv=None) -> int:
             eager_ms, _ = bm.time_call(fn_eager, dev, 5)
             total = sum(cats.values())
             rows.append((label, f(n), cats, count, total, replay, eager_ms))
-            tops[label] = top.most_common(8)
+            tops[label] = top.most_common(12)
             print(f"{label}: kernels {count}, kernel time {total:.2f} ms, graph replay {replay:.2f} ms, "
                   f"eager {eager_ms:.2f} ms, {dict((k, round(v, 2)) for k, v in cats.items())}", flush=True)
     names = [c for c, _ in CATEGORIES]
     lines = [
-        f"# Step profile: {bm.LABELS[args.model]} on {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16",
+        f"# Step profile: {bm.LABELS[args.model]} on {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16"
+        + (", compiled (torch.compile)" if compiled else ""),
         "",
-        "GPU kernel time per step (ms, eager run under torch.profiler) by kernel category; `replay` is the same",
-        "step replayed as a CUDA graph (wall time), `gaps` = replay - kernel time.",
+        "GPU kernel time per step (ms, run under torch.profiler without CUDA graph) by kernel category; `replay`",
+        "is the same step replayed as a CUDA graph (wall time), `gaps` = replay - kernel time; `eager wall` is the",
+        "step's wall time without CUDA graph.",
         "",
         "| step | f | " + " | ".join(names) + " | kernels | kernel time | replay | gaps | eager wall |",
         "|" + "---|" * (len(names) + 7),

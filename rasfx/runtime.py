@@ -53,7 +53,7 @@ class GraphRunner:
         fn = self._compiled.get(id(variant))
         if fn is None:
             _raise_recompile_limit()
-            fn = self._compiled[id(variant)] = torch.compile(variant.gm, dynamic=False)
+            fn = self._compiled[id(variant)] = torch.compile(_lowered(variant.gm), dynamic=False)
             self.stats["compiles"] += 1
         return fn
 
@@ -99,6 +99,17 @@ class GraphRunner:
             outputs = fn(*static)
         self.stats["captures"] += 1
         return _Captured(graph, static, [i for i in dynamic if isinstance(args[i], torch.Tensor)], outputs)
+
+
+def _lowered(gm: "torch.fx.GraphModule") -> "torch.fx.GraphModule":
+    """A copy of ``gm`` (sharing its parameters) whose cache ops are plain in-place ATen
+    writes, which Inductor fuses into the kernels producing the rows (lower_cache_ops)."""
+    from .graph_build import copy_graph_module
+    from .passes import lower_cache_ops
+
+    lowered = copy_graph_module(gm)
+    lower_cache_ops(lowered)
+    return lowered
 
 
 def _raise_recompile_limit() -> None:

@@ -2,11 +2,14 @@
 
 capture -> strip_asserts -> analyze_tokens -> plan_regions ->
 insert_gathers -> resize_token_shapes -> insert_cache_sites -> fuse_kernels (optional)
+
+lower_cache_ops runs on a copy of a variant right before ``torch.compile``.
 """
 
 from .fuse_kernels import fuse_kernels
 from .insert_cache_sites import insert_cache_sites
 from .insert_gathers import insert_gathers
+from .lower_cache_ops import lower_cache_ops
 from .plan_regions import Plan, Site, plan_regions
 from .resize_token_shapes import resize_token_shapes
 from .strip_asserts import strip_asserts
@@ -14,5 +17,5 @@ from .token_analysis import Axis, TokenAnalysis, analyze_tokens, token_axes
 
 __all__ = [
     "Axis", "Plan", "fuse_kernels", "Site", "TokenAnalysis", "analyze_tokens", "insert_cache_sites", "insert_gathers",
-    "plan_regions", "resize_token_shapes", "strip_asserts", "token_axes",
+    "lower_cache_ops", "plan_regions", "resize_token_shapes", "strip_asserts", "token_axes",
 ]
