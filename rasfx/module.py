@@ -177,7 +177,8 @@ class RASModule(torch.nn.Module):
             variant = cc.variant(f"fused_{name}" if self._fuse(cc) else name)
         if slot.caches is None:
             self.runner.drop(self._slot_name)
-            slot.caches = [c.allocate() for c in variant.caches]
+            compiled = "compile" in self.config.mode
+            slot.caches = [c.allocate(compiled) for c in variant.caches]
         args = [*flat, *slot.caches] if dense else [*flat, index, *slot.caches]
         dynamic = cc.dynamic_positions if dense else cc.dynamic_positions + [len(flat)]
         key = (self._slot_name, variant.name, sig, None if dense else tuple(index.shape))

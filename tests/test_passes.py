@@ -385,3 +385,16 @@ def test_lower_cache_ops_gives_plain_aten_writes_with_the_same_results(preset):
 
 def kw_batch(kw):
     return next(v.shape[0] for v in kw.values() if isinstance(v, torch.Tensor) and v.dim() == 4)
+
+
+def test_compiled_modes_get_contiguous_attention_caches():
+    """Eager graphs keep the producer's layout for every cache; compiled graphs get contiguous
+    attention caches (inductor writes those in place) and keep the layout of other caches
+    (their readers may view them)."""
+    from rasfx.passes.context import CacheSpec
+
+    perm = (2 * 5 * 3 * 4, 4, 3 * 4, 1)  # [B, H, L, D] seen through a transpose of [B, L, H, D]
+    for kind in ("attention", "output"):
+        spec = CacheSpec("c", (2, 3, 5, 4), torch.float32, torch.device("cpu"), kind, "p", "c", 2, perm)
+        assert spec.allocate().stride() == perm
+        assert spec.allocate(compiled=True).is_contiguous() == (kind == "attention")
