@@ -263,6 +263,9 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
             torch.cuda.empty_cache() if dev.type == "cuda" else None
             graphs0 = _dynamo_graphs()
             t = time.perf_counter()
+            # "MODE@producer-layout": the same runner with attention caches in the producer's
+            # layout instead of the runner's default (an A/B of the cache layout)
+            mode, _, variant = mode.partition("@")
             base_fn = baseline(model, kw, dev, mode)
             base_fn()
             _sync(dev)
@@ -271,6 +274,11 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
             # One capture serves every mode: only the runner changes.
             ras.reset()
             ras.runner = GraphRunner(mode)
+            if variant == "producer-layout":
+                ras.runner.contiguous_attention_caches = False
+            elif variant:
+                raise SystemExit(f"unknown mode variant {variant!r} (known: producer-layout)")
+            mode = f"{mode}@{variant}" if variant else mode
             t = time.perf_counter()
             ras(**kw)
             _sync(dev)

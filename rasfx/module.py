@@ -177,8 +177,7 @@ class RASModule(torch.nn.Module):
             variant = cc.variant(f"fused_{name}" if self._fuse(cc) else name)
         if slot.caches is None:
             self.runner.drop(self._slot_name)
-            compiled = "compile" in self.config.mode
-            slot.caches = [c.allocate(compiled) for c in variant.caches]
+            slot.caches = [c.allocate(self.runner.contiguous_attention_caches) for c in variant.caches]
         args = [*flat, *slot.caches] if dense else [*flat, index, *slot.caches]
         dynamic = cc.dynamic_positions if dense else cc.dynamic_positions + [len(flat)]
         key = (self._slot_name, variant.name, sig, None if dense else tuple(index.shape))

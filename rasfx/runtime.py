@@ -36,6 +36,11 @@ class GraphRunner:
         self._graphs: dict = {}
         self._pool = None
         self.stats = {"captures": 0, "replays": 0, "compiles": 0}
+        # Memory layout of the attention caches: the producer's (a dense fill is a plain copy)
+        # or contiguous. Under inductor a contiguous cache is written in place, a permuted one
+        # was measured to be copied whole each step (for SDPA and as a mutated input); A/B in
+        # benchmarks/bench_models.py (mode suffix "@producer-layout").
+        self.contiguous_attention_caches = "compile" in mode
 
     def clear(self) -> None:
         self._compiled.clear()

@@ -352,7 +352,7 @@ def test_lower_cache_ops_gives_plain_aten_writes_with_the_same_results(preset):
     from rasfx.presets import get_preset
 
     p = get_preset(preset)
-    model, kw = p.build(0), p.inputs(1)
+    model, kw = p.build(0), p.inputs(2)
     ras = rasfx.transform(model)
     with torch.no_grad():
         ras(**kw)
@@ -388,13 +388,14 @@ def kw_batch(kw):
 
 
 def test_compiled_modes_get_contiguous_attention_caches():
-    """Eager graphs keep the producer's layout for every cache; compiled graphs get contiguous
-    attention caches (inductor writes those in place) and keep the layout of other caches
-    (their readers may view them)."""
+    """Eager runners keep the producer's layout for every cache; compiled runners get contiguous
+    attention caches and keep the layout of other caches (their readers may view them)."""
     from rasfx.passes.context import CacheSpec
 
     perm = (2 * 5 * 3 * 4, 4, 3 * 4, 1)  # [B, H, L, D] seen through a transpose of [B, L, H, D]
     for kind in ("attention", "output"):
         spec = CacheSpec("c", (2, 3, 5, 4), torch.float32, torch.device("cpu"), kind, "p", "c", 2, perm)
         assert spec.allocate().stride() == perm
-        assert spec.allocate(compiled=True).is_contiguous() == (kind == "attention")
+        assert spec.allocate(contiguous_attention=True).is_contiguous() == (kind == "attention")
+    assert rasfx.runtime.GraphRunner("compile+cuda_graph").contiguous_attention_caches
+    assert not rasfx.runtime.GraphRunner("cuda_graph").contiguous_attention_caches

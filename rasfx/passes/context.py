@@ -31,13 +31,11 @@ class CacheSpec:
     dim: int
     stride: tuple | None = None
 
-    def allocate(self, compiled: bool = False) -> torch.Tensor:
-        """An uninitialised cache. Eager graphs get the producer's layout (a dense step's
-        fill is a plain copy). Compiled graphs get contiguous attention caches: inductor
-        writes the fresh rows of a contiguous cache in place, while for a permuted one it
-        materialises the whole cache each step (a copy for SDPA, a copy-back of the
-        mutated input), which costs O(all tokens) per step."""
-        if self.stride is not None and not (compiled and self.kind == "attention"):
+    def allocate(self, contiguous_attention: bool = False) -> torch.Tensor:
+        """An uninitialised cache in the producer's layout (a dense step's fill is a plain
+        copy); ``contiguous_attention``: attention caches contiguous instead (the runtime
+        decides, see ``GraphRunner.contiguous_attention_caches``)."""
+        if self.stride is not None and not (contiguous_attention and self.kind == "attention"):
             return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)
 
