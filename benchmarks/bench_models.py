@@ -244,7 +244,8 @@ def schedule(steps=28, warmup=4, resets=(12, 20)):
     return ["dense" if (i < warmup or i in resets) else "ras" for i in range(steps)]
 
 
-def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(0.5, 0.25), fusion=True):
+def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(0.5, 0.25), fusion=True,
+              fuse_qkv=False):
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device(dev):
@@ -253,9 +254,17 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+    label = LABELS[name]
+    if fuse_qkv:
+        # diffusers' own speed option (one Q/K/V projection GEMM): applied to the original
+        # and therefore to what rasfx captures, so both sides of every comparison have it
+        if not hasattr(model, "fuse_qkv_projections"):
+            raise SystemExit(f"{name}: {type(model).__name__} has no fuse_qkv_projections()")
+        model.fuse_qkv_projections()
+        label += ", fused QKV"
     build_s = time.perf_counter() - t0
     f = lambda r: (r * n_img + n_txt) / (n_img + n_txt)  # noqa: E731
-    res = {"model": name, "label": LABELS[name], "n_img": n_img, "n_cond": n_txt, "build_s": build_s, "modes": {}}
+    res = {"model": name, "label": label, "fuse_qkv": fuse_qkv, "n_img": n_img, "n_cond": n_txt, "build_s": build_s, "modes": {}}
     g = torch.Generator().manual_seed(0)
     ras = rasfx.transform(model)
     with torch.no_grad():
@@ -408,6 +417,8 @@ def main(argv=None):
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="per-step ratios to time")
     ap.add_argument("--schedule-ratios", default="0.5,0.25", help="ratios of the whole 28-step schedules")
     ap.add_argument("--no-fusion", action="store_true", help="skip the Triton fusion on/off comparison")
+    ap.add_argument("--fuse-qkv", action="store_true",
+                    help="call diffusers' model.fuse_qkv_projections() first (original and rasfx alike)")
     ap.add_argument("--budget-s", type=float, default=480, help="skip remaining models after this many seconds")
     ap.add_argument("--out", default=None, help="write JSON results here")
     args = ap.parse_args(argv)
@@ -427,7 +438,8 @@ def main(argv=None):
             results.append(run_model(name, args.scale, dev, dt, modes, args.iters,
                                      tuple(float(r) for r in args.ratios.split(",")),
                                      lambda m: print(m, flush=True),
-                                     tuple(float(r) for r in args.schedule_ratios.split(",")), not args.no_fusion))
+                                     tuple(float(r) for r in args.schedule_ratios.split(",")), not args.no_fusion,
+                                     args.fuse_qkv))
         except Exception as e:  # keep the other models' numbers
             print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
             results.append({"model": name, "error": f"{type(e).__name__}: {e}", "modes": {}, "label": LABELS[name]})

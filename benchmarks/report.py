@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def load(paths):
@@ -15,6 +16,7 @@ def load(paths):
     for p in paths:
         with open(p) as fh:
             runs.append(json.load(fh))
+        runs[-1].setdefault("name", os.path.splitext(os.path.basename(p))[0])
     return runs
 
 
@@ -84,13 +86,24 @@ def plot(runs, path) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
+    seen: dict = {}
+    for run in runs:
+        for res in run["results"]:
+            for mode, row in res.get("modes", {}).items():
+                seen[(res["model"], mode)] = seen.get((res["model"], mode), 0) + 1
+    f_drawn = set()
     for run in runs:
         for res in run["results"]:
             for mode, row in res.get("modes", {}).items():
                 pts = sorted((float(r), s["vs_original"], s["f"]) for r, s in row["steps"].items())
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{res['model']} {mode}")
-    xs = [0.125, 1.0]
-    ax.plot(xs, xs, "k--", label="token share (no conditioning)")
+                label = f"{res['model']} {mode}"
+                if seen[(res["model"], mode)] > 1:  # the same model and mode in several runs
+                    label += f" ({run.get('name', '?')})"
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                if res["model"] not in f_drawn:  # the model's f(r) (conditioning tokens included)
+                    f_drawn.add(res["model"])
+                    ax.plot([p[0] for p in pts], [p[2] for p in pts], ":", color=line.get_color(),
+                            label=f"{res['model']} f(r)")
     ax.set_xlabel("ratio r (share of image tokens computed)")
     ax.set_ylabel("step time / original step time")
     ax.legend(fontsize=7)

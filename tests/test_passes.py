@@ -399,3 +399,30 @@ def test_compiled_modes_get_contiguous_attention_caches():
         assert spec.allocate(contiguous_attention=True).is_contiguous() == (kind == "attention")
     assert rasfx.runtime.GraphRunner("compile+cuda_graph").contiguous_attention_caches
     assert not rasfx.runtime.GraphRunner("cuda_graph").contiguous_attention_caches
+
+
+@pytest.mark.parametrize("preset", ["sd3-tiny", "pixart-tiny"])
+def test_fused_qkv_projections_are_captured(preset):
+    """diffusers' ``fuse_qkv_projections()`` (one Q/K/V GEMM, the fused attention processors):
+    the fused projection's output is split along features, not tokens, so the capture needs
+    nothing special; dense and all-active steps equal the model, and a partial step equals the
+    unfused model's partial step (same weights)."""
+    from rasfx.presets import get_preset
+
+    p = get_preset(preset)
+    plain, fused = p.build(0).eval(), p.build(0).eval()
+    fused.fuse_qkv_projections()
+    assert any("Fused" in type(pr).__name__ for pr in fused.attn_processors.values())
+    kw = p.inputs(2)
+    ras_plain, ras_fused = rasfx.transform(plain), rasfx.transform(fused)
+    with torch.no_grad():
+        want = plain(**kw)[0]
+        assert torch.allclose(ras_fused(**kw)[0], want, atol=1e-5)
+        ras_plain(**kw)
+        n = ras_fused.num_image_tokens
+        for idx in (torch.arange(1, n, 3), torch.arange(n)):
+            ras_plain.set_active(idx)
+            ras_fused.set_active(idx)
+            got = ras_fused(**kw)[0]
+            assert torch.allclose(got, ras_plain(**kw)[0], atol=1e-5)
+        assert torch.allclose(got, want, atol=1e-5)  # the last step: every token active
