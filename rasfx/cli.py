@@ -487,9 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "or package.module:factory")
     g = p.add_argument_group("what to show")
     g.add_argument("--stage", choices=STAGES, default=None,
-                   help="compiler stage (default: transformed; fused: with the Triton gather/scatter GeMM fusion)")
+                   help="compiler stage (default: transformed; fused: with the Triton gather/scatter GeMM fusion; "
+                        "lowered: what torch.compile receives, cache ops as in-place ATen writes)")
     g.add_argument("--variant", choices=VARIANTS, default="shared",
-                   help="graph variant of the transformed stage: shared (one active set, default), rowwise "
+                   help="graph variant of the transformed and lowered stages: shared (one active set, default), rowwise "
                         "(one per batch row), dense")
     g.add_argument("--diff", nargs=2, metavar=("A", "B"), default=None,
                    help="nodes added/removed/changed from stage A to stage B, grouped by pass")

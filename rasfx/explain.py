@@ -11,7 +11,9 @@ run) and returns an :class:`Explanation` of one *stage* of the compiler:
 - ``transformed``: the runnable graph of one variant (``shared`` by default: one active set
   for the whole batch; ``rowwise``; ``dense``) with the nodes the passes added (gathers,
   caches, cache-aware attention, index arithmetic);
-- ``fused``: the graph after the fusion passes, where this build of rasfx has them.
+- ``fused``: the graph after the fusion passes, where this build of rasfx has them;
+- ``lowered``: what ``torch.compile`` receives in the compile modes: the variant with its cache
+  ops lowered to in-place ATen writes (``passes/lower_cache_ops.py``).
 
 Views: :meth:`Explanation.summary` (counts, token region, token-mixing sites and caches,
 conservative ops, pass counters, estimated FLOPs and cache memory, timings),
@@ -32,7 +34,7 @@ JSON schema (``to_json()``, ``rasfx inspect --format json``), ``"schema": "rasfx
     {
       "schema": "rasfx.explain/1", "rasfx_version": str,
       "model": {"name": str, "class": str, "source": str},
-      "stage": "captured"|"analyzed"|"transformed"|"fused", "variant": "shared"|"rowwise"|"dense",
+      "stage": "captured"|"analyzed"|"transformed"|"fused"|"lowered", "variant": "shared"|"rowwise"|"dense",
       "filters": {"module": str|null, "op": str|null},
       "inputs": [{"name": str, "shape": [int], "dtype": str} | {"name": str, "value": str}],
       "num_tokens": int, "batch": int, "ratio": float, "active_tokens": int,
@@ -96,7 +98,9 @@ __all__ = [
 
 aten = torch.ops.aten
 
-STAGES = ("captured", "analyzed", "transformed", "fused")
+STAGES = ("captured", "analyzed", "transformed", "fused", "lowered")
+_VARIANT_STAGES = ("transformed", "fused", "lowered")  # stages that show a runnable graph variant
+_PER_VARIANT = ("transformed", "lowered")  # ... and depend on --variant
 VARIANTS = ("shared", "rowwise", "dense")
 FORMATS = ("summary", "text", "json", "dot", "svg", "html")
 SCHEMA = "rasfx.explain/1"
@@ -416,7 +420,7 @@ class Explanation:
         self._views: list | None = None
         self._variant = None
         self._captured_views: list | None = None
-        if stage in ("transformed", "fused"):
+        if stage in _VARIANT_STAGES:
             self._variant = self._load_variant()
 
     # ---------------------------------------------------------------- basic facts
@@ -452,6 +456,13 @@ class Explanation:
         cc = self.cc
         if self.stage == "fused":
             return cc.variant("fused")
+        if self.stage == "lowered":
+            from .graph_build import Variant, copy_graph_module
+            from .passes import lower_cache_ops
+
+            base = cc.variant(self.variant_name)
+            gm = copy_graph_module(base.gm)
+            return Variant(base.name, gm, base.caches, base.counters + lower_cache_ops(gm))
         return cc.variant(self.variant_name)
 
     @property
@@ -759,7 +770,7 @@ class Explanation:
     # ---------------------------------------------------------------- outputs
     def header(self) -> str:
         where = f"stage {self.stage}"
-        if self._variant is not None and self.stage == "transformed":
+        if self._variant is not None and self.stage in _PER_VARIANT:
             where += f", variant {self.variant_name}"
         return f"{self.model_name} ({self.model_class}): {where}"
 
@@ -1253,8 +1264,8 @@ class StageDiff:
 
     def title(self) -> str:
         a, b = self.a, self.b
-        va = f" ({a.variant_name})" if a.variant is not None and a.stage == "transformed" else ""
-        vb = f" ({b.variant_name})" if b.variant is not None and b.stage == "transformed" else ""
+        va = f" ({a.variant_name})" if a.variant is not None and a.stage in _PER_VARIANT else ""
+        vb = f" ({b.variant_name})" if b.variant is not None and b.stage in _PER_VARIANT else ""
         return f"{a.model_name} ({a.model_class}): {a.stage}{va} -> {b.stage}{vb}"
 
     def _counts(self, entries) -> str:

@@ -381,6 +381,21 @@ def test_stages_and_variants(capsys):
     assert rc == 0 and "stage fused" in out
 
 
+def test_lowered_stage_is_what_torch_compile_receives(capsys):
+    """--stage lowered shows the variant with its cache ops lowered to in-place ATen writes; the
+    diff against the transformed graph names lower_cache_ops and no rasfx custom op remains."""
+    rc, out, _ = run(["inspect", "sd3-tiny", "--stage", "lowered", "--variant", "rowwise", "--format", "json"], capsys)
+    doc = json.loads(out)
+    assert rc == 0 and doc["stage"] == "lowered" and doc["variant"] == "rowwise"
+    ops = {n["op"] for n in doc["nodes"]}
+    assert "rasfx::ras_attention" not in ops and "rasfx::cache_write_" not in ops
+    assert sum(n["created_by"] == "lower_cache_ops" for n in doc["nodes"]) == 7  # 2 x (2 writes + SDPA) + output
+    rc, out, _ = run(["inspect", "sd3-tiny", "--diff", "transformed", "lowered", "--format", "text"], capsys)
+    assert rc == 0 and "transformed (shared) -> lowered (shared)" in out
+    section = out.split("lower_cache_ops:")[1]
+    assert re.search(r"\+\s+scaled_dot_product_attention", section)
+
+
 def test_diff_grouped_by_pass(capsys):
     rc, out, _ = run(["inspect", "sd3-tiny", "--diff", "analyzed", "transformed", "--format", "text"], capsys)
     assert rc == 0

@@ -31,8 +31,11 @@ aten = torch.ops.aten
 def _write(graph: fx.Graph, cache, x, index, dim: int) -> fx.Node:
     """In-place ``cache[..., index, ...] = x`` along ``dim``; returns the write node."""
     if index is None:
-        return graph.call_function(aten.copy_.default, (cache, x))
-    return graph.call_function(_rows_write_, (cache, x, index, dim))
+        node = graph.call_function(aten.copy_.default, (cache, x))
+    else:
+        node = graph.call_function(_rows_write_, (cache, x, index, dim))
+    node.meta["rasfx_created_by"] = "lower_cache_ops"
+    return node
 
 
 def _rows_write_(cache: torch.Tensor, x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -66,6 +69,7 @@ def lower_cache_ops(gm: fx.GraphModule) -> Counter:
                 sdpa = graph.call_function(aten.scaled_dot_product_attention.default, (a["q"], keys, values),
                                            kwargs)
             sdpa.meta.update(node.meta)
+            sdpa.meta["rasfx_created_by"] = "lower_cache_ops"
             node.replace_all_uses_with(sdpa)
             graph.erase_node(node)
             counts["lowered"] += 1
