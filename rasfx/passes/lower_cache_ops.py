@@ -25,6 +25,8 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
+from ..ops import write_rows_
+
 aten = torch.ops.aten
 
 
@@ -39,9 +41,7 @@ def _write(graph: fx.Graph, cache, x, index, dim: int) -> fx.Node:
 
 
 def _rows_write_(cache: torch.Tensor, x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    # Traced by dynamo into index_copy_ / scatter_ (see ops.write_rows_).
-    from ..ops import write_rows_
-
+    # Traced by dynamo into index_copy_ / scatter_ (the custom ops' own semantics).
     write_rows_(cache, x, index, dim)
     return cache
 
