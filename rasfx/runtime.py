@@ -11,10 +11,14 @@ captured graph and compiled function.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger("rasfx")
 
 MODES = ("eager", "compile", "cuda_graph", "compile+cuda_graph")
 
@@ -35,7 +39,8 @@ class GraphRunner:
         self._compiled: dict = {}
         self._graphs: dict = {}
         self._pool = None
-        self.stats = {"captures": 0, "replays": 0, "compiles": 0}
+        self.stats = {"captures": 0, "replays": 0, "compiles": 0, "compiled_shapes": 0}
+        self._compiled_keys: set = set()
         # Memory layout of the attention caches: the producer's (a dense fill is a plain copy)
         # or contiguous. Under inductor a contiguous cache is written in place, a permuted one
         # was measured to be copied whole each step (for SDPA and as a mutated input); A/B in
@@ -67,6 +72,8 @@ class GraphRunner:
         between calls (user inputs, index); all others (weights, caches) keep their
         storage, which lets a captured CUDA graph read them in place."""
         fn = self._fn(variant)
+        if "compile" in self.mode and key[1:] not in self._compiled_keys:  # key[0]: the cache slot
+            fn = self._announce_compile(fn, variant, key)
         use_graph = "cuda_graph" in self.mode and any(
             isinstance(a, torch.Tensor) and a.is_cuda for a in args
         )
@@ -83,6 +90,27 @@ class GraphRunner:
         self.stats["replays"] += 1
         # The outputs live in the graph's memory and are overwritten by the next replay.
         return [o.clone() if isinstance(o, torch.Tensor) else o for o in entry.outputs]
+
+    def _announce_compile(self, fn, variant, key) -> Callable:
+        """``fn`` for the first call of a new (variant, shape): torch.compile compiles then,
+        which takes tens of seconds on a real model; say so, and how long it took."""
+        self._compiled_keys.add(key[1:])
+        self.stats["compiled_shapes"] += 1
+        shape = "all tokens" if key[-1] is None else f"active index {list(key[-1])}"
+        log.info("rasfx: compiling the %s graph for %s (first use of this shape; later steps reuse it)",
+                 variant.name, shape)
+
+        first = [True]
+
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            if first[0]:  # a CUDA-graph capture calls it again (warm-ups, capture)
+                first[0] = False
+                log.info("rasfx: %s graph for %s compiled in %.1f s", variant.name, shape, time.perf_counter() - t0)
+            return out
+
+        return timed
 
     def _capture(self, fn, args, dynamic) -> _Captured:
         static = list(args)

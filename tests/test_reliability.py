@@ -1176,7 +1176,7 @@ def aot_eager_compile(monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["rope", "plain"])
-def test_compiled_and_eager_paths_agree_over_steps(variant, aot_eager_compile):
+def test_compiled_and_eager_paths_agree_over_steps(variant, aot_eager_compile, caplog):
     torch.manual_seed(6)
     model = TinyDiT(variant).eval()
     compiled = rasfx.transform(model, rasfx.TransformConfig(mode="compile"))
@@ -1188,7 +1188,7 @@ def test_compiled_and_eager_paths_agree_over_steps(variant, aot_eager_compile):
     schedule = [None, torch.arange(3), torch.randperm(n, generator=g)[:3],
                 torch.stack([torch.randperm(n, generator=g)[:5] for _ in range(b)]), None,
                 torch.randperm(n, generator=g)[:3], torch.arange(n)]
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level("INFO", logger="rasfx"):
         for step, idx in enumerate(schedule):
             x = torch.randn(b, n, 4, generator=g)
             compiled.set_active(idx)
@@ -1199,6 +1199,11 @@ def test_compiled_and_eager_paths_agree_over_steps(variant, aot_eager_compile):
             assert rel(got, want) <= 1e-5, f"step {step}"
             assert rel(got, oracle(x, idx)) <= 1e-5, f"step {step}"
     assert compiled.runner.stats["compiles"] == 3  # dense, shared, rowwise: one compiled function each
+    # each new shape is announced once (compilation takes long on real models), repeats are not
+    assert compiled.runner.stats["compiled_shapes"] == 4  # dense, shared [3], rowwise [2, 5], shared [12]
+    announced = [r.getMessage() for r in caplog.records if "compiling the" in r.getMessage()]
+    assert len(announced) == 4 and "shared graph for active index [3]" in announced[1]
+    assert sum("compiled in" in r.getMessage() for r in caplog.records) == 4
     assert len(aot_eager_compile) >= 4  # and dynamo traced them (3 variants, one more shape of "shared")
     assert eager.runner.stats["compiles"] == 0
 
