@@ -12,6 +12,10 @@ measures the Python launch path):
 * cuBLAS:  F.linear(x_act, W, b) on the same number of rows, no gather or scatter: the
   speed a fused kernel would reach if gathering/scattering were free.
 
+The fused column measures the Triton kernels themselves: the script sets
+RASFX_KERNELS_PATH=fused (by default the ops run, per shape, the faster of the fused kernel and
+the unfused path; see rasfx/kernels/_common.py FasterPath).
+
 "% cuBLAS" is cuBLAS time / op time (100% = as fast as the dense GeMM of the same size).
 Needs only torch and triton and a CUDA GPU:
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pathlib
 import sys
 import types
@@ -205,6 +210,7 @@ def markdown_table(rows, header=None) -> str:
 
 
 def main(argv=None) -> int:
+    os.environ["RASFX_KERNELS_PATH"] = "fused"  # time the kernels, not the per-shape choice
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--out", type=pathlib.Path, default=pathlib.Path("bench_kernels.md"), help="markdown output file"

@@ -70,12 +70,20 @@ requires_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_on_cpu():
     """TRITON_INTERPRET=1 for this module's tests on machines without CUDA (the kernels
-    read it at launch time), restored afterwards."""
+    read it at launch time), restored afterwards. The ops run the fused kernels here
+    (RASFX_KERNELS_PATH=fused): on a GPU they would otherwise take, per shape, the faster of
+    the kernel and the unfused path, and these tests are about the kernels."""
     outer = os.environ.get("TRITON_INTERPRET")
+    outer_path = os.environ.get("RASFX_KERNELS_PATH")
     if not ON_GPU:
         os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["RASFX_KERNELS_PATH"] = "fused"
     yield
     _set_interpret(outer)
+    if outer_path is None:
+        os.environ.pop("RASFX_KERNELS_PATH", None)
+    else:
+        os.environ["RASFX_KERNELS_PATH"] = outer_path
 
 
 # ----------------------------------------------------------------------------------
@@ -558,6 +566,65 @@ def test_gpu_autotuned_launch(monkeypatch):
     monkeypatch.setenv("RASFX_KERNELS_AUTOTUNE", "1")
     run_gather_case(2, REAL_M, 1024, 1536, 1536, torch.bfloat16, per_row=False, bias=True, poison_out=True)
     run_scatter_case(2, REAL_M, 1024, 1536, 1536, torch.bfloat16, per_row=True, bias=True)
+
+
+def test_faster_path_runs_the_faster_path_per_shape_and_remembers(monkeypatch):
+    """FasterPath times both paths once per key (only where asked to measure) and keeps the
+    choice; RASFX_KERNELS_PATH forces a path; a bad value is an error."""
+    from rasfx.kernels._common import FasterPath
+
+    monkeypatch.setenv("RASFX_KERNELS_PATH", "auto")
+    ms = {"fused": 2.0, "unfused": 1.0}
+    calls = []
+
+    def path(name):
+        def run():
+            calls.append(name)
+            return ms[name]
+        return run
+
+    fp = FasterPath(timer=lambda fn: fn())  # the "time" of a path is what it returns
+    fused, unfused = path("fused"), path("unfused")
+    assert fp.use_fused("a", True, fused, unfused) is False
+    assert fp.timings["a"] == (2.0, 1.0)
+    seen = len(calls)
+    assert fp.use_fused("a", True, fused, unfused) is False and len(calls) == seen  # remembered
+    ms["fused"] = 0.5
+    assert fp.use_fused("b", True, fused, unfused) is True  # another shape, the kernel wins
+    assert fp.use_fused("c", False, fused, unfused) is True and "c" not in fp.choices  # not measured
+    monkeypatch.setenv("RASFX_KERNELS_PATH", "unfused")
+    assert fp.use_fused("b", True, fused, unfused) is False
+    monkeypatch.setenv("RASFX_KERNELS_PATH", "fused")
+    assert fp.use_fused("a", True, fused, unfused) is True
+    monkeypatch.setenv("RASFX_KERNELS_PATH", "sometimes")
+    with pytest.raises(ValueError, match="RASFX_KERNELS_PATH"):
+        fp.use_fused("a", True, fused, unfused)
+
+
+@gpu
+@requires_cuda
+@requires_triton
+@pytest.mark.parametrize("op", ["gather", "scatter"])
+def test_gpu_ops_take_the_faster_path_per_shape(op, monkeypatch):
+    """With RASFX_KERNELS_PATH=auto the op times the kernel and the unfused path at its first
+    call per shape (CUDA-graph replays), remembers the faster, and gives the reference's result."""
+    monkeypatch.setenv("RASFX_KERNELS_PATH", "auto")
+    table = gather_gemm.GATHER_PATH if op == "gather" else scatter_gemm.SCATTER_PATH
+    table.choices.clear()
+    table.timings.clear()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, REAL_M, 1536, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(1536, 1536, device="cuda", dtype=torch.bfloat16, generator=g) / 40
+    idx = torch.randperm(REAL_M, device="cuda", generator=g)[:512]
+    if op == "gather":
+        got, want = gather_linear(x, idx, w), gather_linear_reference(x, idx, w)
+    else:
+        got, want = x.clone(), x.clone()
+        linear_scatter_(got, x[:, :512], idx, w)
+        linear_scatter_reference_(want, x[:, :512], idx, w)
+    (key, (fused_ms, unfused_ms)), = table.timings.items()
+    assert table.choices[key] == (fused_ms <= unfused_ms) and fused_ms > 0 and unfused_ms > 0
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
 
 @gpu

@@ -36,6 +36,8 @@ __all__ = [
     "matmul_configs",
     "prune_matmul_configs",
     "rows_bucket",
+    "FasterPath",
+    "kernel_path",
 ]
 
 
@@ -287,3 +289,72 @@ def prune_matmul_configs(configs, named_args, **kwargs):
             kept.append(cfg)
     # Never return an empty list: the untuned tile fits every GPU and dtype.
     return kept or [_config(_UNTUNED_TILE)]
+
+
+# ----------------------------------------------------------------------------------
+# Fused or unfused, per shape
+# ----------------------------------------------------------------------------------
+
+_PATHS = ("auto", "fused", "unfused")
+
+
+def kernel_path() -> str:
+    """RASFX_KERNELS_PATH: ``auto`` (default: per shape, the faster of the two, measured once),
+    ``fused`` (always the Triton kernel) or ``unfused`` (always F.linear + indexing)."""
+    value = os.environ.get("RASFX_KERNELS_PATH", "auto").strip().lower()
+    if value not in _PATHS:
+        raise ValueError(f"RASFX_KERNELS_PATH must be one of {', '.join(_PATHS)}, got {value!r}")
+    return value
+
+
+def cuda_graph_ms(fn, reps: int = 20) -> float:
+    """Milliseconds per call of ``fn`` replayed inside one CUDA graph (``reps`` calls per
+    replay): these GeMMs take 10-300 us, so eager timing would measure the launch path."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the capture (cuBLAS handles, Triton compilation)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(reps):
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+class FasterPath:
+    """Per shape, whether the fused Triton GeMM or the unfused PyTorch path (F.linear plus
+    ``index_select`` / ``index_copy_``) runs: the faster of the two, timed once per key as
+    CUDA-graph replays, so a fused op is never slower than the path it replaces (the Triton
+    kernels lose to ``index_select`` + cuBLAS in some shapes, e.g. B=1 gathers on an H200).
+
+    Only measured on CUDA (``measure=True``) and outside a CUDA-graph capture; elsewhere the
+    fused kernel runs (the CPU tests check it under TRITON_INTERPRET=1). ``RASFX_KERNELS_PATH``
+    forces one path. State is per op, resettable (``choices.clear()``).
+    """
+
+    def __init__(self, timer=None):
+        self.choices: dict = {}  # key -> True (fused) / False (unfused)
+        self.timings: dict = {}  # key -> (fused ms, unfused ms)
+        self._timer = timer or cuda_graph_ms
+
+    def use_fused(self, key, measure: bool, fused, unfused) -> bool:
+        forced = kernel_path()
+        if forced != "auto":
+            return forced == "fused"
+        if key in self.choices:
+            return self.choices[key]
+        if not measure or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return True  # nothing to time here (CPU, or inside a CUDA-graph capture): the kernel
+        fused()  # autotuning happens here, outside the timing
+        fused_ms, unfused_ms = self._timer(fused), self._timer(unfused)
+        self.timings[key] = (fused_ms, unfused_ms)
+        self.choices[key] = fused_ms <= unfused_ms
+        return self.choices[key]
