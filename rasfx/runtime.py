@@ -49,6 +49,7 @@ class GraphRunner:
 
     def clear(self) -> None:
         self._compiled.clear()
+        self._compiled_keys.clear()
         self._graphs.clear()
         self._pool = None
 
