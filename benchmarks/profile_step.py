@@ -50,14 +50,30 @@ def categorize(name: str) -> str:
     return "elementwise"
 
 
-def kernel_times(fn, iters: int = 3) -> tuple[dict, int, Counter]:
-    """(ms per call by category, kernels per call, top kernels by time) of ``fn`` in eager mode."""
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_shapes(prof, iters: int) -> list[tuple[str, str, float, float]]:
+    """(op, input shapes, calls per step, GPU ms per step) of the GEMM ops of a profile, slowest
+    first: which GEMMs shrink with the active tokens and which do not (adaLN rows, text stream)."""
+    rows = []
+    for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.key not in GEMM_OPS:
+            continue
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0) or 0.0
+        rows.append((evt.key, str(evt.input_shapes), evt.count / iters, us / 1e3 / iters))
+    return sorted(rows, key=lambda r: -r[3])
+
+
+def kernel_times(fn, iters: int = 3) -> tuple[dict, int, Counter, list]:
+    """(ms per call by category, kernels per call, top kernels by time, GEMMs by shape) of ``fn``
+    run without CUDA graph."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
@@ -75,7 +91,7 @@ def kernel_times(fn, iters: int = 3) -> tuple[dict, int, Counter]:
         by_cat[categorize(e.name)] += us / 1e3 / iters
         top[e.name[:60]] += us / 1e3 / iters
         count += 1
-    return dict(by_cat), count // iters, top
+    return dict(by_cat), count // iters, top, gemm_shapes(prof, iters)
 
 
 def main(argv=None) -> int:
@@ -105,7 +121,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     cases = [("original", None), ("RAS dense step", "dense")]
     cases += [(f"RAS r={r}", float(r)) for r in args.ratios.split(",")]
-    rows, tops = [], {}
+    rows, tops, gemm_rows = [], {}, {}
     with torch.no_grad():
         for m in (eager, graphed):
             m(**kw)  # capture, dense caches
@@ -121,12 +137,13 @@ def main(argv=None) -> int:
                     m.set_active(idx, check=False)
                 fn_eager = lambda: eager(**kw)  # noqa: E731
                 fn_graph = lambda: graphed(**kw)  # noqa: E731
-            cats, count, top = kernel_times(fn_eager)
+            cats, count, top, gemms = kernel_times(fn_eager)
             replay, _ = bm.time_call(fn_graph, dev, 10)
             eager_ms, _ = bm.time_call(fn_eager, dev, 5)
             total = sum(cats.values())
             rows.append((label, f(n), cats, count, total, replay, eager_ms))
             tops[label] = top.most_common(12)
+            gemm_rows[label] = gemms[:12]
             print(f"{label}: kernels {count}, kernel time {total:.2f} ms, graph replay {replay:.2f} ms, "
                   f"eager {eager_ms:.2f} ms, {dict((k, round(v, 2)) for k, v in cats.items())}", flush=True)
     names = [c for c, _ in CATEGORIES]
@@ -148,6 +165,9 @@ def main(argv=None) -> int:
     lines += ["", "Top kernels by time (ms per step):", ""]
     for label, top in tops.items():
         lines.append(f"* {label}: " + "; ".join(f"`{k}` {v:.2f}" for k, v in top))
+    lines += ["", "GEMMs by input shapes (GPU ms per step, calls per step), slowest first:", ""]
+    for label, gemms in gemm_rows.items():
+        lines += [f"* {label}:"] + [f"  * `{op}` {shapes}: {ms:.2f} ms, {calls:g} calls" for op, shapes, calls, ms in gemms]
     text = "\n".join(lines) + "\n"
     with open(args.out, "w") as fh:
         fh.write(text)
