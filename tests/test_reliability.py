@@ -668,34 +668,12 @@ def test_transformed_models_never_share_caches(ras, ras_other, sd3):
 # ------------------------------------------------------------------------------ tiny pipelines
 
 
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
-        norm_num_groups=4, sample_size=16, shift_factor=0.0, scaling_factor=1.0,
-    )
-
-
 def build_sd3_pipe(seed=0):
-    """The tiny SD3 pipeline of tests/test_pipeline.py (CFG batched: batch 2, 64 image tokens)."""
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    """The tiny SD3 pipeline of tests/test_pipeline.py (CFG batched: batch 2, 64 image tokens),
+    with inputs drawn from their own generator."""
+    from test_pipeline import build_sd3
 
-    torch.manual_seed(seed)
-    tr = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
-        pos_embed_max_size=32,
-    )
-    pipe = StableDiffusion3Pipeline(
-        transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), text_encoder=None, tokenizer=None,
-        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-    )
+    pipe, _ = build_sd3(seed)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(100 + seed)
     kw = dict(
