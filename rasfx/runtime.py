@@ -18,6 +18,9 @@ from typing import Any, Callable
 
 import torch
 
+from .graph_build import copy_graph_module
+from .passes import lower_cache_ops
+
 log = logging.getLogger("rasfx")
 
 MODES = ("eager", "compile", "cuda_graph", "compile+cuda_graph")
@@ -138,9 +141,6 @@ class GraphRunner:
 def _lowered(gm: "torch.fx.GraphModule") -> "torch.fx.GraphModule":
     """A copy of ``gm`` (sharing its parameters) whose cache ops are plain in-place ATen
     writes, which Inductor fuses into the kernels producing the rows (lower_cache_ops)."""
-    from .graph_build import copy_graph_module
-    from .passes import lower_cache_ops
-
     lowered = copy_graph_module(gm)
     lower_cache_ops(lowered)
     return lowered

@@ -274,12 +274,12 @@ def gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tenso
     """
     _check_args(x, index, weight, bias)
     cpu_range_check(index, x.shape[1])
-    key = (x.device, x.dtype, tuple(index.shape), x.shape[1], weight.shape[0], x.shape[2], bias is not None)
-    fused = lambda: _gather_linear_triton(x, index, weight, bias)  # noqa: E731
-    unfused = lambda: gather_linear_reference(x, index, weight, bias)  # noqa: E731
-    if use_triton(x) and GATHER_PATH.use_fused(key, x.is_cuda, fused, unfused):
-        return fused()
-    return unfused()
+    if use_triton(x):
+        key = (x.device, x.dtype, tuple(index.shape), x.shape[1], weight.shape[0], x.shape[2], bias is not None)
+        fused = lambda: _gather_linear_triton(x, index, weight, bias)  # noqa: E731
+        unfused = lambda: gather_linear_reference(x, index, weight, bias)  # noqa: E731
+        return fused() if GATHER_PATH.use_fused(key, x.is_cuda, fused, unfused) else unfused()
+    return gather_linear_reference(x, index, weight, bias)
 
 
 # Which path gather_linear takes per shape (see FasterPath); inspect GATHER_PATH.timings.

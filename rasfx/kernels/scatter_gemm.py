@@ -287,11 +287,14 @@ def linear_scatter_(cache: Tensor, x: Tensor, index: Tensor, weight: Tensor, bia
     """
     _check_args(cache, x, index, weight, bias)
     cpu_range_check(index, cache.shape[1])
+    if not use_triton(x):
+        linear_scatter_reference_(cache, x, index, weight, bias)
+        return
     # Timing both paths writes the same rows of the cache twice: harmless (same values).
     key = (x.device, x.dtype, tuple(index.shape), cache.shape[1], weight.shape[0], x.shape[2], bias is not None)
     fused = lambda: _linear_scatter_triton(cache, x, index, weight, bias)  # noqa: E731
     unfused = lambda: linear_scatter_reference_(cache, x, index, weight, bias)  # noqa: E731
-    if use_triton(x) and SCATTER_PATH.use_fused(key, x.is_cuda, fused, unfused):
+    if SCATTER_PATH.use_fused(key, x.is_cuda, fused, unfused):
         fused()
     else:
         unfused()
