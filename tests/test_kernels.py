@@ -176,6 +176,34 @@ def test_triton_path_is_taken(monkeypatch):
     assert calls
 
 
+@requires_triton
+@pytest.mark.parametrize("tma", ["1", "0"], ids=["tma", "pointers"])
+@pytest.mark.parametrize("Kd", [72, 37], ids=["K72", "K37"])
+def test_tma_and_pointer_operand_loads(tma, Kd, monkeypatch):
+    """Both operand-load paths of the kernels run and are exact: TMA descriptors (Hopper; the
+    interpreter on CPU) where the layout allows, pointer loads otherwise. K=37 bf16 rows are
+    74 bytes, not 16-byte aligned: TMA must decline them and the pointer path serve."""
+    from rasfx.kernels import _common
+
+    monkeypatch.setenv("RASFX_KERNELS_TMA", tma)
+    made = []
+    real = _common.tma_descriptor
+
+    def spy(t, meta, rows):
+        d = real(t, meta, rows)
+        made.append(d is not None)
+        return d
+
+    monkeypatch.setattr(gather_gemm, "tma_descriptor", spy)
+    monkeypatch.setattr(scatter_gemm, "tma_descriptor", spy)
+    run_gather_case(2, 50, 37, Kd, 40, torch.bfloat16, per_row=True, bias=True, poison_out=True)
+    run_scatter_case(2, 50, 37, Kd, 40, torch.bfloat16, per_row=False, bias=True)
+    run_scatter_case(1, 50, 33, Kd, 24, torch.float16, per_row=True, bias=False)
+    assert made, "the launchers did not ask for descriptors"
+    expect_tma = tma == "1" and Kd == 72 and (ON_GPU is False or torch.cuda.get_device_capability()[0] >= 9)
+    assert any(made) == expect_tma, made
+
+
 def test_reference_path_without_triton(monkeypatch):
     """With dispatch forced to the reference, the ops equal the unfused PyTorch code."""
     monkeypatch.setattr(gather_gemm, "use_triton", lambda t: False)

@@ -21,6 +21,11 @@ except ImportError:  # Triton is an optional dependency: the PyTorch references 
     triton = None
     tl = None
 
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 __all__ = [
     "jit",
     "triton_available",
@@ -38,6 +43,7 @@ __all__ = [
     "rows_bucket",
     "FasterPath",
     "kernel_path",
+    "tma_descriptor",
 ]
 
 
@@ -172,6 +178,7 @@ def rows_bucket(n: int) -> int:
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 # Hopper: wgmma-friendly 128-wide tiles with deep cp.async pipelines (228 KiB of smem).
 _HOPPER_TILES = (
+    (128, 256, 64, 8, 4),
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
@@ -204,7 +211,18 @@ def _config(tile: tuple):
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
         num_warps=warps,
         num_stages=stages,
+        pre_hook=set_descriptor_blocks,
     )
+
+
+def set_descriptor_blocks(nargs: dict) -> None:
+    """Give the TMA descriptors among a launch's arguments the tile of the config about to
+    run: ``x_ptr`` [BLOCK_M, BLOCK_K] rows, ``w_ptr`` [BLOCK_N, BLOCK_K] weight rows (a
+    descriptor's block shape is part of the compiled kernel's signature)."""
+    for name, rows in (("x_ptr", "BLOCK_M"), ("w_ptr", "BLOCK_N")):
+        arg = nargs.get(name)
+        if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
+            arg.block_shape = [nargs[rows], nargs["BLOCK_K"]]
 
 
 def autotune_enabled() -> bool:
@@ -248,7 +266,7 @@ def build_launchable(kernel, tune: bool):
         return fn
     return triton.autotune(
         configs=matmul_configs(),
-        key=["N", "K", "ROWS_BUCKET", "HAS_BIAS", "INPUT_PRECISION"],
+        key=["N", "K", "ROWS_BUCKET", "HAS_BIAS", "INPUT_PRECISION", "X_TMA", "W_TMA"],
         prune_configs_by={"early_config_prune": prune_matmul_configs},
         use_cuda_graph=True,
     )(fn)
@@ -277,6 +295,7 @@ def prune_matmul_configs(configs, named_args, **kwargs):
     (fp32 needs twice the bf16 footprint), so autotuning does not compile them.
     """
     x = named_args["x_ptr"]
+    x = getattr(x, "base", x)  # a TMA descriptor: its tensor
     device = x.device
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
     wanted = set(_HOPPER_TILES if hopper else _DEFAULT_TILES)
@@ -289,6 +308,44 @@ def prune_matmul_configs(configs, named_args, **kwargs):
             kept.append(cfg)
     # Never return an empty list: the untuned tile fits every GPU and dtype.
     return kept or [_config(_UNTUNED_TILE)]
+
+
+# ----------------------------------------------------------------------------------
+# TMA (Hopper's tensor memory accelerator)
+# ----------------------------------------------------------------------------------
+
+
+def tma_enabled() -> bool:
+    """TMA operand loads are on unless RASFX_KERNELS_TMA=0 (A/B benchmarks, debugging)."""
+    return os.environ.get("RASFX_KERNELS_TMA", "1").strip().lower() in _TRUE_STRINGS
+
+
+def tma_descriptor(t: Tensor, meta: dict, rows: str):
+    """A TMA descriptor over the 2-D operand ``t`` ([rows, K], K contiguous), or None where
+    TMA cannot serve it: Triton without descriptors, a GPU older than Hopper (sm_90), fp32
+    operands, RASFX_KERNELS_TMA=0, or a layout TMA cannot address (inner stride != 1, row
+    stride or base not 16-byte aligned). Under TRITON_INTERPRET=1 CPU tensors qualify too,
+    so the CPU tests run the TMA path of the kernels.
+
+    ``meta``: the fixed launch config (empty when autotuning: each config's pre-hook sets
+    the block shape, see `set_descriptor_blocks`); ``rows``: the meta key of the tile's
+    row count ("BLOCK_M" for activations, "BLOCK_N" for weights). Out-of-bounds parts of
+    a tile read as zeros, which is what the K tail and the last row tile need.
+    """
+    if TensorDescriptor is None or not tma_enabled() or t.dim() != 2:
+        return None
+    if t.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if t.device.type == "cuda":
+        if torch.cuda.get_device_capability(t.device)[0] < 9:
+            return None
+    elif not (t.device.type == "cpu" and interpret_enabled()):
+        return None
+    es = t.element_size()
+    if t.stride(1) != 1 or (t.stride(0) * es) % 16 or t.data_ptr() % 16 or t.shape[0] == 0:
+        return None
+    block = [meta.get(rows, 16), meta.get("BLOCK_K", 32)]  # placeholder until the pre-hook runs
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
 
 
 # ----------------------------------------------------------------------------------

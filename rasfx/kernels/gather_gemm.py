@@ -35,6 +35,7 @@ from ._common import (
     launch_mode,
     rows_bucket,
     tl,
+    tma_descriptor,
     triton,
     use_triton,
 )
@@ -53,7 +54,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _gather_linear_kernel(
     x_ptr,  # x: [B, M, K] activations; rows are read through idx_ptr
     idx_ptr,  # index: [B, n] or [n] int32/int64 row ids into M (stride_ib == 0 when shared)
-    w_ptr,  # weight: [N, K] (nn.Linear layout)
+    w_ptr,  # weight: [N, K] (nn.Linear layout; W_TMA: a TMA descriptor over it)
     bias_ptr,  # bias: [N]; any valid pointer when HAS_BIAS is False (never read)
     y_ptr,  # y: [B, n, N] output
     M,
@@ -75,6 +76,8 @@ def _gather_linear_kernel(
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # upcast operands before tl.dot (interpreter bf16 workaround)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: K-masks can be dropped
+    X_TMA: tl.constexpr,  # always False: gathered rows are not a TMA tile on Hopper (kept for the shared autotune key)
+    W_TMA: tl.constexpr,  # w_ptr is a TMA descriptor (Hopper): weight tiles arrive by TMA, zero-filled past the end
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -112,23 +115,29 @@ def _gather_linear_kernel(
 
     # x_ptrs: [BLOCK_M, BLOCK_K], w_ptrs: [BLOCK_K, BLOCK_N]
     x_ptrs = x_ptr + pid_b * stride_xb + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    if not W_TMA:
+        w_ptrs = w_ptr + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k0 * BLOCK_K
         if EVEN_K:
             a = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            a = tl.load(x_ptrs, mask=row_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        if W_TMA:
+            b = w_ptr.load([pid_n * BLOCK_N, k0 * BLOCK_K]).T  # [BLOCK_K, BLOCK_N]
+        elif EVEN_K:
             b = tl.load(w_ptrs)
         else:
-            k_left = K - k0 * BLOCK_K
-            a = tl.load(x_ptrs, mask=row_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        if not W_TMA:
+            w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_wn).to(tl.float32)  # [BLOCK_N]
@@ -175,13 +184,15 @@ def _gather_linear_triton(
     # upcast to fp32 gives the same products and fp32 sums that the tensor cores compute.
     dot_in_fp32 = interpret and x.dtype == torch.bfloat16
 
+    w_desc = tma_descriptor(weight, meta, "BLOCK_N")
+
     def grid(cfg):
         return (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), B)
 
     kernel[grid](
         x,
         index,
-        weight,
+        weight if w_desc is None else w_desc,
         bias if bias is not None else weight,
         out,
         M,
@@ -202,6 +213,8 @@ def _gather_linear_triton(
         HAS_BIAS=bias is not None,
         INPUT_PRECISION="ieee" if dot_in_fp32 else dot_input_precision(x.dtype),
         DOT_IN_FP32=dot_in_fp32,
+        X_TMA=False,
+        W_TMA=w_desc is not None,
         **meta,
     )
     return out

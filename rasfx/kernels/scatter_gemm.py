@@ -41,6 +41,7 @@ from ._common import (
     launch_mode,
     rows_bucket,
     tl,
+    tma_descriptor,
     triton,
     use_triton,
 )
@@ -57,9 +58,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @jit
 def _linear_scatter_kernel(
-    x_ptr,  # x: [B, n, K] activations of the active rows
+    x_ptr,  # x: [B, n, K] activations of the active rows (X_TMA: a TMA descriptor over x as [B * n, K])
     idx_ptr,  # index: [B, n] or [n] int32/int64 destination rows in M (stride_ib == 0 when shared)
-    w_ptr,  # weight: [N, K] (nn.Linear layout)
+    w_ptr,  # weight: [N, K] (nn.Linear layout; W_TMA: a TMA descriptor over it)
     bias_ptr,  # bias: [N]; any valid pointer when HAS_BIAS is False (never read)
     cache_ptr,  # cache: [B, M, N], written in place at rows index only
     M,
@@ -81,6 +82,8 @@ def _linear_scatter_kernel(
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # upcast operands before tl.dot (interpreter bf16 workaround)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: K-masks can be dropped
+    X_TMA: tl.constexpr,  # x_ptr is a TMA descriptor (Hopper): tiles arrive by TMA, zero-filled past the end
+    W_TMA: tl.constexpr,  # w_ptr is a TMA descriptor
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -111,25 +114,39 @@ def _linear_scatter_kernel(
     offs_xm = (offs_m % n).to(tl.int64)
     offs_wn = offs_n % N
 
-    # x_ptrs: [BLOCK_M, BLOCK_K], w_ptrs: [BLOCK_K, BLOCK_N]
-    x_ptrs = x_ptr + pid_b * stride_xb + offs_xm[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    # x_ptrs: [BLOCK_M, BLOCK_K], w_ptrs: [BLOCK_K, BLOCK_N] (pointer paths only)
+    if not X_TMA:
+        x_ptrs = x_ptr + pid_b * stride_xb + offs_xm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    if not W_TMA:
+        w_ptrs = w_ptr + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    # TMA tile origins. A row tile that runs past n reads the next batch row's rows (or
+    # zeros past the end): those output rows are dropped by the store mask.
+    x_row0 = (pid_b * n + pid_m * BLOCK_M).to(tl.int32)
+    w_row0 = pid_n * BLOCK_N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
+        k_left = K - k0 * BLOCK_K
+        if X_TMA:
+            a = x_ptr.load([x_row0, k0 * BLOCK_K])  # [BLOCK_M, BLOCK_K]
+        elif EVEN_K:
             a = tl.load(x_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        if W_TMA:
+            b = w_ptr.load([w_row0, k0 * BLOCK_K]).T  # [BLOCK_K, BLOCK_N]
+        elif EVEN_K:
             b = tl.load(w_ptrs)
         else:
-            k_left = K - k0 * BLOCK_K
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        if not X_TMA:
+            x_ptrs += BLOCK_K * stride_xk
+        if not W_TMA:
+            w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_wn).to(tl.float32)  # [BLOCK_N]
@@ -175,13 +192,17 @@ def _linear_scatter_triton(cache: Tensor, x: Tensor, index: Tensor, weight: Tens
     # upcast to fp32 gives the same products and fp32 sums that the tensor cores compute.
     dot_in_fp32 = interpret and x.dtype == torch.bfloat16
 
+    # TMA operand loads where the layout allows (x rows of all batch rows as one 2-D view).
+    x_desc = tma_descriptor(x.reshape(B * n, K), meta, "BLOCK_M") if x.stride(0) == n * x.stride(1) else None
+    w_desc = tma_descriptor(weight, meta, "BLOCK_N")
+
     def grid(cfg):
         return (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), B)
 
     kernel[grid](
-        x,
+        x if x_desc is None else x_desc,
         index,
-        weight,
+        weight if w_desc is None else w_desc,
         bias if bias is not None else weight,
         cache,
         M,
@@ -202,6 +223,8 @@ def _linear_scatter_triton(cache: Tensor, x: Tensor, index: Tensor, weight: Tens
         HAS_BIAS=bias is not None,
         INPUT_PRECISION="ieee" if dot_in_fp32 else dot_input_precision(x.dtype),
         DOT_IN_FP32=dot_in_fp32,
+        X_TMA=x_desc is not None,
+        W_TMA=w_desc is not None,
         **meta,
     )
 
