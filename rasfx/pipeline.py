@@ -23,10 +23,12 @@ How it hooks in, without copying any pipeline code:
   the first transformer call of a run (one scheduler step per transformer evaluation, so
   second-order schedulers that call ``step`` twice per step count both evaluations).
 * The first call of a run goes through the ``RASModule`` (dense) to learn the number of image
-  tokens and the token map; the plan of the run is built then. A dense step after which no RAS
-  step follows calls the original forward (no caches are written that nobody reads), and so does
-  every step of a run whose config allows no RAS step (``ratio=1.0``): such a run is the plain
-  pipeline, bit for bit. Every cache is dropped when a run ends.
+  tokens and the token map; the plan of the run is built then. A dense step whose next step is
+  not a RAS step calls the original forward: a dense step rewrites every cache, so only the dense
+  step right before a RAS step (the last warm-up step, a reset) writes caches, and no cache is
+  written that nobody reads. Every step of a run whose config allows no RAS step (``ratio=1.0``)
+  runs the original forward too: such a run is the plain pipeline, bit for bit. Every cache is
+  dropped when a run ends.
 * Flux-style packed latents (``[B, M, C * k]``): the layout of a packed row is read from the
   pipeline's own ``_pack_latents`` (run on a tensor of channel and pixel ids); the std is taken
   over the ``C`` latent channels of each of the ``k`` latent pixels of a row, exactly as on the
@@ -199,7 +201,7 @@ class _Run:
         self.timer: Optional[_StepTimer] = None
 
     def bypass(self, step: int) -> bool:
-        """Dense step after which no RAS step follows: run the original forward, keep no caches."""
+        """Dense step whose next step is not a RAS step: run the original forward, write no caches."""
         if self.all_dense or (self.fallback is not None and self.plan is not None):
             return True
         return self.plan is not None and self.plan.is_dense(step) and not self.plan.needs_cache_after(step)

@@ -184,8 +184,10 @@ class StepPlan:
         return min((self.active[i] for i in self.ras_steps), default=self.num_tokens)
 
     def needs_cache_after(self, step: int) -> bool:
-        """Whether a RAS step follows ``step`` (so its forward must keep caches)."""
-        return any(not self.is_dense(j) for j in range(step + 1, self.num_steps))
+        """Whether step ``step + 1`` is a RAS step, which reads the caches ``step`` leaves. A dense
+        step rewrites every cache, so of a run of dense steps only the last one before a RAS
+        step has to write them (the pipeline runs the others as the plain model)."""
+        return not self.is_dense(step + 1)
 
     @property
     def token_fraction(self) -> float:
