@@ -16,6 +16,7 @@ times, per shape, in CUDA-graph replays (no launch overhead):
   the next multiple of 128 (the flash kernels' query tile).
 
     python benchmarks/bench_gemm_shapes.py --out gemm_shapes.md
+    python benchmarks/bench_gemm_shapes.py --ratios 0.125 --autotune --out gemm_shapes.md   # + Inductor autotuning
 """
 
 from __future__ import annotations
@@ -109,10 +110,12 @@ def time_adaln(model, dev, dt) -> list[str]:
     t_each = bench(lambda: [F.linear(x, w) for w in ws])
     t_cat = bench(lambda: F.linear(x, wcat))
     gb = wcat.numel() * wcat.element_size() / 1e9
-    return [
+    line = (
         f"adaLN modulation: {len(ws)} GEMVs [{b}, {h}] x [{h}, {6 * h}] ({gb:.2f} GB of weights): "
         f"one by one {t_each:.3f} ms ({gb / t_each:.2f} TB/s), concatenated {t_cat:.3f} ms ({gb / t_cat:.2f} TB/s)"
-    ]
+    )
+    print(line, flush=True)
+    return [line]
 
 
 def time_attention(model, ratios, dev, dt) -> list[str]:
@@ -140,11 +143,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="sd3,pixart")
     ap.add_argument("--ratios", default="0.5,0.25,0.125")
-    ap.add_argument("--no-autotune", action="store_true", help="skip the max_autotune_gemm column (slow to compile)")
+    ap.add_argument("--autotune", action="store_true",
+                    help="add the max_autotune_gemm column (Inductor autotunes each shape: ~45 s per shape on an H200)")
     ap.add_argument("--out", default=None, help="write the tables (markdown) here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_gemm_shapes.py needs a CUDA GPU", file=sys.stderr)
+        print("bench_gemm_shapes: needs a CUDA GPU", file=sys.stderr)
         return 2
     dev, dt = torch.device("cuda"), torch.bfloat16
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -154,13 +158,12 @@ def main(argv=None) -> int:
             ("adaLN", lambda: time_adaln(model, dev, dt)),
             ("attention", lambda: time_attention(model, ratios, dev, dt)),
             ("grouped image+text GEMMs", lambda: time_grouped(model, ratios, dev, dt)),
-            ("GEMMs", lambda: time_linears(model, ratios, dev, dt, not args.no_autotune)),
+            ("GEMMs", lambda: time_linears(model, ratios, dev, dt, args.autotune)),
         ]:
-            part = fn()
+            part = fn()  # rows are printed as they are timed
             if part:
                 lines += [f"## {model}: {title}", "", *part, ""]
-                print("\n".join(part[:1]), flush=True)
-            if args.out:
+            if args.out:  # after every part: a run cut short keeps what it measured
                 with open(args.out, "w") as f:
                     f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

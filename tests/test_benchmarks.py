@@ -1,0 +1,47 @@
+"""The benchmark scripts run (tiny configs on the CPU) and fail clearly where they need a GPU.
+
+Their numbers come from a GPU machine (docs/performance.md); these tests keep the scripts from
+rotting between GPU sessions: a script that crashes on the GPU machine wastes its time budget.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def run(script, *args, timeout=300):
+    return subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_models_tiny_dry_run_and_report(tmp_path):
+    """bench_models.py --scale tiny on the CPU writes results that report.py turns into tables."""
+    out = tmp_path / "perf.json"
+    r = run("bench_models.py", "--scale", "tiny", "--models", "sd3", "--modes", "eager", "--iters", "1",
+            "--ratios", "1,0.5", "--schedule-ratios", "0.5", "--no-fusion", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [row["model"] for row in rows] == ["sd3"] and "eager" in rows[0]["modes"]
+    md = tmp_path / "perf.md"
+    r = run("report.py", out, "--md", md)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = md.read_text()
+    assert "SD3-medium" in table and "| eager |" in table and "28 steps" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
+@pytest.mark.parametrize("script", ["bench_kernels.py", "bench_gemm_shapes.py", "profile_step.py"])
+def test_gpu_only_scripts_say_so_without_cuda(script):
+    r = run(script, "--help", timeout=120)
+    assert r.returncode == 0 and "usage" in r.stdout.lower()
+    r = run(script, timeout=120)
+    assert "needs a CUDA GPU" in (r.stdout + r.stderr)
