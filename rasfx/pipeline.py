@@ -23,12 +23,14 @@ How it hooks in, without copying any pipeline code:
   the first transformer call of a run (one scheduler step per transformer evaluation, so
   second-order schedulers that call ``step`` twice per step count both evaluations).
 * The first call of a run goes through the ``RASModule`` (dense) to learn the number of image
-  tokens and the token map; the plan of the run is built then. A dense step whose next step is
-  not a RAS step calls the original forward: a dense step rewrites every cache, so only the dense
-  step right before a RAS step (the last warm-up step, a reset) writes caches, and no cache is
-  written that nobody reads. Every step of a run whose config allows no RAS step (``ratio=1.0``)
-  runs the original forward too: such a run is the plain pipeline, bit for bit. Every cache is
-  dropped when a run ends.
+  tokens and the token map; the plan of the run is built then. A dense step after which no RAS
+  step follows calls the original forward (no caches are written that nobody reads), and so does
+  every step of a run whose config allows no RAS step (``ratio=1.0``): such a run is the plain
+  pipeline, bit for bit. With an eager runner, a dense step whose next step is dense calls the
+  original forward too: a dense step rewrites every cache, so only the dense step right before a
+  RAS step (the last warm-up step, a reset) has to write them. In the CUDA-graph and compiled
+  modes such steps run rasfx's dense graph instead, which is replayed / compiled where the
+  original forward is not. Every cache is dropped when a run ends.
 * Flux-style packed latents (``[B, M, C * k]``): the layout of a packed row is read from the
   pipeline's own ``_pack_latents`` (run on a tensor of channel and pixel ids); the std is taken
   over the ``C`` latent channels of each of the ``k`` latent pixels of a row, exactly as on the
@@ -200,11 +202,15 @@ class _Run:
         self.calls: dict[tuple[str, str], int] = {}
         self.timer: Optional[_StepTimer] = None
 
-    def bypass(self, step: int) -> bool:
-        """Dense step whose next step is not a RAS step: run the original forward, write no caches."""
+    def bypass(self, step: int, eager: bool) -> bool:
+        """Whether ``step`` runs the original forward and writes no caches: every step of an
+        all-dense run; a dense step after which no RAS step follows; with an ``eager`` runner
+        also a dense step whose next step is dense (the next one rewrites every cache)."""
         if self.all_dense or (self.fallback is not None and self.plan is not None):
             return True
-        return self.plan is not None and self.plan.is_dense(step) and not self.plan.needs_cache_after(step)
+        if self.plan is None or not self.plan.is_dense(step):
+            return False
+        return not self.plan.ras_step_after(step) or (eager and not self.plan.needs_cache_after(step))
 
 
 class _PipelineState:
@@ -260,7 +266,9 @@ class _PipelineState:
         run.calls[key] = ordinal + 1
         slot = context if ordinal == 0 else f"{context}#{ordinal}"
 
-        if run.bypass(step):
+        # A custom transform without a runner wraps the model eagerly.
+        eager = getattr(getattr(hook.ras, "runner", None), "mode", "eager") == "eager"
+        if run.bypass(step, eager):
             return hook.original_forward(*args, **kwargs)
 
         index = None

@@ -183,10 +183,14 @@ class StepPlan:
         """Smallest active count over the RAS steps (``num_tokens`` when there are none)."""
         return min((self.active[i] for i in self.ras_steps), default=self.num_tokens)
 
+    def ras_step_after(self, step: int) -> bool:
+        """Whether any RAS step comes after ``step`` (else no cache written from now on is read)."""
+        return any(not self.is_dense(j) for j in range(step + 1, self.num_steps))
+
     def needs_cache_after(self, step: int) -> bool:
         """Whether step ``step + 1`` is a RAS step, which reads the caches ``step`` leaves. A dense
         step rewrites every cache, so of a run of dense steps only the last one before a RAS
-        step has to write them (the pipeline runs the others as the plain model)."""
+        step has to write them."""
         return not self.is_dense(step + 1)
 
     @property

@@ -352,10 +352,21 @@ def test_pipeline_ratio_one_identical_ratio_low_differs_disable_restores(name, t
     assert rp.stats(pipe).ras_steps == [1, 2, 3, 4, 5]  # the last run's stats outlive disable
 
 
-def test_dense_steps_run_through_the_module_unchanged(transform, monkeypatch):
-    """Warm-up steps match the plain latents. Of the warm-up steps only the first (it learns the
-    token count) and the last (it writes the caches the first RAS step reads) go through the
-    transformed module; the others run the original forward (a dense step rewrites every cache)."""
+@pytest.mark.parametrize("mode", ["eager", "cuda_graph"])
+def test_dense_steps_run_through_the_module_unchanged(transform, mode, monkeypatch):
+    """Warm-up steps match the plain latents. Eagerly, of the warm-up steps only the first (it
+    learns the token count) and the last (it writes the caches the first RAS step reads) go
+    through the transformed module; the others run the original forward (a dense step rewrites
+    every cache). In the CUDA-graph / compiled modes every one does: the original forward is
+    neither replayed nor compiled."""
+    if mode != "eager" and transform is not _real_transform:
+        pytest.skip("the stand-in transform has no runner modes")
+    if mode != "eager":
+        import rasfx
+
+        def transform(model):  # noqa: F811 - this mode's own RASModule
+            return rasfx.transform(model, rasfx.TransformConfig(mode=mode))
+
     pipe, kw = tiny("sd3")
     seen: dict[str, list] = {"plain": [], "ras": []}
 
@@ -377,7 +388,7 @@ def test_dense_steps_run_through_the_module_unchanged(transform, monkeypatch):
 
         monkeypatch.setattr(type(_ras_of(pipe)), "forward", spy)
         generate(pipe, kw, callback_on_step_end=recorder("ras"))
-    assert module_steps == [0, 3, 4, 5]
+    assert module_steps == ([0, 3, 4, 5] if mode == "eager" else [0, 1, 2, 3, 4, 5])
     for i in range(4):
         assert torch.equal(seen["ras"][i], seen["plain"][i]), f"dense step {i} differs"
     assert not torch.equal(seen["ras"][-1], seen["plain"][-1])

@@ -195,9 +195,10 @@ def test_plan_properties():
     assert plan.min_active == 1024
     assert plan.ras_ratio == 0.25
     assert math.isclose(plan.token_fraction, (6 + 22 * 0.25) / 28)
-    # only the dense step right before a RAS step keeps caches: the last warm-up step, the resets
+    # only the dense step right before a RAS step has to write caches: the last warm-up step, the resets
     assert [s for s in range(28) if plan.is_dense(s) and plan.needs_cache_after(s)] == [3, 12, 20]
     assert not plan.needs_cache_after(27)
+    assert plan.ras_step_after(0) and plan.ras_step_after(26) and not plan.ras_step_after(27)
     assert plan.is_dense(28) and plan.is_dense(-1)
 
 

@@ -176,7 +176,7 @@ def rows_bucket(n: int) -> int:
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-# Hopper: wgmma-friendly 128-wide tiles with deep cp.async pipelines (228 KiB of smem).
+# Hopper: wgmma-friendly 128-wide tiles with deep TMA / cp.async pipelines (228 KiB of smem).
 _HOPPER_TILES = (
     (128, 256, 64, 8, 4),
     (128, 256, 64, 8, 3),
