@@ -41,7 +41,5 @@ def test_bench_models_tiny_dry_run_and_report(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
 @pytest.mark.parametrize("script", ["bench_kernels.py", "bench_gemm_shapes.py", "profile_step.py"])
 def test_gpu_only_scripts_say_so_without_cuda(script):
-    r = run(script, "--help", timeout=120)
-    assert r.returncode == 0 and "usage" in r.stdout.lower()
     r = run(script, timeout=120)
-    assert "needs a CUDA GPU" in (r.stdout + r.stderr)
+    assert "needs a CUDA GPU" in (r.stdout + r.stderr), r.stderr[-2000:]
