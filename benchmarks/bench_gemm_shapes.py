@@ -13,7 +13,10 @@ times, per shape, in CUDA-graph replays (no launch overhead):
 * adaLN modulation: the per-block ``Linear(silu(temb))`` GEMVs (2 rows) one by one vs. one GEMV
   over the concatenated weights;
 * attention: active queries against the full key set, at the query count a ratio gives and at
-  the next multiple of 128 (the flash kernels' query tile).
+  the next multiple of 128 (the flash kernels' query tile), and split over 2-4 slices of the keys
+  merged by their log-sum-exp (more CTAs for few queries);
+* the image and text GEMMs of a joint block on two CUDA streams (inside one CUDA graph) instead of
+  one after the other.
 
     python benchmarks/bench_gemm_shapes.py --out gemm_shapes.md
     python benchmarks/bench_gemm_shapes.py --ratios 0.125 --autotune --out gemm_shapes.md   # + Inductor autotuning
@@ -76,7 +79,9 @@ def time_grouped(model, ratios, dev, dt) -> list[str]:
     if not cfg["n_txt"] or not hasattr(torch, "_grouped_mm"):
         return []
     h, mlp, b = cfg["hidden"], cfg["mlp"], cfg["batch"]
-    out = ["| image rows | text rows | K | N | two F.linear ms | one _grouped_mm ms | grouped / two |", "|---|---|---|---|---|---|---|"]
+    out = ["| image rows | text rows | K | N | two F.linear ms | on two streams ms | streams / one stream "
+           "| one _grouped_mm ms | grouped / two |", "|---|---|---|---|---|---|---|---|---|"]
+    side = torch.cuda.Stream()
     m_txt = b * cfg["n_txt"]
     for r in ratios:
         m_img = b * round(r * cfg["n_img"] / 64) * 64
@@ -87,6 +92,17 @@ def time_grouped(model, ratios, dev, dt) -> list[str]:
             x = torch.cat([xi, xt])
             offs = torch.tensor([m_img, m_img + m_txt], device=dev, dtype=torch.int32)
             t2 = bench(lambda: (F.linear(xi, w[0]), F.linear(xt, w[1])))
+
+            def two_streams():  # the text GEMM on a side stream, joined before the next op
+                main = torch.cuda.current_stream()
+                side.wait_stream(main)
+                yi = F.linear(xi, w[0])
+                with torch.cuda.stream(side):
+                    yt = F.linear(xt, w[1])
+                main.wait_stream(side)
+                return yi, yt
+
+            ts = bench(two_streams)
             try:
                 tg = bench(lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
                 ref = torch.cat([F.linear(xi, w[0]), F.linear(xt, w[1])]).float()
@@ -94,7 +110,7 @@ def time_grouped(model, ratios, dev, dt) -> list[str]:
                 cell = f"{tg:.4f} | {tg / t2:.2f} (err {err:.2g}) |"
             except Exception as e:  # noqa: BLE001 - report what the build does not support
                 cell = f"n/a ({type(e).__name__}: {str(e)[:60]}) | |"
-            row = f"| {m_img} | {m_txt} | {k} | {n} | {t2:.4f} | {cell}"
+            row = f"| {m_img} | {m_txt} | {k} | {n} | {t2:.4f} | {ts:.4f} | {ts / t2:.2f} | {cell}"
             out.append(row)
             print(row, flush=True)
     return out
@@ -124,7 +140,9 @@ def time_attention(model, ratios, dev, dt) -> list[str]:
     n_kv = cfg["n_img"] + cfg["n_txt"]
     k = torch.randn(b, hds, n_kv, d, device=dev, dtype=dt)
     v = torch.randn_like(k)
-    out = ["| queries | padded to 128 | SDPA ms | padded SDPA ms | ms per query row vs dense |", "|---|---|---|---|---|"]
+    splits = (2, 3, 4)
+    out = ["| queries | padded to 128 | SDPA ms | padded SDPA ms | ms per query row vs dense | "
+           + " | ".join(f"{s}-way split keys ms" for s in splits) + " |", "|---|---|---|---|---|" + "---|" * len(splits)]
     t_dense = None
     for r in [1.0, *ratios]:
         nq = round(r * cfg["n_img"] / 64) * 64 + cfg["n_txt"]
@@ -134,9 +152,36 @@ def time_attention(model, ratios, dev, dt) -> list[str]:
         t = bench(lambda: F.scaled_dot_product_attention(q, k, v))
         tp = bench(lambda: F.scaled_dot_product_attention(qp, k, v))
         t_dense = t_dense or t / nq
-        out.append(f"| {nq} | {pad} | {t:.4f} | {tp:.4f} | {t / nq / t_dense:.2f} |")
+        cells = []
+        ref = F.scaled_dot_product_attention(q, k, v).float()
+        for parts in splits:
+            try:
+                err = (split_kv_attention(q, k, v, parts).float() - ref).abs().max().item()
+                cells.append(f"{bench(lambda: split_kv_attention(q, k, v, parts)):.4f} (err {err:.1g})")
+            except Exception as e:  # noqa: BLE001 - a backend without the log-sum-exp output
+                cells.append(f"n/a ({type(e).__name__})")
+        out.append(f"| {nq} | {pad} | {t:.4f} | {tp:.4f} | {t / nq / t_dense:.2f} | " + " | ".join(cells) + " |")
         print(out[-1], flush=True)
     return out
+
+
+def split_kv_attention(q, k, v, parts: int, attend=None):
+    """Attention over ``parts`` slices of the keys, merged by their log-sum-exp (flash-decoding):
+    more CTAs for few queries, i.e. fewer idle SMs in the last wave.
+
+    q: [B, H, Lq, D], k / v: [B, H, Lk, D] -> [B, H, Lq, D]. ``attend(q, k, v)`` returns
+    (output, log-sum-exp [B, H, Lq]); default: the CUDA flash kernel.
+    """
+    attend = attend or (lambda *qkv: torch.ops.aten._scaled_dot_product_flash_attention(*qkv)[:2])
+    outs, lses = [], []
+    for kc, vc in zip(k.chunk(parts, dim=2), v.chunk(parts, dim=2)):
+        o, lse = attend(q, kc, vc)  # lse: [B, H, Lq]
+        outs.append(o)
+        lses.append(lse)
+    lse = torch.stack(lses)  # [parts, B, H, Lq]
+    w = torch.softmax(lse, dim=0).unsqueeze(-1)  # [parts, B, H, Lq, 1]: each part's share of the mass
+    acc = torch.promote_types(q.dtype, torch.float32)  # bf16 parts are summed in fp32
+    return (torch.stack(outs).to(acc) * w.to(acc)).sum(0).to(q.dtype)
 
 
 def main(argv=None) -> int:

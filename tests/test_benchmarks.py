@@ -43,3 +43,24 @@ def test_bench_models_tiny_dry_run_and_report(tmp_path):
 def test_gpu_only_scripts_say_so_without_cuda(script):
     r = run(script, timeout=120)
     assert "needs a CUDA GPU" in (r.stdout + r.stderr), r.stderr[-2000:]
+
+
+def test_split_kv_attention_merge_is_exact():
+    """bench_gemm_shapes.split_kv_attention's log-sum-exp merge equals attention over all keys."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gemm_shapes", BENCH / "bench_gemm_shapes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def attend(q, k, v):  # math attention with its log-sum-exp
+        s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64) for n in (10, 17, 17))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for parts in (1, 2, 3, 4):
+        got = mod.split_kv_attention(q, k, v, parts, attend=attend)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
