@@ -65,6 +65,7 @@ branch with its own ``cache_context`` holds one set).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import html
 import json
@@ -460,6 +461,10 @@ class Explanation:
             from .graph_build import Variant, copy_graph_module
             from .passes import lower_cache_ops
 
+            # compiled runners allocate contiguous attention caches, which the dense variant's
+            # in-place cache fills depend on: build the variant as they do
+            if not cc.contiguous_attention:
+                cc = dataclasses.replace(cc, contiguous_attention=True, variants={}, timings={})
             base = cc.variant(self.variant_name)
             gm = copy_graph_module(base.gm)
             return Variant(base.name, gm, base.caches, base.counters + lower_cache_ops(gm))

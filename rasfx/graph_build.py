@@ -48,6 +48,10 @@ class CompiledCapture:
     counters: Counter = field(default_factory=Counter)
     variants: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    # Attention caches allocated contiguous instead of in the producer's layout (the runner's
+    # choice, fixed per capture: the dense variant may write producers into the caches through
+    # views that assume the layout).
+    contiguous_attention: bool = False
 
     @property
     def dynamic_positions(self) -> list[int]:
@@ -80,7 +84,7 @@ def build_variant(cc: CompiledCapture, name: str) -> Variant:
         raise ValueError(f"unknown graph variant {name!r}; one of {VARIANTS}")
     base = {"fused": "shared"}.get(name, name.removeprefix("fused_"))
     gm = copy_graph_module(cc.capture.graph_module)
-    ctx = RewriteContext(gm, cc.plan, cc.num_tokens, base)
+    ctx = RewriteContext(gm, cc.plan, cc.num_tokens, base, contiguous_attention=cc.contiguous_attention)
     if name == "rowwise":
         _check_rowwise(cc)
     counters = Counter()
@@ -105,7 +109,7 @@ def _check_rowwise(cc: CompiledCapture) -> None:
 
 def compile_capture(
     model: torch.nn.Module, kwargs: dict, image_input: str | None, signature, kv_cache: bool = True,
-    op_rules: dict | None = None,
+    op_rules: dict | None = None, contiguous_attention: bool = False,
 ) -> CompiledCapture:
     t0 = time.perf_counter()
     image_key = find_image_input(kwargs, image_input)
@@ -149,6 +153,6 @@ def compile_capture(
         )
     counters.update(plan.counters)
     batch = int(kwargs[image_key].shape[0])
-    cc = CompiledCapture(cap, analysis, plan, image_key, batch, counters)
+    cc = CompiledCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention)
     cc.timings.update(export=t1 - t0, export_alt=t2 - t1, analysis=time.perf_counter() - t2)
     return cc

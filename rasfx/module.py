@@ -177,7 +177,7 @@ class RASModule(torch.nn.Module):
             variant = cc.variant(f"fused_{name}" if self._fuse(cc) else name)
         if slot.caches is None:
             self.runner.drop(self._slot_name)
-            slot.caches = [c.allocate(self.runner.contiguous_attention_caches) for c in variant.caches]
+            slot.caches = [c.allocate(cc.contiguous_attention) for c in variant.caches]
         args = [*flat, *slot.caches] if dense else [*flat, index, *slot.caches]
         dynamic = cc.dynamic_positions if dense else cc.dynamic_positions + [len(flat)]
         key = (self._slot_name, variant.name, sig, None if dense else tuple(index.shape))
@@ -220,7 +220,7 @@ class RASModule(torch.nn.Module):
             log.info("rasfx: capturing %s for a new input signature", type(self.model).__name__)
             try:
                 cc = compile_capture(self.model, kwargs, self.config.image_input, sig, self.config.kv_cache,
-                                     self.config.op_rules)
+                                     self.config.op_rules, self.runner.contiguous_attention_caches)
             except TooFewTokensError as e:
                 self._dense_only[sig] = str(e)
                 warnings.warn(f"rasfx: {e}; this input signature runs dense", RASWarning, stacklevel=3)

@@ -47,7 +47,8 @@ class GraphRunner:
         # Memory layout of the attention caches: the producer's (a dense fill is a plain copy)
         # or contiguous. Under inductor a contiguous cache is written in place, a permuted one
         # was measured to be copied whole each step (for SDPA and as a mutated input); A/B in
-        # benchmarks/bench_models.py (mode suffix "@producer-layout").
+        # benchmarks/bench_models.py (mode suffix "@producer-layout"). Read when a signature is
+        # captured and fixed for that capture (CompiledCapture.contiguous_attention).
         self.contiguous_attention_caches = "compile" in mode
 
     def clear(self) -> None:

@@ -274,11 +274,57 @@ def test_dense_variant_writes_concatenated_kv_into_the_caches():
         # the caches filled by the dense step serve a partial step on the same inputs exactly
         ras.set_active(torch.tensor([0, 3, 7, 12]))
         assert torch.allclose(ras(**kw)[0], want, atol=1e-5)
-    other = get_preset("pixart-tiny")  # K/V are projections, not concatenations: unchanged
+    other = get_preset("pixart-tiny")  # K/V are projections, not concatenations
     ras2 = rasfx.transform(other.build(0))
     with torch.no_grad():
         ras2(**other.inputs(1))
     assert "cat_into_cache" not in ras2.captures()[0].variant("dense").counters
+
+
+@pytest.mark.parametrize("name, written", [("pixart-tiny", {"linear_into_cache": 2}),
+                                           ("wan-tiny", {"linear_into_cache": 1}),
+                                           ("flux-tiny", {"cat_into_cache": 1, "linear_into_cache": 1})])
+def test_dense_variant_projects_kv_into_the_caches(name, written):
+    """A K/V operand that is views of a projection (PixArt's K and V, Wan's and Flux's V; their
+    keys pass q/k-norm and RoPE first) is computed by addmm straight into its cache in the dense
+    variant: no ras_attention, no full copy. The output is bit-identical to the model's (the same
+    GEMM linear runs), each cache equals the K/V the model attends to, and a partial step on the
+    same inputs reproduces the dense output from those caches."""
+    from rasfx.presets import get_preset
+
+    p = get_preset(name)
+    model, kw = p.build(0), p.inputs(1)
+    ras = rasfx.transform(model)
+    seen = []  # K/V as the model's own SDPA sees them
+
+    def spy(*args, **kwargs):  # q, k, v positional or by name
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if i < len(args) else kwargs.pop(names[i]) for i in range(3))
+        seen.append((k.clone(), v.clone()))
+        return real(q, k, v, *args[3:], **kwargs)
+
+    real = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad():
+        torch.nn.functional.scaled_dot_product_attention = spy
+        try:
+            want = model(**kw)[0]
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = real
+        assert torch.equal(ras(**kw)[0], want)
+        cc = ras.captures()[0]
+        dense = cc.variant("dense")
+        assert {k: dense.counters[k] for k in written} == written
+        targets = [n.target for n in dense.gm.graph.nodes]
+        assert torch.ops.aten.addmm.out in targets and torch.ops.rasfx.ras_attention.default not in targets
+        assert "linear_into_cache" not in cc.variant("shared").counters
+        caches = [c for c, spec in zip(ras._slot.caches, dense.caches) if spec.kind == "attention"]
+        assert len(caches) == 2 * dense.counters["attention_sites"] > 0
+        for kc, vc in zip(caches[0::2], caches[1::2]):  # each pair is some attention's K/V (PixArt's
+            assert any(kc.shape == k.shape and torch.equal(kc, k) and torch.equal(vc, v)  # cross-attention
+                       for k, v in seen), "a cache differs from the K/V the model attends to"  # has none)
+        n = cc.num_tokens
+        ras.set_active(torch.arange(0, n, 3))
+        assert torch.allclose(ras(**kw)[0], want, atol=1e-5)
 
 
 def test_packed_tokens_with_grid_ints_change_the_ints_with_the_sequence():
@@ -399,6 +445,28 @@ def test_compiled_modes_get_contiguous_attention_caches():
         assert spec.allocate(contiguous_attention=True).is_contiguous() == (kind == "attention")
     assert rasfx.runtime.GraphRunner("compile+cuda_graph").contiguous_attention_caches
     assert not rasfx.runtime.GraphRunner("cuda_graph").contiguous_attention_caches
+
+
+def test_projection_written_into_the_cache_only_in_the_caches_layout():
+    """PixArt's K/V caches in the producer's layout are filled by addmm straight into them; with
+    contiguous attention caches (compiled runners) the projection's layout is not the cache's,
+    so the dense variant copies instead. The capture fixes the layout its variants assume, and
+    the module allocates the caches by the capture, not by the runner's current setting."""
+    from rasfx.graph_build import compile_capture
+    from rasfx.module import input_signature
+    from rasfx.presets import get_preset
+
+    p = get_preset("pixart-tiny")
+    model, kw = p.build(0), p.inputs(1)
+    for contiguous, written in ((False, 2), (True, 0)):
+        cc = compile_capture(model, kw, None, input_signature(model, kw), contiguous_attention=contiguous)
+        assert cc.variant("dense").counters["linear_into_cache"] == written
+    ras = rasfx.transform(model)
+    with torch.no_grad():
+        want = ras(**kw)[0]
+        ras.runner.contiguous_attention_caches = True  # after the capture: ignored by it
+        assert torch.equal(ras(**kw)[0], want)
+        assert not all(c.is_contiguous() for c in ras._slot.caches)
 
 
 @pytest.mark.parametrize("preset", ["sd3-tiny", "pixart-tiny"])

@@ -46,6 +46,7 @@ class RewriteContext:
     plan: Plan
     num_tokens: int
     variant: str  # "dense" | "shared" | "rowwise"
+    contiguous_attention: bool = False  # attention caches are allocated contiguous (CacheSpec.allocate)
     caches: list = field(default_factory=list)  # [CacheSpec], in graph-input order
     index: fx.Node | None = None
     _after_inputs: fx.Node | None = None

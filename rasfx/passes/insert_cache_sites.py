@@ -11,11 +11,15 @@ reduced, reshaped away, or by an opaque op or the graph output):
   rows for the others). The output site before unpatchify is this case.
 
 In the dense variant the same caches are filled completely and consumers read the fresh
-values; where attention's K/V are a concatenation (a joint text + image sequence) read by the
-attention alone, the concatenation writes into the cache (``cat.out``) and attention reads the
-cache, which saves a full copy per operand. Invariants: every cache is a new graph input of the full shape; one cache per
-(value, site kind); the consumer sees a tensor of exactly the captured full shape.
-Counters: ``attention_sites``, ``cache_sites``, ``cat_into_cache``.
+values. Where an attention K/V operand is, up to views (view / reshape / transpose /
+permute), a concatenation (a joint text + image sequence) or a projection (``linear`` with a
+2-D or contiguous 3-D input) read by that attention alone, and the cache's layout is the
+operand's, the producer writes straight into the cache (``cat.out``, ``addmm.out`` /
+``mm.out``: the same kernel ``linear`` runs, so the values are bit-identical) and attention
+reads the cache through the same views: no full copy per operand. Other operands are copied
+(``cache_write_``). Invariants: every cache is a new graph input of the full shape; one cache
+per (value, site kind); the consumer sees a tensor of exactly the captured full shape.
+Counters: ``attention_sites``, ``cache_sites``, ``cat_into_cache``, ``linear_into_cache``.
 """
 
 from __future__ import annotations
@@ -40,9 +44,7 @@ def insert_cache_sites(ctx: RewriteContext) -> Counter:
         consumer = ctx.nodes[consumer_name]
         attn = [s for s in sites if s.kind == "attention"]
         if attn and _fusable(consumer, attn):
-            writes = _attention_site(ctx, consumer, attn)
-            if writes:
-                counts["cat_into_cache"] += writes
+            counts.update(_attention_site(ctx, consumer, attn))
             counts["attention_sites"] += 1
             sites = [s for s in sites if s.kind != "attention"]
         for site in sites:
@@ -67,19 +69,105 @@ def insert_cache_sites(ctx: RewriteContext) -> Counter:
     return counts
 
 
-def _cat_into_cache(operand, cache_node) -> bool:
-    """``operand`` is a ``cat`` read only by this attention, laid out like its cache."""
+# Ops that only re-view their first argument (undone by `_undo`).
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unflatten.int,
+          aten.flatten.using_ints, aten.unsqueeze.default, aten.squeeze.dim, aten.transpose.int,
+          aten.permute.default)
+
+
+def _inverse(dims) -> list:
+    inv = [0] * len(dims)
+    for i, d in enumerate(dims):
+        inv[d % len(dims)] = i
+    return inv
+
+
+def _into_cache(operand, cache_node, contiguous_attention: bool):
+    """``(producer, views)`` when ``operand`` = views(producer), read only by this attention, with
+    a producer that can write into the cache (``cat``, ``linear``) and a cache whose layout,
+    seen back through the views, is the producer's contiguous layout; else None."""
     spec = cache_node.meta["rasfx_cache"]
     val = operand.meta.get("val")
-    return (
-        operand.target is aten.cat.default
-        and len(operand.users) == 1
-        and isinstance(val, torch.Tensor)
-        and val.is_contiguous()
-        and (spec.stride is None or tuple(spec.stride) == tuple(val.stride()))
-        and val.dtype == spec.dtype
-        and all(isinstance(p, torch.fx.Node) and p.meta["val"].dtype == val.dtype for p in operand.args[0])
-    )
+    if not isinstance(val, torch.Tensor) or val.dtype != spec.dtype:
+        return None
+    views, node = [], operand
+    while isinstance(node, torch.fx.Node) and node.target in _VIEWS and len(node.users) == 1:
+        views.append(node)
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node) or len(node.users) != 1 or not _writable(node):
+        return None
+    # the layout the cache will have (CacheSpec.allocate)
+    contiguous = spec.stride is None or (contiguous_attention and spec.kind == "attention")
+    stride = torch.empty(spec.shape, device="meta").stride() if contiguous else spec.stride
+    if tuple(stride) != tuple(val.stride()):
+        return None
+    try:  # undo the views on a meta tensor with the cache's layout
+        t = torch.empty_strided(tuple(val.shape), tuple(stride), dtype=val.dtype, device="meta")
+        for view in views:
+            fn, args = _undo(view, t)
+            t = fn(*args)
+    except RuntimeError:  # a view that cannot be undone on this layout
+        return None
+    pval = node.meta["val"]
+    if tuple(t.shape) != tuple(pval.shape) or not t.is_contiguous() or not pval.is_contiguous():
+        return None
+    return node, views[::-1]
+
+
+def _writable(node) -> bool:
+    """A producer with an ``out=`` form that computes exactly what it computes now."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return False
+    if node.target is aten.cat.default:
+        return all(isinstance(p, torch.fx.Node) and p.meta["val"].dtype == val.dtype for p in node.args[0])
+    if node.target is aten.linear.default:
+        x = node.args[0].meta.get("val")
+        # aten::linear runs addmm / mm on the flattened rows exactly for these inputs
+        return isinstance(x, torch.Tensor) and (x.dim() == 2 or (x.dim() == 3 and x.is_contiguous()))
+    return False
+
+
+def _write_into(graph, producer, views, cache) -> torch.fx.Node:
+    """Nodes computing ``producer`` into ``cache`` (through the undone views); returns the
+    producer's value re-viewed like the attention operand (a view of the cache)."""
+    target = cache
+    for view in reversed(views):
+        target = _created(graph.call_function(*_undo(view, target)))
+    if producer.target is aten.cat.default:
+        parts, dim = producer.args[0], producer.args[1] if len(producer.args) > 1 else 0
+        out = _created(graph.call_function(aten.cat.out, (parts, dim), {"out": target}))
+    else:
+        x, weight = producer.args[0], producer.args[1]
+        bias = producer.args[2] if len(producer.args) > 2 else producer.kwargs.get("bias")
+        k, n = x.meta["val"].shape[-1], producer.meta["val"].shape[-1]
+        x2 = _created(graph.call_function(aten.view.default, (x, [-1, k]))) if x.meta["val"].dim() != 2 else x
+        wt = _created(graph.call_function(aten.t.default, (weight,)))
+        out2 = _created(graph.call_function(aten.view.default, (target, [-1, n])))
+        if bias is None:
+            mm = _created(graph.call_function(aten.mm.out, (x2, wt), {"out": out2}))
+        else:
+            mm = _created(graph.call_function(aten.addmm.out, (bias, x2, wt), {"out": out2}))
+        out = _created(graph.call_function(aten.view.default, (mm, list(producer.meta["val"].shape))))
+    out.meta.update({k: v for k, v in producer.meta.items() if k != "rasfx_created_by"})
+    for view in views:  # the operand's views, now over the cache
+        out = _created(graph.call_function(view.target, (out, *view.args[1:]), dict(view.kwargs)))
+        out.meta.update({k: v for k, v in view.meta.items() if k != "rasfx_created_by"})
+    return out
+
+
+def _created(node):
+    node.meta["rasfx_created_by"] = "insert_cache_sites"
+    return node
+
+
+def _undo(view, t) -> tuple:
+    """(target, args) of the node undoing ``view`` on ``t``."""
+    if view.target is aten.transpose.int:
+        return aten.transpose.int, (t, view.args[1], view.args[2])
+    if view.target is aten.permute.default:
+        return aten.permute.default, (t, _inverse(view.args[1]))
+    return aten.view.default, (t, list(view.args[0].meta["val"].shape))  # shape-only views
 
 
 def _fusable(node, sites) -> bool:
@@ -90,7 +178,7 @@ def _fusable(node, sites) -> bool:
     return node.args[1].name in producers and node.args[2].name in producers
 
 
-def _attention_site(ctx: RewriteContext, node, sites) -> None:
+def _attention_site(ctx: RewriteContext, node, sites) -> Counter:
     graph = ctx.gm.graph
     args = list(node.args) + [None] * (8 - len(node.args))
     q, k, v, mask, dropout_p, is_causal = args[0], args[1], args[2], args[3], args[4], args[5]
@@ -107,24 +195,28 @@ def _attention_site(ctx: RewriteContext, node, sites) -> None:
                                     site.device, site.axis.dim, site.stride))
     axis = by_producer[k.name].axis
     index = None if ctx.dense else ctx.token_index(axis)
+    counts: Counter = Counter()
+    replaced: list = []
     with graph.inserting_before(node):
-        if ctx.dense and all(_cat_into_cache(x, c) for x, c in zip((k, v), caches)):
-            # Dense step of a joint attention (SD3: K = cat([image, text])): the concatenation
-            # writes straight into the cache and attention reads the cache, instead of a cat
-            # followed by a full copy into the cache.
-            written = []
+        if ctx.dense:
+            # Dense step: fill both caches, attend to the fresh values. A producer that can
+            # write into its cache does so and attention reads the cache (no copy).
+            operands = []
             for operand, cache in zip((k, v), caches):
-                parts, dim = operand.args[0], operand.args[1] if len(operand.args) > 1 else 0
-                written.append(graph.call_function(aten.cat.out, (parts, dim), {"out": cache}))
-                written[-1].meta["val"] = operand.meta.get("val")
-                written[-1].meta["rasfx_created_by"] = "insert_cache_sites"
+                into = _into_cache(operand, cache, ctx.contiguous_attention)
+                if into is None:
+                    _created(graph.call_function(torch.ops.rasfx.cache_write_.default,
+                                                 (cache, operand, None, by_producer[operand.name].axis.dim)))
+                    operands.append(operand)
+                    continue
+                counts["cat_into_cache" if into[0].target is aten.cat.default else "linear_into_cache"] += 1
+                operands.append(_write_into(graph, into[0], into[1], cache))
+                replaced += [*into[1][::-1], into[0]]
             fused = graph.call_function(
-                aten.scaled_dot_product_attention.default, (q, *written, mask, dropout_p, is_causal),
+                aten.scaled_dot_product_attention.default, (q, *operands, mask, dropout_p, is_causal),
                 {"scale": scale, "enable_gqa": enable_gqa} if enable_gqa else {"scale": scale},
             )
-            writes = 2
         else:
-            writes = 0
             fused = graph.call_function(
                 torch.ops.rasfx.ras_attention.default,
                 (q, k, v, caches[0], caches[1], index, mask, dropout_p, is_causal, scale, enable_gqa),
@@ -134,7 +226,7 @@ def _attention_site(ctx: RewriteContext, node, sites) -> None:
     node.replace_all_uses_with(fused)
     graph.erase_node(node)
     ctx.nodes[node.name] = fused
-    for operand in (k, v) if writes else ():
-        if not operand.users:
-            graph.erase_node(operand)
-    return writes
+    for dead in replaced:  # outermost view first, the producer last
+        if not dead.users:
+            graph.erase_node(dead)
+    return counts
