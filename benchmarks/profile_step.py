@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import bench_models as bm  # noqa: E402
 
 import rasfx  # noqa: E402
-from rasfx.runtime import GraphRunner  # noqa: E402
 
 # first match wins; names of cuBLAS / CUTLASS / flash / cuDNN / ATen / Triton kernels
 CATEGORIES = (

@@ -7,7 +7,7 @@ import logging
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -374,7 +374,6 @@ def _probe_tail(cc: CompiledCapture, variant, spec) -> torch.Tensor:
     n_img = cc.num_tokens
     ids = torch.arange(spec.shape[spec.dim], dtype=torch.float64)
     ids = torch.where(ids < n_img, ids, torch.full_like(ids, -1.0))  # conditioning positions -> -1
-    offset = 0
     # image segment of a concatenated output axis starts at its offset
     site = next(s for s in cc.plan.sites if s.producer == spec.producer)
     if site.axis.extra:

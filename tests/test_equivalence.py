@@ -38,7 +38,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import rasfx
-from rasfx.errors import CaptureError, RasfxError
+from rasfx.errors import RasfxError
 from rasfx.presets import PRESETS, get_preset
 
 hypothesis = pytest.importorskip("hypothesis")

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import rasfx
-from rasfx.runtime import GraphRunner
 from reference_ras import make_sd3_tiny, sd3_inputs
 
 pytestmark = pytest.mark.gpu
