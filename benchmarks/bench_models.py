@@ -244,7 +244,9 @@ def schedule(steps=28, warmup=4, resets=(12, 20)):
 
 
 def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(0.5, 0.25), fusion=True,
-              fuse_qkv=False):
+              fuse_qkv=False, progress=lambda res: None):
+    """Time one model in each mode. ``progress(res)`` is called after every measurement with the
+    results so far (a GPU call cut short by its time limit keeps what it measured)."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device(dev):
@@ -296,8 +298,10 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
                    "original_setup_s": base_setup_s,
                    "capture_timings": dict((k, v) for k, v in cc.timings.items() if isinstance(v, float)),
                    "cache_bytes": ras.cache_bytes(), "steps": {}}
+            res["modes"][mode] = row  # filled in as it is measured
             ras.set_active(None)
             row["ras_dense_ms"], _ = time_call(lambda: ras(**kw), dev, iters)
+            progress(res)
             log(f"  {name} {mode} dense step: {row['ras_dense_ms']:.2f} ms (original {base_ms:.2f}, "
                 f"ratio {row['ras_dense_ms'] / base_ms:.3f}; first call incl. capture/compile {capture_s:.1f} s, "
                 f"original's {base_setup_s:.1f} s)")
@@ -308,6 +312,7 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
                 ms, spread = time_call(lambda: ras(**kw), dev, iters)
                 row["steps"][str(r)] = {"n_active": n, "ms": ms, "spread_ms": spread, "f": f(n / n_img),
                                         "vs_original": ms / base_ms}
+                progress(res)
                 log(f"  {name} {mode} r={r} n={n}: {ms:.2f} ms (original {base_ms:.2f}; f={f(n / n_img):.3f}, "
                     f"ratio {ms / base_ms:.3f})")
             from rasfx.passes.fuse_kernels import profitable
@@ -348,6 +353,7 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
                                             "ideal": ideal, "of_ideal": dense_ms / ras_ms / ideal}
                 log(f"  {name} {mode} 28 steps r={r}: dense {dense_ms:.0f} ms, RAS {ras_ms:.0f} ms, "
                     f"{dense_ms / ras_ms:.2f}x (ideal {ideal:.2f}x)")
+                progress(res)
             if dev.type == "cuda":
                 row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
@@ -357,7 +363,7 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
             row["runner_stats"]["dynamo_graphs"] = _dynamo_graphs() - graphs0
             log(f"  {name} {mode} runner: {row['runner_stats']}")
             del base_fn
-            res["modes"][mode] = row
+            progress(res)
     del ras, model
     return res
 
@@ -427,6 +433,13 @@ def main(argv=None):
     print(f"# rasfx model benchmark on {card}, torch {torch.__version__}, {dt}", flush=True)
     t0, results = time.perf_counter(), []
     attention = attention_backends(dev, dt, lambda m: print(m, flush=True))
+
+    def save(partial=None):
+        if args.out:  # after every measurement: a run cut short keeps what it measured
+            with open(args.out, "w") as fh:
+                json.dump({"card": card, "torch": torch.__version__, "attention_ms": attention,
+                           "results": results + ([partial] if partial else [])}, fh, indent=1)
+
     for spec in args.models.split(","):
         name, _, own_modes = spec.partition(":")
         modes = own_modes.split("+") if own_modes else args.modes.split(",")
@@ -438,14 +451,11 @@ def main(argv=None):
                                      tuple(float(r) for r in args.ratios.split(",")),
                                      lambda m: print(m, flush=True),
                                      tuple(float(r) for r in args.schedule_ratios.split(",")), not args.no_fusion,
-                                     args.fuse_qkv))
+                                     args.fuse_qkv, save))
         except Exception as e:  # keep the other models' numbers
             print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
             results.append({"model": name, "error": f"{type(e).__name__}: {e}", "modes": {}, "label": LABELS[name]})
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump({"card": card, "torch": torch.__version__, "attention_ms": attention, "results": results},
-                          fh, indent=1)
+        save()
     print(table([r for r in results if r["modes"]]))
 
 

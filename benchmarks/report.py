@@ -36,9 +36,10 @@ def markdown(runs) -> str:
                 for r in ("1.0", "0.75", "0.5", "0.25", "0.125"):
                     s = row["steps"].get(r)
                     cells.append(f"{s['ms']:.1f} ({s['vs_original']:.2f}; f {s['f']:.2f})" if s else "-")
-                dense = row.get("ras_dense_ms")
-                out.append(f"| {res['label']} | {mode} | {row['original_ms']:.1f} | "
-                           f"{dense:.1f} ({dense / row['original_ms']:.3f}) | " + " | ".join(cells) + " |")
+                dense = row.get("ras_dense_ms")  # missing in a run cut short
+                dense_cell = f"{dense:.1f} ({dense / row['original_ms']:.3f})" if dense else "-"
+                out.append(f"| {res['label']} | {mode} | {row['original_ms']:.1f} | {dense_cell} | "
+                           + " | ".join(cells) + " |")
         out.append("\nWhole 28-step runs (transformer calls only; 4 dense warm-up steps, dense resets at 12 and 20):\n")
         out.append("| model | mode | ratio | dense 28 steps | RAS 28 steps | speed-up | ideal | of ideal |")
         out.append("|---|---|---|---|---|---|---|---|")
