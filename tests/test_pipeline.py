@@ -352,21 +352,22 @@ def test_pipeline_ratio_one_identical_ratio_low_differs_disable_restores(name, t
     assert rp.stats(pipe).ras_steps == [1, 2, 3, 4, 5]  # the last run's stats outlive disable
 
 
-@pytest.mark.parametrize("mode", ["eager", "cuda_graph"])
-def test_dense_steps_run_through_the_module_unchanged(transform, mode, monkeypatch):
+def _cuda_graph_transform(model):
+    """``rasfx.transform`` with a CUDA-graph runner (on CPU tensors it runs the graphs plainly)."""
+    import rasfx
+
+    return rasfx.transform(model, rasfx.TransformConfig(mode="cuda_graph"))
+
+
+@pytest.mark.parametrize("make, mode", [(StandInRAS, "eager"), (_real_transform, "eager"),
+                                        (_cuda_graph_transform, "cuda_graph")],
+                         ids=["standin", "rasfx", "rasfx-cuda_graph"])
+def test_dense_steps_run_through_the_module_unchanged(make, mode, monkeypatch):
     """Warm-up steps match the plain latents. Eagerly, of the warm-up steps only the first (it
     learns the token count) and the last (it writes the caches the first RAS step reads) go
     through the transformed module; the others run the original forward (a dense step rewrites
     every cache). In the CUDA-graph / compiled modes every one does: the original forward is
     neither replayed nor compiled."""
-    if mode != "eager" and transform is not _real_transform:
-        pytest.skip("the stand-in transform has no runner modes")
-    if mode != "eager":
-        import rasfx
-
-        def transform(model):  # noqa: F811 - this mode's own RASModule
-            return rasfx.transform(model, rasfx.TransformConfig(mode=mode))
-
     pipe, kw = tiny("sd3")
     seen: dict[str, list] = {"plain": [], "ras": []}
 
@@ -378,7 +379,7 @@ def test_dense_steps_run_through_the_module_unchanged(transform, mode, monkeypat
         return cb
 
     generate(pipe, kw, callback_on_step_end=recorder("plain"))
-    with rp.enabled(pipe, RASConfig(ratio=0.5, warmup=4, reset_steps=()), transform=transform):
+    with rp.enabled(pipe, RASConfig(ratio=0.5, warmup=4, reset_steps=()), transform=make):
         module_steps = []
         real_forward = type(_ras_of(pipe)).forward
 
