@@ -164,6 +164,23 @@ def _wan(scale, dev, dt, batch=1, frames=9, h=60, w=104):
 
 
 MODELS = {"sd3": _sd3, "flux": _flux, "pixart": _pixart, "lumina": _lumina, "wan": _wan}
+
+
+def same_tokens_inputs(name, kw, n):
+    """The original model's inputs with ``n`` image tokens instead of all (the conditioning
+    tokens unchanged), or None where the model's inputs cannot shrink to exactly ``n``.
+
+    Times what the original model costs at a RAS step's token count: the floor a RAS step
+    can reach with the same kernels, short of the attention over every cached key."""
+    x = kw["hidden_states"]
+    if name in ("sd3", "pixart", "lumina"):  # [B, C, H, W] latent, patch 2: a grid of (H/2, n/(H/2)) tokens
+        rows = x.shape[2] // 2
+        if n % rows:
+            return None
+        return dict(kw, hidden_states=x[:, :, :, : 2 * (n // rows)].contiguous())
+    if name == "flux":  # [B, N, C] packed latent and its [N, 3] position ids
+        return dict(kw, hidden_states=x[:, :n].contiguous(), img_ids=kw["img_ids"][:n].contiguous())
+    return None  # wan: a video latent has no F x H x W grid of exactly n tokens at most ratios
 LABELS = {"sd3": "SD3-medium 1024px, CFG batch 2", "flux": "Flux.1-dev 1024px", "pixart": "PixArt-Sigma 1024px, CFG batch 2",
           "lumina": "Lumina-Next 2B 1024px, CFG batch 2", "wan": "Wan2.1-1.3B 480x832x33f"}
 
@@ -244,9 +261,11 @@ def schedule(steps=28, warmup=4, resets=(12, 20)):
 
 
 def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(0.5, 0.25), fusion=True,
-              fuse_qkv=False, progress=lambda res: None):
+              fuse_qkv=False, progress=lambda res: None, same_tokens=False):
     """Time one model in each mode. ``progress(res)`` is called after every measurement with the
-    results so far (a GPU call cut short by its time limit keeps what it measured)."""
+    results so far (a GPU call cut short by its time limit keeps what it measured).
+    ``same_tokens``: also time the original model (same mode) on inputs with only as many image
+    tokens as each RAS step computes (``same_tokens_inputs``)."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device(dev):
@@ -315,6 +334,18 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
                 progress(res)
                 log(f"  {name} {mode} r={r} n={n}: {ms:.2f} ms (original {base_ms:.2f}; f={f(n / n_img):.3f}, "
                     f"ratio {ms / base_ms:.3f})")
+            for r in ratios if same_tokens else ():
+                n = active_count(r, n_img)
+                kw_n = same_tokens_inputs(name, kw, n)
+                if r >= 1 or kw_n is None:
+                    continue
+                fn_n = baseline(model, kw_n, dev, mode)  # compiled modes: one more compile per shape
+                ms, _ = time_call(fn_n, dev, iters)
+                row["steps"][str(r)]["original_same_tokens_ms"] = ms
+                del fn_n
+                progress(res)
+                log(f"  {name} {mode} original model on {n} image tokens (r={r}'s count): {ms:.2f} ms "
+                    f"(RAS step {row['steps'][str(r)]['ms']:.2f} ms)")
             from rasfx.passes.fuse_kernels import profitable
 
             if fusion and profitable(dev):
@@ -424,6 +455,8 @@ def main(argv=None):
     ap.add_argument("--no-fusion", action="store_true", help="skip the Triton fusion on/off comparison")
     ap.add_argument("--fuse-qkv", action="store_true",
                     help="call diffusers' model.fuse_qkv_projections() first (original and rasfx alike)")
+    ap.add_argument("--same-tokens", action="store_true",
+                    help="also time the original model on only as many image tokens as each RAS step computes")
     ap.add_argument("--budget-s", type=float, default=480, help="skip remaining models after this many seconds")
     ap.add_argument("--out", default=None, help="write JSON results here")
     args = ap.parse_args(argv)
@@ -451,7 +484,7 @@ def main(argv=None):
                                      tuple(float(r) for r in args.ratios.split(",")),
                                      lambda m: print(m, flush=True),
                                      tuple(float(r) for r in args.schedule_ratios.split(",")), not args.no_fusion,
-                                     args.fuse_qkv, save))
+                                     args.fuse_qkv, save, args.same_tokens))
         except Exception as e:  # keep the other models' numbers
             print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
             results.append({"model": name, "error": f"{type(e).__name__}: {e}", "modes": {}, "label": LABELS[name]})

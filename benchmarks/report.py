@@ -40,6 +40,16 @@ def markdown(runs) -> str:
                 dense_cell = f"{dense:.1f} ({dense / row['original_ms']:.3f})" if dense else "-"
                 out.append(f"| {res['label']} | {mode} | {row['original_ms']:.1f} | {dense_cell} | "
                            + " | ".join(cells) + " |")
+        same = [(res, mode, r, s) for res in run["results"] for mode, row in res.get("modes", {}).items()
+                for r, s in row["steps"].items() if s.get("original_same_tokens_ms")]
+        if same:
+            out.append("\nThe RAS step against the original model run on the same number of image tokens "
+                       "(its queries attend to those tokens only, the RAS step's to every cached key):\n")
+            out.append("| model | mode | ratio | image tokens | RAS step ms | original, same tokens ms | RAS / same tokens |")
+            out.append("|---|---|---|---|---|---|---|")
+            for res, mode, r, s in same:
+                out.append(f"| {res['label']} | {mode} | {r} | {s['n_active']} | {s['ms']:.2f} | "
+                           f"{s['original_same_tokens_ms']:.2f} | {s['ms'] / s['original_same_tokens_ms']:.2f} |")
         out.append("\nWhole 28-step runs (transformer calls only; 4 dense warm-up steps, dense resets at 12 and 20):\n")
         out.append("| model | mode | ratio | dense 28 steps | RAS 28 steps | speed-up | ideal | of ideal |")
         out.append("|---|---|---|---|---|---|---|---|")

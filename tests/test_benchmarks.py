@@ -27,22 +27,40 @@ def test_bench_models_tiny_dry_run_and_report(tmp_path):
     """bench_models.py --scale tiny on the CPU writes results that report.py turns into tables."""
     out = tmp_path / "perf.json"
     r = run("bench_models.py", "--scale", "tiny", "--models", "sd3", "--modes", "eager", "--iters", "1",
-            "--ratios", "1,0.5", "--schedule-ratios", "0.5", "--no-fusion", "--out", out)
+            "--ratios", "1,0.5", "--schedule-ratios", "0.5", "--no-fusion", "--same-tokens", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [row["model"] for row in rows] == ["sd3"] and "eager" in rows[0]["modes"]
+    steps = rows[0]["modes"]["eager"]["steps"]
+    assert steps["0.5"]["original_same_tokens_ms"] > 0 and "original_same_tokens_ms" not in steps["1.0"]
     md = tmp_path / "perf.md"
     r = run("report.py", out, "--md", md)
     assert r.returncode == 0, r.stderr[-2000:]
     table = md.read_text()
     assert "SD3-medium" in table and "| eager |" in table and "28 steps" in table
+    assert "original, same tokens" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
-@pytest.mark.parametrize("script", ["bench_kernels.py", "bench_gemm_shapes.py", "profile_step.py"])
+@pytest.mark.parametrize("script", ["bench_kernels.py", "bench_gemm_shapes.py", "bench_streams.py", "profile_step.py"])
 def test_gpu_only_scripts_say_so_without_cuda(script):
     r = run(script, timeout=120)
     assert "needs a CUDA GPU" in (r.stdout + r.stderr), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["sd3", "pixart", "flux"])
+def test_same_tokens_inputs_have_the_active_count(name):
+    """The same-token baseline's inputs give the model exactly n image tokens."""
+    sys.path.insert(0, str(BENCH))
+    import bench_models
+
+    model, kw, n_img, _ = bench_models.MODELS[name]("tiny", torch.device("cpu"), torch.float32)
+    n = n_img // 2
+    kw_n = bench_models.same_tokens_inputs(name, kw, n)
+    with torch.no_grad():
+        full, half = model(**kw)[0], model(**kw_n)[0]
+    assert half.numel() * n_img == full.numel() * n  # outputs are per image token
+    assert bench_models.same_tokens_inputs(name, kw, n + 1) is None or name == "flux"
 
 
 def test_split_kv_attention_merge_is_exact():
