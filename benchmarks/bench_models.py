@@ -300,13 +300,16 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
             _sync(dev)
             base_setup_s = time.perf_counter() - t
             base_ms, base_spread = time_call(base_fn, dev, iters)
-            # One capture serves every mode: only the runner changes.
-            ras.reset()
+            # One capture serves every mode: only the runner changes ("@no-hoist" captures
+            # again without the step-invariant prologue, an A/B of hoist_invariants).
+            if variant not in ("", "producer-layout", "no-hoist"):
+                raise SystemExit(f"unknown mode variant {variant!r} (known: producer-layout, no-hoist)")
+            hoist = variant != "no-hoist"
+            ras.reset(captures=ras.config.hoist_invariants != hoist)
+            ras.config.hoist_invariants = hoist
             ras.runner = GraphRunner(mode)
             if variant == "producer-layout":
                 ras.runner.contiguous_attention_caches = False
-            elif variant:
-                raise SystemExit(f"unknown mode variant {variant!r} (known: producer-layout)")
             mode = f"{mode}@{variant}" if variant else mode
             t = time.perf_counter()
             ras(**kw)
@@ -316,7 +319,8 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
             row = {"original_ms": base_ms, "original_spread_ms": base_spread, "capture_s": capture_s,
                    "original_setup_s": base_setup_s,
                    "capture_timings": dict((k, v) for k, v in cc.timings.items() if isinstance(v, float)),
-                   "cache_bytes": ras.cache_bytes(), "steps": {}}
+                   "cache_bytes": ras.cache_bytes(), "steps": {},
+                   "hoisted": {k: v for k, v in cc.variant("dense").counters.items() if k.startswith("hoisted")}}
             res["modes"][mode] = row  # filled in as it is measured
             ras.set_active(None)
             row["ras_dense_ms"], _ = time_call(lambda: ras(**kw), dev, iters)
@@ -334,7 +338,7 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
                 progress(res)
                 log(f"  {name} {mode} r={r} n={n}: {ms:.2f} ms (original {base_ms:.2f}; f={f(n / n_img):.3f}, "
                     f"ratio {ms / base_ms:.3f})")
-            for r in ratios if same_tokens else ():
+            for r in ratios if same_tokens and not variant else ():
                 n = active_count(r, n_img)
                 kw_n = same_tokens_inputs(name, kw, n)
                 if r >= 1 or kw_n is None:
@@ -389,6 +393,7 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
                 row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
             row["cache_bytes"] = ras.cache_bytes()
+            row["hoisted_bytes"] = ras.hoisted_bytes()
             # compiles / CUDA-graph captures over everything above: one per (variant, active count)
             row["runner_stats"] = dict(ras.runner.stats)
             row["runner_stats"]["dynamo_graphs"] = _dynamo_graphs() - graphs0
@@ -447,7 +452,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="sd3,flux",
                     help=f"comma list of {','.join(MODELS)}; NAME:MODE+MODE overrides --modes for one model")
-    ap.add_argument("--modes", default="eager,cuda_graph", help="comma list of rasfx modes (eager, cuda_graph, compile, ...)")
+    ap.add_argument("--modes", default="eager,cuda_graph",
+                    help="comma list of rasfx modes (eager, cuda_graph, compile, ...); MODE@no-hoist: without "
+                         "hoist_invariants, MODE@producer-layout: attention caches in the producer's layout")
     ap.add_argument("--scale", default="real", choices=["real", "tiny"], help="tiny: small configs for a CPU dry run")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="per-step ratios to time")

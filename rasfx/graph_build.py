@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from . import passes
 from .capture import Capture, analysis_variants, describe_signature, export, find_image_input
@@ -34,6 +35,17 @@ class Variant:
     gm: fx.GraphModule
     caches: list
     counters: Counter
+    hoisted: "passes.Hoisted | None" = None  # the step-invariant prologue (hoist_invariants)
+    unused: frozenset = frozenset()  # graph-input positions the graph no longer reads (hoisted away)
+
+    def call_args(self, flat: list, index, caches: list) -> list:
+        """``gm``'s arguments: the capture's inputs, the active index (``None`` in ``dense``),
+        the caches, and the hoisted values, computed here by the prologue (the runtime
+        computes them once per prompt instead, ``RASModule``)."""
+        args = [*flat, *caches] if index is None else [*flat, index, *caches]
+        if self.hoisted is not None:
+            args += self.hoisted.prologue(*[flat[i] for i in self.hoisted.inputs])
+        return args
 
 
 @dataclass
@@ -52,6 +64,10 @@ class CompiledCapture:
     # choice, fixed per capture: the dense variant may write producers into the caches through
     # views that assume the layout).
     contiguous_attention: bool = False
+    # Graph-input positions whose values stay the same between steps (weights, constants,
+    # prompt tensors): what the graph computes from them alone is hoisted into a prologue.
+    # None: hoisting off.
+    invariant_inputs: frozenset | None = None
 
     @property
     def dynamic_positions(self) -> list[int]:
@@ -94,8 +110,14 @@ def build_variant(cc: CompiledCapture, name: str) -> Variant:
     ctx.finalize()
     if name != base:
         counters.update(passes.fuse_kernels(gm))
+    hoisted = None
+    if cc.invariant_inputs is not None:
+        hoisted = passes.hoist_invariants(gm, set(cc.invariant_inputs), set(cc.dynamic_positions))
+        if hoisted is not None:
+            counters.update(hoisted.counters)
     cc.timings[f"build_{name}"] = time.perf_counter() - t0
-    return Variant(name, gm, ctx.caches, counters)
+    unused = frozenset(i for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder") if not p.users)
+    return Variant(name, gm, ctx.caches, counters, hoisted, unused)
 
 
 def _check_rowwise(cc: CompiledCapture) -> None:
@@ -107,10 +129,21 @@ def _check_rowwise(cc: CompiledCapture) -> None:
             )
 
 
+def invariant_inputs(capture: Capture, kwargs: dict, varying: set) -> frozenset:
+    """Graph-input positions of the weights, constants and the user inputs not named in
+    ``varying`` (the inputs that change at every step: the image input, the timestep)."""
+    leaf_keys = [key for key, value in kwargs.items() for _ in pytree.tree_leaves(value)]
+    return frozenset(
+        i for i, (kind, ref) in enumerate(capture.input_sources) if kind != "user" or leaf_keys[ref] not in varying
+    )
+
+
 def compile_capture(
     model: torch.nn.Module, kwargs: dict, image_input: str | None, signature, kv_cache: bool = True,
-    op_rules: dict | None = None, contiguous_attention: bool = False,
+    op_rules: dict | None = None, contiguous_attention: bool = False, varying_inputs: tuple | None = None,
 ) -> CompiledCapture:
+    """Capture ``model`` for one input signature. ``varying_inputs``: names of the inputs that
+    change at every step besides the image input (None: no step-invariant hoisting)."""
     t0 = time.perf_counter()
     image_key = find_image_input(kwargs, image_input)
     cap = Capture.from_program(export(model, kwargs), signature)
@@ -154,5 +187,7 @@ def compile_capture(
     counters.update(plan.counters)
     batch = int(kwargs[image_key].shape[0])
     cc = CompiledCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention)
+    if varying_inputs is not None:
+        cc.invariant_inputs = invariant_inputs(cap, kwargs, {image_key, *varying_inputs})
     cc.timings.update(export=t1 - t0, export_alt=t2 - t1, analysis=time.perf_counter() - t2)
     return cc

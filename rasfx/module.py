@@ -7,7 +7,7 @@ import logging
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -33,9 +33,14 @@ class SlotState:
     index_checked: bool = False
     last_dense: bool = True
     forwards: int = 0
+    # prologue code -> (the user inputs it read, with their versions; the hoisted values)
+    hoisted: dict = field(default_factory=dict)
 
     def cache_bytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.caches or [])
+
+    def hoisted_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, vals in self.hoisted.values() for t in vals)
 
 
 class RASModule(torch.nn.Module):
@@ -113,6 +118,11 @@ class RASModule(torch.nn.Module):
         """Bytes held by the caches of every slot."""
         return sum(s.cache_bytes() for s in self._slots.values())
 
+    def hoisted_bytes(self) -> int:
+        """Bytes held by the step-invariant values of every slot (computed once per prompt,
+        see ``TransformConfig.hoist_invariants``; a variant whose prologue is the same shares them)."""
+        return sum(s.hoisted_bytes() for s in self._slots.values())
+
     def set_active(self, index: Optional[torch.Tensor], check: bool = True) -> None:
         """Image tokens computed by the following forwards of the current slot.
 
@@ -166,6 +176,7 @@ class RASModule(torch.nn.Module):
             if slot.signature is not None:
                 slot.index = None
             slot.signature, slot.caches = sig, None
+            slot.hoisted.clear()
         index = slot.index
         dense = index is None or slot.caches is None
         if not dense:
@@ -179,7 +190,10 @@ class RASModule(torch.nn.Module):
             self.runner.drop(self._slot_name)
             slot.caches = [c.allocate(cc.contiguous_attention) for c in variant.caches]
         args = [*flat, *slot.caches] if dense else [*flat, index, *slot.caches]
-        dynamic = cc.dynamic_positions if dense else cc.dynamic_positions + [len(flat)]
+        if variant.hoisted is not None:
+            args += _hoisted_values(slot, variant.hoisted, flat)
+        # inputs only the hoisted prologue reads need no copy into a CUDA graph's buffers
+        dynamic = [i for i in cc.dynamic_positions if i not in variant.unused] + ([] if dense else [len(flat)])
         key = (self._slot_name, variant.name, sig, None if dense else tuple(index.shape))
         # Inference only: the caches are written in place and carry no autograd history.
         with torch.no_grad():
@@ -220,7 +234,8 @@ class RASModule(torch.nn.Module):
             log.info("rasfx: capturing %s for a new input signature", type(self.model).__name__)
             try:
                 cc = compile_capture(self.model, kwargs, self.config.image_input, sig, self.config.kv_cache,
-                                     self.config.op_rules, self.runner.contiguous_attention_caches)
+                                     self.config.op_rules, self.runner.contiguous_attention_caches,
+                                     self.config.varying_inputs if self.config.hoist_invariants else None)
             except TooFewTokensError as e:
                 self._dense_only[sig] = str(e)
                 warnings.warn(f"rasfx: {e}; this input signature runs dense", RASWarning, stacklevel=3)
@@ -283,6 +298,29 @@ class RASModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"captures={len(self._captures)}, slots={list(self._slots)}"
+
+
+def _hoisted_values(slot: SlotState, hoisted, flat: list) -> list:
+    """The prologue's values for these inputs: computed once, reused while every user input
+    it reads is the same tensor at the same version (an in-place change bumps the version).
+    Refreshed in place, so CUDA graphs that read them stay valid."""
+    # inference tensors have no version counter: always recompute (never stale)
+    key = [(flat[i], None if flat[i].is_inference() else flat[i]._version)
+           for i in hoisted.user_inputs if isinstance(flat[i], torch.Tensor)]
+    code = hoisted.prologue.code
+    entry = slot.hoisted.get(code)
+    if entry is not None and all(
+        a is b and va is not None and va == vb for (a, va), (b, vb) in zip(entry[0], key)
+    ):
+        return entry[1]
+    with torch.no_grad():
+        values = hoisted.prologue(*[flat[i] for i in hoisted.inputs])
+    if entry is not None:
+        for stored, value in zip(entry[1], values):
+            stored.copy_(value)
+        values = entry[1]
+    slot.hoisted[code] = (key, values)
+    return values
 
 
 # Bumped whenever any nn.Module in the process registers a submodule (setattr, add_module,

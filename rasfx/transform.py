@@ -40,6 +40,14 @@ class TransformConfig:
         gather GeMM 61-83%, and a model step gains 1-2% (SD3 with CUDA graphs; the compiled
         modes fuse the cache writes themselves); see docs/performance.md. Where enabled, each
         fused op runs, per shape, the faster of its kernel and the unfused path.
+    hoist_invariants: compute once what the graph computes from the weights and the inputs
+        that stay the same between steps (prompt embeddings, masks, position ids), instead
+        of at every step: e.g. the text keys/values of cross-attention, the caption
+        embedder, rotary tables. Exact: a tensor input that changes (another object, or the
+        same one modified in place) is recomputed. Default True.
+    varying_inputs: names of the forward arguments that change at every denoising step
+        besides the image input; every other input is expected to stay the same between
+        steps (a wrong guess costs speed, never correctness).
     """
 
     image_input: Optional[str] = None
@@ -48,6 +56,8 @@ class TransformConfig:
     fuse: object = False
     kv_cache: bool = True
     op_rules: Optional[dict] = None
+    hoist_invariants: bool = True
+    varying_inputs: tuple = ("timestep", "timesteps", "t", "sigma", "sigmas")
 
     def __post_init__(self):
         if self.image_input is not None and (not isinstance(self.image_input, str) or not self.image_input):
@@ -66,6 +76,13 @@ class TransformConfig:
                     raise ConfigError(f"op_rules keys must be ops (e.g. torch.ops.mylib.attention.default), got {op!r}")
                 if not callable(rule):
                     raise ConfigError(f"op_rules[{op}] must be callable (node -> rasfx.OpRule), got {rule!r}")
+        if not isinstance(self.hoist_invariants, bool):
+            raise ConfigError(f"hoist_invariants must be True or False; got {self.hoist_invariants!r}")
+        if isinstance(self.varying_inputs, str) or not isinstance(self.varying_inputs, (tuple, list)) or not all(
+            isinstance(v, str) and v for v in self.varying_inputs
+        ):
+            raise ConfigError(f"varying_inputs must be a tuple of argument names; got {self.varying_inputs!r}")
+        self.varying_inputs = tuple(self.varying_inputs)
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
 

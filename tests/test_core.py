@@ -139,16 +139,16 @@ def test_transformed_graph_is_sync_free_and_compilable(sd3):
         flat = ras._resolver(cc)(torch.utils._pytree.tree_leaves(kw))
         caches = ras._slot.caches
         for name, index in (("shared", torch.arange(5)), ("rowwise", torch.stack([torch.arange(5)] * 2))):
-            gm = cc.variant(name).gm
+            variant = cc.variant(name)
             # A FakeTensor run fails on any op that needs a value on the host (.item(), nonzero, ...)
             with FakeTensorMode() as fm:
                 fake = [fm.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat]
-                out = gm(*fake, fm.from_tensor(index), *[fm.from_tensor(c) for c in caches])
+                out = variant.gm(*variant.call_args(fake, fm.from_tensor(index), [fm.from_tensor(c) for c in caches]))
             assert out[0].shape == (2, 4, 8, 12)
-        gm = cc.variant("shared").gm
-        compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
-        want = gm(*flat, torch.arange(7), *[c.clone() for c in caches])
-        got = compiled(*flat, torch.arange(7), *[c.clone() for c in caches])
+        variant = cc.variant("shared")
+        compiled = torch.compile(variant.gm, backend="aot_eager", fullgraph=True)
+        want = variant.gm(*variant.call_args(flat, torch.arange(7), [c.clone() for c in caches]))
+        got = compiled(*variant.call_args(flat, torch.arange(7), [c.clone() for c in caches]))
     assert rel(got[0], want[0]) <= 1e-6
 
 
@@ -297,8 +297,8 @@ def test_fusion_pass_keeps_results(kind, sd3, flux):
         flat = ras._resolver(cc)(torch.utils._pytree.tree_leaves(kw))
         caches = ras._slot.caches
         index = torch.tensor([3, 0, 17, 9, 22])
-        want = plain.gm(*flat, index, *[c.clone() for c in caches])[0]
-        got = fused.gm(*flat, index, *[c.clone() for c in caches])[0]
+        want = plain.gm(*plain.call_args(flat, index, [c.clone() for c in caches]))[0]
+        got = fused.gm(*fused.call_args(flat, index, [c.clone() for c in caches]))[0]
     assert rel(got, want) <= 1e-5
 
 

@@ -420,9 +420,8 @@ def test_lower_cache_ops_gives_plain_aten_writes_with_the_same_results(preset):
         for kind, gm in (("custom", variant.gm), ("lowered", lowered)):
             if caches[kind] is None:
                 caches[kind] = [c.allocate() for c in variant.caches]
-            args = [*flat, *caches[kind]] if index is None else [*flat, index, *caches[kind]]
             with torch.no_grad():
-                outs[kind] = gm(*args)
+                outs[kind] = gm(*variant.call_args(flat, index, caches[kind]))
         for a, b in zip(outs["custom"], outs["lowered"]):
             assert torch.equal(a, b), name
         for a, b in zip(caches["custom"], caches["lowered"]):

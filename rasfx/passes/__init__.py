@@ -1,12 +1,14 @@
 """The compiler passes of rasfx, in pipeline order.
 
 capture -> strip_asserts -> analyze_tokens -> plan_regions ->
-insert_gathers -> resize_token_shapes -> insert_cache_sites -> fuse_kernels (optional)
+insert_gathers -> resize_token_shapes -> insert_cache_sites -> fuse_kernels (optional) ->
+hoist_invariants
 
 lower_cache_ops runs on a copy of a variant right before ``torch.compile``.
 """
 
 from .fuse_kernels import fuse_kernels
+from .hoist_invariants import Hoisted, hoist_invariants
 from .insert_cache_sites import insert_cache_sites
 from .insert_gathers import insert_gathers
 from .lower_cache_ops import lower_cache_ops
@@ -16,6 +18,6 @@ from .strip_asserts import strip_asserts
 from .token_analysis import Axis, TokenAnalysis, analyze_tokens, token_axes
 
 __all__ = [
-    "Axis", "Plan", "fuse_kernels", "Site", "TokenAnalysis", "analyze_tokens", "insert_cache_sites", "insert_gathers",
+    "Axis", "Hoisted", "Plan", "fuse_kernels", "hoist_invariants", "Site", "TokenAnalysis", "analyze_tokens", "insert_cache_sites", "insert_gathers",
     "lower_cache_ops", "plan_regions", "resize_token_shapes", "strip_asserts", "token_axes",
 ]
