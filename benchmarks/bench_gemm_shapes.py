@@ -141,8 +141,11 @@ def time_attention(model, ratios, dev, dt) -> list[str]:
     k = torch.randn(b, hds, n_kv, d, device=dev, dtype=dt)
     v = torch.randn_like(k)
     splits = (2, 3, 4)
-    out = ["| queries | padded to 128 | SDPA ms | padded SDPA ms | ms per query row vs dense | "
-           + " | ".join(f"{s}-way split keys ms" for s in splits) + " |", "|---|---|---|---|---|" + "---|" * len(splits)]
+    # "same tokens": the queries attending to themselves only, what the original model pays on a
+    # RAS step's token count; the difference x blocks is what attending to every cached key adds
+    out = ["| queries | padded to 128 | SDPA ms | padded SDPA ms | ms per query row vs dense | same tokens ms | "
+           "all keys - same tokens, x blocks ms | " + " | ".join(f"{s}-way split keys ms" for s in splits) + " |",
+           "|---|---|---|---|---|---|---|" + "---|" * len(splits)]
     t_dense = None
     for r in [1.0, *ratios]:
         nq = round(r * cfg["n_img"] / 64) * 64 + cfg["n_txt"]
@@ -152,6 +155,8 @@ def time_attention(model, ratios, dev, dt) -> list[str]:
         t = bench(lambda: F.scaled_dot_product_attention(q, k, v))
         tp = bench(lambda: F.scaled_dot_product_attention(qp, k, v))
         t_dense = t_dense or t / nq
+        ks, vs = k[:, :, :nq].contiguous(), v[:, :, :nq].contiguous()
+        t_same = bench(lambda: F.scaled_dot_product_attention(q, ks, vs))
         cells = []
         ref = F.scaled_dot_product_attention(q, k, v).float()
         for parts in splits:
@@ -160,7 +165,8 @@ def time_attention(model, ratios, dev, dt) -> list[str]:
                 cells.append(f"{bench(lambda: split_kv_attention(q, k, v, parts)):.4f} (err {err:.1g})")
             except Exception as e:  # noqa: BLE001 - a backend without the log-sum-exp output
                 cells.append(f"n/a ({type(e).__name__})")
-        out.append(f"| {nq} | {pad} | {t:.4f} | {tp:.4f} | {t / nq / t_dense:.2f} | " + " | ".join(cells) + " |")
+        out.append(f"| {nq} | {pad} | {t:.4f} | {tp:.4f} | {t / nq / t_dense:.2f} | {t_same:.4f} | "
+                   f"{(t - t_same) * cfg['blocks']:.2f} | " + " | ".join(cells) + " |")
         print(out[-1], flush=True)
     return out
 
@@ -188,6 +194,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="sd3,pixart")
     ap.add_argument("--ratios", default="0.5,0.25,0.125")
+    ap.add_argument("--only", default=None, help="comma list of sections to run: adaLN, attention, grouped, GEMMs (default: all)")
     ap.add_argument("--autotune", action="store_true",
                     help="add the max_autotune_gemm column (Inductor autotunes each shape: ~45 s per shape on an H200)")
     ap.add_argument("--out", default=None, help="write the tables (markdown) here")
@@ -205,6 +212,8 @@ def main(argv=None) -> int:
             ("grouped image+text GEMMs", lambda: time_grouped(model, ratios, dev, dt)),
             ("GEMMs", lambda: time_linears(model, ratios, dev, dt, args.autotune)),
         ]:
+            if args.only and title.split()[0] not in args.only.split(","):
+                continue
             part = fn()  # rows are printed as they are timed
             if part:
                 lines += [f"## {model}: {title}", "", *part, ""]
