@@ -542,7 +542,7 @@ def capture_model(spec: str, *, height: int | None = None, width: int | None = N
     Captures of presets are kept for repeated in-process calls."""
     from .capture import input_signature
     from .graph_build import compile_capture
-    from .transform import transform
+    from .transform import TransformConfig, transform
 
     key = (spec, height, width, batch, seed, meta, frames, image_input, kv_cache)
     hit = _CAPTURES.get(key)
@@ -552,7 +552,8 @@ def capture_model(spec: str, *, height: int | None = None, width: int | None = N
     loaded = load_model(spec, height=height, width=width, batch=batch, seed=seed, meta=meta, frames=frames)
     transform(loaded.model)  # rasfx.transform's model checks (U-Net, already transformed)
     kwargs = dict(loaded.inputs)
-    cc = compile_capture(loaded.model, kwargs, image_input, input_signature(loaded.model, kwargs), kv_cache=kv_cache)
+    cc = compile_capture(loaded.model, kwargs, image_input, input_signature(loaded.model, kwargs), kv_cache=kv_cache,
+                         varying_inputs=TransformConfig().varying_inputs)  # the graphs as the runtime builds them
     if loaded.cacheable:
         _CAPTURES[key] = (loaded, cc)
         while len(_CAPTURES) > _MAX_CAPTURES:

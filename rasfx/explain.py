@@ -211,7 +211,7 @@ def _category(node: fx.Node, role: str | None) -> str:
 
     if node.op == "placeholder":
         return {"param": "parameter", "buffer": "buffer", "const": "constant", "user": "input",
-                "index": "rasfx input", "cache": "rasfx input"}.get(role or "", "input")
+                "index": "rasfx input", "cache": "rasfx input", "hoisted": "rasfx input"}.get(role or "", "input")
     if node.op == "output":
         return "output"
     if node.op != "call_function":
@@ -526,6 +526,8 @@ class Explanation:
                     role = "cache"
                 elif node.name == "ras_index":
                     role = "index"
+                elif node.meta.get("rasfx_created_by") == "hoist_invariants":
+                    role = "hoisted"  # a value of the step-invariant prologue
             category = _category(node, role)
             shapes, dtypes = self._shapes(node)
             tokens = _axes_list(node.meta.get("rasfx_tokens")) if annotated else None
@@ -544,7 +546,8 @@ class Explanation:
             op = op_name(node)
             if node.op == "placeholder":
                 op = {"param": "param", "buffer": "buffer", "const": "constant", "user": "input",
-                      "index": "index input", "cache": "cache input"}.get(role or "", "input")
+                      "index": "index input", "cache": "cache input",
+                      "hoisted": "hoisted input"}.get(role or "", "input")
             views.append(NodeView(
                 name=node.name, op=op, target=str(node.target) if node.op == "call_function" else node.op,
                 graph_op=node.op, category=category, shapes=shapes, dtypes=dtypes, tokens=tokens, mode=mode,
@@ -1740,11 +1743,12 @@ def explain(model, inputs: dict | None = None, *, ratio: float = 0.25, stage: st
                                     f"got {type(model).__name__}")
     if inputs is None or not isinstance(inputs, dict):
         raise ExplainError("explain(model, inputs): inputs must be the dict of keyword arguments of one forward")
-    from .transform import transform
+    from .transform import TransformConfig, transform
 
     transform(model)  # the same model checks as rasfx.transform (U-Nets, already transformed, ...)
     kwargs = dict(inputs)
-    cc = compile_capture(model, kwargs, image_input, input_signature(model, kwargs), kv_cache=kv_cache)
+    cc = compile_capture(model, kwargs, image_input, input_signature(model, kwargs), kv_cache=kv_cache,
+                         varying_inputs=TransformConfig().varying_inputs)  # the graphs as the runtime builds them
     return Explanation(cc, stage=stage, variant=variant, ratio=ratio, module=module, op=op,
                        model_name=name or type(model).__name__, model_class=type(model).__name__, source=source,
                        inputs=describe_inputs(kwargs), notes=notes)
