@@ -32,4 +32,5 @@ class ConfigError(RasfxError, ValueError):
 
 
 class RASWarning(UserWarning):
-    """RAS could not run as configured (the run, or one input signature, falls back to dense)."""
+    """RAS could not run as configured (the run, or one input signature, falls back to dense), or
+    runs slower than it could (e.g. a per-step input that rasfx treats as constant)."""

@@ -33,14 +33,14 @@ class SlotState:
     index_checked: bool = False
     last_dense: bool = True
     forwards: int = 0
-    # prologue code -> (the user inputs it read, with their versions; the hoisted values)
+    # prologue code -> [the user inputs it read with their versions, the hoisted values, recompute streak]
     hoisted: dict = field(default_factory=dict)
 
     def cache_bytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.caches or [])
 
     def hoisted_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, vals in self.hoisted.values() for t in vals)
+        return sum(t.numel() * t.element_size() for entry in self.hoisted.values() for t in entry[1])
 
 
 class RASModule(torch.nn.Module):
@@ -306,21 +306,38 @@ def _hoisted_values(slot: SlotState, hoisted, flat: list) -> list:
     Refreshed in place, so CUDA graphs that read them stay valid."""
     # inference tensors have no version counter: always recompute (never stale)
     key = [(flat[i], None if flat[i].is_inference() else flat[i]._version)
-           for i in hoisted.user_inputs if isinstance(flat[i], torch.Tensor)]
+           if isinstance(flat[i], torch.Tensor) else (None, 0) for i in hoisted.user_inputs]
     code = hoisted.prologue.code
     entry = slot.hoisted.get(code)
-    if entry is not None and all(
-        a is b and va is not None and va == vb for (a, va), (b, vb) in zip(entry[0], key)
-    ):
-        return entry[1]
+    if entry is not None:
+        same = [a is b and va is not None and va == vb for (a, va), (b, vb) in zip(entry[0], key)]
+        if all(same):
+            entry[2] = 0
+            return entry[1]
+        entry[2] += 1
+        if entry[2] == _RECOMPUTE_WARN_AFTER:
+            changed = [n for n, ok in zip(hoisted.user_names, same) if not ok]
+            warnings.warn(
+                f"rasfx: {', '.join(changed)} changed on {entry[2]} consecutive forwards, so the work rasfx does "
+                "once per prompt from them was redone each time. If they change at every denoising step, name "
+                "them in TransformConfig(varying_inputs=...) (or set hoist_invariants=False).",
+                RASWarning,
+                stacklevel=3,
+            )
     with torch.no_grad():
         values = hoisted.prologue(*[flat[i] for i in hoisted.inputs])
     if entry is not None:
         for stored, value in zip(entry[1], values):
             stored.copy_(value)
-        values = entry[1]
-    slot.hoisted[code] = (key, values)
+        entry[0] = key
+        return entry[1]
+    slot.hoisted[code] = [key, values, 0]  # inputs read, values, consecutive recomputes
     return values
+
+
+# A prompt that changes between images recomputes once per image; one that changes on every
+# forward (a per-step input missing from varying_inputs) is worth a word after a few.
+_RECOMPUTE_WARN_AFTER = 3
 
 
 # Bumped whenever any nn.Module in the process registers a submodule (setattr, add_module,

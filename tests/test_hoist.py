@@ -115,6 +115,25 @@ def test_prologue_runs_once_per_prompt_and_again_when_the_prompt_changes(monkeyp
     assert torch.allclose(out, want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_prompt_that_changes_at_every_step_is_named_in_a_warning():
+    """A per-step input missing from varying_inputs costs a recompute per forward: after a few
+    consecutive ones the runtime says which input and what to do, once; results stay exact."""
+    import warnings
+
+    p, model, on, _ = _pair("pixart-tiny")
+    kws = [p.inputs(2, seed=s) for s in range(6)]  # a new prompt tensor on every forward
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            outs = [on(**kw)[0] for kw in kws]
+            want = [model(**kw)[0] for kw in kws]
+    said = [w for w in caught if issubclass(w.category, rasfx.RASWarning) and "varying_inputs" in str(w.message)]
+    assert len(said) == 1 and "encoder_hidden_states" in str(said[0].message)
+    assert "encoder_attention_mask" in str(said[0].message)
+    for o, w in zip(outs, want):
+        assert torch.allclose(o, w, rtol=1e-5, atol=1e-6)
+
+
 def test_inference_tensors_are_recomputed_every_call():
     """Inference-mode tensors have no version counter: an in-place change could not be seen,
     so their prologue runs on every forward (never stale)."""

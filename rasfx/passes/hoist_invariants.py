@@ -47,6 +47,7 @@ class Hoisted:
     prologue: fx.GraphModule  # prologue(*[graph inputs at `inputs`]) -> list of hoisted values
     inputs: list[int]  # positions, among gm's original placeholders, of the prologue's inputs
     user_inputs: list[int]  # the subset of `inputs` that are user inputs (checked for changes at run time)
+    user_names: list[str] = field(default_factory=list)  # their placeholder names (the forward's argument names)
     counters: Counter = field(default_factory=Counter)
 
 
@@ -151,4 +152,5 @@ def hoist_invariants(gm: fx.GraphModule, invariant_inputs: set[int], user_inputs
     graph.lint()
     gm.recompile()
     counters = Counter(hoisted_nodes=removed, hoisted_values=len(outs))
-    return Hoisted(prologue, inputs, [i for i in inputs if i in user_inputs], counters)
+    users = [i for i in inputs if i in user_inputs]
+    return Hoisted(prologue, inputs, users, [placeholders[i].name for i in users], counters)
