@@ -181,6 +181,8 @@ def same_tokens_inputs(name, kw, n):
     if name == "flux":  # [B, N, C] packed latent and its [N, 3] position ids
         return dict(kw, hidden_states=x[:, :n].contiguous(), img_ids=kw["img_ids"][:n].contiguous())
     return None  # wan: a video latent has no F x H x W grid of exactly n tokens at most ratios
+
+
 LABELS = {"sd3": "SD3-medium 1024px, CFG batch 2", "flux": "Flux.1-dev 1024px", "pixart": "PixArt-Sigma 1024px, CFG batch 2",
           "lumina": "Lumina-Next 2B 1024px, CFG batch 2", "wan": "Wan2.1-1.3B 480x832x33f"}
 

@@ -26,13 +26,17 @@ def run(script, *args, timeout=300):
 def test_bench_models_tiny_dry_run_and_report(tmp_path):
     """bench_models.py --scale tiny on the CPU writes results that report.py turns into tables."""
     out = tmp_path / "perf.json"
-    r = run("bench_models.py", "--scale", "tiny", "--models", "sd3", "--modes", "eager", "--iters", "1",
+    r = run("bench_models.py", "--scale", "tiny", "--models", "sd3", "--modes", "eager,eager@no-hoist", "--iters", "1",
             "--ratios", "1,0.5", "--schedule-ratios", "0.5", "--no-fusion", "--same-tokens", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [row["model"] for row in rows] == ["sd3"] and "eager" in rows[0]["modes"]
     steps = rows[0]["modes"]["eager"]["steps"]
     assert steps["0.5"]["original_same_tokens_ms"] > 0 and "original_same_tokens_ms" not in steps["1.0"]
+    # the @no-hoist A/B captures again without the step-invariant prologue
+    modes = rows[0]["modes"]
+    assert modes["eager"]["hoisted"]["hoisted_values"] > 0 and modes["eager@no-hoist"]["hoisted"] == {}
+    assert modes["eager"]["hoisted_bytes"] > 0 and modes["eager@no-hoist"]["hoisted_bytes"] == 0
     md = tmp_path / "perf.md"
     r = run("report.py", out, "--md", md)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -18,6 +18,7 @@ from .strip_asserts import strip_asserts
 from .token_analysis import Axis, TokenAnalysis, analyze_tokens, token_axes
 
 __all__ = [
-    "Axis", "Hoisted", "Plan", "fuse_kernels", "hoist_invariants", "Site", "TokenAnalysis", "analyze_tokens", "insert_cache_sites", "insert_gathers",
-    "lower_cache_ops", "plan_regions", "resize_token_shapes", "strip_asserts", "token_axes",
+    "Axis", "Hoisted", "Plan", "Site", "TokenAnalysis", "analyze_tokens", "fuse_kernels", "hoist_invariants",
+    "insert_cache_sites", "insert_gathers", "lower_cache_ops", "plan_regions", "resize_token_shapes", "strip_asserts",
+    "token_axes",
 ]

@@ -7,7 +7,7 @@ is the same on every step: PixArt's and Wan's cross-attention keys and values of
 (two projections per block), the caption/context embedders, Flux's rotary tables, mask
 conversions. The original model recomputes it at every step; rasfx computes it once.
 
-``hoist_invariants(gm, invariant_inputs)`` splits ``gm`` in two:
+``hoist_invariants(gm, invariant_inputs, user_inputs)`` splits ``gm`` in two:
 
 * a *prologue* ``GraphModule`` that reads only the graph inputs at ``invariant_inputs``
   (weights, constants and the user inputs expected to stay the same between steps) and
