@@ -637,8 +637,12 @@ class Explanation:
         views = {v.name: v for v in self._captured_node_views()}
         keep = {v.name for v in views.values() if self._keep(v)}
         N, n = self.num_tokens, self.active_tokens
-        out = {"dense": 0, "at_ratio": 0, "ratio": self.ratio, "n": n, "N": N, "by_category": {}}
+        out = {"dense": 0, "at_ratio": 0, "once_per_prompt": 0, "ratio": self.ratio, "n": n, "N": N,
+               "by_category": {}}
         site_edges = {(x.producer, x.consumer) for x in self.cc.plan.sites}
+        # nodes the step-invariant prologue computes once per prompt (its copies keep their names)
+        hoisted = self._variant.hoisted if self._variant is not None else None
+        once = {m.name for m in hoisted.prologue.graph.nodes if m.op == "call_function"} if hoisted else set()
         for node in self.cc.capture.graph_module.graph.nodes:
             if node.op != "call_function" or node.name not in keep:
                 continue
@@ -654,6 +658,9 @@ class Explanation:
                 if kv is not None and (k.name, node.name) not in site_edges:
                     scale *= _active_share(kv, n, N)
             active = int(round(dense * scale)) if self.stage != "captured" else dense
+            if node.name in once:
+                out["once_per_prompt"] += dense
+                active = 0
             cat = out["by_category"].setdefault(v.category, {"dense": 0, "at_ratio": 0})
             cat["dense"] += dense
             cat["at_ratio"] += active
@@ -906,6 +913,8 @@ class Explanation:
             row(f"at ratio {self.ratio:g} (n={fl['n']})", f"{human_flops(fl['at_ratio'])} ({100 * share:.1f}% of dense{speed})")
             for cat, d in fl["by_category"].items():
                 row(f"  {cat}", f"{human_flops(d['dense'])} -> {human_flops(d['at_ratio'])}")
+            if fl["once_per_prompt"]:
+                row("once per prompt", f"{human_flops(fl['once_per_prompt'])} (hoisted out of every step)")
         if self._variant is not None:
             row("cache memory", f"{human_bytes(st['cache_bytes'])} per cache slot ({len(self.caches())} caches)")
         out.append("")

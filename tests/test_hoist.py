@@ -256,3 +256,16 @@ def test_mask_conversion_alone_is_hoisted_with_text_projection():
     variant = ras.captures()[0].variant("shared")
     prologue_ops = {n.target for n in variant.hoisted.prologue.graph.nodes}
     assert aten.linear.default in prologue_ops and aten.mul.Tensor in prologue_ops
+
+
+def test_explain_counts_hoisted_work_once_per_prompt():
+    """rasfx.explain / inspect show the graphs as the runtime builds them: the prologue's
+    matrix products leave the per-step estimate and are reported once per prompt."""
+    from rasfx.explain import explain, node_flops
+
+    report = explain("pixart-tiny")
+    prologue = report.variant.hoisted.prologue
+    fl = report.flops()
+    assert fl["once_per_prompt"] == sum(node_flops(n) or 0 for n in prologue.graph.nodes if n.op == "call_function") > 0
+    assert "once per prompt" in report.summary(timings=False)
+    assert any(v.op == "hoisted input" for v in report.nodes())
