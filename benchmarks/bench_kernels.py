@@ -152,9 +152,8 @@ def sweep_tiles(kernels, do_bench, hidden, batch, ratio, rep, warmup, device="cu
     tiles = _common._HOPPER_TILES + _common._DEFAULT_TILES + EXTRA_TILES
     saved = gather_gemm.launch_mode, scatter_gemm.launch_mode
     try:
-        for tile in dict.fromkeys(tiles):
-            bm, bn, bk, warps, stages = tile
-            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+        for tile in dict.fromkeys(_common.tile_key(t) for t in tiles):
+            meta = _common.tile_meta(tile)
             gather_gemm.launch_mode = scatter_gemm.launch_mode = lambda m=meta: (False, False, m)
             for op, fn in (("gather", lambda: kernels.gather_linear(x, idx, w, b)),
                            ("scatter", lambda: kernels.linear_scatter_(cache, x_act, idx, w, b))):
@@ -179,9 +178,15 @@ EXTRA_TILES = (
     (128, 128, 128, 8, 3),
     (64, 128, 128, 4, 3),
     (128, 64, 128, 4, 3),
+    (128, 128, 64, 8, 5, 64),
+    (128, 128, 128, 8, 2, 64),
+    (64, 128, 64, 4, 5, 64),
+    (64, 128, 128, 4, 3, 64),
+    (64, 128, 64, 8, 4, 64),
 )
 
-SWEEP_HEADER = ["hidden", "B", "ratio", "rows", "op", "tile (BM, BN, BK, warps, stages)", "ms", "cuBLAS ms", "% cuBLAS"]
+SWEEP_HEADER = ["hidden", "B", "ratio", "rows", "op", "tile (BM, BN, BK, warps, stages, BN2)", "ms", "cuBLAS ms",
+                "% cuBLAS"]
 
 HEADER = [
     "model",

@@ -41,6 +41,9 @@ __all__ = [
     "matmul_configs",
     "prune_matmul_configs",
     "rows_bucket",
+    "tile_columns",
+    "tile_key",
+    "tile_meta",
     "FasterPath",
     "kernel_path",
     "tma_descriptor",
@@ -175,7 +178,11 @@ def rows_bucket(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_N2])
+# BLOCK_N2 (default 0) widens a tile by a second column block beside BLOCK_N: 128 + 64 = 192
+# columns divide the 1536- and 3072-wide layers of SD3 and Flux into 8 and 16 column tiles, so
+# 1024-4096-row GeMMs fill the 132 SMs in whole waves where 128- or 256-wide tiles leave the
+# last wave half empty (triton block sizes must be powers of two, hence two blocks).
 # Hopper: wgmma-friendly 128-wide tiles with deep TMA / cp.async pipelines (228 KiB of smem).
 _HOPPER_TILES = (
     (128, 256, 64, 8, 4),
@@ -186,6 +193,9 @@ _HOPPER_TILES = (
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
+    (128, 128, 64, 8, 4, 64),
+    (128, 128, 64, 8, 3, 64),
+    (64, 128, 64, 4, 4, 64),
 )
 # Everything else (Ampere, Ada, ...): the classic mma.sync tiles that fit 99-164 KiB.
 _DEFAULT_TILES = (
@@ -200,29 +210,43 @@ _INTERPRET_TILE = (16, 32, 32, 4, 1)
 _UNTUNED_TILE = (64, 64, 32, 4, 3)
 
 
+def tile_key(tile: tuple) -> tuple:
+    """A tile tuple with its optional BLOCK_N2 filled in: (BM, BN, BK, warps, stages, BN2)."""
+    return tuple(tile) + (0,) * (6 - len(tile))
+
+
+def tile_meta(tile: tuple) -> dict:
+    """Launch keywords (block sizes, GROUP_M, warps, stages) of a tile tuple."""
+    bm, bn, bk, warps, stages, bn2 = tile_key(tile)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_N2": bn2, "BLOCK_K": bk, "GROUP_M": 8,
+            "num_warps": warps, "num_stages": stages}
+
+
+def tile_columns(meta: dict) -> int:
+    """Output columns one program computes: BLOCK_N plus the optional second block."""
+    return meta["BLOCK_N"] + meta.get("BLOCK_N2", 0)
+
+
 def _tile_of(cfg) -> tuple:
     kw = cfg.kwargs
-    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages, kw.get("BLOCK_N2", 0))
 
 
 def _config(tile: tuple):
-    bm, bn, bk, warps, stages = tile
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-        num_warps=warps,
-        num_stages=stages,
-        pre_hook=set_descriptor_blocks,
-    )
+    meta = tile_meta(tile)
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=set_descriptor_blocks)
 
 
 def set_descriptor_blocks(nargs: dict) -> None:
     """Give the TMA descriptors among a launch's arguments the tile of the config about to
-    run: ``x_ptr`` [BLOCK_M, BLOCK_K] rows, ``w_ptr`` [BLOCK_N, BLOCK_K] weight rows (a
-    descriptor's block shape is part of the compiled kernel's signature)."""
-    for name, rows in (("x_ptr", "BLOCK_M"), ("w_ptr", "BLOCK_N")):
+    run: ``x_ptr`` [BLOCK_M, BLOCK_K] rows, ``w_ptr`` [BLOCK_N, BLOCK_K] and ``w2_ptr``
+    [BLOCK_N2, BLOCK_K] weight rows (a descriptor's block shape is part of the compiled
+    kernel's signature; an unused ``w2_ptr``, BLOCK_N2 = 0, gets BLOCK_N rows)."""
+    for name, rows in (("x_ptr", "BLOCK_M"), ("w_ptr", "BLOCK_N"), ("w2_ptr", "BLOCK_N2")):
         arg = nargs.get(name)
         if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
-            arg.block_shape = [nargs[rows], nargs["BLOCK_K"]]
+            arg.block_shape = [nargs.get(rows) or nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
 def autotune_enabled() -> bool:
@@ -241,9 +265,7 @@ def launch_mode() -> tuple[bool, bool, dict]:
     tune = not interpret and autotune_enabled()
     if tune:
         return interpret, tune, {}
-    bm, bn, bk, warps, stages = _INTERPRET_TILE if interpret else _UNTUNED_TILE
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
-    return interpret, tune, meta
+    return interpret, tune, tile_meta(_INTERPRET_TILE if interpret else _UNTUNED_TILE)
 
 
 def build_launchable(kernel, tune: bool):
@@ -298,13 +320,13 @@ def prune_matmul_configs(configs, named_args, **kwargs):
     x = getattr(x, "base", x)  # a TMA descriptor: its tensor
     device = x.device
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    wanted = set(_HOPPER_TILES if hopper else _DEFAULT_TILES)
+    wanted = {tile_key(t) for t in (_HOPPER_TILES if hopper else _DEFAULT_TILES)}
     limit = _shared_memory_limit(device) if device.type == "cuda" else 99 * 1024
     itemsize = x.element_size()
     kept = []
     for cfg in configs:
-        bm, bn, bk, _, stages = tile = _tile_of(cfg)
-        if tile in wanted and (bm + bn) * bk * itemsize * max(1, stages) <= limit:
+        bm, bn, bk, _, stages, bn2 = tile = _tile_of(cfg)
+        if tile in wanted and (bm + bn + bn2) * bk * itemsize * max(1, stages) <= limit:
             kept.append(cfg)
     # Never return an empty list: the untuned tile fits every GPU and dtype.
     return kept or [_config(_UNTUNED_TILE)]
@@ -329,7 +351,7 @@ def tma_descriptor(t: Tensor, meta: dict, rows: str):
 
     ``meta``: the fixed launch config (empty when autotuning: each config's pre-hook sets
     the block shape, see `set_descriptor_blocks`); ``rows``: the meta key of the tile's
-    row count ("BLOCK_M" for activations, "BLOCK_N" for weights). Out-of-bounds parts of
+    row count ("BLOCK_M" for activations, "BLOCK_N" / "BLOCK_N2" for weights). Out-of-bounds parts of
     a tile read as zeros, which is what the K tail and the last row tile need.
     """
     if TensorDescriptor is None or not tma_enabled() or t.dim() != 2:
@@ -344,7 +366,7 @@ def tma_descriptor(t: Tensor, meta: dict, rows: str):
     es = t.element_size()
     if t.stride(1) != 1 or (t.stride(0) * es) % 16 or t.data_ptr() % 16 or t.shape[0] == 0:
         return None
-    block = [meta.get(rows, 16), meta.get("BLOCK_K", 32)]  # placeholder until the pre-hook runs
+    block = [meta.get(rows) or 16, meta.get("BLOCK_K", 32)]  # placeholder until the pre-hook runs
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
 
 

@@ -34,6 +34,7 @@ from ._common import (
     jit,
     launch_mode,
     rows_bucket,
+    tile_columns,
     tl,
     tma_descriptor,
     triton,
@@ -55,6 +56,7 @@ def _gather_linear_kernel(
     x_ptr,  # x: [B, M, K] activations; rows are read through idx_ptr
     idx_ptr,  # index: [B, n] or [n] int32/int64 row ids into M (stride_ib == 0 when shared)
     w_ptr,  # weight: [N, K] (nn.Linear layout; W_TMA: a TMA descriptor over it)
+    w2_ptr,  # W_TMA: a second descriptor over the weight, [BLOCK_N2, BLOCK_K] blocks; else unused
     bias_ptr,  # bias: [N]; any valid pointer when HAS_BIAS is False (never read)
     y_ptr,  # y: [B, n, N] output
     M,
@@ -80,16 +82,18 @@ def _gather_linear_kernel(
     W_TMA: tl.constexpr,  # w_ptr is a TMA descriptor (Hopper): weight tiles arrive by TMA, zero-filled past the end
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_N2: tl.constexpr,  # 0, or a second column block beside BLOCK_N (a 128 + 64 = 192-wide tile)
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] tile of y for batch row program_id(1)."""
+    """One [BLOCK_M, BLOCK_N + BLOCK_N2] tile of y for batch row program_id(1)."""
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)  # int64: batch offsets of big caches pass 2**31
 
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     num_pid_m = tl.cdiv(n, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    TILE_N: tl.constexpr = BLOCK_N + BLOCK_N2
+    num_pid_n = tl.cdiv(N, TILE_N)
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -98,7 +102,7 @@ def _gather_linear_kernel(
     pid_n = (pid % num_pid_in_group) // group_size_m
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output rows
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
+    offs_n = pid_n * TILE_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     m_mask = offs_m < n
     n_mask = offs_n < N
@@ -117,8 +121,14 @@ def _gather_linear_kernel(
     x_ptrs = x_ptr + pid_b * stride_xb + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     if not W_TMA:
         w_ptrs = w_ptr + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_N2 > 0:  # the second column block: its own columns, weight tiles and accumulator
+        offs_n2 = pid_n * TILE_N + BLOCK_N + tl.arange(0, BLOCK_N2)  # [BLOCK_N2]
+        offs_wn2 = offs_n2 % N
+        if not W_TMA:
+            w2_ptrs = w_ptr + offs_wn2[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N2]
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
+
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k0 * BLOCK_K
         if EVEN_K:
@@ -126,7 +136,7 @@ def _gather_linear_kernel(
         else:
             a = tl.load(x_ptrs, mask=row_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
         if W_TMA:
-            b = w_ptr.load([pid_n * BLOCK_N, k0 * BLOCK_K]).T  # [BLOCK_K, BLOCK_N]
+            b = w_ptr.load([pid_n * TILE_N, k0 * BLOCK_K]).T  # [BLOCK_K, BLOCK_N]
         elif EVEN_K:
             b = tl.load(w_ptrs)
         else:
@@ -135,17 +145,31 @@ def _gather_linear_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if BLOCK_N2 > 0:
+            if W_TMA:
+                b2 = w2_ptr.load([pid_n * TILE_N + BLOCK_N, k0 * BLOCK_K]).T  # [BLOCK_K, BLOCK_N2]
+            elif EVEN_K:
+                b2 = tl.load(w2_ptrs)
+            else:
+                b2 = tl.load(w2_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if DOT_IN_FP32:
+                b2 = b2.to(tl.float32)
+            acc2 = tl.dot(a, b2, acc2, input_precision=INPUT_PRECISION)
+            if not W_TMA:
+                w2_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
         if not W_TMA:
             w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_wn).to(tl.float32)  # [BLOCK_N]
-        acc += bias[None, :]
-
-    y = acc.to(y_ptr.dtype.element_ty)
-    y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yn + offs_n[None, :] * stride_yc
-    tl.store(y_ptrs, y, mask=m_mask[:, None] & n_mask[None, :])
+        acc += tl.load(bias_ptr + offs_wn).to(tl.float32)[None, :]  # bias: [BLOCK_N]
+    y_rows = y_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yn  # [BLOCK_M, 1]
+    tl.store(y_rows + offs_n[None, :] * stride_yc, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if BLOCK_N2 > 0:
+        if HAS_BIAS:
+            acc2 += tl.load(bias_ptr + offs_wn2).to(tl.float32)[None, :]
+        y2 = acc2.to(y_ptr.dtype.element_ty)
+        tl.store(y_rows + offs_n2[None, :] * stride_yc, y2, mask=m_mask[:, None] & (offs_n2 < N)[None, :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,14 +209,16 @@ def _gather_linear_triton(
     dot_in_fp32 = interpret and x.dtype == torch.bfloat16
 
     w_desc = tma_descriptor(weight, meta, "BLOCK_N")
+    w2_desc = tma_descriptor(weight, meta, "BLOCK_N2") if w_desc is not None else None
 
     def grid(cfg):
-        return (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), B)
+        return (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(N, tile_columns(cfg)), B)
 
     kernel[grid](
         x,
         index,
         weight if w_desc is None else w_desc,
+        weight if w2_desc is None else w2_desc,
         bias if bias is not None else weight,
         out,
         M,

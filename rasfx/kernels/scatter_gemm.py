@@ -40,6 +40,7 @@ from ._common import (
     jit,
     launch_mode,
     rows_bucket,
+    tile_columns,
     tl,
     tma_descriptor,
     triton,
@@ -61,6 +62,7 @@ def _linear_scatter_kernel(
     x_ptr,  # x: [B, n, K] activations of the active rows (X_TMA: a TMA descriptor over x as [B * n, K])
     idx_ptr,  # index: [B, n] or [n] int32/int64 destination rows in M (stride_ib == 0 when shared)
     w_ptr,  # weight: [N, K] (nn.Linear layout; W_TMA: a TMA descriptor over it)
+    w2_ptr,  # W_TMA: a second descriptor over the weight, [BLOCK_N2, BLOCK_K] blocks; else unused
     bias_ptr,  # bias: [N]; any valid pointer when HAS_BIAS is False (never read)
     cache_ptr,  # cache: [B, M, N], written in place at rows index only
     M,
@@ -86,16 +88,19 @@ def _linear_scatter_kernel(
     W_TMA: tl.constexpr,  # w_ptr is a TMA descriptor
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_N2: tl.constexpr,  # 0, or a second column block beside BLOCK_N (a 128 + 64 = 192-wide tile)
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] tile of x @ weight.T for batch row program_id(1), stored at cache rows index."""
+    """One [BLOCK_M, BLOCK_N + BLOCK_N2] tile of x @ weight.T for batch row program_id(1),
+    stored at cache rows index."""
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)  # int64: batch offsets of big caches pass 2**31
 
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     num_pid_m = tl.cdiv(n, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    TILE_N: tl.constexpr = BLOCK_N + BLOCK_N2
+    num_pid_n = tl.cdiv(N, TILE_N)
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -104,7 +109,7 @@ def _linear_scatter_kernel(
     pid_n = (pid % num_pid_in_group) // group_size_m
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of x
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
+    offs_n = pid_n * TILE_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     m_mask = offs_m < n
     n_mask = offs_n < N
@@ -122,9 +127,15 @@ def _linear_scatter_kernel(
     # TMA tile origins. A row tile that runs past n reads the next batch row's rows (or
     # zeros past the end): those output rows are dropped by the store mask.
     x_row0 = (pid_b * n + pid_m * BLOCK_M).to(tl.int32)
-    w_row0 = pid_n * BLOCK_N
+    w_row0 = pid_n * TILE_N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_N2 > 0:  # the second column block: its own columns, weight tiles and accumulator
+        offs_n2 = w_row0 + BLOCK_N + tl.arange(0, BLOCK_N2)  # [BLOCK_N2]
+        offs_wn2 = offs_n2 % N
+        if not W_TMA:
+            w2_ptrs = w_ptr + offs_wn2[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N2]
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k0 * BLOCK_K
         if X_TMA:
@@ -143,14 +154,25 @@ def _linear_scatter_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if BLOCK_N2 > 0:
+            if W_TMA:
+                b2 = w2_ptr.load([w_row0 + BLOCK_N, k0 * BLOCK_K]).T  # [BLOCK_K, BLOCK_N2]
+            elif EVEN_K:
+                b2 = tl.load(w2_ptrs)
+            else:
+                b2 = tl.load(w2_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if DOT_IN_FP32:
+                b2 = b2.to(tl.float32)
+            acc2 = tl.dot(a, b2, acc2, input_precision=INPUT_PRECISION)
+            if not W_TMA:
+                w2_ptrs += BLOCK_K * stride_wk
         if not X_TMA:
             x_ptrs += BLOCK_K * stride_xk
         if not W_TMA:
             w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_wn).to(tl.float32)  # [BLOCK_N]
-        acc += bias[None, :]
+        acc += tl.load(bias_ptr + offs_wn).to(tl.float32)[None, :]  # bias: [BLOCK_N]
 
     # The scatter: destination cache row of each output row. Out-of-range ids are
     # dropped by the mask so a bad index can never write outside the cache; check_index
@@ -159,9 +181,14 @@ def _linear_scatter_kernel(
     rows = rows.to(tl.int64)  # [BLOCK_M]
     row_mask = m_mask & (rows >= 0) & (rows < M)
 
+    c_rows = cache_ptr + pid_b * stride_cb + rows[:, None] * stride_cm  # [BLOCK_M, 1]
     y = acc.to(cache_ptr.dtype.element_ty)
-    c_ptrs = cache_ptr + pid_b * stride_cb + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, y, mask=row_mask[:, None] & n_mask[None, :])
+    tl.store(c_rows + offs_n[None, :] * stride_cn, y, mask=row_mask[:, None] & n_mask[None, :])
+    if BLOCK_N2 > 0:
+        if HAS_BIAS:
+            acc2 += tl.load(bias_ptr + offs_wn2).to(tl.float32)[None, :]
+        y2 = acc2.to(cache_ptr.dtype.element_ty)
+        tl.store(c_rows + offs_n2[None, :] * stride_cn, y2, mask=row_mask[:, None] & (offs_n2 < N)[None, :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,14 +222,16 @@ def _linear_scatter_triton(cache: Tensor, x: Tensor, index: Tensor, weight: Tens
     # TMA operand loads where the layout allows (x rows of all batch rows as one 2-D view).
     x_desc = tma_descriptor(x.reshape(B * n, K), meta, "BLOCK_M") if x.stride(0) == n * x.stride(1) else None
     w_desc = tma_descriptor(weight, meta, "BLOCK_N")
+    w2_desc = tma_descriptor(weight, meta, "BLOCK_N2") if w_desc is not None else None
 
     def grid(cfg):
-        return (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), B)
+        return (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(N, tile_columns(cfg)), B)
 
     kernel[grid](
         x if x_desc is None else x_desc,
         index,
         weight if w_desc is None else w_desc,
+        weight if w2_desc is None else w2_desc,
         bias if bias is not None else weight,
         cache,
         M,
