@@ -172,10 +172,13 @@ def dot_input_precision(dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------
 
 
-def rows_bucket(n: int) -> int:
-    """Autotune key for the rows of one launch (batch x active rows): the next power of
-    two, so nearby ratios share tunings while B=1 and B=2 are tuned apart."""
-    return 1 << max(0, int(n) - 1).bit_length()
+def rows_bucket(batch: int, n: int) -> int:
+    """Autotune key for the rows of one launch: batch x active rows per batch row, rounded
+    up to a multiple of 128 (the usual tile height). Launches that cut into the same row
+    tiles share a tuning; ratios whose tile counts differ are tuned apart (with power-of-two
+    buckets the 6144-row r=0.75 launch ran the tile tuned for 8192 rows: 63% of cuBLAS on
+    an H100, see docs/performance.md)."""
+    return int(batch) * (-(-int(n) // 128) * 128)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_N2])
@@ -185,17 +188,19 @@ def rows_bucket(n: int) -> int:
 # last wave half empty (triton block sizes must be powers of two, hence two blocks).
 # Hopper: wgmma-friendly 128-wide tiles with deep TMA / cp.async pipelines (228 KiB of smem).
 _HOPPER_TILES = (
-    (128, 256, 64, 8, 4),
     (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),
     (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
     (128, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-    (128, 128, 64, 8, 4, 64),
     (128, 128, 64, 8, 3, 64),
+    (128, 128, 64, 8, 4, 64),
+    (128, 128, 64, 8, 5, 64),
     (64, 128, 64, 4, 4, 64),
+    (64, 128, 128, 4, 3, 64),
 )
 # Everything else (Ampere, Ada, ...): the classic mma.sync tiles that fit 99-164 KiB.
 _DEFAULT_TILES = (

@@ -63,7 +63,7 @@ def _gather_linear_kernel(
     n,
     N,
     K,
-    ROWS_BUCKET,  # next_power_of_2(B * n): autotune key only, unused in the body
+    ROWS_BUCKET,  # rows_bucket(B, n): autotune key only, unused in the body
     stride_xb,
     stride_xm,
     stride_xk,
@@ -225,7 +225,7 @@ def _gather_linear_triton(
         n,
         N,
         K,
-        rows_bucket(B * n),
+        rows_bucket(B, n),
         x.stride(0),
         x.stride(1),
         x.stride(2),

@@ -69,7 +69,7 @@ def _linear_scatter_kernel(
     n,
     N,
     K,
-    ROWS_BUCKET,  # next_power_of_2(B * n): autotune key only, unused in the body
+    ROWS_BUCKET,  # rows_bucket(B, n): autotune key only, unused in the body
     stride_xb,
     stride_xm,
     stride_xk,
@@ -238,7 +238,7 @@ def _linear_scatter_triton(cache: Tensor, x: Tensor, index: Tensor, weight: Tens
         n,
         N,
         K,
-        rows_bucket(B * n),
+        rows_bucket(B, n),
         x.stride(0),
         x.stride(1),
         x.stride(2),
