@@ -165,7 +165,8 @@ def _gather_linear_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_wn).to(tl.float32)[None, :]  # bias: [BLOCK_N]
     y_rows = y_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yn  # [BLOCK_M, 1]
-    tl.store(y_rows + offs_n[None, :] * stride_yc, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_rows + offs_n[None, :] * stride_yc, y, mask=m_mask[:, None] & n_mask[None, :])
     if BLOCK_N2 > 0:
         if HAS_BIAS:
             acc2 += tl.load(bias_ptr + offs_wn2).to(tl.float32)[None, :]
