@@ -183,13 +183,9 @@ EXTRA_TILES = (
     (64, 128, 64, 4, 5, 64),
     (64, 128, 128, 4, 3, 64),
     (64, 128, 64, 8, 4, 64),
-    # Triton's automatic warp specialization of the K loop (WARP_SPEC): producer warps load, MMA warps multiply
-    (128, 128, 64, 8, 3, 64, 1),
-    (128, 128, 64, 4, 3, 64, 1),
-    (128, 128, 64, 8, 3, 0, 1),
 )
 
-SWEEP_HEADER = ["hidden", "B", "ratio", "rows", "op", "tile (BM, BN, BK, warps, stages, BN2, WS)", "ms", "cuBLAS ms",
+SWEEP_HEADER = ["hidden", "B", "ratio", "rows", "op", "tile (BM, BN, BK, warps, stages, BN2)", "ms", "cuBLAS ms",
                 "% cuBLAS"]
 
 HEADER = [

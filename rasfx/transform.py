@@ -37,8 +37,9 @@ class TransformConfig:
     fuse: fuse gathers and cache writes into the neighbouring projections (Triton
         GeMMs, ``rasfx.kernels``): False (default), True, or ``"auto"`` (where Triton runs,
         i.e. on CUDA). Off by default: on Hopper the scatter GeMM reaches 83-108% of cuBLAS, the
-        gather GeMM 73-92%, and a model step gains 1-2% (SD3 with CUDA graphs; the compiled
-        modes fuse the cache writes themselves); see docs/performance.md. Where enabled, each
+        gather GeMM 73-92%, and a model step gains nothing measurable (SD3 with CUDA graphs:
+        -1.9% to +3.1% over two runs; the compiled modes fuse the cache writes themselves); see
+        docs/performance.md. Where enabled, each
         fused op runs, per shape, the faster of its kernel and the unfused path.
     hoist_invariants: compute once what the graph computes from the weights and the inputs
         that stay the same between steps (prompt embeddings, masks, position ids), instead

@@ -181,7 +181,7 @@ def rows_bucket(batch: int, n: int) -> int:
     return int(batch) * (-(-int(n) // 128) * 128)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_N2[, WARP_SPEC]])
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_N2])
 # BLOCK_N2 (default 0) widens a tile by a second column block beside BLOCK_N: 128 + 64 = 192
 # columns divide the 1536- and 3072-wide layers of SD3 and Flux into 8 and 16 column tiles, so
 # 1024-4096-row GeMMs fill the 132 SMs in whole waves where 128- or 256-wide tiles leave the
@@ -216,14 +216,14 @@ _UNTUNED_TILE = (64, 64, 32, 4, 3)
 
 
 def tile_key(tile: tuple) -> tuple:
-    """A tile tuple with its optional fields filled in: (BM, BN, BK, warps, stages, BN2, WARP_SPEC)."""
-    return tuple(tile) + (0,) * (7 - len(tile))
+    """A tile tuple with its optional BLOCK_N2 filled in: (BM, BN, BK, warps, stages, BN2)."""
+    return tuple(tile) + (0,) * (6 - len(tile))
 
 
 def tile_meta(tile: tuple) -> dict:
     """Launch keywords (block sizes, GROUP_M, warps, stages) of a tile tuple."""
-    bm, bn, bk, warps, stages, bn2, ws = tile_key(tile)
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_N2": bn2, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPEC": bool(ws),
+    bm, bn, bk, warps, stages, bn2 = tile_key(tile)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_N2": bn2, "BLOCK_K": bk, "GROUP_M": 8,
             "num_warps": warps, "num_stages": stages}
 
 
@@ -234,8 +234,7 @@ def tile_columns(meta: dict) -> int:
 
 def _tile_of(cfg) -> tuple:
     kw = cfg.kwargs
-    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages, kw.get("BLOCK_N2", 0),
-            int(kw.get("WARP_SPEC", False)))
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages, kw.get("BLOCK_N2", 0))
 
 
 def _config(tile: tuple):
@@ -331,7 +330,7 @@ def prune_matmul_configs(configs, named_args, **kwargs):
     itemsize = x.element_size()
     kept = []
     for cfg in configs:
-        bm, bn, bk, _, stages, bn2, _ = tile = _tile_of(cfg)
+        bm, bn, bk, _, stages, bn2 = tile = _tile_of(cfg)
         if tile in wanted and (bm + bn + bn2) * bk * itemsize * max(1, stages) <= limit:
             kept.append(cfg)
     # Never return an empty list: the untuned tile fits every GPU and dtype.

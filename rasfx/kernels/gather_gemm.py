@@ -85,7 +85,6 @@ def _gather_linear_kernel(
     BLOCK_N2: tl.constexpr,  # 0, or a second column block beside BLOCK_N (a 128 + 64 = 192-wide tile)
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    WARP_SPEC: tl.constexpr,  # ask Triton to warp-specialize the K loop (loads and MMAs in separate warps)
 ):
     """One [BLOCK_M, BLOCK_N + BLOCK_N2] tile of y for batch row program_id(1)."""
     pid = tl.program_id(0)
@@ -130,7 +129,7 @@ def _gather_linear_kernel(
             w2_ptrs = w_ptr + offs_wn2[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N2]
         acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
 
-    for k0 in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPEC):
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k0 * BLOCK_K
         if EVEN_K:
             a = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)

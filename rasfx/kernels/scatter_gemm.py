@@ -91,7 +91,6 @@ def _linear_scatter_kernel(
     BLOCK_N2: tl.constexpr,  # 0, or a second column block beside BLOCK_N (a 128 + 64 = 192-wide tile)
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    WARP_SPEC: tl.constexpr,  # ask Triton to warp-specialize the K loop (loads and MMAs in separate warps)
 ):
     """One [BLOCK_M, BLOCK_N + BLOCK_N2] tile of x @ weight.T for batch row program_id(1),
     stored at cache rows index."""
@@ -137,7 +136,7 @@ def _linear_scatter_kernel(
         if not W_TMA:
             w2_ptrs = w_ptr + offs_wn2[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N2]
         acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
-    for k0 in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPEC):
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k0 * BLOCK_K
         if X_TMA:
             a = x_ptr.load([x_row0, k0 * BLOCK_K])  # [BLOCK_M, BLOCK_K]
