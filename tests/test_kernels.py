@@ -209,8 +209,9 @@ def test_tma_and_pointer_operand_loads(tma, Kd, monkeypatch):
 @pytest.mark.parametrize("N", [40, 100, 48], ids=["N40", "N100", "N48"])
 def test_two_block_tiles(tma, N, monkeypatch):
     """Tiles widened by a second column block (BLOCK_N2, e.g. 128 + 64 = 192 columns on Hopper)
-    write every output column once and only those: N=40 ends inside the first tile's second
-    block, N=100 inside a third tile's first block, N=48 exactly on a tile edge."""
+    write every output column once and only those. With the CPU tile (32 + 16 columns) N=40 ends
+    inside the first tile's second block, N=100 inside a third tile's first block, N=48 exactly
+    on a tile edge."""
     from rasfx.kernels import _common
 
     if ON_GPU:
@@ -219,6 +220,7 @@ def test_two_block_tiles(tma, N, monkeypatch):
     else:
         monkeypatch.setattr(_common, "_INTERPRET_TILE", (16, 32, 32, 4, 1, 16))
     monkeypatch.setenv("RASFX_KERNELS_TMA", tma)
+    assert _common.launch_mode()[2]["BLOCK_N2"] > 0  # the launches below use two-block tiles
     run_gather_case(2, 50, 37, 72, N, torch.bfloat16, per_row=True, bias=True, poison_out=True)
     run_gather_case(1, 29, 20, 40, N, torch.float32, per_row=False, bias=False, poison_out=True)
     run_scatter_case(2, 50, 37, 72, N, torch.bfloat16, per_row=False, bias=True)
