@@ -8,17 +8,18 @@ from . import ops  # registers the rasfx:: ops  # noqa: F401
 from .config import RASConfig
 from .errors import (
     CaptureError, ConfigError, InvalidIndexError, RasfxError, RASWarning, TooFewTokensError, UnsupportedModelError,
+    UsageError,
 )
 from .explain import Explanation, explain
 from .module import RASModule
 from .passes.op_rules import OpRule
-from .pipeline import disable, enable, enabled, is_enabled, stats
+from .pipeline import disable, enable, enabled, is_enabled, release, stats
 from .run_stats import RunStats, StepStats, heatmap_image, save_heatmap
 from .transform import TransformConfig, transform
 
 __all__ = [
     "CaptureError", "ConfigError", "Explanation", "explain", "InvalidIndexError", "OpRule", "RASConfig", "RASModule", "RASWarning", "RasfxError",
-    "RunStats", "StepStats", "TooFewTokensError", "TransformConfig", "UnsupportedModelError", "disable", "enable", "enabled",
-    "heatmap_image", "is_enabled", "save_heatmap", "stats", "transform",
+    "RunStats", "StepStats", "TooFewTokensError", "TransformConfig", "UnsupportedModelError", "UsageError", "disable", "enable", "enabled",
+    "heatmap_image", "is_enabled", "release", "save_heatmap", "stats", "transform",
 ]
 __version__ = "0.1.0"

@@ -27,6 +27,11 @@ class InvalidIndexError(RasfxError, ValueError):
     """An active-token index set is malformed (dtype, shape, range, duplicates, device)."""
 
 
+class UsageError(RasfxError, ValueError):
+    """An API was called in a state where it cannot work (e.g. stats before any run); the
+    message says what to call first."""
+
+
 class ConfigError(RasfxError, ValueError):
     """A configuration value is invalid; the message names the field."""
 

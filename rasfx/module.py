@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
+import time
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.utils.hooks import RemovableHandle
 
 from .capture import bind_inputs, input_signature
-from .errors import InvalidIndexError, RASWarning, TooFewTokensError
+from .errors import InvalidIndexError, RASWarning, TooFewTokensError, UnsupportedModelError
 from .graph_build import CompiledCapture, compile_capture
 from .runtime import GraphRunner
 
@@ -24,37 +27,77 @@ aten = torch.ops.aten
 
 
 @dataclass
+class SignatureBuffers:
+    """What one slot keeps for one input signature: the caches and the step-invariant values.
+    Allocated on the signature's first forward and kept across ``reset()`` (a new image):
+    captured CUDA graphs read them in place."""
+
+    caches: list
+    # prologue code -> [the inputs it read (tensor, storage, version), the hoisted values, recompute streak]
+    hoisted: dict = field(default_factory=dict)
+    _ptrs: Optional[frozenset] = None
+
+    def nbytes(self, hoisted: bool = False) -> int:
+        tensors = [t for e in self.hoisted.values() for t in e[1]] if hoisted else self.caches
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def storage_ptrs(self) -> frozenset:
+        """Storages of every tensor held here (an output sharing one is copied before it is returned)."""
+        if self._ptrs is None:
+            tensors = [*self.caches, *(t for e in self.hoisted.values() for t in e[1])]
+            self._ptrs = frozenset(t.untyped_storage().data_ptr() for t in tensors)
+        return self._ptrs
+
+
+@dataclass
 class SlotState:
-    """Runtime state of one cache slot (e.g. one CFG branch): caches and the active set."""
+    """Runtime state of one cache slot (e.g. one CFG branch): the active set, and per input
+    signature the caches. ``filled``: the caches of ``signature`` hold a whole step (a dense
+    forward ran since the last ``reset()`` or signature change), so a RAS forward may read them."""
 
     signature: Any = None
-    caches: Optional[list] = None
-    index: Optional[torch.Tensor] = None  # [n] or [B, n], int64, on the model's device
-    index_checked: bool = False
+    index: Optional[torch.Tensor] = None  # [n] or [B, n], int64, on the model's device; a copy
+    checked_for: Optional[int] = None  # image-token count the index values were checked against (-1: trusted)
+    filled: bool = False
     last_dense: bool = True
     forwards: int = 0
-    # prologue code -> [the user inputs it read with their versions, the hoisted values, recompute streak]
-    hoisted: dict = field(default_factory=dict)
+    buffers: dict = field(default_factory=dict)  # signature -> SignatureBuffers
+
+    @property
+    def caches(self) -> Optional[list]:
+        b = self.buffers.get(self.signature)
+        return b.caches if b is not None else None
 
     def cache_bytes(self) -> int:
-        return sum(c.numel() * c.element_size() for c in self.caches or [])
+        return sum(b.nbytes() for b in self.buffers.values())
 
     def hoisted_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for entry in self.hoisted.values() for t in entry[1])
+        return sum(b.nbytes(hoisted=True) for b in self.buffers.values())
 
 
 class RASModule(torch.nn.Module):
     """A model whose forward can compute a subset of its image tokens.
 
     ``forward`` has the model's signature and return structure. ``set_active`` chooses the
-    image tokens of the next forwards; ``reset`` drops every cache. Weights are the model's
-    own (shared, never copied); ``state_dict()`` is the model's.
+    image tokens of the next forwards; ``reset`` starts a new image (the next forward is
+    dense); ``release`` frees the memory rasfx holds. Weights are the model's own (shared,
+    never copied); ``state_dict()`` is the model's.
+
+    Lifetime of the state (docs/reliability.md): per input signature, the capture, its graph
+    variants, CUDA graphs / compiled functions and each slot's caches are made once and kept
+    across images; ``reset()`` invalidates the caches' contents without freeing them;
+    ``release()`` frees caches, graphs and compiled functions (the exports stay);
+    ``reset(captures=True)`` drops everything; the ``max_captures`` LRU drops whole signatures.
+    Returned outputs never share memory with any of it.
     """
 
     def __init__(self, model: torch.nn.Module, config):
         super().__init__()
         self.model = model
         self.config = config
+        self._init_state()
+
+    def _init_state(self) -> None:
         self._captures: "OrderedDict[Any, CompiledCapture]" = OrderedDict()
         self._slots: dict[str, SlotState] = {}
         self._slot_name = "default"
@@ -62,7 +105,22 @@ class RASModule(torch.nn.Module):
         self._resolvers: dict = {}
         self._dense_only: dict[Any, str] = {}  # signature -> why it runs the plain model
         self._structure = _Structure()
-        self.runner = GraphRunner(config.mode)
+        self._forward_signature = None  # inspect.Signature of model.forward (kwargs checks)
+        self.runner = GraphRunner(self.config.mode)
+
+    # ------------------------------------------------------------------ copy and pickle
+    def __getstate__(self):
+        """Copies and pickles hold the model and the config; captures, caches and graphs are
+        not copied (a copy captures again on its first forward, with its own caches)."""
+        state = dict(self.__dict__)
+        for name in ("_captures", "_slots", "_slot_name", "_lock", "_resolvers", "_dense_only", "_structure",
+                     "_forward_signature", "runner"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._init_state()
 
     # ------------------------------------------------------------------ state dict: the model's
     def state_dict(self, *args, **kwargs):
@@ -89,19 +147,44 @@ class RASModule(torch.nn.Module):
             self._slot_name = previous
 
     def reset(self, captures: bool = False) -> None:
-        """Drop every cache, active set and captured CUDA graph; the next forward is dense.
+        """Start a new image: every slot's active set is dropped and its next forward is dense
+        (it rewrites every cache row). Nothing is freed: caches, captured CUDA graphs and
+        compiled functions are reused by the next image of an input signature already seen.
 
-        ``captures=True`` also drops the captured graphs: the next forward captures the model
-        again (needed only after a change rasfx cannot see, e.g. a plain attribute that the
-        forward reads; submodule and attention-processor swaps are detected).
+        ``captures=True`` also frees everything (``release()``) and drops the captures: the next
+        forward captures the model again (needed only after a change rasfx cannot see, e.g. a
+        plain attribute that the forward reads; submodule, processor and hook changes are
+        detected).
         """
-        self._slots.clear()
-        self.runner.clear()
+        for slot in self._slots.values():
+            slot.signature, slot.index, slot.checked_for, slot.filled, slot.last_dense = None, None, None, False, True
         if captures:
             with self._lock:
+                self.release()
                 self._captures.clear()
                 self._resolvers.clear()
                 self._dense_only.clear()
+
+    def release(self) -> None:
+        """Free the memory rasfx holds besides the model: every cache, step-invariant value,
+        captured CUDA graph and compiled function. The captured graphs (exports) stay, so the
+        next forward of a known signature is dense and captures no graph from the model again."""
+        self._slots.clear()
+        self.runner.clear()
+
+    def work_counts(self) -> dict:
+        """Work done so far (cumulative): ``exports`` (captures of the model with torch.export,
+        each followed by the passes), ``graph_captures`` (CUDA graphs), ``compiles`` (shapes
+        compiled by torch.compile), and their seconds (``export_s``, ``passes_s``,
+        ``graph_capture_s`` (includes a compilation that happens during the capture), ``compile_s``)."""
+        w = self.runner.work
+        return {"exports": self._work["exports"], "export_s": self._work["export_s"],
+                "passes_s": self._work["passes_s"], "graph_captures": w["graph_captures"],
+                "graph_capture_s": w["graph_capture_s"], "compiles": w["compiled_shapes"], "compile_s": w["compile_s"]}
+
+    @property
+    def _work(self) -> Counter:
+        return self.runner.work  # one counter for the module's and the runner's work
 
     @property
     def num_image_tokens(self) -> Optional[int]:
@@ -115,7 +198,7 @@ class RASModule(torch.nn.Module):
         return self._slot.last_dense
 
     def cache_bytes(self) -> int:
-        """Bytes held by the caches of every slot."""
+        """Bytes held by the caches of every slot (every input signature seen and not evicted)."""
         return sum(s.cache_bytes() for s in self._slots.values())
 
     def hoisted_bytes(self) -> int:
@@ -127,7 +210,9 @@ class RASModule(torch.nn.Module):
         """Image tokens computed by the following forwards of the current slot.
 
         ``index``: LongTensor ``[n]`` (shared by all batch rows) or ``[B, n]`` (per row) of
-        image-token positions in the model's own token order; ``None`` = dense.
+        image-token positions in the model's own token order; ``None`` = dense. The tensor is
+        copied: changing it afterwards changes nothing. Its values are checked against the
+        image tokens of the forward that uses it.
         ``check=False`` skips the checks that read values (range, duplicates), which need a
         device sync; the sampler passes indices that are valid by construction.
         Raises ``InvalidIndexError`` (a ``ValueError``) before any state changes.
@@ -141,18 +226,18 @@ class RASModule(torch.nn.Module):
         if cc is not None and index.dim() == 2 and index.shape[0] != cc.batch:
             raise InvalidIndexError(f"per-row active index has {index.shape[0]} rows but the batch has {cc.batch}")
         slot.index = index
-        # check=False: trusted by the caller (e.g. the sampler's top-k), never read back
-        slot.index_checked = (not check) or self.num_image_tokens is not None
+        slot.checked_for = -1 if not check else self.num_image_tokens
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
-        kwargs = bind_inputs(self.model, args, kwargs)
+        kwargs = self._bind(args, kwargs)
         sig = input_signature(self.model, kwargs)
         with self._lock:
-            if self._structure.changed(self.model) and (self._captures or self._dense_only):
+            changed = self._structure.changed(self.model, full=not self._slot.filled)
+            if changed and (self._captures or self._dense_only):
                 warnings.warn(
-                    f"rasfx: {type(self.model).__name__} changed since it was captured (a submodule or an "
-                    "attention processor was replaced); capturing it again, this forward runs dense",
+                    f"rasfx: {type(self.model).__name__} changed since it was captured ({changed}); capturing it "
+                    "again, this forward runs dense",
                     RASWarning,
                     stacklevel=2,
                 )
@@ -160,7 +245,7 @@ class RASModule(torch.nn.Module):
             cc = self._get_capture(sig, kwargs)
         slot = self._slot
         if cc is None:  # this signature runs the plain model (see _get_capture)
-            slot.signature, slot.caches, slot.index = sig, None, None
+            slot.signature, slot.index, slot.filled = sig, None, False
             slot.last_dense = True
             slot.forwards += 1
             return self.model(**kwargs)
@@ -173,34 +258,35 @@ class RASModule(torch.nn.Module):
                     "running dense and dropping the active set",
                     stacklevel=2,
                 )
-            if slot.signature is not None:
                 slot.index = None
-            slot.signature, slot.caches = sig, None
-            slot.hoisted.clear()
+            slot.signature, slot.filled = sig, False
         index = slot.index
-        dense = index is None or slot.caches is None
+        dense = index is None or not slot.filled
         if not dense:
-            self._check_index_for(cc, slot, index, kwargs)
-        if dense:
-            variant = cc.variant("dense")
-        else:
+            self._check_index_for(cc, slot, index)
             name = "shared" if index.dim() == 1 else "rowwise"
-            variant = cc.variant(f"fused_{name}" if self._fuse(cc) else name)
-        if slot.caches is None:
-            self.runner.drop(self._slot_name)
-            slot.caches = [c.allocate(cc.contiguous_attention) for c in variant.caches]
-        args = [*flat, *slot.caches] if dense else [*flat, index, *slot.caches]
-        if variant.hoisted is not None:
-            args += _hoisted_values(slot, variant.hoisted, flat)
-        # inputs only the hoisted prologue reads need no copy into a CUDA graph's buffers
-        dynamic = [i for i in cc.dynamic_positions if i not in variant.unused] + ([] if dense else [len(flat)])
-        key = (self._slot_name, variant.name, sig, None if dense else tuple(index.shape))
-        # Inference only: the caches are written in place and carry no autograd history.
-        with torch.no_grad():
+            variant = self._variant(cc, f"fused_{name}" if self._fuse(cc) else name)
+        else:
+            variant = self._variant(cc, "dense")
+        # Inference only: caches are written in place and carry no autograd history. They are
+        # ordinary tensors even inside torch.inference_mode, so that a later call outside it
+        # can still write them.
+        with torch.inference_mode(False), torch.no_grad():  # (this order: inference_mode(False) enables grad)
+            buffers = slot.buffers.get(sig)
+            if buffers is None:
+                self.runner.drop_signature_slot(self._slot_name, sig)
+                buffers = slot.buffers[sig] = SignatureBuffers([c.allocate(cc.contiguous_attention) for c in variant.caches])
+            args = [*flat, *buffers.caches] if dense else [*flat, index, *buffers.caches]
+            if variant.hoisted is not None:
+                args += _hoisted_values(buffers, variant.hoisted, flat)
+            # inputs only the hoisted prologue reads need no copy into a CUDA graph's buffers
+            dynamic = [i for i in cc.dynamic_positions if i not in variant.unused] + ([] if dense else [len(flat)])
+            key = (self._slot_name, variant.name, sig, None if dense else tuple(index.shape))
             flat_out = self.runner.run(variant, args, dynamic, key)
         slot.last_dense = dense
+        slot.filled = True
         slot.forwards += 1
-        return cc.capture.unflatten_outputs(flat_out)
+        return cc.capture.unflatten_outputs(_unaliased(flat_out, buffers.storage_ptrs()))
 
     # ------------------------------------------------------------------ introspection
     def captures(self) -> list[CompiledCapture]:
@@ -225,6 +311,22 @@ class RASModule(torch.nn.Module):
         return cc.timings["token_map"]
 
     # ------------------------------------------------------------------ internals
+    def _bind(self, args: tuple, kwargs: dict) -> dict:
+        """The call's inputs by parameter name; an argument the model does not take raises the
+        ``TypeError`` the model itself would raise."""
+        if args:
+            return bind_inputs(self.model, args, kwargs)
+        forward = self.model.forward
+        fn = getattr(forward, "__func__", forward)
+        sig = self._forward_signature
+        if sig is None or sig[0] is not fn:
+            sig = self._forward_signature = (fn, inspect.signature(forward))
+        try:
+            sig[1].bind(**kwargs)
+        except TypeError as e:
+            raise TypeError(f"{type(self.model).__name__}.forward(): {e}") from None
+        return dict(kwargs)
+
     def _get_capture(self, sig, kwargs) -> Optional[CompiledCapture]:
         """The capture of ``sig``, made on first use; None for a signature that runs dense."""
         if sig in self._dense_only:
@@ -232,6 +334,7 @@ class RASModule(torch.nn.Module):
         cc = self._captures.get(sig)
         if cc is None:
             log.info("rasfx: capturing %s for a new input signature", type(self.model).__name__)
+            t0 = time.perf_counter()
             try:
                 cc = compile_capture(self.model, kwargs, self.config.image_input, sig, self.config.kv_cache,
                                      self.config.op_rules, self.runner.contiguous_attention_caches,
@@ -240,13 +343,29 @@ class RASModule(torch.nn.Module):
                 self._dense_only[sig] = str(e)
                 warnings.warn(f"rasfx: {e}; this input signature runs dense", RASWarning, stacklevel=3)
                 return None
+            finally:
+                self._work["exports"] += 1
+                self._work["export_s"] += time.perf_counter() - t0
             self._captures[sig] = cc
             while len(self._captures) > self.config.max_captures:
-                old, _ = self._captures.popitem(last=False)
+                old, evicted = self._captures.popitem(last=False)
                 self._resolvers.pop(old, None)
+                self.runner.drop_signature(old, list(evicted.variants.values()))
+                for slot in self._slots.values():
+                    slot.buffers.pop(old, None)
         else:
             self._captures.move_to_end(sig)
         return cc
+
+    def _variant(self, cc: CompiledCapture, name: str):
+        """A graph variant of ``cc``, built by the passes on first use (timed as ``passes_s``)."""
+        if name in cc.variants:
+            return cc.variants[name]
+        t0 = time.perf_counter()
+        try:
+            return cc.variant(name)
+        finally:
+            self._work["passes_s"] += time.perf_counter() - t0
 
     def _resolver(self, cc: CompiledCapture):
         r = self._resolvers.get(cc.capture.signature)
@@ -266,22 +385,22 @@ class RASModule(torch.nn.Module):
         device = self._model_device()
         if device is not None and index.device != device:
             raise InvalidIndexError(f"active index is on {index.device}, the model on {device}; move it with .to()")
-        index = index.to(torch.int64)
+        index = index.to(torch.int64, copy=True)  # a snapshot: the caller may reuse its tensor
         if check:
-            n_img = self.num_image_tokens
-            _check_values(index, n_img)
+            _check_values(index, self.num_image_tokens)
         return index
 
-    def _check_index_for(self, cc: CompiledCapture, slot: SlotState, index, kwargs) -> None:
+    def _check_index_for(self, cc: CompiledCapture, slot: SlotState, index) -> None:
+        """Checks the active index against the signature of the forward that uses it."""
         if index.dim() == 2 and index.shape[0] != cc.batch:
             raise InvalidIndexError(
                 f"per-row active index has {index.shape[0]} rows but the batch has {cc.batch}"
             )
         if index.shape[-1] > cc.num_tokens:
             raise InvalidIndexError(f"active index has {index.shape[-1]} entries but there are {cc.num_tokens} image tokens")
-        if not slot.index_checked:
+        if slot.checked_for not in (-1, cc.num_tokens):
             _check_values(index, cc.num_tokens)
-            slot.index_checked = True
+            slot.checked_for = cc.num_tokens
 
     def _fuse(self, cc: CompiledCapture) -> bool:
         fuse = self.config.fuse
@@ -300,39 +419,58 @@ class RASModule(torch.nn.Module):
         return f"captures={len(self._captures)}, slots={list(self._slots)}"
 
 
-def _hoisted_values(slot: SlotState, hoisted, flat: list) -> list:
-    """The prologue's values for these inputs: computed once, reused while every user input
-    it reads is the same tensor at the same version (an in-place change bumps the version).
-    Refreshed in place, so CUDA graphs that read them stay valid."""
-    # inference tensors have no version counter: always recompute (never stale)
-    key = [(flat[i], None if flat[i].is_inference() else flat[i]._version)
-           if isinstance(flat[i], torch.Tensor) else (None, 0) for i in hoisted.user_inputs]
+def _hoisted_values(buffers: SignatureBuffers, hoisted, flat: list) -> list:
+    """The prologue's values for these inputs: computed once, reused while every input it
+    reads (prompt tensors and weights) is the same tensor, with the same storage, at the same
+    version (an in-place change bumps the version: weight edits, ``load_state_dict``, a fused
+    LoRA). Refreshed in place, so CUDA graphs that read them stay valid."""
+    key = [_tensor_key(flat[i]) for i in hoisted.inputs]
     code = hoisted.prologue.code
-    entry = slot.hoisted.get(code)
+    entry = buffers.hoisted.get(code)
     if entry is not None:
-        same = [a is b and va is not None and va == vb for (a, va), (b, vb) in zip(entry[0], key)]
+        same = [_same_key(a, b) for a, b in zip(entry[0], key)]
         if all(same):
             entry[2] = 0
             return entry[1]
         entry[2] += 1
-        if entry[2] == _RECOMPUTE_WARN_AFTER:
-            changed = [n for n, ok in zip(hoisted.user_names, same) if not ok]
+        changed = {i for i, ok in zip(hoisted.inputs, same) if not ok}
+        if entry[2] == _RECOMPUTE_WARN_AFTER and changed & set(hoisted.user_inputs):
+            names = [n for i, n in zip(hoisted.user_inputs, hoisted.user_names) if i in changed]
             warnings.warn(
-                f"rasfx: {', '.join(changed)} changed on {entry[2]} consecutive forwards, so the work rasfx does "
+                f"rasfx: {', '.join(names)} changed on {entry[2]} consecutive forwards, so the work rasfx does "
                 "once per prompt from them was redone each time. If they change at every denoising step, name "
                 "them in TransformConfig(varying_inputs=...) (or set hoist_invariants=False).",
                 RASWarning,
                 stacklevel=3,
             )
-    with torch.no_grad():
-        values = hoisted.prologue(*[flat[i] for i in hoisted.inputs])
+    values = hoisted.prologue(*[flat[i] for i in hoisted.inputs])
     if entry is not None:
         for stored, value in zip(entry[1], values):
             stored.copy_(value)
         entry[0] = key
         return entry[1]
-    slot.hoisted[code] = [key, values, 0]  # inputs read, values, consecutive recomputes
+    buffers.hoisted[code] = [key, values, 0]  # inputs read, values, consecutive recomputes
+    buffers._ptrs = None
     return values
+
+
+def _tensor_key(x) -> tuple:
+    """What identifies the value of an input: the object (held, so its id cannot be reused),
+    its storage and its version counter (None: an inference tensor, which has none)."""
+    if not isinstance(x, torch.Tensor):
+        return (x, None, 0)
+    return (x, x.data_ptr(), None if x.is_inference() else x._version)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[1] == b[1] and a[2] is not None and a[2] == b[2]
+
+
+def _unaliased(outputs: list, internal: frozenset) -> list:
+    """The outputs, with every tensor that shares storage with rasfx's state (an output read
+    straight from the output cache) replaced by a copy: the caller may keep or edit it."""
+    return [o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in internal else o
+            for o in outputs]
 
 
 # A prompt that changes between images recomputes once per image; one that changes on every
@@ -352,45 +490,121 @@ def _count_registration(module, name, submodule):
 torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
+# Hook-based features of diffusers (HookRegistry: cache hooks, group offloading, layerwise
+# casting) and accelerate (CPU offload): they replace forwards and move weights at run time.
+_FOREIGN_HOOKS = {"_diffusers_hook": "a diffusers hook (enable_cache, group offloading or layerwise casting)",
+                  "_hf_hook": "an accelerate hook (enable_model_cpu_offload / enable_sequential_cpu_offload)"}
+
+
 class _Structure:
     """What a capture bakes in beyond the weights: the module tree (a replaced submodule,
-    e.g. a LoRA layer, brings its own forward and parameters) and the attention processors
-    (plain attributes, so they are compared on every forward; a few dozen identity tests).
-    Holds the objects themselves, so an id cannot be reused while they are compared."""
+    e.g. a LoRA layer, brings its own forward and parameters), the attention processors and
+    forwards set on instances (plain attributes), and forward hooks and pre-hooks (run by
+    ``Module.__call__``, so they are part of the captured graph).
+
+    Checked on every forward at the cost of a few identity tests: the full walk runs when a
+    module was registered anywhere in the process (a global counter), when a hook was
+    registered anywhere (``RemovableHandle.next_id``), or when ``full`` is asked for (the
+    module asks on the first forward of an image, which catches instance forwards and hook
+    removals on modules that had none at capture). Holds the objects themselves, so an id
+    cannot be reused while they are compared."""
 
     def __init__(self) -> None:
-        self.version = -1
-        self.modules: list = []
+        self.version = (-1, -1)
+        self.records: list = []
         self.processors: list = []
+        self.hooked: list = []  # (module, its hook keys) of the modules that had hooks
+        self.tuners: list = []  # (module, its adapter state) of LoRA / PEFT layers
+        self.global_hooks: tuple = ((), ())
 
-    def changed(self, model: torch.nn.Module) -> bool:
-        """Whether the structure differs from the last call's (the first call records it)."""
-        if self.version == _MODULE_REGISTRATIONS[0] and all(
-            m.__dict__.get("processor") is p for m, p in self.processors
-        ):
-            return False
-        first = self.version < 0
-        modules, processors = _walk(model)
-        changed = not first and (
-            len(modules) != len(self.modules)
-            or any(a is not b for a, b in zip(modules, self.modules))
-            or len(processors) != len(self.processors)
-            or any(a[1] is not b[1] for a, b in zip(processors, self.processors))
-        )
-        self.version, self.modules, self.processors = _MODULE_REGISTRATIONS[0], modules, processors
-        return changed
+    def changed(self, model: torch.nn.Module, full: bool = False) -> str:
+        """What differs from the last call's structure ('' if nothing; the first call records it).
+        Raises ``UnsupportedModelError`` for diffusers / accelerate hooks."""
+        version = (_MODULE_REGISTRATIONS[0], RemovableHandle.next_id)
+        if (not full and self.version == version
+                and all(m.__dict__.get("processor") is p for m, p in self.processors)
+                and all(_hook_keys(m) == k for m, k in self.hooked)
+                and all(_tuner_state(m) == t for m, t in self.tuners)
+                and _hook_keys(None) == self.global_hooks):
+            return ""
+        first = self.version[0] < 0
+        records, global_hooks = _walk(model), _hook_keys(None)
+        reason = ""
+        if not first:
+            reason = _difference(model, self.records, records) or (
+                "a global module hook was added or removed" if global_hooks != self.global_hooks else "")
+        self.version, self.records, self.global_hooks = version, records, global_hooks
+        self.processors = [(r[0], r[1]) for r in records if r[1] is not None]
+        self.hooked = [(r[0], r[3]) for r in records if r[3] != ((), ())]
+        self.tuners = [(r[0], r[4]) for r in records if r[4] is not None]
+        return reason
 
 
-def _walk(model: torch.nn.Module) -> tuple[list, list]:
-    modules, processors, stack = [], [], [model]
+def _hook_keys(m: Optional[torch.nn.Module]) -> tuple:
+    if m is None:
+        g = torch.nn.modules.module
+        return (tuple(g._global_forward_hooks), tuple(g._global_forward_pre_hooks))
+    return (tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+
+
+def refuse_foreign_hooks(model: torch.nn.Module, m: torch.nn.Module | None = None) -> None:
+    """Raises ``UnsupportedModelError`` if ``m`` (default: any submodule of ``model``) carries a
+    diffusers or accelerate hook, naming the module and the fix."""
+    for sub in [m] if m is not None else model.modules():
+        for attr, what in _FOREIGN_HOOKS.items():
+            hook = sub.__dict__.get(attr)
+            if hook is None or (attr == "_diffusers_hook" and not getattr(hook, "hooks", True)):
+                continue  # a diffusers registry without hooks: what its cache_context() leaves behind
+            name = next((n for n, x in model.named_modules() if x is sub), "") or type(model).__name__
+            raise UnsupportedModelError(
+                f"rasfx: {name} carries {what}. rasfx captures the model's forward as a graph and cannot run "
+                "forwards that such hooks replace at run time. Remove them first (e.g. "
+                "pipe.transformer.disable_cache(), or keep the model on its device instead of offloading "
+                "it), or call rasfx.disable(pipe) before adding them; see docs/limitations.md."
+            )
+
+
+def _tuner_state(m: torch.nn.Module):
+    """The Python state a LoRA / PEFT layer's forward branches on (scales, active adapters,
+    disabled, merged), or None for other modules. ``set_adapters``, ``fuse_lora``,
+    ``disable_adapters`` change it without touching the module tree."""
+    scaling = m.__dict__.get("scaling")
+    if not isinstance(scaling, dict) or "merged_adapters" not in m.__dict__:
+        return None
+    return (tuple(sorted((k, float(v) if isinstance(v, (int, float)) else id(v)) for k, v in scaling.items())),
+            tuple(getattr(m, "active_adapters", ()) or ()), bool(m.__dict__.get("_disable_adapters", False)),
+            tuple(m.__dict__["merged_adapters"]))
+
+
+def _walk(model: torch.nn.Module) -> list:
+    """Per module (depth first): (module, processor, instance forward, hook keys, adapter state)."""
+    records, stack = [], [model]
     while stack:
         m = stack.pop()
-        modules.append(m)
-        p = m.__dict__.get("processor")
-        if p is not None:
-            processors.append((m, p))
+        d = m.__dict__
+        refuse_foreign_hooks(model, m)
+        forward = d.get("forward") if m is not model else None  # the root's is rasfx's own in a pipeline
+        records.append((m, d.get("processor"), forward, _hook_keys(m), _tuner_state(m)))
         stack.extend(c for c in m._modules.values() if c is not None)
-    return modules, processors
+    return records
+
+
+def _difference(model: torch.nn.Module, old: list, new: list) -> str:
+    def where(m) -> str:
+        return next((n for n, x in model.named_modules() if x is m), "") or type(model).__name__
+
+    if len(old) != len(new) or any(a[0] is not b[0] for a, b in zip(old, new)):
+        return "a submodule was replaced"
+    for a, b in zip(old, new):
+        if a[1] is not b[1]:
+            return f"the attention processor of {where(b[0])} was replaced"
+        if a[2] is not b[2]:
+            return f"the forward of {where(b[0])} was replaced"
+        if a[3] != b[3]:
+            return f"a forward hook or pre-hook of {where(b[0])} was added or removed"
+        if a[4] != b[4]:
+            return f"the adapters of {where(b[0])} were scaled, switched, merged or unmerged"
+    return ""
 
 
 def _check_values(index: torch.Tensor, n_img: Optional[int]) -> None:

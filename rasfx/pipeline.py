@@ -74,7 +74,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .config import RASConfig
-from .errors import RASWarning
+from .errors import RasfxError, RASWarning, UsageError
+from .module import refuse_foreign_hooks
 from .sampler import (
     PixelLayout,
     RegionSampler,
@@ -85,7 +86,7 @@ from .sampler import (
 )
 from .run_stats import RunStats, StepStats
 
-__all__ = ["enable", "disable", "enabled", "stats", "is_enabled", "RASWarning"]
+__all__ = ["enable", "disable", "enabled", "release", "stats", "is_enabled", "RASWarning"]
 
 _MODEL_ATTRS = ("transformer", "transformer_2")
 _MISSING = object()
@@ -193,6 +194,11 @@ class _Run:
         self.records: list[tuple[int, bool, int, _StepTimer]] = []
         self.unpack_call: Optional[tuple[tuple, dict]] = None  # args of the pipeline's _unpack_latents
         self.notes: list[str] = []
+        self.work_before = state.work_counts()  # rasfx's work (exports, graph captures, compiles) so far
+        self.work: Optional[dict] = None  # ... done during this run, once it finished
+        self.mode: Optional[str] = None  # the execution mode that ran
+        self.run_timer: Optional[_StepTimer] = None  # first transformer call -> last scheduler step
+        self.forward_timers: list[_StepTimer] = []  # one per transformer call
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -217,8 +223,11 @@ class _PipelineState:
     def __init__(self, pipe: Any, config: RASConfig, hooks: list[_ModelHook]) -> None:
         self.config = config
         self.hooks = hooks
+        self.pipe_ref = weakref.ref(pipe)
         self.scheduler = pipe.scheduler
         self.patches: list[_Patch] = []
+        self.scheduler_patches: list[_Patch] = []
+        self.last_run: Optional[_Run] = None  # the last finished run that recorded steps
         self.inside = False
         self.run: Optional[_Run] = None
         self.pixel_scale = _pixel_scale(pipe)
@@ -230,15 +239,34 @@ class _PipelineState:
         self.layout_cache: Optional[tuple] = None
 
     # -------------------------------------------------------------- run lifecycle
+    def work_counts(self) -> dict:
+        """rasfx's work so far, summed over the transformed models (see ``RASModule.work_counts``)."""
+        total: dict = {}
+        for hook in self.hooks:
+            counts = getattr(hook.ras, "work_counts", None)
+            for k, v in (counts() if counts is not None else {}).items():
+                total[k] = total.get(k, 0) + v
+        return total
+
     def end_run(self) -> None:
+        """The run is over: its work is counted, and the caches' contents are invalidated
+        (``reset``: nothing is freed, the next image reuses the memory, graphs and compiled
+        functions; ``rasfx.release(pipe)`` frees them)."""
         run = self.run
         if run is not None and not run.finished:
             run.finished = True
+            if run.run_timer is not None:
+                run.run_timer.finish()
+            after = self.work_counts()
+            run.work = {k: v - run.work_before.get(k, 0) for k, v in after.items()}
+            if run.records:
+                self.last_run = run
         for hook in self.hooks:
-            hook.ras.reset()  # free every cache (the official code never does)
+            hook.ras.reset()
 
     def current_run(self) -> _Run:
-        """The run in progress, or a new one (caches dropped) at the first call of a run."""
+        """The run in progress, or a new one (caches invalidated) at the first call of a run."""
+        self.follow_scheduler()
         run = self.run
         if run is None or run.finished:
             num_steps = _num_steps(self.scheduler)
@@ -248,17 +276,56 @@ class _PipelineState:
             self.run = _Run(self, num_steps)  # may raise: explicit reset steps outside the run
         return self.run
 
+    def follow_scheduler(self) -> None:
+        """``pipe.scheduler`` was replaced after ``enable`` (``pipe.scheduler = X.from_config(...)``):
+        move the scheduler patches to the new one; a run in progress ends."""
+        pipe = self.pipe_ref()
+        scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
+        if scheduler is None or scheduler is self.scheduler:
+            return
+        if _is_ours(scheduler.__dict__.get("step")):
+            raise RasfxError(
+                "rasfx: the new pipe.scheduler is RAS-enabled through another pipeline that shares it; give each "
+                "pipeline its own scheduler"
+            )
+        if self.run is not None and not self.run.finished:
+            self.end_run()
+        for p in reversed(self.scheduler_patches):
+            p.restore()
+        self.patches = [p for p in self.patches if p not in self.scheduler_patches]
+        self.scheduler = scheduler
+        self.original_step = scheduler.step
+        self.original_set_timesteps = getattr(scheduler, "set_timesteps", None)
+        self.scheduler_patches = _patch_scheduler(self)
+        self.patches.extend(self.scheduler_patches)
+
     # -------------------------------------------------------------- forward
     def forward(self, hook: _ModelHook, args: tuple, kwargs: dict) -> Any:
         if self.inside:  # the RASModule capturing / calling into the model itself
             return hook.original_forward(*args, **kwargs)
+        self.follow_scheduler()
         if getattr(self.scheduler, "timesteps", None) is None:  # not inside a denoising loop
             return hook.original_forward(*args, **kwargs)
         run = self.current_run()
         step = run.step
+        device = _device_of(args, kwargs, hook.model)
+        if run.run_timer is None:
+            run.run_timer = _StepTimer(device)
+            run.run_timer.begin()
+            runner = getattr(hook.ras, "runner", None)
+            run.mode = runner.resolved_mode(device) if runner is not None else "custom transform"
         if run.timer is None:
-            run.timer = _StepTimer(_device_of(args, kwargs, hook.model))
+            run.timer = _StepTimer(device)
             run.timer.begin()
+        timer = _StepTimer(device)
+        timer.begin()
+        try:
+            return self._forward(run, step, hook, args, kwargs)
+        finally:
+            timer.finish()
+            run.forward_timers.append(timer)
+
+    def _forward(self, run: _Run, step: int, hook: _ModelHook, args: tuple, kwargs: dict) -> Any:
         run.forwards += 1
         context = hook.contexts[-1] if hook.contexts else "default"
         key = (hook.name, context)
@@ -267,7 +334,7 @@ class _PipelineState:
         slot = context if ordinal == 0 else f"{context}#{ordinal}"
 
         # A custom transform without a runner wraps the model eagerly.
-        eager = getattr(getattr(hook.ras, "runner", None), "mode", "eager") == "eager"
+        eager = run.mode in ("eager", "custom transform")
         if run.bypass(step, eager):
             return hook.original_forward(*args, **kwargs)
 
@@ -357,10 +424,14 @@ class _PipelineState:
         return layout
 
     # -------------------------------------------------------------- stats
-    def build_stats(self) -> RunStats:
-        run = self.run
-        if run is None:
-            raise ValueError("rasfx.stats: this pipeline has not run since RAS was enabled")
+    def reported_run(self) -> Optional[_Run]:
+        """The run ``rasfx.stats`` reports: the one in progress once it recorded a step, else
+        the last finished one."""
+        if self.run is not None and self.run.records:
+            return self.run
+        return self.last_run
+
+    def build_stats(self, run: _Run) -> RunStats:
         n = run.num_tokens or 0
         steps = [
             StepStats(
@@ -373,8 +444,13 @@ class _PipelineState:
             )
             for i, dense, active, timer in run.records
         ]
+        work = run.work
+        if work is None:  # in progress: what it did so far
+            work = {k: v - run.work_before.get(k, 0) for k, v in self.work_counts().items()}
         out = RunStats(config=self.config, num_steps=run.num_steps, num_tokens=n, steps=steps,
-                       pixel_scale=self.pixel_scale, notes=list(run.notes))
+                       pixel_scale=self.pixel_scale, notes=list(run.notes), mode=run.mode or "",
+                       work=work, run_time_s=run.run_timer.seconds() if run.finished and run.run_timer else 0.0,
+                       transformer_time_s=sum(t.seconds() for t in run.forward_timers))
         if run.fallback is not None:
             out.notes.append(f"ran dense: {run.fallback}")
         if run.all_dense:
@@ -582,6 +658,7 @@ def enable(
     if scheduler is None or not callable(getattr(scheduler, "step", None)):
         raise ValueError(f"rasfx.enable: {type(pipe).__name__} has no scheduler with a step() method")
     for n, m in models:
+        refuse_foreign_hooks(m)
         if _is_ours(m.__dict__.get("forward")):
             raise ValueError(
                 f"rasfx.enable: pipe.{n} is already RAS-enabled through another pipeline that shares it; "
@@ -602,9 +679,8 @@ def enable(
             patches.append(_Patch(hook.model, "forward", _forward_wrapper(state, hook)))
             if hook.original_cache_context is not None:
                 patches.append(_Patch(hook.model, "cache_context", _context_wrapper(hook)))
-        patches.append(_Patch(scheduler, "step", _step_wrapper(state)))
-        if state.original_set_timesteps is not None:
-            patches.append(_Patch(scheduler, "set_timesteps", _set_timesteps_wrapper(state)))
+        state.scheduler_patches = _patch_scheduler(state)
+        patches.extend(state.scheduler_patches)
         if state.original_unpack is not None:
             patches.append(_Patch(pipe, "_unpack_latents", _unpack_wrapper(state, pipe)))
     except Exception:
@@ -626,16 +702,36 @@ def disable(pipe: Any) -> Any:
     if state is None:
         raise ValueError("rasfx.disable: RAS is not enabled on this pipeline")
     try:
-        if state.run is not None:
-            _LAST_STATS[pipe] = state.build_stats()
+        run = state.reported_run()
+        if run is not None:
+            _LAST_STATS[pipe] = state.build_stats(run)
     finally:
         for p in reversed(state.patches):
             p.restore()
         for hook in state.hooks:
-            hook.ras.reset()
+            _release(hook.ras)
         state.patches = []
-        state.run = None
+        state.run = state.last_run = None
     return pipe
+
+
+def release(pipe: Any) -> Any:
+    """Free the GPU memory that RAS holds between images of ``pipe`` (caches, captured CUDA
+    graphs, compiled functions), keeping it enabled: the next image builds them again (its
+    first step captures graphs / compiles again). :func:`disable` frees them too."""
+    state = _STATES.get(pipe)
+    if state is None:
+        raise UsageError("rasfx.release: RAS is not enabled on this pipeline (rasfx.enable(pipe, ...) first)")
+    if state.run is not None and not state.run.finished:
+        state.end_run()
+    for hook in state.hooks:
+        _release(hook.ras)
+    return pipe
+
+
+def _release(ras: Any) -> None:
+    release = getattr(ras, "release", None)  # a custom transform may only know reset()
+    (release if release is not None else ras.reset)()
 
 
 @contextlib.contextmanager
@@ -657,11 +753,13 @@ def enabled(
 def stats(pipe: Any) -> RunStats:
     """Stats of the last run of ``pipe`` (while enabled, or the last one before :func:`disable`)."""
     state = _STATES.get(pipe)
-    if state is not None and state.run is not None:
-        return state.build_stats()
+    run = state.reported_run() if state is not None else None
+    if run is not None:
+        return state.build_stats(run)
     if pipe in _LAST_STATS:
         return _LAST_STATS[pipe]
-    raise ValueError("rasfx.stats: no RAS run recorded for this pipeline")
+    raise UsageError("rasfx.stats: no denoising step has run with RAS on this pipeline yet; call pipe(...) "
+                     "after rasfx.enable(pipe, ...) first")
 
 
 # ------------------------------------------------------------------------------------------
@@ -688,6 +786,16 @@ class _Wrapper:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._fn(*args, **kwargs)
 
+    def __reduce__(self) -> Any:
+        """Pickling a patched object (``pickle.dumps(pipe)`` while RAS is enabled) stores what
+        the attribute was before the patch: the unpickled pipeline is the plain one."""
+        if self._previous is not _MISSING:
+            return (_identity, (self._previous,))
+        owner = self._owner()
+        if owner is None:
+            raise RasfxError("rasfx: cannot pickle a RAS wrapper whose object is gone")
+        return (_unpatched, (owner, self._name))
+
     def __deepcopy__(self, memo: dict) -> Any:
         if self._previous is not _MISSING:
             return copy.deepcopy(self._previous, memo)
@@ -696,7 +804,16 @@ class _Wrapper:
         if twin is None:  # the wrapper copied on its own: nothing to rebind to
             return self
         # The twin's instance attribute becomes its class's method, bound to the twin.
-        return inspect.getattr_static(type(twin), self._name).__get__(twin, type(twin))
+        return _unpatched(twin, self._name)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _unpatched(owner: Any, name: str) -> Any:
+    """The class's method ``name`` bound to ``owner`` (what the attribute was before rasfx)."""
+    return inspect.getattr_static(type(owner), name).__get__(owner, type(owner))
 
 
 def _forward_wrapper(state: _PipelineState, hook: _ModelHook) -> Callable:
@@ -726,6 +843,13 @@ def _step_wrapper(state: _PipelineState) -> Callable:
         return state.step(args, kwargs)
 
     return _Wrapper(step, state.original_step, state.scheduler, "step")
+
+
+def _patch_scheduler(state: _PipelineState) -> list[_Patch]:
+    patches = [_Patch(state.scheduler, "step", _step_wrapper(state))]
+    if state.original_set_timesteps is not None:
+        patches.append(_Patch(state.scheduler, "set_timesteps", _set_timesteps_wrapper(state)))
+    return patches
 
 
 def _set_timesteps_wrapper(state: _PipelineState) -> Callable:

@@ -52,6 +52,14 @@ class RunStats:
     ``token_grid``: the image token of every latent pixel on the latent grid (``[H, W]`` or
     ``[F, H, W]``), ``None`` when the grid is unknown; ``pixel_scale``: image pixels per latent
     pixel (the VAE's spatial factor).
+
+    ``mode``: the execution mode that ran (``eager``, ``cuda_graph``, ``compile``,
+    ``compile+cuda_graph``; ``TransformConfig(mode="auto")`` resolves to CUDA graphs for CUDA
+    tensors). ``work``: what rasfx built during this run (``exports``, ``graph_captures``,
+    ``compiles`` and their seconds ``export_s``, ``passes_s``, ``graph_capture_s``,
+    ``compile_s``): all zero on an image whose input signature was seen before.
+    ``run_time_s``: the denoising loop (first transformer call to the end of the last scheduler
+    step; 0 while the run is in progress); ``transformer_time_s``: the transformer calls in it.
     """
 
     config: Any
@@ -64,6 +72,25 @@ class RunStats:
     token_grid: Optional[torch.Tensor] = None
     pixel_scale: int = 1
     notes: list[str] = field(default_factory=list)
+    mode: str = ""
+    work: dict = field(default_factory=dict)
+    run_time_s: float = 0.0
+    transformer_time_s: float = 0.0
+
+    @property
+    def exports(self) -> int:
+        """Captures of the model with torch.export during this run (0 on a warm image)."""
+        return int(self.work.get("exports", 0))
+
+    @property
+    def graph_captures(self) -> int:
+        """CUDA graphs captured during this run (0 on a warm image)."""
+        return int(self.work.get("graph_captures", 0))
+
+    @property
+    def compiles(self) -> int:
+        """Shapes compiled by torch.compile during this run (0 on a warm image)."""
+        return int(self.work.get("compiles", 0))
 
     @property
     def dense_steps(self) -> list[int]:
@@ -125,7 +152,12 @@ class RunStats:
             f"(mean active share {self.ras_ratio:.3f}), dense steps {self.dense_steps}",
             f"estimated transformer FLOPs {self.flops_fraction:.3f} of dense, wall time {self.wall_time_s:.3f} s, "
             f"longest inactive streak {self.longest_inactive_streak} steps",
+            f"mode {self.mode or '?'}; built in this run: {self.exports} exports, {self.graph_captures} CUDA graphs, "
+            f"{self.compiles} compiled shapes ({self._build_seconds():.2f} s)",
         ]
+        if self.run_time_s:
+            lines.append(f"denoising loop {self.run_time_s:.3f} s: transformer {self.transformer_time_s:.3f} s, "
+                         f"rest of the pipeline {self.run_time_s - self.transformer_time_s:.3f} s")
         lines += [
             f"  step {s.index:3d}: {'dense' if s.dense else 'RAS  '} {s.active_tokens:6d}/{s.num_tokens} "
             f"tokens, ~{s.flops_fraction:.3f} FLOPs, {1e3 * s.wall_time_s:8.2f} ms"
@@ -133,6 +165,11 @@ class RunStats:
         ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _build_seconds(self) -> float:
+        # graph_capture_s already holds a compilation that ran during the capture
+        return sum(float(self.work.get(k, 0.0)) for k in ("export_s", "passes_s", "graph_capture_s")) + (
+            0.0 if self.graph_captures else float(self.work.get("compile_s", 0.0)))
 
     def __str__(self) -> str:
         return self.summary()

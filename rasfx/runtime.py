@@ -5,25 +5,31 @@ an eager step is bound by launch overhead. Replaying a CUDA graph removes that o
 Shapes are static per (variant, active count): the sampler rounds the active count to a
 few buckets, so each bucket is captured once and replayed for every later step and image.
 
-Runtime state is explicit: one ``GraphRunner`` per ``RASModule``; ``clear()`` frees every
-captured graph and compiled function.
+Runtime state is explicit: one ``GraphRunner`` per ``RASModule``. What it holds lives as long
+as the caches it reads: captured graphs and compiled functions survive ``RASModule.reset()``
+(a new image), are dropped per input signature when the module's LRU evicts a capture
+(``drop_signature``), and all at once by ``clear()`` (``RASModule.release()``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from .errors import RASWarning
 from .graph_build import copy_graph_module
 from .passes import lower_cache_ops
 
 log = logging.getLogger("rasfx")
 
-MODES = ("eager", "compile", "cuda_graph", "compile+cuda_graph")
+#: ``auto``: CUDA graphs for CUDA tensors, eager otherwise (the default).
+MODES = ("auto", "eager", "compile", "cuda_graph", "compile+cuda_graph")
 
 
 @dataclass
@@ -32,18 +38,22 @@ class _Captured:
     inputs: list  # static input buffers (the dynamic ones are copied into these)
     dynamic: list  # positions of inputs copied in before each replay
     outputs: Any
+    static_ptrs: list  # (position, data_ptr) of the tensors the graph reads in place (weights, caches)
 
 
 class GraphRunner:
-    def __init__(self, mode: str = "eager"):
+    def __init__(self, mode: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        self._compiled: dict = {}
+        self._compiled: dict = {}  # id(variant) -> (variant, compiled fn); the variant pins the id
         self._graphs: dict = {}
+        self._no_graph: set = set()  # keys whose CUDA-graph capture failed in "auto" mode: run eagerly
         self._pool = None
-        self.stats = {"captures": 0, "replays": 0, "compiles": 0, "compiled_shapes": 0}
         self._compiled_keys: set = set()
+        # Work done, cumulative over the runner's life (counts and seconds); never reset, so a
+        # caller can take differences (``rasfx.stats`` reports them per pipeline run).
+        self.work: Counter = Counter()
         # Memory layout of the attention caches: the producer's (a dense fill is a plain copy)
         # or contiguous. Under inductor a contiguous cache is written in place, a permuted one
         # was measured to be copied whole each step (for SDPA and as a mutated input); A/B in
@@ -51,48 +61,94 @@ class GraphRunner:
         # captured and fixed for that capture (CompiledCapture.contiguous_attention).
         self.contiguous_attention_caches = "compile" in mode
 
+    @property
+    def stats(self) -> dict:
+        """Counts of the work done so far (kept for callers of the earlier dict)."""
+        return {"captures": self.work["graph_captures"], "replays": self.work["replays"],
+                "compiles": self.work["compiles"], "compiled_shapes": self.work["compiled_shapes"]}
+
+    def resolved_mode(self, device: torch.device) -> str:
+        """The mode that runs for tensors on ``device``: CUDA graphs need CUDA tensors, so on
+        other devices ``auto`` and ``cuda_graph`` run eagerly and ``compile+cuda_graph`` compiled."""
+        cuda = torch.device(device).type == "cuda"
+        if self.mode == "auto":
+            return "cuda_graph" if cuda else "eager"
+        if not cuda and "cuda_graph" in self.mode:
+            return self.mode.removesuffix("+cuda_graph").replace("cuda_graph", "eager")
+        return self.mode
+
     def clear(self) -> None:
+        """Free every captured graph and compiled function."""
         self._compiled.clear()
         self._compiled_keys.clear()
         self._graphs.clear()
+        self._no_graph.clear()
         self._pool = None
 
-    def drop(self, slot: str) -> None:
-        """Forget the CUDA graphs of one slot (its caches were reallocated)."""
-        for key in [k for k in self._graphs if k[0] == slot]:
+    def drop_signature(self, signature, variants) -> None:
+        """Forget what was captured or compiled for one input signature (its capture was
+        evicted; ``variants``: its graph variants)."""
+        for key in [k for k in self._graphs if k[2] == signature]:
             del self._graphs[key]
+        self._no_graph = {k for k in self._no_graph if k[2] != signature}
+        self._compiled_keys = {k for k in self._compiled_keys if k[1] != signature}
+        for v in variants:
+            self._compiled.pop(id(v), None)
+
+    def drop_signature_slot(self, slot: str, signature) -> None:
+        """Forget the CUDA graphs of one slot and signature (its caches are allocated anew)."""
+        for key in [k for k in self._graphs if k[0] == slot and k[2] == signature]:
+            del self._graphs[key]
+
+    def graph_count(self) -> int:
+        return len(self._graphs)
 
     def _fn(self, variant) -> Callable:
         if "compile" not in self.mode:
             return variant.gm
-        fn = self._compiled.get(id(variant))
-        if fn is None:
+        entry = self._compiled.get(id(variant))
+        if entry is None:
             _raise_recompile_limit()
-            fn = self._compiled[id(variant)] = torch.compile(_lowered(variant.gm), dynamic=False)
-            self.stats["compiles"] += 1
-        return fn
+            entry = self._compiled[id(variant)] = (variant, torch.compile(_lowered(variant.gm), dynamic=False))
+            self.work["compiles"] += 1
+        return entry[1]
 
     def run(self, variant, args: list, dynamic: list[int], key: tuple):
         """Run ``variant.gm(*args)``. ``dynamic``: positions of inputs whose values change
         between calls (user inputs, index); all others (weights, caches) keep their
-        storage, which lets a captured CUDA graph read them in place."""
+        storage, which lets a captured CUDA graph read them in place. ``key``: (slot, variant
+        name, signature, index shape). Returned tensors are never the graph's own buffers."""
         fn = self._fn(variant)
         if "compile" in self.mode and key[1:] not in self._compiled_keys:  # key[0]: the cache slot
             fn = self._announce_compile(fn, variant, key)
-        use_graph = "cuda_graph" in self.mode and any(
+        use_graph = (self.mode == "auto" or "cuda_graph" in self.mode) and key not in self._no_graph and any(
             isinstance(a, torch.Tensor) and a.is_cuda for a in args
         )
         if not use_graph:
             return fn(*args)
         entry = self._graphs.get(key)
+        if entry is not None and any(args[i].data_ptr() != p for i, p in entry.static_ptrs):
+            # a weight was replaced by a tensor with other storage (``param.data = ...``,
+            # ``load_state_dict(assign=True)``): the graph would read the old one
+            log.info("rasfx: a tensor the %s graph reads in place was replaced; capturing it again", variant.name)
+            del self._graphs[key]
+            entry = None
         if entry is None:
-            entry = self._graphs[key] = self._capture(fn, args, dynamic)
+            try:
+                entry = self._graphs[key] = self._capture(fn, args, dynamic)
+            except Exception as e:
+                if self.mode != "auto":
+                    raise
+                warnings.warn(f"rasfx: CUDA-graph capture of the {variant.name} graph failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); it runs eagerly. Pass "
+                              "TransformConfig(mode='eager') to skip the attempt.", RASWarning, stacklevel=3)
+                self._no_graph.add(key)
+                return fn(*args)
         else:
             for i in entry.dynamic:
-                if isinstance(args[i], torch.Tensor):
-                    entry.inputs[i].copy_(args[i])
+                entry.inputs[i].copy_(args[i])
         entry.graph.replay()
-        self.stats["replays"] += 1
+        self.work["replays"] += 1
         # The outputs live in the graph's memory and are overwritten by the next replay.
         return [o.clone() if isinstance(o, torch.Tensor) else o for o in entry.outputs]
 
@@ -100,9 +156,9 @@ class GraphRunner:
         """``fn`` for the first call of a new (variant, shape): torch.compile compiles then,
         which takes tens of seconds on a real model; say so, and how long it took."""
         self._compiled_keys.add(key[1:])
-        self.stats["compiled_shapes"] += 1
+        self.work["compiled_shapes"] += 1
         shape = "all tokens" if key[-1] is None else f"active index {list(key[-1])}"
-        log.info("rasfx: compiling the %s graph for %s (first use of this shape; later steps reuse it)",
+        log.info("rasfx: compiling the %s graph for %s (first use of this shape; later steps and images reuse it)",
                  variant.name, shape)
 
         first = [True]
@@ -112,16 +168,19 @@ class GraphRunner:
             out = fn(*args)
             if first[0]:  # a CUDA-graph capture calls it again (warm-ups, capture)
                 first[0] = False
-                log.info("rasfx: %s graph for %s compiled in %.1f s", variant.name, shape, time.perf_counter() - t0)
+                seconds = time.perf_counter() - t0
+                self.work["compile_s"] += seconds
+                log.info("rasfx: %s graph for %s compiled in %.1f s", variant.name, shape, seconds)
             return out
 
         return timed
 
     def _capture(self, fn, args, dynamic) -> _Captured:
+        t0 = time.perf_counter()
+        dynamic = [i for i in dynamic if isinstance(args[i], torch.Tensor)]
         static = list(args)
         for i in dynamic:
-            if isinstance(args[i], torch.Tensor):
-                static[i] = args[i].clone()
+            static[i] = args[i].clone()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
@@ -135,8 +194,11 @@ class GraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             outputs = fn(*static)
-        self.stats["captures"] += 1
-        return _Captured(graph, static, [i for i in dynamic if isinstance(args[i], torch.Tensor)], outputs)
+        self.work["graph_captures"] += 1
+        self.work["graph_capture_s"] += time.perf_counter() - t0
+        dyn = set(dynamic)
+        ptrs = [(i, a.data_ptr()) for i, a in enumerate(args) if i not in dyn and isinstance(a, torch.Tensor)]
+        return _Captured(graph, static, dynamic, outputs, ptrs)
 
 
 def _lowered(gm: "torch.fx.GraphModule") -> "torch.fx.GraphModule":

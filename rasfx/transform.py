@@ -20,11 +20,14 @@ class TransformConfig:
         (default: ``hidden_states`` or the first tensor of rank >= 3).
     max_captures: how many input signatures keep their graphs (least recently used are
         dropped; a dropped signature is captured again when it comes back).
-    mode: how the transformed graph runs: ``"eager"``; ``"compile"`` (``torch.compile``,
-        one static shape per active-count bucket); ``"cuda_graph"`` (each (signature,
-        active count) captured once as a CUDA graph and replayed: removes launch
-        overhead, the mode to use for speed on a GPU); ``"compile+cuda_graph"``. The
-        CUDA-graph modes fall back to the plain run on CPU tensors.
+    mode: how the transformed graph runs: ``"auto"`` (default: CUDA graphs for CUDA
+        tensors, eager otherwise; a graph whose capture fails runs eagerly, with a warning);
+        ``"eager"``; ``"compile"`` (``torch.compile``, one static shape per active-count
+        bucket; compiling takes tens of seconds per shape on the first image);
+        ``"cuda_graph"`` (each (signature, active count) captured once as a CUDA graph and
+        replayed for every later step and image: removes launch overhead);
+        ``"compile+cuda_graph"`` (the fastest steps, after a slow first image). The
+        CUDA-graph modes run the plain graph on CPU tensors.
     kv_cache: attention of the active tokens reads the keys/values of the inactive ones from a
         cache (the paper's K/V recovery, default). ``False`` drops them from attention: the
         paper's ablation, lower quality; exposed for studies, not for use.
@@ -53,7 +56,7 @@ class TransformConfig:
 
     image_input: Optional[str] = None
     max_captures: int = 8
-    mode: str = "eager"
+    mode: str = "auto"
     fuse: object = False
     kv_cache: bool = True
     op_rules: Optional[dict] = None

@@ -369,3 +369,44 @@ def test_unsupported_presets_raise_a_rasfx_error(name):
     assert str(e.value)
     out = _reference(model, kw)
     assert bool(torch.isfinite(_leaves(out)[0]).all())
+
+
+@pytest.mark.parametrize("name", _params(PASSING))
+def test_outputs_never_alias_internal_state(name):
+    """A returned output is the caller's: the next forward does not change it, and editing it
+    in place (poisoned with NaN) changes nothing rasfx computes afterwards. Fails on a model
+    whose RAS step returns a view of the output cache (Flux, Sana, LTX) without the copy."""
+    p, model, ras = _pair(name)
+    batch, (h, w) = 2, p.default_hw
+    base = p.inputs(batch, h, w, seed=0)
+    steps = [_step_inputs(p, base, batch, h, w, seed) for seed in (1, 2, 3, 4)]
+
+    def run(poison: bool):  # a session of forwards; poison: then fill every returned output with NaN
+        g = torch.Generator().manual_seed(5)
+        ras.reset()
+        ras.set_active(None)
+        kept = []
+        with torch.no_grad():
+            for k, kw in enumerate(steps):
+                out = ras(**kw)
+                if k > 0:
+                    assert not ras.last_forward_dense
+                kept.append((out, [t.clone() for t in _leaves(out)]))
+                N = ras.num_image_tokens
+                ras.set_active(_subset(g, N, 0.5) if k % 2 else _subset(g, N, 0.25, batch))
+            final = ras(**steps[0])
+            for out, copy in kept:  # no later forward changed an earlier output
+                for t, c in zip(_leaves(out), copy):
+                    assert torch.equal(t, c), "a returned output changed after a later forward"
+            if poison:
+                for out, _ in kept:
+                    for t in _leaves(out):
+                        t.fill_(float("nan"))
+        return final, kept
+
+    clean, _ = run(False)
+    assert _rel(run(True)[0], clean) == 0.0  # the same session again: the same result
+    ras.set_active(_subset(torch.Generator().manual_seed(6), ras.num_image_tokens, 0.5))
+    with torch.no_grad():
+        after_poison = ras(**steps[1])
+    assert all(bool(torch.isfinite(t).all()) for t in _leaves(after_poison)), "an edited output reached the caches"

@@ -353,10 +353,15 @@ def test_pipeline_ratio_one_identical_ratio_low_differs_disable_restores(name, t
 
 
 def _cuda_graph_transform(model):
-    """``rasfx.transform`` with a CUDA-graph runner (on CPU tensors it runs the graphs plainly)."""
+    """``rasfx.transform`` with a CUDA-graph runner made to report the CUDA-graph mode on CPU
+    tensors (where it really runs the graphs plainly and reports ``eager``): the pipeline routes
+    the steps as it would on a GPU."""
     import rasfx
 
-    return rasfx.transform(model, rasfx.TransformConfig(mode="cuda_graph"))
+    ras = rasfx.transform(model, rasfx.TransformConfig(mode="cuda_graph"))
+    assert ras.runner.resolved_mode(torch.device("cpu")) == "eager"
+    ras.runner.resolved_mode = lambda device: "cuda_graph"
+    return ras
 
 
 @pytest.mark.parametrize("make, mode", [(StandInRAS, "eager"), (_real_transform, "eager"),
@@ -579,7 +584,7 @@ def test_stats_and_heatmaps(name, tmp_path):
 
 def test_enable_guards_and_context_manager():
     pipe, kw = build_sd3()  # a fresh pipeline: no stats recorded yet
-    with pytest.raises(ValueError, match="no RAS run"):
+    with pytest.raises(ValueError, match="no denoising step has run"):
         rp.stats(pipe)
     with rp.enabled(pipe, RASConfig(), transform=StandInRAS):
         assert rp.is_enabled(pipe)

@@ -895,7 +895,7 @@ def _raise_at(step):
 
 
 def _cache_refs(ras):
-    refs = [weakref.ref(c) for s in ras._slots.values() for c in (s.caches or [])]
+    refs = [weakref.ref(c) for s in ras._slots.values() for b in s.buffers.values() for c in b.caches]
     assert refs, "expected live caches"
     return refs
 
@@ -967,9 +967,35 @@ def test_config_error_at_run_start_leaves_pipeline_usable(reference_images):
 # ============================================================================== state: memory
 
 
-def test_reset_frees_every_cache(ras):
+def test_reset_keeps_memory_and_the_next_forward_is_dense(ras, sd3):
+    """reset() starts a new image: nothing is freed or re-allocated (a captured CUDA graph reads
+    the caches in place), the next forward is dense and exact, RAS steps after it are exact."""
+    kw = kw_sd3(2, 8, 8)
     with torch.no_grad():
+        for slot in ("cond", "uncond"):
+            with ras.cache_context(slot):
+                ras(**kw)
+                ras.set_active(GOOD)
+                ras(**kw_sd3(2, 8, 8, seed=1))
+        refs, ptrs, nbytes = _cache_refs(ras), [r().data_ptr() for r in _cache_refs(ras)], ras.cache_bytes()
         ras.reset()
+        assert [r().data_ptr() for r in refs] == ptrs and ras.cache_bytes() == nbytes > 0
+        for slot in ("cond", "uncond"):
+            with ras.cache_context(slot):
+                ras.set_active(GOOD)  # an active set before the first forward of an image: it runs dense
+                assert same(ras(**kw_sd3(2, 8, 8, seed=2))[0], sd3(**kw_sd3(2, 8, 8, seed=2))[0])
+                assert ras.last_forward_dense
+                out = ras(**kw_sd3(2, 8, 8, seed=3))[0]
+                assert not ras.last_forward_dense
+        assert [r().data_ptr() for r in _cache_refs(ras)] == ptrs
+        fresh = rasfx.transform(sd3)
+        fresh(**kw_sd3(2, 8, 8, seed=2))
+        fresh.set_active(GOOD)
+        assert same(out, fresh(**kw_sd3(2, 8, 8, seed=3))[0])
+
+
+def test_release_frees_every_cache(ras):
+    with torch.no_grad():
         for slot in ("cond", "uncond"):
             with ras.cache_context(slot):
                 ras(**kw_sd3(2, 8, 8))
@@ -978,26 +1004,38 @@ def test_reset_frees_every_cache(ras):
         refs = _cache_refs(ras)
         expected = sum(r().numel() * r().element_size() for r in refs)
         assert ras.cache_bytes() == expected > 0
-        ras.reset()
-    assert ras.cache_bytes() == 0 and ras._slots == {}
-    assert all(r() is None for r in refs), "a cache tensor outlived reset() (freed at once, no gc needed)"
+        captures = ras.captures()
+        ras.release()
+    assert ras.cache_bytes() == 0 and ras._slots == {} and ras.captures() == captures
+    assert all(r() is None for r in refs), "a cache tensor outlived release() (freed at once, no gc needed)"
     with torch.no_grad():
         ras(**kw_sd3(2, 8, 8))
-    assert ras.last_forward_dense
+    assert ras.last_forward_dense and ras.captures() == captures  # nothing captured again
 
 
-def test_finished_run_frees_caches_while_still_enabled():
+def test_caches_survive_runs_and_release_frees_them_while_enabled():
+    """A finished run keeps its caches for the next image (same storage, nothing allocated or
+    captured again); rasfx.release(pipe) frees them and keeps the pipeline enabled."""
     pipe, kw = pipe_of("p0")
-    refs = []
+    ptrs, refs = [], []
 
     def grab(p, i, t, kwargs):
         if i == 2:
             refs.extend(_cache_refs(ras_of(p)))
+            ptrs.append(sorted(r().data_ptr() for r in _cache_refs(ras_of(p))))
         return {}
 
-    with rasfx.enabled(pipe, CFG, transform=cached_transform):
+    with rasfx.enabled(pipe, CFG):  # a RASModule of its own: the first image captures
         generate(pipe, kw, callback_on_step_end=grab)
-        assert refs and all(r() is None for r in refs) and ras_of(pipe).cache_bytes() == 0
+        first = rasfx.stats(pipe)
+        assert first.exports == 1
+        second_image = generate(pipe, kw, callback_on_step_end=grab)
+        assert ptrs[0] == ptrs[1] and rasfx.stats(pipe).exports == 0
+        assert all(r() is not None for r in refs)
+        rasfx.release(pipe)
+        assert all(r() is None for r in refs) and ras_of(pipe).cache_bytes() == 0
+        assert rasfx.is_enabled(pipe)
+        assert same(generate(pipe, kw), second_image)
 
 
 def _live_tensors() -> int:
@@ -1366,9 +1404,9 @@ def test_reset_with_captures_drops_the_graphs():
         ras(**kw_sd3(1, 8, 8))
         assert len(ras.captures()) == 1 and ras.cache_bytes() > 0
         ras.reset()
-        assert len(ras.captures()) == 1 and ras.cache_bytes() == 0
+        assert len(ras.captures()) == 1 and ras.cache_bytes() > 0
         ras.reset(captures=True)
-        assert ras.captures() == []
+        assert ras.captures() == [] and ras.cache_bytes() == 0
         assert same(ras(**kw_sd3(1, 8, 8))[0], model(**kw_sd3(1, 8, 8))[0])
 
 
