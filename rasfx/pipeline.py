@@ -65,6 +65,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import logging
 import math
 import time
 import warnings
@@ -84,9 +85,11 @@ from .sampler import (
     index_for_batch,
     step_kinds,
 )
-from .run_stats import RunStats, StepStats
+from .run_stats import RunStats, StepStats, build_seconds
 
 __all__ = ["enable", "disable", "enabled", "release", "stats", "is_enabled", "RASWarning"]
+
+log = logging.getLogger("rasfx")
 
 _MODEL_ATTRS = ("transformer", "transformer_2")
 _MISSING = object()
@@ -259,6 +262,13 @@ class _PipelineState:
                 run.run_timer.finish()
             after = self.work_counts()
             run.work = {k: v - run.work_before.get(k, 0) for k, v in after.items()}
+            built = [f"{run.work[k]} {what}" for k, what in (("exports", "exports"), ("graph_captures", "CUDA graphs"),
+                                                              ("compiles", "compiled shapes")) if run.work.get(k)]
+            if built:  # once per new input signature: the first image of a shape pays for it
+                log.info("rasfx: this image built %s (%.1f s: export %.1f, passes %.1f, CUDA-graph capture %.1f, "
+                         "compile %.1f); later images of this shape reuse them", ", ".join(built),
+                         build_seconds(run.work), run.work.get("export_s", 0.0), run.work.get("passes_s", 0.0),
+                         run.work.get("graph_capture_s", 0.0), run.work.get("compile_s", 0.0))
             if run.records:
                 self.last_run = run
         for hook in self.hooks:

@@ -153,7 +153,7 @@ class RunStats:
             f"estimated transformer FLOPs {self.flops_fraction:.3f} of dense, wall time {self.wall_time_s:.3f} s, "
             f"longest inactive streak {self.longest_inactive_streak} steps",
             f"mode {self.mode or '?'}; built in this run: {self.exports} exports, {self.graph_captures} CUDA graphs, "
-            f"{self.compiles} compiled shapes ({self._build_seconds():.2f} s)",
+            f"{self.compiles} compiled shapes ({build_seconds(self.work):.2f} s)",
         ]
         if self.run_time_s:
             lines.append(f"denoising loop {self.run_time_s:.3f} s: transformer {self.transformer_time_s:.3f} s, "
@@ -166,13 +166,15 @@ class RunStats:
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
-    def _build_seconds(self) -> float:
-        # graph_capture_s already holds a compilation that ran during the capture
-        return sum(float(self.work.get(k, 0.0)) for k in ("export_s", "passes_s", "graph_capture_s")) + (
-            0.0 if self.graph_captures else float(self.work.get("compile_s", 0.0)))
-
     def __str__(self) -> str:
         return self.summary()
+
+
+def build_seconds(work: dict) -> float:
+    """Seconds rasfx spent building (exports, passes, CUDA-graph captures, compilation) in ``work``
+    (``RunStats.work``); a compilation during a CUDA-graph capture is counted once."""
+    return sum(float(work.get(k, 0.0)) for k in ("export_s", "passes_s", "graph_capture_s")) + (
+        0.0 if work.get("graph_captures") else float(work.get("compile_s", 0.0)))
 
 
 # A perceptually ordered colour map (viridis anchor colours, linearly interpolated).
