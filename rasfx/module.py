@@ -276,10 +276,12 @@ class RASModule(torch.nn.Module):
             if buffers is None:
                 self.runner.drop_signature_slot(self._slot_name, sig)
                 buffers = slot.buffers[sig] = SignatureBuffers([c.allocate(cc.contiguous_attention) for c in variant.caches])
-            args = [*flat, *buffers.caches] if dense else [*flat, index, *buffers.caches]
+            # Inputs only the hoisted prologue reads (prompt tensors) are not passed to the step
+            # graph: a CUDA graph neither copies them nor is captured again when they change.
+            graph_inputs = [None if i in variant.unused else x for i, x in enumerate(flat)] if variant.unused else flat
+            args = [*graph_inputs, *buffers.caches] if dense else [*graph_inputs, index, *buffers.caches]
             if variant.hoisted is not None:
                 args += _hoisted_values(buffers, variant.hoisted, flat)
-            # inputs only the hoisted prologue reads need no copy into a CUDA graph's buffers
             dynamic = [i for i in cc.dynamic_positions if i not in variant.unused] + ([] if dense else [len(flat)])
             key = (self._slot_name, variant.name, sig, None if dense else tuple(index.shape))
             flat_out = self.runner.run(variant, args, dynamic, key)
