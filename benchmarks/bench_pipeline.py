@@ -60,7 +60,7 @@ DENSE = ("dense-eager", "dense-compile")
 RAS_MODES = ("default", "eager", "cuda_graph", "compile+cuda_graph")
 MODES = DENSE + RAS_MODES
 # what rasfx.stats(pipe) reports per run (getattr: older RunStats lack some of these)
-STAT_FIELDS = ("mode", "exports", "graph_captures", "compiles", "run_time_s", "transformer_time_s")
+STAT_FIELDS = ("mode", "exports", "graph_captures", "compiles", "run_time_s", "transformer_time_s", "work")
 # guidance scale per model (text tokens and widths come from bench_models' inputs); size: (h, w[, frames])
 GUIDANCE = {"sd3": 7.0, "flux": 3.5, "pixart": 4.5, "wan": 5.0}
 SIZE = {"real": {"sd3": (1024, 1024), "flux": (1024, 1024), "pixart": (1024, 1024), "wan": (480, 832, 33)},
