@@ -382,6 +382,7 @@ def _error_tree() -> list[str]:
     import rasfx
 
     importlib.import_module("rasfx.explain")  # defines its errors
+    importlib.import_module("rasfx.cli")  # and the command line's
 
     def where(cls) -> str:
         mod = cls.__module__

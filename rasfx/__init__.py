@@ -7,7 +7,7 @@
 from . import ops  # registers the rasfx:: ops  # noqa: F401
 from .config import RASConfig
 from .errors import (
-    CaptureError, ConfigError, InvalidIndexError, RasfxError, RASWarning, TooFewTokensError, UnsupportedModelError,
+    ArgumentTypeError, CaptureError, ConfigError, InvalidIndexError, RasfxError, RASWarning, TooFewTokensError, UnsupportedModelError,
     UsageError,
 )
 from .explain import Explanation, explain
@@ -18,7 +18,7 @@ from .run_stats import RunStats, StepStats, heatmap_image, save_heatmap
 from .transform import TransformConfig, transform
 
 __all__ = [
-    "CaptureError", "ConfigError", "Explanation", "explain", "InvalidIndexError", "OpRule", "RASConfig", "RASModule", "RASWarning", "RasfxError",
+    "ArgumentTypeError", "CaptureError", "ConfigError", "Explanation", "explain", "InvalidIndexError", "OpRule", "RASConfig", "RASModule", "RASWarning", "RasfxError",
     "RunStats", "StepStats", "TooFewTokensError", "TransformConfig", "UnsupportedModelError", "UsageError", "disable", "enable", "enabled",
     "heatmap_image", "is_enabled", "release", "save_heatmap", "stats", "transform",
 ]

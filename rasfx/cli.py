@@ -20,17 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import errors
+
 __all__ = ["CONFIG_CLASSES", "LoadedModel", "ModelLoadError", "UsageError", "capture_model", "load_model", "main"]
 
 PROG = "rasfx"
 KV_CACHE_OFF = "kv_cache off (--no-kv-cache): active queries attend to the active tokens only"
 
 
-class UsageError(Exception):
-    """Bad command-line usage (exit code 2)."""
+class UsageError(errors.UsageError):
+    """Bad command-line usage (exit code 2); also a ``rasfx.UsageError`` (a ``ValueError``)."""
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(errors.RasfxError):
     """The model named on the command line could not be built (exit code 1)."""
 
 

@@ -32,6 +32,10 @@ class UsageError(RasfxError, ValueError):
     message says what to call first."""
 
 
+class ArgumentTypeError(RasfxError, TypeError):
+    """An argument of the wrong type was passed to a rasfx API; the message names the right one."""
+
+
 class ConfigError(RasfxError, ValueError):
     """A configuration value is invalid; the message names the field."""
 

@@ -81,7 +81,7 @@ import torch
 from torch import fx
 
 from . import ops as _ops
-from .errors import RasfxError, UnsupportedModelError
+from .errors import ArgumentTypeError, RasfxError, UnsupportedModelError
 
 __all__ = [
     "DOT_BINARY_HINT",
@@ -1717,7 +1717,7 @@ def explain(model, inputs: dict | None = None, *, ratio: float = 0.25, stage: st
     notes: tuple = ()
     if isinstance(model, str):
         if inputs is not None:
-            raise TypeError("explain(MODEL string) builds its own inputs; pass height/width/batch/seed instead")
+            raise ArgumentTypeError("explain(MODEL string) builds its own inputs; pass height/width/batch/seed instead")
         from .cli import capture_model
 
         loaded, cc = capture_model(model, image_input=image_input, kv_cache=kv_cache, **load_options)
@@ -1725,7 +1725,7 @@ def explain(model, inputs: dict | None = None, *, ratio: float = 0.25, stage: st
                            model_name=name or loaded.name, model_class=type(loaded.model).__name__,
                            source=loaded.source, inputs=describe_inputs(loaded.inputs), notes=loaded.notes)
     if load_options:
-        raise TypeError(f"explain() got options {sorted(load_options)} that only apply to a MODEL string")
+        raise ArgumentTypeError(f"explain() got options {sorted(load_options)} that only apply to a MODEL string")
 
     if isinstance(model, CompiledCapture):
         cc = model

@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 
 from . import passes
 from .capture import Capture, analysis_variants, describe_signature, export, find_image_input
-from .errors import CaptureError, UnsupportedModelError
+from .errors import CaptureError, UnsupportedModelError, UsageError
 from .passes.context import RewriteContext
 
 aten = torch.ops.aten
@@ -97,7 +97,7 @@ def build_variant(cc: CompiledCapture, name: str) -> Variant:
     (``fused`` alone means ``fused_shared``)."""
     t0 = time.perf_counter()
     if name not in VARIANTS:
-        raise ValueError(f"unknown graph variant {name!r}; one of {VARIANTS}")
+        raise UsageError(f"unknown graph variant {name!r}; one of {VARIANTS}")
     base = {"fused": "shared"}.get(name, name.removeprefix("fused_"))
     gm = copy_graph_module(cc.capture.graph_module)
     ctx = RewriteContext(gm, cc.plan, cc.num_tokens, base, contiguous_attention=cc.contiguous_attention)

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
 from .capture import bind_inputs, input_signature
-from .errors import InvalidIndexError, RASWarning, TooFewTokensError, UnsupportedModelError
+from .errors import CaptureError, InvalidIndexError, RASWarning, TooFewTokensError, UnsupportedModelError, UsageError
 from .graph_build import CompiledCapture, compile_capture
 from .runtime import GraphRunner
 
@@ -138,7 +138,7 @@ class RASModule(torch.nn.Module):
     def cache_context(self, name: str):
         """Use an independent state slot (caches + active set), e.g. per CFG branch."""
         if not isinstance(name, str) or not name:
-            raise ValueError(f"cache_context name must be a non-empty string, got {name!r}")
+            raise UsageError(f"cache_context name must be a non-empty string, got {name!r}")
         previous = self._slot_name
         self._slot_name = name
         try:
@@ -304,10 +304,10 @@ class RASModule(torch.nn.Module):
         """For the last captured signature: a LongTensor shaped like the model's (first)
         output, each element the image token that produced it (-1: none)."""
         if self._slot.signature in self._dense_only:
-            raise RuntimeError(self._dense_only[self._slot.signature])
+            raise UnsupportedModelError(self._dense_only[self._slot.signature])
         cc = self._current_capture()
         if cc is None:
-            raise RuntimeError("token_map() needs one forward first (the map is derived from the captured graph)")
+            raise UsageError("token_map() needs one forward first (the map is derived from the captured graph)")
         if "token_map" not in cc.timings:
             cc.timings["token_map"] = _token_map(cc)
         return cc.timings["token_map"]
@@ -345,6 +345,13 @@ class RASModule(torch.nn.Module):
                 self._dense_only[sig] = str(e)
                 warnings.warn(f"rasfx: {e}; this input signature runs dense", RASWarning, stacklevel=3)
                 return None
+            except CaptureError:
+                own = _plain_model_error(self.model, kwargs)
+                if own is not None:  # not rasfx's limitation: the inputs are wrong for the model itself
+                    own.add_note(f"rasfx: {type(self.model).__name__} raises this on these inputs without rasfx "
+                                 "too (so rasfx could not capture it); fix the inputs")
+                    raise own from None
+                raise
             finally:
                 self._work["exports"] += 1
                 self._work["export_s"] += time.perf_counter() - t0
@@ -454,6 +461,16 @@ def _hoisted_values(buffers: SignatureBuffers, hoisted, flat: list) -> list:
     buffers.hoisted[code] = [key, values, 0]  # inputs read, values, consecutive recomputes
     buffers._ptrs = None
     return values
+
+
+def _plain_model_error(model: torch.nn.Module, kwargs: dict) -> Exception | None:
+    """The exception the model itself raises on ``kwargs`` (None if it runs)."""
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    except Exception as e:
+        return e
+    return None
 
 
 def _tensor_key(x) -> tuple:
@@ -626,14 +643,14 @@ def _token_map(cc: CompiledCapture) -> torch.Tensor:
     variant = cc.variant("shared")
     outs = [c for c in variant.caches if c.kind == "output"]
     if not outs:
-        raise RuntimeError("the model output does not come from image tokens; no token map")
+        raise UnsupportedModelError("the model output does not come from image tokens; no token map")
     errors = []
     for spec in outs:  # the output site that feeds the first output
         try:
             return _probe_tail(cc, variant, spec)
-        except RuntimeError as e:
+        except (RuntimeError, UnsupportedModelError) as e:
             errors.append(str(e))
-    raise RuntimeError("; ".join(errors))
+    raise UnsupportedModelError("; ".join(errors))
 
 
 def _probe_tail(cc: CompiledCapture, variant, spec) -> torch.Tensor:
@@ -660,7 +677,7 @@ def _probe_tail(cc: CompiledCapture, variant, spec) -> torch.Tensor:
         if node.target is torch.ops.rasfx.cache_write_.default:
             continue
         if any(a not in env for a in node.all_input_nodes):
-            raise RuntimeError(f"token map: the output tail mixes in {node.name}; cannot derive the token map")
+            raise UnsupportedModelError(f"token map: the output tail mixes in {node.name}; cannot derive the token map")
         args, kwargs = pytree.tree_map_only(fx.Node, lambda a: env[a], (node.args, node.kwargs))
         if node.target in (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout):
             env[node] = args[0]
@@ -671,8 +688,8 @@ def _probe_tail(cc: CompiledCapture, variant, spec) -> torch.Tensor:
     first = cc.capture.user_output_positions[0]
     node = flat[first]
     if node not in env:
-        raise RuntimeError("token map: the first output is not derived from the image tokens")
+        raise UnsupportedModelError("token map: the first output is not derived from the image tokens")
     result = env[node]
     if not torch.equal(result, result.round()):
-        raise RuntimeError("token map: the output tail is not a pure data movement")
+        raise UnsupportedModelError("token map: the output tail is not a pure data movement")
     return result.round().to(torch.int64).to(spec.device)

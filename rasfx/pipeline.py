@@ -75,7 +75,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .config import RASConfig
-from .errors import RasfxError, RASWarning, UsageError
+from .errors import ArgumentTypeError, RasfxError, RASWarning, UsageError
 from .module import refuse_foreign_hooks
 from .sampler import (
     PixelLayout,
@@ -500,7 +500,7 @@ class _PipelineState:
 def _num_steps(scheduler: Any) -> int:
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None:
-        raise ValueError(
+        raise UsageError(
             "rasfx: the scheduler has no timesteps; call scheduler.set_timesteps(...) before the "
             "first transformer call of a run"
         )
@@ -620,7 +620,7 @@ def _layout(state: _PipelineState, noise: torch.Tensor, token_map: torch.Tensor,
 def _resolve_transform(transform: Optional[Callable], transform_config: Any = None) -> Callable:
     if transform is not None:
         if transform_config is not None:
-            raise ValueError("rasfx.enable: pass either transform= or transform_config=, not both")
+            raise UsageError("rasfx.enable: pass either transform= or transform_config=, not both")
         return transform
     import importlib
 
@@ -654,28 +654,28 @@ def enable(
     """
     config = RASConfig() if config is None else config
     if not isinstance(config, RASConfig):
-        raise TypeError(f"rasfx.enable: config must be a rasfx.RASConfig, got {type(config).__name__}")
+        raise ArgumentTypeError(f"rasfx.enable: config must be a rasfx.RASConfig, got {type(config).__name__}")
     if pipe in _STATES:
-        raise ValueError("rasfx.enable: RAS is already enabled on this pipeline; call rasfx.disable(pipe) first")
+        raise UsageError("rasfx.enable: RAS is already enabled on this pipeline; call rasfx.disable(pipe) first")
     models = [(n, getattr(pipe, n, None)) for n in _MODEL_ATTRS]
     models = [(n, m) for n, m in models if isinstance(m, torch.nn.Module)]
     if not models:
-        raise ValueError(
+        raise UsageError(
             f"rasfx.enable: {type(pipe).__name__} has no `transformer` module; RAS needs a diffusion "
             "transformer pipeline"
         )
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None or not callable(getattr(scheduler, "step", None)):
-        raise ValueError(f"rasfx.enable: {type(pipe).__name__} has no scheduler with a step() method")
+        raise UsageError(f"rasfx.enable: {type(pipe).__name__} has no scheduler with a step() method")
     for n, m in models:
         refuse_foreign_hooks(m)
         if _is_ours(m.__dict__.get("forward")):
-            raise ValueError(
+            raise UsageError(
                 f"rasfx.enable: pipe.{n} is already RAS-enabled through another pipeline that shares it; "
                 "disable that one first"
             )
     if _is_ours(scheduler.__dict__.get("step")):
-        raise ValueError(
+        raise UsageError(
             "rasfx.enable: pipe.scheduler is already RAS-enabled through another pipeline that shares it; "
             "give each pipeline its own scheduler or disable the other one first"
         )
@@ -710,7 +710,7 @@ def disable(pipe: Any) -> Any:
     """
     state = _STATES.pop(pipe, None)
     if state is None:
-        raise ValueError("rasfx.disable: RAS is not enabled on this pipeline")
+        raise UsageError("rasfx.disable: RAS is not enabled on this pipeline (nothing to disable)")
     try:
         run = state.reported_run()
         if run is not None:

@@ -28,6 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .errors import UsageError
+
 __all__ = ["Preset", "PRESETS", "get_preset", "randomize_"]
 
 
@@ -109,13 +111,13 @@ def _finish(model: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Mo
 def _check_hw(p: Preset, height: int, width: int) -> None:
     for what, v in (("height", height), ("width", width)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{p.name}: {what} must be a positive int, got {v!r}")
+            raise UsageError(f"{p.name}: {what} must be a positive int, got {v!r}")
         if v % p.multiple:
-            raise ValueError(f"{p.name}: {what} must be a multiple of {p.multiple}, got {v}")
+            raise UsageError(f"{p.name}: {what} must be a multiple of {p.multiple}, got {v}")
         if p.max_hw is not None and v > p.max_hw:
-            raise ValueError(f"{p.name}: {what} must be at most {p.max_hw} (position tables), got {v}")
+            raise UsageError(f"{p.name}: {what} must be at most {p.max_hw} (position tables), got {v}")
     if p.square_only and height != width:
-        raise ValueError(f"{p.name}: {p.model_class} only supports square inputs, got {height}x{width}")
+        raise UsageError(f"{p.name}: {p.model_class} only supports square inputs, got {height}x{width}")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -172,7 +174,7 @@ def _register(name, description, model_fn, inputs_fn, default_hw, *, multiple=2,
     def inputs(batch: int = 1, height: Optional[int] = None, width: Optional[int] = None, seed: int = 0) -> dict:
         p = holder["p"]
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"{name}: batch must be an int >= 1, got {batch!r}")
+            raise UsageError(f"{name}: batch must be an int >= 1, got {batch!r}")
         h = p.default_hw[0] if height is None else height
         w = p.default_hw[1] if width is None else width
         _check_hw(p, h, w)
@@ -863,4 +865,4 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}") from None
+        raise UsageError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}") from None

@@ -19,6 +19,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .errors import UsageError
+
 __all__ = ["StepStats", "RunStats", "heatmap_image", "save_heatmap"]
 
 
@@ -126,9 +128,9 @@ class RunStats:
         elif which == "std":
             values = self.noise_std
         else:
-            raise ValueError(f"which must be 'computed' or 'std', got {which!r}")
+            raise UsageError(f"which must be 'computed' or 'std', got {which!r}")
         if values is None:
-            raise ValueError(f"this run recorded no per-token {which!r} values (see RunStats.notes)")
+            raise UsageError(f"this run recorded no per-token {which!r} values (see RunStats.notes)")
         return values[row].to(torch.float32)
 
     def grid_map(self, which: str = "computed", row: int = 0) -> torch.Tensor:
@@ -240,7 +242,7 @@ def heatmap_image(
     if grid.dim() == 3:
         grid = _mosaic(grid) if frame is None else grid[frame]
     elif grid.dim() != 2:
-        raise ValueError(f"cannot draw a token grid of shape {tuple(grid.shape)}")
+        raise UsageError(f"cannot draw a token grid of shape {tuple(grid.shape)}")
     rgb = _colorize(grid)
     img = Image.fromarray(rgb.numpy())
     if size is None:

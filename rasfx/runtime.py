@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import RASWarning
+from .errors import ConfigError, RASWarning
 from .graph_build import copy_graph_module
 from .passes import lower_cache_ops
 
@@ -44,7 +44,7 @@ class _Captured:
 class GraphRunner:
     def __init__(self, mode: str = "auto"):
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self._compiled: dict = {}  # id(variant) -> (variant, compiled fn); the variant pins the id
         self._graphs: dict = {}

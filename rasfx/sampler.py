@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from .config import RASConfig
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 
 __all__ = [
     "REFERENCE_STEPS",
@@ -90,7 +90,7 @@ def step_kinds(config: RASConfig, num_steps: int) -> tuple[bool, ...]:
     outside the run; scaled default resets never raise.
     """
     if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"number of denoising steps must be an int >= 1, got {num_steps!r}")
+        raise UsageError(f"number of denoising steps must be an int >= 1, got {num_steps!r}")
     warmup = config.warmup if config.warmup is not None else default_warmup(num_steps)
     ras = [i >= warmup for i in range(num_steps)]
     if config.reset_steps is None:
@@ -118,7 +118,7 @@ def step_kinds(config: RASConfig, num_steps: int) -> tuple[bool, ...]:
 def bucket_size(config: RASConfig, num_tokens: int) -> int:
     """Granularity of active counts for ``num_tokens`` image tokens, in [1, num_tokens]."""
     if num_tokens < 1:
-        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        raise UsageError(f"num_tokens must be >= 1, got {num_tokens}")
     bucket = config.round_to if config.round_to is not None else min(64, max(1, num_tokens // 16))
     return max(1, min(bucket, num_tokens))
 
@@ -248,9 +248,9 @@ class PixelLayout:
     ) -> None:
         pixel_token = pixel_token.reshape(-1).to(torch.long)
         if pixel_token.numel() == 0:
-            raise ValueError("PixelLayout: no latent pixels")
+            raise UsageError("PixelLayout: no latent pixels")
         if int(pixel_token.min()) < -1 or int(pixel_token.max()) >= num_tokens:
-            raise ValueError(f"PixelLayout: token indices must lie in [0, {num_tokens}) (or -1: no token)")
+            raise UsageError(f"PixelLayout: token indices must lie in [0, {num_tokens}) (or -1: no token)")
         self.num_tokens = int(num_tokens)
         self.channels = int(channels)
         # Pixels produced by no image token (-1) go to a spare bucket N that is dropped.
@@ -282,7 +282,7 @@ class PixelLayout:
         """Layout of ``[R, M, k * C]`` latents; ``row_pixel_token`` is ``[M, k]``."""
         m, k = row_pixel_token.shape
         if packed_perm.numel() != k * channels:
-            raise ValueError(f"PixelLayout.packed: permutation of {packed_perm.numel()} for k={k}, C={channels}")
+            raise UsageError(f"PixelLayout.packed: permutation of {packed_perm.numel()} for k={k}, C={channels}")
         return cls(
             num_tokens=num_tokens,
             channels=channels,
@@ -313,7 +313,7 @@ class PixelLayout:
         else:
             x = noise.index_select(-1, self.packed_perm).reshape(rows, -1, self.channels)
         if x.shape[1] != self.num_pixels or x.shape[2] != self.channels:
-            raise ValueError(
+            raise UsageError(
                 f"PixelLayout: latents of shape {tuple(noise.shape)} do not match the layout "
                 f"({self.num_pixels} pixels x {self.channels} channels)"
             )
@@ -327,7 +327,7 @@ def pixel_scores(noise: torch.Tensor, layout: PixelLayout, metric: str = "std") 
         return x.std(dim=-1, correction=1 if x.shape[-1] > 1 else 0)
     if metric == "l2":
         return torch.linalg.vector_norm(x, dim=-1)
-    raise ValueError(f"pixel_scores: metric must be 'std' or 'l2', got {metric!r}")
+    raise UsageError(f"pixel_scores: metric must be 'std' or 'l2', got {metric!r}")
 
 
 def token_scores(
@@ -393,7 +393,7 @@ def select_tokens(
 ) -> torch.Tensor:
     """``[R, n]`` sorted indices of the tokens to compute, per row; no host synchronisation."""
     if not 1 <= n <= scores.shape[-1]:
-        raise ValueError(f"select_tokens: n must be in [1, {scores.shape[-1]}], got {n}")
+        raise UsageError(f"select_tokens: n must be in [1, {scores.shape[-1]}], got {n}")
     priority = selection_priority(scores, drops, high_ratio, starvation_scale)
     idx = priority.topk(n, dim=-1, sorted=False).indices
     return idx.sort(dim=-1).values
@@ -448,7 +448,7 @@ def index_for_batch(index: torch.Tensor, batch: int) -> torch.Tensor:
         return index
     if batch > 0 and batch % rows == 0:
         return index.repeat(batch // rows, 1)
-    raise ValueError(f"a transformer batch of {batch} does not split into {rows} latent rows")
+    raise UsageError(f"a transformer batch of {batch} does not split into {rows} latent rows")
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,7 +466,7 @@ class RegionSampler:
 
     def __init__(self, config: RASConfig, plan: StepPlan, layout: PixelLayout) -> None:
         if layout.num_tokens != plan.num_tokens:
-            raise ValueError(f"layout has {layout.num_tokens} tokens, plan {plan.num_tokens}")
+            raise UsageError(f"layout has {layout.num_tokens} tokens, plan {plan.num_tokens}")
         self.config = config
         self.plan = plan
         self.layout = layout

@@ -100,6 +100,11 @@ def transform(model: torch.nn.Module, config: Optional[TransformConfig] = None) 
     if isinstance(model, RASModule):
         raise UnsupportedModelError("this model is already transformed by rasfx")
     if not isinstance(model, torch.nn.Module):
+        if hasattr(model, "transformer") and hasattr(model, "scheduler"):
+            raise UnsupportedModelError(
+                f"rasfx.transform takes a model; {type(model).__name__} is a pipeline: use "
+                "rasfx.enable(pipe, rasfx.RASConfig(...)), or rasfx.transform(pipe.transformer) for the model alone"
+            )
         raise UnsupportedModelError(f"rasfx.transform needs a torch.nn.Module, got {type(model).__name__}")
     name = type(model).__name__
     if "UNet" in name or "Unet" in name:

@@ -1430,7 +1430,7 @@ def test_single_image_token_module_runs_the_plain_model():
         out = ras(**kw)[0]
     assert same(out, model(**kw)[0]) and ras.last_forward_dense
     assert ras.num_image_tokens == 1 and ras.captures() == []
-    with pytest.raises(RuntimeError, match="single token"):
+    with pytest.raises(rasfx.UnsupportedModelError, match="single token"):
         ras.token_map()
     with torch.no_grad():
         ras.set_active(torch.tensor([0]))

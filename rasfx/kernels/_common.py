@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from ..errors import InvalidIndexError, UsageError
 from torch import Tensor
 
 try:
@@ -106,13 +108,13 @@ def check_index_arg(index: Tensor, batch: int, name: str = "index") -> None:
     index: [n] (shared by every batch row) or [B, n] (one row list per batch row).
     """
     if not isinstance(index, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
+        raise InvalidIndexError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
     if index.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"{name} must be int64 or int32, got {index.dtype}")
+        raise InvalidIndexError(f"{name} must be int64 or int32, got {index.dtype}")
     if index.dim() not in (1, 2):
-        raise ValueError(f"{name} must have shape [n] or [B, n], got {tuple(index.shape)}")
+        raise InvalidIndexError(f"{name} must have shape [n] or [B, n], got {tuple(index.shape)}")
     if index.dim() == 2 and index.shape[0] != batch:
-        raise ValueError(f"{name} of shape [B, n] must have B == {batch} (the batch size), got {tuple(index.shape)}")
+        raise InvalidIndexError(f"{name} of shape [B, n] must have B == {batch} (the batch size), got {tuple(index.shape)}")
 
 
 def check_index(index: Tensor, M: int, *, unique: bool = False) -> None:
@@ -132,14 +134,14 @@ def check_index(index: Tensor, M: int, *, unique: bool = False) -> None:
         rows = index.reshape(-1, index.shape[-1])  # rows: [B or 1, n]
         sorted_rows = rows.sort(dim=-1).values
         if bool((sorted_rows[:, 1:] == sorted_rows[:, :-1]).any()):
-            raise ValueError("index has repeated values within a row; a scatter needs unique rows")
+            raise InvalidIndexError("index has repeated values within a row; a scatter needs unique rows")
 
 
 def _check_range(index: Tensor, M: int) -> None:
     lo = int(index.min())
     hi = int(index.max())
     if lo < 0 or hi >= M:
-        raise ValueError(f"index values must lie in [0, {M}), got min {lo} and max {hi}")
+        raise InvalidIndexError(f"index values must lie in [0, {M}), got min {lo} and max {hi}")
 
 
 def cpu_range_check(index: Tensor, M: int) -> None:
@@ -387,7 +389,7 @@ def kernel_path() -> str:
     ``fused`` (always the Triton kernel) or ``unfused`` (always F.linear + indexing)."""
     value = os.environ.get("RASFX_KERNELS_PATH", "auto").strip().lower()
     if value not in _PATHS:
-        raise ValueError(f"RASFX_KERNELS_PATH must be one of {', '.join(_PATHS)}, got {value!r}")
+        raise UsageError(f"RASFX_KERNELS_PATH must be one of {', '.join(_PATHS)}, got {value!r}")
     return value
 
 

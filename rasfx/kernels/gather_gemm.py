@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UsageError
 from ._common import (
     FasterPath,
     build_launchable,
@@ -279,25 +280,25 @@ def gather_linear_reference(x: Tensor, index: Tensor, weight: Tensor, bias: Opti
 def _check_args(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     """Shape/dtype/device checks; metadata only, so they also run on fake tensors."""
     if x.dim() != 3:
-        raise ValueError(f"gather_linear: x must be [B, M, K], got shape {tuple(x.shape)}")
+        raise UsageError(f"gather_linear: x must be [B, M, K], got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"gather_linear: x must be float16, bfloat16 or float32, got {x.dtype}")
+        raise UsageError(f"gather_linear: x must be float16, bfloat16 or float32, got {x.dtype}")
     B, M, K = x.shape
     check_index_arg(index, B)
     if weight.dim() != 2 or weight.shape[1] != K:
-        raise ValueError(f"gather_linear: weight must be [N, K={K}], got shape {tuple(weight.shape)}")
+        raise UsageError(f"gather_linear: weight must be [N, K={K}], got shape {tuple(weight.shape)}")
     if weight.dtype != x.dtype:
-        raise ValueError(f"gather_linear: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+        raise UsageError(f"gather_linear: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
     tensors = {"index": index, "weight": weight}
     if bias is not None:
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"gather_linear: bias must be [N={weight.shape[0]}], got shape {tuple(bias.shape)}")
+            raise UsageError(f"gather_linear: bias must be [N={weight.shape[0]}], got shape {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
-            raise ValueError(f"gather_linear: bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+            raise UsageError(f"gather_linear: bias dtype {bias.dtype} differs from x dtype {x.dtype}")
         tensors["bias"] = bias
     for name, t in tensors.items():
         if t.device != x.device:
-            raise ValueError(f"gather_linear: {name} is on {t.device} but x is on {x.device}")
+            raise UsageError(f"gather_linear: {name} is on {t.device} but x is on {x.device}")
 
 
 @torch.library.custom_op("rasfx::gather_linear", mutates_args=())

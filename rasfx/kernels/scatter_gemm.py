@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UsageError
 from ._common import (
     FasterPath,
     build_launchable,
@@ -293,35 +294,35 @@ def linear_scatter_reference_(
 def _check_args(cache: Tensor, x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     """Shape/dtype/device checks; metadata only, so they also run on fake tensors."""
     if cache.dim() != 3:
-        raise ValueError(f"linear_scatter_: cache must be [B, M, N], got shape {tuple(cache.shape)}")
+        raise UsageError(f"linear_scatter_: cache must be [B, M, N], got shape {tuple(cache.shape)}")
     if x.dim() != 3:
-        raise ValueError(f"linear_scatter_: x must be [B, n, K], got shape {tuple(x.shape)}")
+        raise UsageError(f"linear_scatter_: x must be [B, n, K], got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"linear_scatter_: x must be float16, bfloat16 or float32, got {x.dtype}")
+        raise UsageError(f"linear_scatter_: x must be float16, bfloat16 or float32, got {x.dtype}")
     B, M, N = cache.shape
     if x.shape[0] != B:
-        raise ValueError(f"linear_scatter_: x batch size {x.shape[0]} differs from cache batch size {B}")
+        raise UsageError(f"linear_scatter_: x batch size {x.shape[0]} differs from cache batch size {B}")
     check_index_arg(index, B)
     n, K = x.shape[1], x.shape[2]
     if index.shape[-1] != n:
-        raise ValueError(f"linear_scatter_: index holds {index.shape[-1]} rows per batch row but x has n={n}")
+        raise UsageError(f"linear_scatter_: index holds {index.shape[-1]} rows per batch row but x has n={n}")
     if weight.dim() != 2 or weight.shape != (N, K):
-        raise ValueError(
+        raise UsageError(
             f"linear_scatter_: weight must be [N={N}, K={K}] (cache width, x width), got shape {tuple(weight.shape)}"
         )
     for name, t in (("weight", weight), ("cache", cache)):
         if t.dtype != x.dtype:
-            raise ValueError(f"linear_scatter_: {name} dtype {t.dtype} differs from x dtype {x.dtype}")
+            raise UsageError(f"linear_scatter_: {name} dtype {t.dtype} differs from x dtype {x.dtype}")
     tensors = {"cache": cache, "index": index, "weight": weight}
     if bias is not None:
         if bias.shape != (N,):
-            raise ValueError(f"linear_scatter_: bias must be [N={N}], got shape {tuple(bias.shape)}")
+            raise UsageError(f"linear_scatter_: bias must be [N={N}], got shape {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
-            raise ValueError(f"linear_scatter_: bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+            raise UsageError(f"linear_scatter_: bias dtype {bias.dtype} differs from x dtype {x.dtype}")
         tensors["bias"] = bias
     for name, t in tensors.items():
         if t.device != x.device:
-            raise ValueError(f"linear_scatter_: {name} is on {t.device} but x is on {x.device}")
+            raise UsageError(f"linear_scatter_: {name} is on {t.device} but x is on {x.device}")
 
 
 @torch.library.custom_op("rasfx::linear_scatter_", mutates_args=("cache",))

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..errors import ArgumentTypeError
 from .token_analysis import token_axes
 
 aten = torch.ops.aten
@@ -156,7 +157,7 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
         if user is not None:
             rule = user(node)
             if not isinstance(rule, OpRule) or rule.kind not in ("tokenwise", "mixing", "opaque"):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"the op rule for {t} returned {rule!r}; it must return rasfx.OpRule('tokenwise' | "
                     "'mixing' | 'opaque', full=..., reason=...)"
                 )
