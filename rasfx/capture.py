@@ -129,9 +129,11 @@ def _restore_export_flag():
 
 @dataclass
 class Capture:
-    """One exported graph, and how to call it with a model's live parameters."""
+    """One exported graph, and how to call it with a model's live parameters. Holds the graph
+    and the lifted constants, not the ``ExportedProgram`` (whose state dict would keep weights
+    that the model has since replaced alive for as long as the capture)."""
 
-    program: ExportedProgram
+    constants: dict
     graph_module: torch.fx.GraphModule
     # per graph input: ("param"|"buffer", fqn) | ("const", name) | ("user", position in flat leaves)
     input_sources: list[tuple[str, Any]]
@@ -164,7 +166,7 @@ class Capture:
                     f"the forward mutates state ({s.kind.name} {s.target}); rasfx needs a forward without side effects"
                 )
         return cls(
-            program=ep,
+            constants=dict(ep.constants),
             graph_module=ep.graph_module,
             input_sources=sources,
             user_output_positions=outs,
@@ -183,7 +185,7 @@ class Capture:
                 table = owner._parameters if kind == "param" else owner._buffers
                 getters.append(lambda leaves, t=table, n=name: t[n])
             elif kind == "const":
-                value = self.program.constants[ref]
+                value = self.constants[ref]
                 getters.append(lambda leaves, v=value: v)
             else:
                 getters.append(lambda leaves, i=ref: leaves[i])

@@ -472,7 +472,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .explain import FORMATS, STAGES, VARIANTS
+    from .stages import FORMATS, STAGES, VARIANTS
 
     parser = _Parser(prog=PROG, description="rasfx: region-adaptive sampling for diffusion transformers, "
                                             "as an fx compiler.",
@@ -585,7 +585,7 @@ def _use_color(args) -> bool:
 
 
 def _cmd_inspect(args) -> int:
-    from .explain import STAGES
+    from .stages import STAGES
 
     if args.diff:
         if args.stage:

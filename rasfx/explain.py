@@ -82,6 +82,7 @@ from torch import fx
 
 from . import ops as _ops
 from .errors import ArgumentTypeError, RasfxError, UnsupportedModelError
+from .stages import FORMATS, STAGES, VARIANTS
 
 __all__ = [
     "DOT_BINARY_HINT",
@@ -99,11 +100,8 @@ __all__ = [
 
 aten = torch.ops.aten
 
-STAGES = ("captured", "analyzed", "transformed", "fused", "lowered")
 _VARIANT_STAGES = ("transformed", "fused", "lowered")  # stages that show a runnable graph variant
 _PER_VARIANT = ("transformed", "lowered")  # ... and depend on --variant
-VARIANTS = ("shared", "rowwise", "dense")
-FORMATS = ("summary", "text", "json", "dot", "svg", "html")
 SCHEMA = "rasfx.explain/1"
 DIFF_SCHEMA = "rasfx.diff/1"
 DOT_BINARY_HINT = (

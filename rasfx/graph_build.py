@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class CompiledCapture:
     # None: hoisting off.
     invariant_inputs: frozenset | None = None
 
-    @property
+    @functools.cached_property
     def dynamic_positions(self) -> list[int]:
         """Graph-input positions of the user's inputs (the rest are weights and constants)."""
         return [i for i, (kind, _) in enumerate(self.capture.input_sources) if kind == "user"]

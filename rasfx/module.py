@@ -167,8 +167,9 @@ class RASModule(torch.nn.Module):
 
     def release(self) -> None:
         """Free the memory rasfx holds besides the model: every cache, step-invariant value,
-        captured CUDA graph and compiled function. The captured graphs (exports) stay, so the
-        next forward of a known signature is dense and captures no graph from the model again."""
+        captured CUDA graph and compiled function. The exports (``torch.export`` captures and
+        their graph variants) stay: the next forward of a known signature is dense, exports
+        nothing, and captures its CUDA graphs / compiles again."""
         self._slots.clear()
         self.runner.clear()
 
@@ -226,7 +227,7 @@ class RASModule(torch.nn.Module):
         if cc is not None and index.dim() == 2 and index.shape[0] != cc.batch:
             raise InvalidIndexError(f"per-row active index has {index.shape[0]} rows but the batch has {cc.batch}")
         slot.index = index
-        slot.checked_for = -1 if not check else self.num_image_tokens
+        slot.checked_for = -1 if not check else self._slot_tokens()
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
@@ -261,7 +262,7 @@ class RASModule(torch.nn.Module):
                 slot.index = None
             slot.signature, slot.filled = sig, False
         index = slot.index
-        dense = index is None or not slot.filled
+        dense = index is None or not slot.filled or sig not in slot.buffers
         if not dense:
             self._check_index_for(cc, slot, index)
             name = "shared" if index.dim() == 1 else "rowwise"
@@ -274,16 +275,19 @@ class RASModule(torch.nn.Module):
         with torch.inference_mode(False), torch.no_grad():  # (this order: inference_mode(False) enables grad)
             buffers = slot.buffers.get(sig)
             if buffers is None:
-                self.runner.drop_signature_slot(self._slot_name, sig)
                 buffers = slot.buffers[sig] = SignatureBuffers([c.allocate(cc.contiguous_attention) for c in variant.caches])
             # Inputs only the hoisted prologue reads (prompt tensors) are not passed to the step
             # graph: a CUDA graph neither copies them nor is captured again when they change.
-            graph_inputs = [None if i in variant.unused else x for i, x in enumerate(flat)] if variant.unused else flat
+            graph_inputs = list(flat)
+            for i in variant.unused:
+                if i < len(flat):
+                    graph_inputs[i] = None
             args = [*graph_inputs, *buffers.caches] if dense else [*graph_inputs, index, *buffers.caches]
             if variant.hoisted is not None:
                 args += _hoisted_values(buffers, variant.hoisted, flat)
             dynamic = [i for i in cc.dynamic_positions if i not in variant.unused] + ([] if dense else [len(flat)])
             key = (self._slot_name, variant.name, sig, None if dense else tuple(index.shape))
+            slot.filled = False  # until the step completes: an exception leaves some caches half written
             flat_out = self.runner.run(variant, args, dynamic, key)
         slot.last_dense = dense
         slot.filled = True
@@ -362,6 +366,8 @@ class RASModule(torch.nn.Module):
                 self.runner.drop_signature(old, list(evicted.variants.values()))
                 for slot in self._slots.values():
                     slot.buffers.pop(old, None)
+                    if slot.signature == old:  # its caches are gone: its next forward is dense
+                        slot.signature, slot.index, slot.filled = None, None, False
         else:
             self._captures.move_to_end(sig)
         return cc
@@ -396,8 +402,15 @@ class RASModule(torch.nn.Module):
             raise InvalidIndexError(f"active index is on {index.device}, the model on {device}; move it with .to()")
         index = index.to(torch.int64, copy=True)  # a snapshot: the caller may reuse its tensor
         if check:
-            _check_values(index, self.num_image_tokens)
+            _check_values(index, self._slot_tokens())
         return index
+
+    def _slot_tokens(self) -> Optional[int]:
+        """Image tokens of the current slot's signature; None when it has none yet (after
+        ``reset()``: the forward that uses an index checks its range)."""
+        sig = self._slot.signature
+        cc = self._captures.get(sig) if sig is not None else None
+        return cc.num_tokens if cc is not None else None
 
     def _check_index_for(self, cc: CompiledCapture, slot: SlotState, index) -> None:
         """Checks the active index against the signature of the forward that uses it."""
@@ -521,11 +534,12 @@ class _Structure:
     forwards set on instances (plain attributes), and forward hooks and pre-hooks (run by
     ``Module.__call__``, so they are part of the captured graph).
 
-    Checked on every forward at the cost of a few identity tests: the full walk runs when a
-    module was registered anywhere in the process (a global counter), when a hook was
-    registered anywhere (``RemovableHandle.next_id``), or when ``full`` is asked for (the
-    module asks on the first forward of an image, which catches instance forwards and hook
-    removals on modules that had none at capture). Holds the objects themselves, so an id
+    Checked on every forward at the cost of a few identity tests (and a few dict reads per
+    LoRA layer): the full walk runs when a module was registered anywhere in the process (a
+    global counter), when a hook was registered anywhere (``RemovableHandle.next_id``), or when
+    ``full`` is asked for (the module asks on the first forward of an image; that walk also
+    catches what the counters miss: instance forwards, processors set where there were none,
+    diffusers / accelerate hooks, deleted submodules). Holds the objects themselves, so an id
     cannot be reused while they are compared."""
 
     def __init__(self) -> None:
@@ -586,13 +600,15 @@ def refuse_foreign_hooks(model: torch.nn.Module, m: torch.nn.Module | None = Non
 def _tuner_state(m: torch.nn.Module):
     """The Python state a LoRA / PEFT layer's forward branches on (scales, active adapters,
     disabled, merged), or None for other modules. ``set_adapters``, ``fuse_lora``,
-    ``disable_adapters`` change it without touching the module tree."""
-    scaling = m.__dict__.get("scaling")
-    if not isinstance(scaling, dict) or "merged_adapters" not in m.__dict__:
+    ``disable_adapters`` change it without touching the module tree. A few dict reads: it is
+    compared on every forward for every such layer."""
+    d = m.__dict__
+    scaling = d.get("scaling")
+    if not isinstance(scaling, dict) or "merged_adapters" not in d:
         return None
-    return (tuple(sorted((k, float(v) if isinstance(v, (int, float)) else id(v)) for k, v in scaling.items())),
-            tuple(getattr(m, "active_adapters", ()) or ()), bool(m.__dict__.get("_disable_adapters", False)),
-            tuple(m.__dict__["merged_adapters"]))
+    active = d.get("_active_adapter")
+    return (tuple(scaling.items()), tuple(active) if isinstance(active, list) else active,
+            d.get("_disable_adapters", False), tuple(d["merged_adapters"]))
 
 
 def _walk(model: torch.nn.Module) -> list:

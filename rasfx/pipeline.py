@@ -30,7 +30,8 @@ How it hooks in, without copying any pipeline code:
   original forward too: a dense step rewrites every cache, so only the dense step right before a
   RAS step (the last warm-up step, a reset) has to write them. In the CUDA-graph and compiled
   modes such steps run rasfx's dense graph instead, which is replayed / compiled where the
-  original forward is not. Every cache is dropped when a run ends.
+  original forward is not. When a run ends the caches' contents are invalidated, not freed: the
+  next image reuses the memory, CUDA graphs and compiled functions (``rasfx.release`` frees them).
 * Flux-style packed latents (``[B, M, C * k]``): the layout of a packed row is read from the
   pipeline's own ``_pack_latents`` (run on a tensor of channel and pixel ids); the std is taken
   over the ``C`` latent channels of each of the ``k`` latent pixels of a row, exactly as on the
@@ -54,9 +55,11 @@ selection reads only the noise prediction, so runs stay reproducible with a seed
 Second-order schedulers (Heun) call the transformer twice per step: each evaluation is one RAS
 step.
 
-Not handled: accelerate offload hooks on the transformer (the ``RASModule`` reads the weights
-where they are; move the transformer to its device instead) and ``torch.compile``d transformers
-(enable RAS before compiling anything around it).
+Refused with an ``UnsupportedModelError``: accelerate offload hooks and diffusers' hook-based
+features on the transformer (they replace forwards and move weights at run time; keep the
+transformer on its device). Not handled: ``torch.compile``d transformers (enable RAS before
+compiling anything around it; ``TransformConfig(mode="compile+cuda_graph")`` compiles rasfx's graphs).
+A replaced ``pipe.scheduler`` is followed at the next transformer call.
 """
 
 from __future__ import annotations
@@ -276,7 +279,6 @@ class _PipelineState:
 
     def current_run(self) -> _Run:
         """The run in progress, or a new one (caches invalidated) at the first call of a run."""
-        self.follow_scheduler()
         run = self.run
         if run is None or run.finished:
             num_steps = _num_steps(self.scheduler)

@@ -35,10 +35,11 @@ MODES = ("auto", "eager", "compile", "cuda_graph", "compile+cuda_graph")
 @dataclass
 class _Captured:
     graph: "torch.cuda.CUDAGraph"
-    inputs: list  # static input buffers (the dynamic ones are copied into these)
-    dynamic: list  # positions of inputs copied in before each replay
+    buffers: dict  # position -> static buffer of each dynamic input (copied into before each replay)
     outputs: Any
-    static_ptrs: list  # (position, data_ptr) of the tensors the graph reads in place (weights, caches)
+    # (position, data_ptr) of the tensors the graph reads in place (weights, caches, per-prompt
+    # values): checked before each replay, not held (a replaced weight is not kept alive)
+    static_ptrs: list
 
 
 class GraphRunner:
@@ -95,11 +96,6 @@ class GraphRunner:
         for v in variants:
             self._compiled.pop(id(v), None)
 
-    def drop_signature_slot(self, slot: str, signature) -> None:
-        """Forget the CUDA graphs of one slot and signature (its caches are allocated anew)."""
-        for key in [k for k in self._graphs if k[0] == slot and k[2] == signature]:
-            del self._graphs[key]
-
     def graph_count(self) -> int:
         return len(self._graphs)
 
@@ -145,8 +141,8 @@ class GraphRunner:
                 self._no_graph.add(key)
                 return fn(*args)
         else:
-            for i in entry.dynamic:
-                entry.inputs[i].copy_(args[i])
+            for i, buffer in entry.buffers.items():
+                buffer.copy_(args[i])
         entry.graph.replay()
         self.work["replays"] += 1
         # The outputs live in the graph's memory and are overwritten by the next replay.
@@ -177,28 +173,33 @@ class GraphRunner:
 
     def _capture(self, fn, args, dynamic) -> _Captured:
         t0 = time.perf_counter()
-        dynamic = [i for i in dynamic if isinstance(args[i], torch.Tensor)]
-        static = list(args)
-        for i in dynamic:
-            static[i] = args[i].clone()
+        buffers = {i: args[i].clone() for i in dynamic if isinstance(args[i], torch.Tensor)}
+        static = [buffers.get(i, a) for i, a in enumerate(args)]
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        caller = torch.cuda.current_stream()
         stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            # Warm-up outside the capture: compilation, cuBLAS/cuDNN handles, autotuning.
-            # Re-running a step is idempotent: caches get the same rows written again.
-            for _ in range(2):
-                fn(*static)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = fn(*static)
+        stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(stream):
+                # Warm-up outside the capture: compilation, cuBLAS/cuDNN handles, autotuning.
+                # Re-running a step is idempotent: caches get the same rows written again.
+                for _ in range(2):
+                    fn(*static)
+            caller.wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                outputs = fn(*static)
+        except BaseException:
+            # a failed capture can leave its side stream current: the caller's stream comes back,
+            # after the work queued on the side stream
+            torch.cuda.set_stream(caller)
+            caller.wait_stream(stream)
+            raise
         self.work["graph_captures"] += 1
         self.work["graph_capture_s"] += time.perf_counter() - t0
-        dyn = set(dynamic)
-        ptrs = [(i, a.data_ptr()) for i, a in enumerate(args) if i not in dyn and isinstance(a, torch.Tensor)]
-        return _Captured(graph, static, dynamic, outputs, ptrs)
+        ptrs = [(i, a.data_ptr()) for i, a in enumerate(args) if i not in buffers and isinstance(a, torch.Tensor)]
+        return _Captured(graph, buffers, outputs, ptrs)
 
 
 def _lowered(gm: "torch.fx.GraphModule") -> "torch.fx.GraphModule":

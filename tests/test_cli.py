@@ -710,3 +710,25 @@ def test_every_preset_summary(name, preset_sweep, capsys):
     assert "Traceback" not in err and "rasfx inspect: error:" in err and r["out"] == ""
     if "internal error" in err:  # not a RasfxError: a bug outside the CLI, reported but not failed here
         warnings.warn(f"rasfx inspect {name}: {err.strip()[:300]}", stacklevel=1)
+
+
+def test_help_imports_no_torch_and_python_m_rasfx_works():
+    """``rasfx --help`` answers without importing torch (it took 5 s when it did), and
+    ``python -m rasfx`` is the same command."""
+    code = ("import sys\nfrom rasfx.cli import main\nrc = main(['--help'])\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH', rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("NO TORCH 0"), r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "rasfx", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage: rasfx" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "rasfx", "presets"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "sd3-tiny" in r.stdout
+
+
+def test_import_rasfx_is_lazy_and_complete():
+    code = ("import sys, rasfx\nassert 'torch' not in sys.modules\n"
+            "assert sorted(rasfx.__all__) == sorted(rasfx._EXPORTS)\n"
+            "missing = [n for n in rasfx.__all__ if getattr(rasfx, n, None) is None]\n"
+            "print('ok' if not missing and 'rasfx.ops' in sys.modules else missing)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -356,3 +356,73 @@ def test_pickle_of_an_enabled_pipeline_is_the_plain_pipeline():
     with rasfx.enabled(twin, CFG):
         generate(twin, kw)
         assert rasfx.stats(twin).ras_steps
+
+
+# ============================================================================== lifetimes (review findings)
+
+
+def test_lru_eviction_of_another_slots_signature_runs_that_slot_dense():
+    """max_captures=1 and two slots at two batch sizes: evicting slot a's signature frees its
+    caches, so a's next forward is dense (it returned NaN from uninitialised caches before)."""
+    model = make_sd3_tiny(0)
+    ras = rasfx.transform(model, rasfx.TransformConfig(max_captures=1))
+    a, b = sd3_inputs(1, 8, 8, seed=1), sd3_inputs(2, 8, 8, seed=2)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ras.cache_context("a"):
+            ras(**a)
+            ras.set_active(torch.arange(4))
+        with ras.cache_context("b"):
+            ras(**b)  # evicts a's signature
+        with ras.cache_context("a"):
+            out = ras(**a)[0]
+            assert ras.last_forward_dense and rel(out, model(**a)[0]) == 0.0
+
+
+def test_index_set_after_reset_is_checked_against_the_forward_that_uses_it():
+    model = make_sd3_tiny(0)
+    ras = rasfx.transform(model)
+    big, small = sd3_inputs(1, 16, 16), sd3_inputs(1, 8, 12)  # 64 and 24 image tokens
+    with torch.no_grad():
+        ras(**big)
+        ras(**small)
+        ras.reset()
+        ras.set_active(torch.arange(0, 64, 2))  # valid for the next image, at 64 tokens
+        ras(**big)
+        ras(**big)
+        assert not ras.last_forward_dense
+
+
+def test_an_exception_inside_a_step_makes_the_next_forward_dense(monkeypatch):
+    model = make_sd3_tiny(0)
+    ras = rasfx.transform(model)
+    kw = sd3_inputs(2, 8, 8, seed=1)
+    with torch.no_grad():
+        ras(**kw)
+        ras.set_active(torch.arange(4))
+        real_run = ras.runner.run
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(ras.runner, "run", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ras(**kw)
+        monkeypatch.setattr(ras.runner, "run", real_run)
+        assert rel(ras(**kw)[0], model(**kw)[0]) == 0.0 and ras.last_forward_dense
+
+
+def test_a_replaced_weight_is_not_kept_alive():
+    import gc
+    import weakref
+
+    model = make_sd3_tiny(0)
+    ras = rasfx.transform(model)
+    kw = sd3_inputs(2, 8, 8, seed=1)
+    with torch.no_grad():
+        ras(**kw)
+        old = weakref.ref(model.context_embedder.weight)
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        ras(**kw)
+    gc.collect()
+    assert old() is None, "the capture or the per-prompt values keep a replaced weight alive"
