@@ -367,7 +367,7 @@ class RASModule(torch.nn.Module):
                 for slot in self._slots.values():
                     slot.buffers.pop(old, None)
                     if slot.signature == old:  # its caches are gone: its next forward is dense
-                        slot.signature, slot.index, slot.filled = None, None, False
+                        slot.filled = False
         else:
             self._captures.move_to_end(sig)
         return cc

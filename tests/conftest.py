@@ -25,6 +25,15 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def _always_disable():
+    """No test leaves RAS enabled on a pipeline (a failing test would leak it into the next)."""
+    yield
+    rp = sys.modules.get("rasfx.pipeline")
+    for pipe in list(rp._STATES.keys()) if rp is not None else []:
+        rp.disable(pipe)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -26,13 +26,6 @@ from test_pipeline import build_flux, build_sd3  # noqa: E402
 CFG = rasfx.RASConfig(ratio=0.25, warmup=1, reset_steps=())
 
 
-@pytest.fixture(autouse=True)
-def _always_disable():
-    yield
-    for pipe in list(rp._STATES.keys()):
-        rp.disable(pipe)
-
-
 def generate(pipe, kw, seed=0, steps=5, **extra):
     pipe.set_progress_bar_config(disable=True)
     out = pipe(**kw, **extra, num_inference_steps=steps, output_type="np",

@@ -270,13 +270,6 @@ def tiny(name, seed=0):
     return pipe, dict(kw)
 
 
-@pytest.fixture(autouse=True)
-def _always_disable():
-    yield
-    for pipe in list(rp._STATES.keys()):
-        rp.disable(pipe)
-
-
 def generate(pipe, kw, steps=6, seed=0, **extra):
     pipe.set_progress_bar_config(disable=True)
     out = pipe(**{**kw, **extra}, num_inference_steps=steps, output_type="np",

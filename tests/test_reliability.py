@@ -53,13 +53,6 @@ def same(a, b) -> bool:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _always_disable():
-    yield
-    for pipe in list(rp._STATES.keys()):
-        rp.disable(pipe)
-
-
 @pytest.fixture(scope="module")
 def sd3():
     return make_sd3_tiny(0)

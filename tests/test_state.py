@@ -26,13 +26,6 @@ from test_pipeline import build_flux, build_pixart, build_sd3  # noqa: E402
 CFG = rasfx.RASConfig(ratio=0.25, warmup=1, reset_steps=())
 
 
-@pytest.fixture(autouse=True)
-def _always_disable():
-    yield
-    for pipe in list(rp._STATES.keys()):
-        rp.disable(pipe)
-
-
 def rel(a, b) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
