@@ -400,6 +400,8 @@ def _error_tree() -> list[str]:
         else:
             lines.append(prefix + ("└── " if last else "├── ") + label)
         kids = [k for k in cls.__subclasses__() if not k.__name__.startswith("_") and k.__module__.startswith("rasfx")]
+        # __subclasses__() follows import order: sort by module (rasfx.errors first), then source line
+        kids.sort(key=lambda k: (k.__module__ != "rasfx.errors", k.__module__, inspect.getsourcelines(k)[1]))
         for n, k in enumerate(kids):
             walk(k, prefix + ("" if root else ("    " if last else "│   ")), n == len(kids) - 1)
 
