@@ -20,6 +20,8 @@ their reason, never taken silently.
 
 from __future__ import annotations
 
+import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -153,10 +155,9 @@ def _plan_mutation(plan: Plan, node: fx.Node, ins, rule, target: fx.Node) -> Non
         if rule.kind != "tokenwise" or node.meta.get("rasfx_ints") is None or not all(
             plan.is_active(i) or _gatherable(i) for i in ins
         ):
-            where = node.meta.get("stack_trace", "").strip().splitlines()[-1:] or [node.name]
             raise UnsupportedModelError(
                 f"in-place op {node.target} ({node.name}) writes to an active-token tensor but cannot run on "
-                f"active tokens ({rule.reason or 'inputs not located'}); at {where[0].strip()}. "
+                f"active tokens ({rule.reason or 'inputs not located'}); at {_model_line(node)}. "
                 "Rewrite it out of place, or report the model to rasfx."
             )
         plan.mode[node.name] = "A"
@@ -165,6 +166,18 @@ def _plan_mutation(plan: Plan, node: fx.Node, ins, rule, target: fx.Node) -> Non
                 plan.gathers.append((i.name, node.name))
         return
     _run_full(plan, node, ins, "opaque", rule.reason or "in-place op on a full-length tensor")
+
+
+def _model_line(node: fx.Node) -> str:
+    """The innermost source line of the model's own code that produced ``node`` (frames of
+    torch and rasfx skipped), from the stack trace torch.export records; the node name without one."""
+    lines = node.meta.get("stack_trace", "").strip().splitlines()
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    for i in range(len(lines) - 2, -1, -1):
+        m = re.match(r'\s*File "([^"]+)", line \d+', lines[i])
+        if m and not m.group(1).startswith(skip):
+            return lines[i + 1].strip()
+    return lines[-1].strip() if lines else node.name
 
 
 def _mark_output_sites(gm: fx.GraphModule, plan: Plan) -> None:
