@@ -313,6 +313,7 @@ class RASModule(torch.nn.Module):
         if cc is None:
             raise UsageError("token_map() needs one forward first (the map is derived from the captured graph)")
         if "token_map" not in cc.timings:
+            self._variant(cc, "shared")  # built here so that its passes count in work_counts()
             cc.timings["token_map"] = _token_map(cc)
         return cc.timings["token_map"]
 
