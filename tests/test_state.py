@@ -193,7 +193,7 @@ def test_forward_hook_added_after_capture_is_followed():
         assert rel(out, model(**kw)[0]) <= 1e-6
 
 
-def test_pre_hook_on_the_root_and_global_hooks_are_followed():
+def test_global_module_hooks_are_followed():
     model = make_sd3_tiny(0)
     ras = rasfx.transform(model)
     kw = sd3_inputs(1, 8, 8, seed=1)
