@@ -95,9 +95,26 @@ def export(model: torch.nn.Module, kwargs: dict) -> ExportedProgram:
     with EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad(), _quiet_logs(), _restore_export_flag():
         warnings.simplefilter("ignore")
         try:
-            return torch.export.export(wrapper, (), kwargs, strict=False)
+            return _inline_wrappers(torch.export.export(wrapper, (), kwargs, strict=False))
         except Exception as e:  # export raises many types; all mean "cannot capture"
             raise CaptureError(_export_failure(model, e)) from e
+
+
+def _wrapper_hops() -> tuple:
+    names = ("wrap_with_autocast", "wrap_with_set_grad_enabled")
+    return tuple(op for op in (getattr(torch.ops.higher_order, n, None) for n in names) if op is not None)
+
+
+def _inline_wrappers(ep: ExportedProgram) -> ExportedProgram:
+    """``torch.autocast`` / ``torch.set_grad_enabled`` regions in the forward (the original
+    Wan code wraps residual adds and its head in ``autocast(float32)``) are captured as
+    wrapper higher-order ops whose bodies the planner cannot see into. Re-tracing the
+    program with an empty decomposition table inlines them, with the dtype casts that
+    autocast makes written out as ops, so the graph computes exactly what the forward did."""
+    hops = _wrapper_hops()
+    if not any(n.op == "call_function" and n.target in hops for n in ep.graph.nodes):
+        return ep
+    return ep.run_decompositions({})
 
 
 def _export_failure(model: torch.nn.Module, e: Exception) -> str:
@@ -265,6 +282,9 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
     {"mode": "grid"|"packed", sizes before/after}. Tried in order until one captures."""
     x = kwargs[image_key]
     variants = []
+    # Masks over a joint sequence are T + N long (T: a conditioning input's length).
+    lengths = sorted({int(v.shape[1]) for k, v in kwargs.items()
+                      if k != image_key and isinstance(v, torch.Tensor) and v.dim() == 3})
     if x.dim() >= 4:
         h, w = x.shape[-2], x.shape[-1]
         deltas = [(8, 16), (-8, -16), (16, 8), (-16, -8), (8, 8), (-8, -8), (16, 16), (-16, -16), (4, 8), (-4, -8)]
@@ -287,15 +307,13 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
                     continue
                 for f in frames:
                     counts.append((f * (h // p) * (w // p), f * (h2 // p) * (w2 // p)))
-            resized = _resize_token_tables(kwargs, new, image_key, counts)
+            joint = [pair for n, n2 in counts for pair in _joint(n, n2, lengths)]
+            resized = _resize_token_tables(kwargs, new, image_key, counts, joint)
             if any(resized[k] is not new[k] for k in new):
                 variants.append((resized, dict(desc, resized=True)))
     elif x.dim() == 3:
         n = x.shape[1]
-        # Masks over a joint sequence are T + N long (T: a conditioning input's length).
-        lengths = {int(v.shape[1]) for k, v in kwargs.items()
-                   if k != image_key and isinstance(v, torch.Tensor) and v.dim() == 3}
-        variants += _grid_int_variants(kwargs, image_key, n, sorted(lengths))
+        variants += _grid_int_variants(kwargs, image_key, n, lengths)
         for n2 in (n + max(4, n // 2), max(1, n - max(4, n // 3)), 2 * n):
             if n2 == n or n2 <= 1:
                 continue

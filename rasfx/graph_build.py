@@ -15,6 +15,7 @@ from . import passes
 from .capture import Capture, analysis_variants, describe_signature, export, find_image_input
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from .passes.context import RewriteContext
+from .passes.plan_regions import model_line
 
 aten = torch.ops.aten
 
@@ -178,7 +179,9 @@ def compile_capture(
             f"token analysis failed on the captured graph of {type(model).__name__}: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}"
         ) from e
-    plan = passes.plan_regions(gm, kv_cache, op_rules)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    user_inputs = {n.name for n, (kind, _) in zip(placeholders, cap.input_sources) if kind == "user"}
+    plan = passes.plan_regions(gm, kv_cache, op_rules, user_inputs)
     if plan.counters["active_nodes"] == 0:
         raise UnsupportedModelError(
             f"{type(model).__name__}: no op of the graph can run on a subset of the image tokens "
@@ -192,3 +195,26 @@ def compile_capture(
         cc.invariant_inputs = invariant_inputs(cap, kwargs, {image_key, *varying_inputs})
     cc.timings.update(export=t1 - t0, export_alt=t2 - t1, analysis=time.perf_counter() - t2)
     return cc
+
+
+def conservative_report(model: torch.nn.Module, cc: CompiledCapture, limit: int = 4) -> str | None:
+    """One paragraph naming the ops the planner ran conservatively (op, module path, model
+    line, reason), for a warning when the model is transformed; None when there are none."""
+    cons = cc.plan.conservative
+    if not cons:
+        return None
+    nodes = {n.name: n for n in cc.capture.graph_module.graph.nodes}
+    items = []
+    for name, target, reason in cons[:limit]:
+        node = nodes.get(name)
+        stack = node.meta.get("nn_module_stack") if node is not None else None
+        module = str(list(stack.values())[-1][0]).removeprefix("model.") if stack else ""
+        line = model_line(node) if node is not None else name
+        items.append(f"{target} in {module or type(model).__name__} ({line!r}): {reason}")
+    more = f"; and {len(cons) - limit} more" if len(cons) > limit else ""
+    return (
+        f"{type(model).__name__}: {len(cons)} op(s) handled conservatively (full length on RAS steps, so RAS "
+        f"saves less): " + "; ".join(items) + more + ". `rasfx inspect` lists them; "
+        "TransformConfig(op_rules=...) adds a rule for an op rasfx does not know."
+    )
+

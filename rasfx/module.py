@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .capture import bind_inputs, input_signature
 from .errors import CaptureError, InvalidIndexError, RASWarning, TooFewTokensError, UnsupportedModelError, UsageError
-from .graph_build import CompiledCapture, compile_capture
+from .graph_build import CompiledCapture, compile_capture, conservative_report
 from .runtime import GraphRunner
 
 log = logging.getLogger("rasfx")
@@ -361,6 +361,9 @@ class RASModule(torch.nn.Module):
                 self._work["exports"] += 1
                 self._work["export_s"] += time.perf_counter() - t0
             self._captures[sig] = cc
+            report = conservative_report(self.model, cc)
+            if report is not None:
+                warnings.warn(f"rasfx: {report}", RASWarning, stacklevel=3)
             while len(self._captures) > self.config.max_captures:
                 old, evicted = self._captures.popitem(last=False)
                 self._resolvers.pop(old, None)

@@ -10,7 +10,8 @@ Properties (float32, relative error ``max|got - want| / max|want| <= 1e-5``):
   (shared ``[n]`` and per-row ``[B, n]`` sets): the caches hold exactly the values a dense
   forward computes, so inactive rows read from them are the dense values;
 * partial forwards (shared and per-row) on new inputs run and return finite outputs of the
-  full shape.
+  full shape, and the output elements of inactive tokens (``token_map()``) are the cached
+  ones: never recomputed with the new timestep.
 
 Cost control: capturing one input signature costs ~2-4 s of CPU (two ``torch.export`` runs),
 so one ``RASModule`` per preset is cached for the whole module and reused by every example;
@@ -156,6 +157,15 @@ def _assert_finite_full(got, want, what):
         assert bool(torch.isfinite(a).all()), f"{what}: non-finite output"
 
 
+def _assert_inactive_kept(got, prev, tokens, active, what):
+    """Elements of ``got``'s first output made by a token outside ``active`` equal ``prev``'s."""
+    y, y0 = _leaves(got)[0], _leaves(prev)[0]
+    kept = (tokens >= 0) & ~torch.isin(tokens, active)
+    assert bool(kept.any()), f"{what}: the token map marks no output element of an inactive token"
+    r = float((y - y0).abs()[kept].max()) / max(float(y0.abs().max()), 1e-30)
+    assert r <= TOL, f"{what}: outputs of inactive tokens changed (relative {r:.3e}); they must be the cached ones"
+
+
 def _reference(model, kw):
     with torch.no_grad():
         return model(**kw)
@@ -214,11 +224,16 @@ def check_equivalence(name, batch, hw, seeds, sub_seed=0, ratios=(0.5, 0.25)):
         _assert_equiv(got, want, f"step {k}: shared partial set ({ratio:.2f}) on unchanged inputs")
         ras.set_active(_subset(g, N, ratio, batch))
         _assert_equiv(ras(**kw), want, f"step {k}: per-row partial set ({ratio:.2f}) on unchanged inputs")
-        # partial forwards on new inputs: finite, full shape
+        # partial forwards on new inputs (a new timestep): finite, full shape, and the outputs
+        # of inactive tokens are the cached ones (the dense outputs of `kw`), not recomputed
         nxt = _step_inputs(p, base, batch, h, w, seed + 7919)
         want_nxt = _reference(model, nxt)
-        ras.set_active(_subset(g, N, ratio))
-        _assert_finite_full(ras(**nxt), want_nxt, f"step {k}: shared partial set on new inputs")
+        tokens = ras.token_map()
+        shared = _subset(g, N, ratio)
+        ras.set_active(shared)
+        got = ras(**nxt)
+        _assert_finite_full(got, want_nxt, f"step {k}: shared partial set on new inputs")
+        _assert_inactive_kept(got, want, tokens, shared, f"step {k}: shared partial set on new inputs")
         ras.set_active(_subset(g, N, 1 - ratio, batch))
         _assert_finite_full(ras(**nxt), want_nxt, f"step {k}: per-row partial set on new inputs")
     ras.set_active(None)

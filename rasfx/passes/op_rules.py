@@ -200,7 +200,7 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
         if d in _axis_dims(node.args[0]) or node.args[2] in ins:
             return OpRule("opaque", set(ins), reason="index_select over the token axis")
         return OpRule("tokenwise", cheap=True)
-    if t is aten.constant_pad_nd.default and ins:
+    if t in (aten.constant_pad_nd.default, aten.pad.default) and ins:  # any mode: only the padded dims mix
         rank, pad = _rank(node.args[0]), node.args[1]
         padded = {rank - 1 - i // 2 for i, p in enumerate(pad) if p}
         if padded & _axis_dims(node.args[0]):

@@ -15,7 +15,9 @@ Invariants: the graph is not modified; the plan is keyed by node names; every ``
 has all its token-bearing inputs in ``A`` form (or ``F`` form for its ``full`` operands);
 every token axis of an ``A`` tensor has a known image-segment offset, so that gathers and
 caches can be indexed. Conservative choices are recorded in ``plan.conservative`` with
-their reason, never taken silently.
+their reason, never taken silently; so is a tail after the region (the nodes up to the
+output) that reads this step's inputs, where inactive tokens' outputs would be recomputed
+instead of reused.
 """
 
 from __future__ import annotations
@@ -87,10 +89,13 @@ def _row_gatherable(node: fx.Node) -> bool:
     return bool(axes) and axes[0].offset is not None
 
 
-def plan_regions(gm: fx.GraphModule, kv_cache: bool = True, op_rules: dict | None = None) -> Plan:
+def plan_regions(
+    gm: fx.GraphModule, kv_cache: bool = True, op_rules: dict | None = None, user_inputs: set | None = None
+) -> Plan:
     """Plan every node (see module docstring). ``kv_cache=False``: attention reads the
     active keys/values only (an ablation; not RAS). ``op_rules``: user rules consulted first
-    (``TransformConfig.op_rules``)."""
+    (``TransformConfig.op_rules``). ``user_inputs``: names of the placeholders that are the
+    call's inputs (the rest are weights); None counts every placeholder as an input."""
     plan = Plan()
     for node in gm.graph.nodes:
         ins = [i for i in node.all_input_nodes if _has_axes(i)]
@@ -140,6 +145,7 @@ def plan_regions(gm: fx.GraphModule, kv_cache: bool = True, op_rules: dict | Non
         # all inputs full and the op is cheap (or cannot run active): keep it at full length
         _run_full(plan, node, ins, rule.kind if rule.kind == "mixing" else "opaque", rule.reason, record=False)
     _mark_output_sites(gm, plan)
+    _check_tail(gm, plan, user_inputs)
     plan.counters["active_nodes"] = sum(1 for m in plan.mode.values() if m == "A")
     plan.counters["gathers"] = len({p for p, _ in plan.gathers})
     plan.counters["sites"] = len(plan.sites)
@@ -157,7 +163,7 @@ def _plan_mutation(plan: Plan, node: fx.Node, ins, rule, target: fx.Node) -> Non
         ):
             raise UnsupportedModelError(
                 f"in-place op {node.target} ({node.name}) writes to an active-token tensor but cannot run on "
-                f"active tokens ({rule.reason or 'inputs not located'}); at {_model_line(node)}. "
+                f"active tokens ({rule.reason or 'inputs not located'}); at {model_line(node)}. "
                 "Rewrite it out of place, or report the model to rasfx."
             )
         plan.mode[node.name] = "A"
@@ -168,7 +174,7 @@ def _plan_mutation(plan: Plan, node: fx.Node, ins, rule, target: fx.Node) -> Non
     _run_full(plan, node, ins, "opaque", rule.reason or "in-place op on a full-length tensor")
 
 
-def _model_line(node: fx.Node) -> str:
+def model_line(node: fx.Node) -> str:
     """The innermost source line of the model's own code that produced ``node`` (frames of
     torch and rasfx skipped), from the stack trace torch.export records; the node name without one."""
     lines = node.meta.get("stack_trace", "").strip().splitlines()
@@ -192,6 +198,45 @@ def _mark_output_sites(gm: fx.GraphModule, plan: Plan) -> None:
             site.kind, site.reason = "output", "end of the token region"
             ends.add(site.consumer)
     plan.conservative = [c for c in plan.conservative if c[0] not in ends]
+
+
+def _check_tail(gm: fx.GraphModule, plan: Plan, user_inputs: set | None) -> None:
+    """The token-bearing nodes between the token region and the graph output (the tail) run
+    at full length on every step. When they only re-lay out the cached rows (unpatchify), an
+    inactive token's output is its cached one. A tail node that also reads a value computed
+    from this call's inputs outside the region (a timestep modulation, a skip from the
+    input) recomputes the inactive tokens' outputs instead of reusing them: recorded as a
+    conservative choice (the output cache is not at the model output)."""
+    fresh: set = set()  # values computed from this call's inputs, not through active nodes
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if user_inputs is None or node.name in user_inputs:
+                fresh.add(node.name)
+        elif plan.mode.get(node.name) != "A" and any(
+            i.name in fresh and plan.mode.get(i.name) != "A" for i in node.all_input_nodes
+        ):
+            fresh.add(node.name)
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    tail: set = set()  # what runs at full length after the region, up to the output
+    todo = list(output.all_input_nodes)
+    while todo:
+        node = todo.pop()
+        if node.name not in tail and plan.mode.get(node.name) != "A":
+            tail.add(node.name)
+            todo.extend(node.all_input_nodes)
+    carries = {n.name for n in gm.graph.nodes if n.name in tail
+               and (_has_axes(n) or any(_has_axes(i) for i in n.all_input_nodes))}
+    for node in gm.graph.nodes:
+        if node.name not in carries or node.op == "placeholder":
+            continue
+        entering = [i.name for i in node.all_input_nodes
+                    if i.name in fresh and (i.name not in carries or i.op == "placeholder")]
+        if entering:
+            plan.conservative.append((
+                node.name, str(node.target),
+                f"after the token region, reads {', '.join(entering[:3])}: inactive tokens' outputs are "
+                "recomputed with this step's values instead of reused",
+            ))
 
 
 def _run_full(plan: Plan, node: fx.Node, ins, kind: str, reason: str, record: bool = True) -> None:

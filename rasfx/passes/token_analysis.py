@@ -5,7 +5,9 @@ two resolutions; nodes are aligned by their op sequence, and a tensor dimension 
 is ``N + c`` at both resolutions (``N`` = number of image tokens, ``c`` a constant) is a
 token axis. ``c > 0`` marks a sequence that concatenates the image tokens with ``c``
 conditioning tokens; where the image segment sits (its offset) is propagated from the
-``cat``/``slice``/``split`` nodes that build and cut such sequences.
+``cat``/``slice``/``split`` nodes that build and cut such sequences. An attention mask over
+such a joint sequence, passed in or built from ``ones``/``arange``, takes the offset of the
+queries / keys it masks (counter ``masks_located``: sources located that way).
 
 ``N`` itself is found as the size that scales exactly with the image area (grid inputs) or
 is the packed sequence length (packed inputs). A graph with several token grids of
@@ -206,8 +208,9 @@ def _propagate_offsets(graph: fx.Graph, n1: int) -> None:
 
 def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) -> Axis:
     t = node.target
-    if not ins:  # a source
-        return Axis(ax.dim, ax.extra, 0 if ax.extra == 0 else None)
+    if not ins:  # a source: the image input, or a joint-sequence tensor located by _locate_masks
+        pinned = node.meta.get(_PINNED, {}).get(ax.dim)
+        return Axis(ax.dim, ax.extra, 0 if ax.extra == 0 else pinned)
     if t is operator.getitem:
         src = node.args[0]
         infos = src.meta.get("rasfx_tokens")
@@ -267,6 +270,72 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
     return Axis(ax.dim, ax.extra, None)
 
 
+# ---------------------------------------------------------------- attention masks
+
+_PINNED = "rasfx_pinned_offsets"  # {dim: offset} of a source, set by _locate_masks
+_SDPA = (aten.scaled_dot_product_attention.default,)
+# ops that keep a sequence's positions in place (no reordering, no slicing along it)
+_IN_PLACE_OF_POSITION = {
+    aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.expand.default, aten.clone.default,
+    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.rsub.Scalar, aten.neg.default, aten.where.self,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
+    aten.type_as.default, aten.eq.Scalar, aten.ne.Scalar, aten.ge.Tensor, aten.ge.Scalar, aten.gt.Scalar,
+    aten.lt.Tensor, aten.lt.Scalar, aten.le.Scalar, aten.logical_not.default, aten.logical_and.default,
+    aten.logical_or.default, aten.bitwise_not.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
+    aten.__and__.Tensor, aten.__or__.Tensor, aten.mul.Scalar, aten.add.Scalar,
+}
+
+
+def _locate_masks(graph: fx.Graph) -> int:
+    """An attention mask over a joint (text + image) sequence built from an input or a
+    constructor (``ones``, ``arange``) has no located image segment: nothing in its own
+    history says where the image tokens sit. Its query / key columns index the same sequence
+    as the query / key tensors, so it takes their segment offset. The offset is pinned on the
+    sources the mask is built from (through ops that keep positions in place) and the caller
+    propagates again. Returns the number of sources pinned."""
+    pinned = 0
+    for node in graph.nodes:
+        if node.target not in _SDPA or len(node.args) < 3:
+            continue
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if not isinstance(mask, fx.Node) or not token_axes(mask):
+            continue
+        q, k = node.args[0], node.args[1]
+        rank = mask.meta["val"].dim()
+        known = {}
+        for dim, partner in ((rank - 2, q), (rank - 1, k)):
+            axes = [a for a in token_axes(partner) if a.dim == partner.meta["val"].dim() - 2]
+            mine = [a for a in token_axes(mask) if a.dim == dim]
+            if axes and mine and axes[0].offset is not None and mine[0].extra == axes[0].extra:
+                known[mine[0].extra] = known.get(mine[0].extra, set()) | {axes[0].offset}
+        offsets = {extra: offs.pop() for extra, offs in known.items() if len(offs) == 1}
+        pinned += _pin_sources(mask, offsets)
+    return pinned
+
+
+def _pin_sources(mask: fx.Node, offsets: dict) -> int:
+    """Pin ``offsets`` ({extra: offset}) on the sources of ``mask`` whose axes of that extra
+    are unlocated, walking back through position-keeping ops only."""
+    count, seen, todo = 0, set(), [mask]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        open_axes = [a for a in token_axes(node) if a.offset is None and a.extra in offsets]
+        if not open_axes:
+            continue
+        parents = [i for i in node.all_input_nodes if token_axes(i)]
+        if not parents:
+            pins = node.meta.setdefault(_PINNED, {})
+            for a in open_axes:
+                pins[a.dim] = offsets[a.extra]
+            count += 1
+        elif node.target in _IN_PLACE_OF_POSITION:
+            todo.extend(parents)
+    return count
+
+
 # ---------------------------------------------------------------- the pass
 
 
@@ -309,6 +378,9 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, variant: dict) ->
         if any(node.meta["rasfx_tokens"] if isinstance(node.meta["rasfx_tokens"], tuple) else ()):
             result.stats["token_nodes"] += 1
     _propagate_offsets(gm.graph, n1)
+    result.stats["masks_located"] = _locate_masks(gm.graph)
+    if result.stats["masks_located"]:
+        _propagate_offsets(gm.graph, n1)
     return result
 
 

@@ -1,0 +1,222 @@
+"""DiT constructs that diffusers' classes do not all show, each in a small self-written model
+that reproduces it the way a research code base writes it, checked against the RAS contract:
+
+* dense forwards equal the model's; a partial forward on unchanged inputs equals it too
+  (the caches hold the dense values);
+* on new inputs with a new timestep, the outputs of inactive tokens (``token_map()``) are the
+  cached ones, not recomputed;
+* nothing is handled conservatively without a ``RASWarning`` naming the op.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rasfx
+
+C, P, HEADS = 16, 2, 2  # width, patch size, heads
+TOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max()) / max(float(b.double().abs().max()), 1e-30)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(C, 3 * C)
+        self.proj = torch.nn.Linear(C, C)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(C, 2 * C), torch.nn.GELU(), torch.nn.Linear(2 * C, C))
+        self.mod = torch.nn.Linear(C, 4 * C)
+
+    def attention(self, x, mask=None):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(F.layer_norm(x, (C,))).view(b, n, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(a.transpose(1, 2).reshape(b, n, C))
+
+
+class AutocastDiT(torch.nn.Module):
+    """The original Wan 2.1 code's habit: residual adds, the modulation and the output head in
+    ``autocast(float32)`` regions (CUDA autocast around CPU tensors: a disabled region, as on a
+    bf16 model) and one region that is really on (bfloat16 on the CPU) around the MLP input."""
+
+    def __init__(self, bf16_region: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+        self.t_embed = torch.nn.Sequential(torch.nn.Linear(1, C), torch.nn.SiLU(), torch.nn.Linear(C, C))
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+        self.head_mod = torch.nn.Linear(C, 2 * C)
+        self.head = torch.nn.Linear(C, 4 * P * P)
+        self.bf16_region = bf16_region
+
+    def forward(self, hidden_states, timestep):
+        b, _, h, w = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        with torch.autocast("cuda", dtype=torch.float32):
+            e = self.t_embed(timestep.view(b, 1, 1).float())
+        for blk in self.blocks:
+            shift, scale, gate, gate2 = blk.mod(e).chunk(4, dim=-1)
+            y = blk.attention(F.layer_norm(x, (C,)) * (1 + scale) + shift)
+            with torch.autocast("cuda", dtype=torch.float32):
+                x = x + y * gate
+            if self.bf16_region:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = blk.mlp[0](x).float()
+                y = blk.mlp[2](blk.mlp[1](y))
+            else:
+                y = blk.mlp(x)
+            with torch.autocast("cuda", dtype=torch.float32):
+                x = x + y * gate2
+        with torch.autocast("cuda", dtype=torch.float32):
+            shift, scale = self.head_mod(e).chunk(2, dim=-1)
+            x = self.head(F.layer_norm(x, (C,)) * (1 + scale) + shift)
+        x = x.view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+def _inputs(seed: int, b: int = 2, h: int = 8, w: int = 12) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(b, 4, h, w, generator=g), "timestep": torch.rand(b, generator=g) * 1000}
+
+
+def _check_contract(model: torch.nn.Module, make_inputs) -> rasfx.RASModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rasfx.RASWarning)  # nothing conservative, nothing dense
+        ras = rasfx.transform(model)
+        kw, nxt = make_inputs(0), make_inputs(1)
+        with torch.no_grad():
+            want, want_nxt = model(**kw), model(**nxt)
+            ras.set_active(None)
+            assert _rel(ras(**kw), want) <= TOL
+            n = ras.num_image_tokens
+            active = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // 4]
+            ras.set_active(active)
+            assert _rel(ras(**kw), want) <= TOL  # caches hold the dense values
+            got = ras(**nxt)
+    tokens = ras.token_map()
+    kept = (tokens >= 0) & ~torch.isin(tokens, active)
+    changed = (tokens >= 0) & torch.isin(tokens, active)
+    assert bool(kept.any()) and bool(changed.any())
+    assert _rel(got[kept], want[kept]) <= TOL, "outputs of inactive tokens must be the cached ones"
+    assert _rel(got[changed], want_nxt[changed]) > 1e-3  # the active ones were computed anew
+    return ras
+
+
+def test_autocast_regions_are_inlined():
+    ras = _check_contract(AutocastDiT().eval(), _inputs)
+    gm = ras.captures()[0].capture.graph_module
+    assert not any("wrap_with" in str(n.target) for n in gm.graph.nodes)
+
+
+def test_an_enabled_autocast_region_keeps_its_casts():
+    model = AutocastDiT(bf16_region=True).eval()
+    ras = rasfx.transform(model)
+    kw = _inputs(0)
+    with torch.no_grad():
+        want, got = model(**kw), ras(**kw)
+    assert torch.equal(got, want)  # the same bf16 casts, in the same places
+    with torch.no_grad():
+        plain = AutocastDiT(bf16_region=False).eval()(**kw)
+    assert _rel(want, plain) > 1e-4  # the region really ran in bfloat16
+    casts = [n for n in ras.captures()[0].capture.graph_module.graph.nodes
+             if n.target is torch.ops.aten._to_copy.default and n.kwargs.get("dtype") is torch.bfloat16]
+    assert casts
+
+
+class JointMaskDiT(torch.nn.Module):
+    """Text and image tokens in one sequence with a padding mask over the joint sequence,
+    passed in as ``[B, T + N]`` (Chroma) or built inside from ``ones`` and the text lengths
+    (HunyuanVideo); text first or image first."""
+
+    def __init__(self, image_first: bool, built_inside: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+        self.txt = torch.nn.Linear(8, C)
+        self.t_embed = torch.nn.Linear(1, 2 * C)
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+        self.head = torch.nn.Linear(C, 4 * P * P)
+        self.image_first, self.built_inside = image_first, built_inside
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, attention_mask):
+        b, _, h, w = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        t, n = encoder_hidden_states.shape[1], x.shape[1]
+        parts = [x, self.txt(encoder_hidden_states)]
+        seq = torch.cat(parts if self.image_first else parts[::-1], dim=1)
+        if self.built_inside:  # attention_mask: [B, T] text mask (valid first); the joint one is built here
+            joint = torch.ones(b, n + t, dtype=torch.bool)
+            pos = torch.arange(n + t).unsqueeze(0)
+            valid = attention_mask.sum(1, dtype=torch.int).unsqueeze(1)
+            if self.image_first:  # HunyuanVideo: [image, text], the text's padding at the end
+                joint = joint.masked_fill(pos >= n + valid, False)
+            else:
+                joint = joint.masked_fill((pos < t) & (pos >= valid), False)
+            mask = joint[:, None, None, :]  # keys only
+        else:  # attention_mask: [B, T + N] over the joint sequence; queries x keys
+            m = attention_mask.bool()
+            mask = (m[:, None, :, None] & m[:, None, None, :]) | torch.eye(n + t, dtype=torch.bool)
+        scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
+        for blk in self.blocks:
+            seq = seq + blk.attention(seq * (1 + scale) + shift, mask)
+            seq = seq + blk.mlp(seq)
+        x = seq[:, :n] if self.image_first else seq[:, t:]
+        x = self.head(x).view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+@pytest.mark.parametrize("image_first", [False, True], ids=["text-first", "image-first"])
+@pytest.mark.parametrize("built_inside", [False, True], ids=["mask-passed", "mask-built"])
+def test_joint_attention_masks_keep_the_token_region(image_first, built_inside):
+    model = JointMaskDiT(image_first, built_inside).eval()
+    t, n = 5, 24
+
+    def make(seed):
+        g = torch.Generator().manual_seed(seed)
+        kw = {"hidden_states": torch.randn(2, 4, 8, 12, generator=g),
+              "encoder_hidden_states": torch.randn(2, t, 8, generator=g),
+              "timestep": torch.rand(2, generator=g)}
+        text = torch.tensor([[1] * 3 + [0] * 2, [1] * 5])
+        if built_inside:
+            kw["attention_mask"] = text
+        else:
+            img = torch.ones(2, n, dtype=torch.long)
+            kw["attention_mask"] = torch.cat([img, text] if image_first else [text, img], dim=1)
+        return kw
+
+    ras = _check_contract(model, make)
+    sdpa = [n for n in ras.captures()[0].capture.graph_module.graph.nodes
+            if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert all(ras.captures()[0].plan.mode[n.name] == "A" for n in sdpa)  # every attention on active queries
+
+
+def test_a_tail_that_reads_the_timestep_warns():
+    """A model whose last token-mixing op comes after the timestep modulation of the head:
+    the output cache cannot sit at the output; the warning says so and names the op."""
+
+    class LateMix(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+            self.block = _Block()
+            self.t = torch.nn.Linear(1, C)
+
+        def forward(self, hidden_states, timestep):
+            b, _, h, w = hidden_states.shape
+            x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+            x = x + self.block.mlp(x)
+            x = torch.cumsum(x, dim=1) * self.t(timestep.view(b, 1, 1))  # mixes tokens, then modulates
+            return x.transpose(1, 2).reshape(b, C, h // P, w // P)
+
+    ras = rasfx.transform(LateMix().eval())
+    with pytest.warns(rasfx.RASWarning, match=r"(?s)conservatively.*recomputed with this step's values"):
+        with torch.no_grad():
+            ras(**_inputs(0))
