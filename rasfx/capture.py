@@ -13,7 +13,10 @@ import inspect
 import itertools
 import logging
 import math
+import os
+import sysconfig
 import threading
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -117,10 +120,22 @@ def _inline_wrappers(ep: ExportedProgram) -> ExportedProgram:
     return ep.run_decompositions({})
 
 
+def model_frame(e: BaseException) -> str | None:
+    """``file:line (function): code`` of the innermost frame of the model's own code in
+    ``e``'s traceback (torch's, rasfx's and the standard library's frames skipped)."""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__), sysconfig.get_paths()["stdlib"])
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        if not os.path.abspath(frame.filename).startswith(skip) and not frame.filename.startswith("<"):
+            return f"{frame.filename}:{frame.lineno} ({frame.name}): {(frame.line or '').strip()}"
+    return None
+
+
 def _export_failure(model: torch.nn.Module, e: Exception) -> str:
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
-    where = f"torch.export could not capture {type(model).__name__}.forward: {type(e).__name__}: {first}. "
+    frame = model_frame(e)
+    at = f" at {frame}" if frame else ""
+    where = f"torch.export could not capture {type(model).__name__}.forward{at}: {type(e).__name__}: {first}. "
     if any(k in text for k in _DATA_DEPENDENT):
         return where + (
             "rasfx needs a forward without data-dependent Python control flow (e.g. .item()/.tolist() on "

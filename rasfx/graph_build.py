@@ -177,7 +177,7 @@ def compile_capture(
     except Exception as e:  # e.g. shapes that stay symbolic in the captured graph
         raise CaptureError(
             f"token analysis failed on the captured graph of {type(model).__name__}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}"
+            f"{str(e).splitlines()[0] if str(e) else ''}{_data_dependent_origin(gm)}"
         ) from e
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user_inputs = {n.name for n, (kind, _) in zip(placeholders, cap.input_sources) if kind == "user"}
@@ -195,6 +195,21 @@ def compile_capture(
         cc.invariant_inputs = invariant_inputs(cap, kwargs, {image_key, *varying_inputs})
     cc.timings.update(export=t1 - t0, export_alt=t2 - t1, analysis=time.perf_counter() - t2)
     return cc
+
+
+def _data_dependent_origin(gm: fx.GraphModule) -> str:
+    """Where the first data-dependent size of the graph comes from (``torch.nonzero``, a
+    boolean mask index), as the model's source line; empty when every size is static."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and free_unbacked_symbols(node.meta.get("val")):
+            return (
+                f". The first data-dependent size comes from {node.target} at {model_line(node)!r}: rasfx needs "
+                "every size of the graph fixed by the input shapes (a length computed from a tensor's values, "
+                "e.g. the valid prompt tokens, cannot be sized); see docs/limitations.md"
+            )
+    return ""
 
 
 def conservative_report(model: torch.nn.Module, cc: CompiledCapture, limit: int = 4) -> str | None:

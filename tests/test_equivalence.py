@@ -161,7 +161,9 @@ def _assert_inactive_kept(got, prev, tokens, active, what):
     """Elements of ``got``'s first output made by a token outside ``active`` equal ``prev``'s."""
     y, y0 = _leaves(got)[0], _leaves(prev)[0]
     kept = (tokens >= 0) & ~torch.isin(tokens, active)
-    assert bool(kept.any()), f"{what}: the token map marks no output element of an inactive token"
+    if not bool(kept.any()):  # every token active (a ratio near 1)
+        assert torch.unique(active).numel() == int(tokens.max()) + 1, f"{what}: token map without inactive tokens"
+        return
     r = float((y - y0).abs()[kept].max()) / max(float(y0.abs().max()), 1e-30)
     assert r <= TOL, f"{what}: outputs of inactive tokens changed (relative {r:.3e}); they must be the cached ones"
 
