@@ -209,7 +209,9 @@ class Capture:
 
     def input_resolver(self, model: torch.nn.Module) -> Callable[[list], list]:
         """Returns f(flat user leaves) -> the graph's flat inputs, reading live parameters."""
-        getters: list[Callable[[list], Any]] = []
+        # each called with the flat user leaves (Callable[..., Any]: the lambdas bind their
+        # values as default arguments, a signature mypy cannot match to Callable[[list], Any])
+        getters: list[Callable[..., Any]] = []
         for kind, ref in self.input_sources:
             if kind in ("param", "buffer"):
                 owner_path, _, name = ref.rpartition(".")
@@ -309,7 +311,7 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
                 continue
             new = dict(kwargs)
             new[image_key] = _resized(x, {x.dim() - 2: h2, x.dim() - 1: w2})
-            desc = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2)}
+            desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2)}
             variants.append((new, desc))
             # Inputs that carry a per-token table (e.g. RoPE cos/sin passed in by the pipeline)
             # must follow the resolution: a second candidate resizes non-feature dims that

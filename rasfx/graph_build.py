@@ -105,7 +105,7 @@ def build_variant(cc: CompiledCapture, name: str) -> Variant:
     ctx = RewriteContext(gm, cc.plan, cc.num_tokens, base, contiguous_attention=cc.contiguous_attention)
     if name == "rowwise":
         _check_rowwise(cc)
-    counters = Counter()
+    counters: Counter[str] = Counter()
     counters["gathers"] = passes.insert_gathers(ctx)
     counters["resized_args"] = passes.resize_token_shapes(ctx)
     counters.update(passes.insert_cache_sites(ctx))
@@ -165,7 +165,7 @@ def compile_capture(
             + "\n  ".join(errors or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] or [B,N,C])"])
         )
     t2 = time.perf_counter()
-    counters = Counter()
+    counters: Counter[str] = Counter()
     gm = cap.graph_module
     counters["asserts"] = passes.strip_asserts(gm)
     gm_alt = alt[0].graph_module

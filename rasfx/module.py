@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 import warnings
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from .capture import bind_inputs, input_signature
 from .errors import CaptureError, InvalidIndexError, RASWarning, TooFewTokensError, UnsupportedModelError, UsageError
 from .graph_build import CompiledCapture, compile_capture, conservative_report
-from .runtime import GraphRunner
+from .runtime import GraphRunner, WorkCounts
 
 log = logging.getLogger("rasfx")
 aten = torch.ops.aten
@@ -105,7 +105,8 @@ class RASModule(torch.nn.Module):
         self._resolvers: dict = {}
         self._dense_only: dict[Any, str] = {}  # signature -> why it runs the plain model
         self._structure = _Structure()
-        self._forward_signature = None  # inspect.Signature of model.forward (kwargs checks)
+        # (forward's function, its inspect.Signature): checks the kwargs of a call
+        self._forward_signature: Optional[tuple[Any, inspect.Signature]] = None
         self.runner = GraphRunner(self.config.mode)
 
     # ------------------------------------------------------------------ copy and pickle
@@ -184,7 +185,7 @@ class RASModule(torch.nn.Module):
                 "graph_capture_s": w["graph_capture_s"], "compiles": w["compiled_shapes"], "compile_s": w["compile_s"]}
 
     @property
-    def _work(self) -> Counter:
+    def _work(self) -> WorkCounts:
         return self.runner.work  # one counter for the module's and the runner's work
 
     @property
@@ -261,9 +262,10 @@ class RASModule(torch.nn.Module):
                 )
                 slot.index = None
             slot.signature, slot.filled = sig, False
-        index = slot.index
-        dense = index is None or not slot.filled or sig not in slot.buffers
-        if not dense:
+        # the active set, when this step runs RAS (None: a dense step)
+        index = slot.index if slot.filled and sig in slot.buffers else None
+        dense = index is None
+        if index is not None:
             self._check_index_for(cc, slot, index)
             name = "shared" if index.dim() == 1 else "rowwise"
             variant = self._variant(cc, f"fused_{name}" if self._fuse(cc) else name)
@@ -282,13 +284,13 @@ class RASModule(torch.nn.Module):
             for i in variant.unused:
                 if i < len(flat):
                     graph_inputs[i] = None
-            args = [*graph_inputs, *buffers.caches] if dense else [*graph_inputs, index, *buffers.caches]
+            graph_args = [*graph_inputs, *buffers.caches] if index is None else [*graph_inputs, index, *buffers.caches]
             if variant.hoisted is not None:
-                args += _hoisted_values(buffers, variant.hoisted, flat)
+                graph_args += _hoisted_values(buffers, variant.hoisted, flat)
             dynamic = [i for i in cc.dynamic_positions if i not in variant.unused] + ([] if dense else [len(flat)])
-            key = (self._slot_name, variant.name, sig, None if dense else tuple(index.shape))
+            key = (self._slot_name, variant.name, sig, None if index is None else tuple(index.shape))
             slot.filled = False  # until the step completes: an exception leaves some caches half written
-            flat_out = self.runner.run(variant, args, dynamic, key)
+            flat_out = self.runner.run(variant, graph_args, dynamic, key)
         slot.last_dense = dense
         slot.filled = True
         slot.forwards += 1

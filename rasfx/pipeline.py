@@ -285,8 +285,8 @@ class _PipelineState:
             for hook in self.hooks:
                 hook.ras.reset()
             self.run = None
-            self.run = _Run(self, num_steps)  # may raise: explicit reset steps outside the run
-        return self.run
+            run = self.run = _Run(self, num_steps)  # may raise: explicit reset steps outside the run
+        return run
 
     def follow_scheduler(self) -> None:
         """``pipe.scheduler`` was replaced after ``enable`` (``pipe.scheduler = X.from_config(...)``):
@@ -659,8 +659,7 @@ def enable(
         raise ArgumentTypeError(f"rasfx.enable: config must be a rasfx.RASConfig, got {type(config).__name__}")
     if pipe in _STATES:
         raise UsageError("rasfx.enable: RAS is already enabled on this pipeline; call rasfx.disable(pipe) first")
-    models = [(n, getattr(pipe, n, None)) for n in _MODEL_ATTRS]
-    models = [(n, m) for n, m in models if isinstance(m, torch.nn.Module)]
+    models = [(n, m) for n in _MODEL_ATTRS if isinstance(m := getattr(pipe, n, None), torch.nn.Module)]
     if not models:
         raise UsageError(
             f"rasfx.enable: {type(pipe).__name__} has no `transformer` module; RAS needs a diffusion "
@@ -690,11 +689,11 @@ def enable(
         for hook in hooks:
             patches.append(_Patch(hook.model, "forward", _forward_wrapper(state, hook)))
             if hook.original_cache_context is not None:
-                patches.append(_Patch(hook.model, "cache_context", _context_wrapper(hook)))
+                patches.append(_Patch(hook.model, "cache_context", _context_wrapper(hook, hook.original_cache_context)))
         state.scheduler_patches = _patch_scheduler(state)
         patches.extend(state.scheduler_patches)
         if state.original_unpack is not None:
-            patches.append(_Patch(pipe, "_unpack_latents", _unpack_wrapper(state, pipe)))
+            patches.append(_Patch(pipe, "_unpack_latents", _unpack_wrapper(state, pipe, state.original_unpack)))
     except Exception:
         for p in reversed(patches):
             p.restore()
@@ -766,7 +765,7 @@ def stats(pipe: Any) -> RunStats:
     """Stats of the last run of ``pipe`` (while enabled, or the last one before :func:`disable`)."""
     state = _STATES.get(pipe)
     run = state.reported_run() if state is not None else None
-    if run is not None:
+    if state is not None and run is not None:
         return state.build_stats(run)
     if pipe in _LAST_STATS:
         return _LAST_STATS[pipe]
@@ -835,8 +834,8 @@ def _forward_wrapper(state: _PipelineState, hook: _ModelHook) -> Callable:
     return _Wrapper(forward, hook.original_forward, hook.model, "forward")
 
 
-def _context_wrapper(hook: _ModelHook) -> Callable:
-    original = hook.original_cache_context
+def _context_wrapper(hook: _ModelHook, original: Callable[..., Any]) -> Callable:
+    """``original``: the model's own ``cache_context``."""
 
     @contextlib.contextmanager
     def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
@@ -860,12 +859,12 @@ def _step_wrapper(state: _PipelineState) -> Callable:
 def _patch_scheduler(state: _PipelineState) -> list[_Patch]:
     patches = [_Patch(state.scheduler, "step", _step_wrapper(state))]
     if state.original_set_timesteps is not None:
-        patches.append(_Patch(state.scheduler, "set_timesteps", _set_timesteps_wrapper(state)))
+        patches.append(_Patch(state.scheduler, "set_timesteps", _set_timesteps_wrapper(state, state.original_set_timesteps)))
     return patches
 
 
-def _set_timesteps_wrapper(state: _PipelineState) -> Callable:
-    original = state.original_set_timesteps
+def _set_timesteps_wrapper(state: _PipelineState, original: Callable[..., Any]) -> Callable:
+    """``original``: the scheduler's own ``set_timesteps``."""
 
     def set_timesteps(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
@@ -876,8 +875,8 @@ def _set_timesteps_wrapper(state: _PipelineState) -> Callable:
     return _Wrapper(set_timesteps, original, state.scheduler, "set_timesteps")
 
 
-def _unpack_wrapper(state: _PipelineState, pipe: Any) -> Callable:
-    original = state.original_unpack
+def _unpack_wrapper(state: _PipelineState, pipe: Any, original: Callable[..., Any]) -> Callable:
+    """``original``: the pipeline class's own ``_unpack_latents``."""
 
     def unpack(latents: Any, *args: Any, **kwargs: Any) -> Any:
         if state.run is not None:

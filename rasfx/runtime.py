@@ -18,7 +18,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional, cast
 
 import torch
 
@@ -27,6 +27,11 @@ from .graph_build import copy_graph_module
 from .passes import lower_cache_ops
 
 log = logging.getLogger("rasfx")
+
+#: Work done by name: counts (``exports``, ``graph_captures``...) and seconds (``export_s``...).
+#: At run time a ``Counter`` (an unknown name reads 0), typed as a dict because typeshed's
+#: ``Counter`` holds int values only.
+WorkCounts = dict[str, float]
 
 #: ``auto``: CUDA graphs for CUDA tensors, eager otherwise (the default).
 MODES = ("auto", "eager", "compile", "cuda_graph", "compile+cuda_graph")
@@ -50,11 +55,11 @@ class GraphRunner:
         self._compiled: dict = {}  # id(variant) -> (variant, compiled fn); the variant pins the id
         self._graphs: dict = {}
         self._no_graph: set = set()  # keys whose CUDA-graph capture failed in "auto" mode: run eagerly
-        self._pool = None
+        self._pool: Optional["torch.cuda._POOL_HANDLE"] = None  # the CUDA graphs' shared memory pool
         self._compiled_keys: set = set()
         # Work done, cumulative over the runner's life (counts and seconds); never reset, so a
         # caller can take differences (``rasfx.stats`` reports them per pipeline run).
-        self.work: Counter = Counter()
+        self.work = cast(WorkCounts, Counter())
         # Memory layout of the attention caches: the producer's (a dense fill is a plain copy)
         # or contiguous. Under inductor a contiguous cache is written in place, a permuted one
         # was measured to be copied whole each step (for SDPA and as a mutated input); A/B in

@@ -49,7 +49,7 @@ class RewriteContext:
     contiguous_attention: bool = False  # attention caches are allocated contiguous (CacheSpec.allocate)
     caches: list = field(default_factory=list)  # [CacheSpec], in graph-input order
     index: fx.Node | None = None
-    _after_inputs: fx.Node | None = None
+    _after_inputs: fx.Node = field(init=False)  # set by __post_init__
     _seq_index: dict = field(default_factory=dict)
     _sizes: dict = field(default_factory=dict)
     _count: fx.Node | None = None

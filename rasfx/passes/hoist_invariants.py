@@ -35,6 +35,7 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -102,7 +103,8 @@ def hoist_invariants(gm: fx.GraphModule, invariant_inputs: set[int], user_inputs
     while changed:
         changed = False
         for node in boundary():
-            src = node.args[0] if node.target is operator.getitem else node
+            # getitem's first argument is the node it indexes
+            src = cast(fx.Node, node.args[0]) if node.target is operator.getitem else node
             if not _is_tensor(node) or _aliases(src) or (src is not node and src not in hoist):
                 hoist.discard(node)
                 changed = True

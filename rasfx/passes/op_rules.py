@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.fx as fx
@@ -139,7 +139,7 @@ def _contracted(node) -> dict:
         subs = lhs.split(",")
         if "." in eq or not rhs and "->" not in eq:
             return {}
-        out = {}
+        out: dict[fx.Node, set[int]] = {}
         for op, sub in zip(a[1], subs):
             out.setdefault(op, set()).update(i for i, ch in enumerate(sub) if ch not in rhs)
         return out
@@ -164,6 +164,9 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
             return rule
     ins = [i for i in node.all_input_nodes if token_axes(i)]
     out_axes = _out_axes(node)
+    # fx types every argument as any ``Argument``; the ATen schema of the op says which is
+    # a node and which an int (the casts below)
+    args = node.args
     if node.op != "call_function":
         return OpRule("opaque", set(ins), reason=f"{node.op}")
     if t in SDPA_OPS:  # its mask may carry a query and a key token axis
@@ -171,15 +174,15 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
     if any(len(token_axes(i)) > 1 for i in ins) or len(token_axes(node)) > 1:
         return OpRule("opaque", set(ins), reason="tensor with several token axes")
     if t in VIEW_OPS or t in SPLIT_OPS:
-        if t is aten.select.int and ins and (node.args[1] % _rank(node.args[0])) in _axis_dims(node.args[0]):
+        if t is aten.select.int and ins and (cast(int, args[1]) % _rank(args[0])) in _axis_dims(args[0]):
             return OpRule("opaque", set(ins), reason="select on the token axis")
         if t is aten.chunk.default and ins:
-            d = (node.args[2] if len(node.args) > 2 else 0) % _rank(node.args[0])
-            if d in _axis_dims(node.args[0]):
+            d = cast(int, args[2] if len(args) > 2 else 0) % _rank(args[0])
+            if d in _axis_dims(args[0]):
                 return OpRule("opaque", set(ins), reason="chunk over the token axis")
         if t is aten.unbind.int and ins:
-            d = (node.args[1] if len(node.args) > 1 else 0) % _rank(node.args[0])
-            if d in _axis_dims(node.args[0]):
+            d = cast(int, args[1] if len(args) > 1 else 0) % _rank(args[0])
+            if d in _axis_dims(args[0]):
                 return OpRule("opaque", set(ins), reason="unbind over the token axis")
         if t in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
                  aten.unflatten.int) and ins:
@@ -194,16 +197,16 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
     if t in CAT_OPS or t in LIKE_OPS:
         return OpRule("tokenwise", cheap=True)
     if t is aten.embedding.default:  # a per-token lookup: the indices' token axis passes through
-        return OpRule("tokenwise") if node.args[0] not in ins else OpRule("opaque", set(ins), reason="embedding table over tokens")
+        return OpRule("tokenwise") if args[0] not in ins else OpRule("opaque", set(ins), reason="embedding table over tokens")
     if t is aten.index_select.default and ins:
-        d = node.args[1] % _rank(node.args[0])
-        if d in _axis_dims(node.args[0]) or node.args[2] in ins:
+        d = cast(int, args[1]) % _rank(args[0])
+        if d in _axis_dims(args[0]) or args[2] in ins:
             return OpRule("opaque", set(ins), reason="index_select over the token axis")
         return OpRule("tokenwise", cheap=True)
     if t in (aten.constant_pad_nd.default, aten.pad.default) and ins:  # any mode: only the padded dims mix
-        rank, pad = _rank(node.args[0]), node.args[1]
+        rank, pad = _rank(args[0]), cast("list[int]", args[1])
         padded = {rank - 1 - i // 2 for i, p in enumerate(pad) if p}
-        if padded & _axis_dims(node.args[0]):
+        if padded & _axis_dims(args[0]):
             return OpRule("opaque", set(ins), reason="padding of the token axis")
         return OpRule("tokenwise", cheap=True)
     if is_pointwise(t) or t is aten.copy_.default:
@@ -214,12 +217,12 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
                     return OpRule("opaque", set(ins), reason="broadcast moves the token axis")
         return OpRule("tokenwise", cheap=True)
     if t in REDUCE_OPS:
-        src = node.args[0]
+        src = cast(fx.Node, args[0])
         rank = _rank(src)
         if t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
                  aten.cumsum.default, aten.argmax.default, aten.max.dim, aten.min.dim, aten.prod.dim_int,
                  aten.any.dim, aten.all.dim):
-            dims = {node.args[1] % rank} if len(node.args) > 1 and isinstance(node.args[1], int) else set(range(rank))
+            dims = {args[1] % rank} if len(args) > 1 and isinstance(args[1], int) else set(range(rank))
         elif t in (aten.norm.ScalarOpt_dim,):
             dims = _dims_arg(node, 2, "dim", rank)
         elif t is aten.linalg_vector_norm.default:
@@ -230,13 +233,13 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
             return OpRule("mixing", {src}, reason=f"reduction over the token axis ({t})")
         return OpRule("tokenwise")
     if t in NORM_OPS:
-        src = node.args[0]
-        shape = node.args[1]
+        src = cast(fx.Node, args[0])
+        shape = cast("list[int]", args[1])
         if any(d >= _rank(src) - len(shape) for d in _axis_dims(src)):
             return OpRule("mixing", {src}, reason="normalisation over the token axis")
         return OpRule("tokenwise")
     if t is aten.repeat.default and ins:
-        src, repeats = node.args[0], list(node.args[1])
+        src, repeats = cast(fx.Node, args[0]), list(cast("list[int]", args[1]))
         lead = len(repeats) - _rank(src)
         if any(repeats[lead + d] != 1 for d in _axis_dims(src)):
             return OpRule("opaque", set(ins), reason="repeat along the token axis")
@@ -256,7 +259,7 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
 
 
 def _attention_rule(node: fx.Node, ins: list, kv_cache: bool) -> OpRule:
-    q, k, v = node.args[:3]
+    q, k, v = cast("tuple[fx.Node, fx.Node, fx.Node]", node.args[:3])  # the ATen schema: three tensors
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     mask = mask if isinstance(mask, fx.Node) and token_axes(mask) else None
     if any(len(token_axes(i)) > 1 for i in ins if i is not mask) or len(token_axes(node)) > 1:

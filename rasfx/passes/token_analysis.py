@@ -26,7 +26,7 @@ import difflib
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.fx as fx
@@ -169,7 +169,7 @@ def _fit_ints(a: fx.Node, b: fx.Node, n1: int, n2: int) -> Optional[dict]:
 
 
 def _input_axes(node: fx.Node) -> list[tuple[fx.Node, Axis]]:
-    out = []
+    out: list[tuple[fx.Node, Axis]] = []
     for arg in node.all_input_nodes:
         info = arg.meta.get("rasfx_tokens")
         if isinstance(info, tuple):
@@ -207,12 +207,14 @@ def _propagate_offsets(graph: fx.Graph, n1: int) -> None:
 
 
 def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) -> Axis:
+    # The casts below state the ATen schema of each op (fx types every argument as any
+    # ``Argument``): the tensor arguments are nodes, dims and bounds are ints.
     t = node.target
     if not ins:  # a source: the image input, or a joint-sequence tensor located by _locate_masks
         pinned = node.meta.get(_PINNED, {}).get(ax.dim)
         return Axis(ax.dim, ax.extra, 0 if ax.extra == 0 else pinned)
     if t is operator.getitem:
-        src = node.args[0]
+        src = cast(fx.Node, node.args[0])
         infos = src.meta.get("rasfx_tokens")
         k = node.args[1]
         if isinstance(infos, list) and isinstance(k, int) and k < len(infos) and infos[k]:
@@ -221,13 +223,13 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
                     return Axis(ax.dim, ax.extra, a.offset)
         return Axis(ax.dim, ax.extra, None)
     if t in (aten.cat.default, aten.concat.default):
-        tensors = node.args[0]
-        cat_dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        tensors = cast("list[fx.Node]", node.args[0])
+        cat_dim = cast(int, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
         rank = node.meta["val"].dim()
         if cat_dim % rank == ax.dim:
             pos, found = 0, None
             for inp in tensors:
-                val = inp.meta.get("val")
+                val = inp.meta["val"]
                 axes = inp.meta.get("rasfx_tokens") or ()
                 here = [a for a in axes if a.dim == ax.dim] if isinstance(axes, tuple) else []
                 if here:
@@ -237,9 +239,9 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
                 pos += int(val.shape[ax.dim])
             return Axis(ax.dim, ax.extra, found)
     if elem is not None and t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
-        src = node.args[0]
+        src = cast(fx.Node, node.args[0])
         sval = src.meta["val"]
-        sdim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % sval.dim()
+        sdim = cast(int, node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % sval.dim()
         src_axes = [a for a in (src.meta.get("rasfx_tokens") or ()) if a.dim == sdim]
         if src_axes:
             pieces = node.meta["val"]
@@ -248,20 +250,21 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
             off = _segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, int(sval.shape[sdim]))
             return Axis(ax.dim, ax.extra, off)
     if t in (aten.slice.Tensor, aten.narrow.default):
-        src = node.args[0]
+        src = cast(fx.Node, node.args[0])
         sval = src.meta["val"]
-        sdim = (node.args[1] if len(node.args) > 1 else 0) % sval.dim()
+        sdim = cast(int, node.args[1] if len(node.args) > 1 else 0) % sval.dim()
         src_axes = [a for a in (src.meta.get("rasfx_tokens") or ()) if a.dim == sdim]
         if src_axes and sdim == ax.dim:
             size = int(sval.shape[sdim])
             if t is aten.slice.Tensor:
-                start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
-                end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+                start = cast(int, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
+                end = cast(int, node.args[3]) if len(node.args) > 3 and node.args[3] is not None else size
                 step = node.args[4] if len(node.args) > 4 else 1
                 if step != 1:
                     return Axis(ax.dim, ax.extra, None)
             else:
-                start, end = node.args[2], node.args[2] + node.args[3]
+                start, length = cast(int, node.args[2]), cast(int, node.args[3])
+                end = start + length
             return Axis(ax.dim, ax.extra, _segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, size))
     # token-wise ops keep the segment: take it from an input axis with the same extra
     offs = {a.offset for _, a in ins if a.extra == ax.extra}
@@ -302,7 +305,7 @@ def _locate_masks(graph: fx.Graph) -> int:
             continue
         q, k = node.args[0], node.args[1]
         rank = mask.meta["val"].dim()
-        known = {}
+        known: dict[int, set] = {}
         for dim, partner in ((rank - 2, q), (rank - 1, k)):
             axes = [a for a in token_axes(partner) if a.dim == partner.meta["val"].dim() - 2]
             mine = [a for a in token_axes(mask) if a.dim == dim]
@@ -356,7 +359,7 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, variant: dict) ->
         val = node.meta.get("val")
         vals = _tensors(val)
         alts = _tensors(other.meta.get("val")) if other is not None else [None] * len(vals)
-        infos = []
+        infos: list[Optional[tuple]] = []
         for t1, t2 in zip(vals, alts if len(alts) == len(vals) else [None] * len(vals)):
             if t1 is None:
                 infos.append(None)
