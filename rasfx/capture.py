@@ -19,7 +19,7 @@ import threading
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -344,6 +344,69 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             if any(resized[k] is not new[k] for k in new):
                 variants.append((new, desc))
     return variants
+
+
+# layers whose weights are [out, in]-like feature dims, never per-token tables
+_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.LayerNorm, torch.nn.GroupNorm,
+           torch.nn.modules.batchnorm._NormBase, torch.nn.RMSNorm)
+
+
+# attribute names that hold an input size, a patch grid or a token count (timm / DiT style)
+_SIZE_NAMES = ("img_size", "image_size", "input_size", "sample_size", "grid", "resolution", "patches", "tokens",
+               "seq_len")
+
+
+@contextlib.contextmanager
+def resized_model(model: torch.nn.Module, desc: dict, x: torch.Tensor) -> Iterator[bool]:
+    """For the analysis capture of a model built for one input size (the reference DiT: a
+    patch embedding asserting ``img_size``, a position table built in ``__init__``): within
+    the context, the model looks built for the variant's size ``desc``. Parameters and
+    buffers with a non-feature dim equal to a token count get random tables of the new
+    count (not the weights of linear, conv and norm layers); attributes named for a size
+    (``img_size``, ``grid_size``, ``num_patches``, ... see ``_SIZE_NAMES``) that equal the input
+    size, a patch grid or a token count get the new values. Everything is restored on
+    exit. Yields whether anything changed."""
+    tuples: dict = {}
+    counts: dict = {}
+    if desc["mode"] == "grid":
+        (h, w), (h2, w2) = desc["hw"], desc["hw2"]
+        frames = [1] if x.dim() == 4 else [int(x.shape[1]), int(x.shape[2])]
+        tuples[(h, w)] = (h2, w2)
+        for p in (1, 2, 4, 8):
+            if not (h % p or w % p or h2 % p or w2 % p):
+                tuples.setdefault((h // p, w // p), (h2 // p, w2 // p))
+                for f in frames:
+                    counts.setdefault(f * (h // p) * (w // p), f * (h2 // p) * (w2 // p))
+    else:
+        counts[desc["n"]] = desc["n2"]
+    counts = {a: b for a, b in counts.items() if a > 1}
+    undo: list[Callable[[], None]] = []
+    try:
+        for mod in model.modules():
+            for table in (() if isinstance(mod, _LAYERS) else (mod._parameters, mod._buffers)):
+                for name, t in list(table.items()):
+                    if t is None or t.dim() < 2:
+                        continue
+                    sizes = {d: counts[s] for d, s in enumerate(t.shape[:-1]) if s in counts}
+                    if sizes:
+                        new = _resized(t.detach(), sizes)
+                        table[name] = torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
+                        undo.append(lambda tb=table, n=name, old=t: tb.__setitem__(n, old))
+            for name, value in list(vars(mod).items()) if not isinstance(mod, _LAYERS) else ():
+                if name.startswith("_") or not any(k in name for k in _SIZE_NAMES):
+                    continue
+                new_value = None
+                if isinstance(value, tuple) and value in tuples:
+                    new_value = tuples[value]
+                elif type(value) is int and value in counts:
+                    new_value = counts[value]
+                if new_value is not None:
+                    setattr(mod, name, new_value)
+                    undo.append(lambda m=mod, n=name, v=value: setattr(m, n, v))
+        yield bool(undo)
+    finally:
+        for restore in reversed(undo):
+            restore()
 
 
 def _joint(n: int, n2: int, lengths) -> list[tuple[int, int]]:

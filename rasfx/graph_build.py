@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import passes
-from .capture import Capture, analysis_variants, describe_signature, export, find_image_input
+from .capture import Capture, analysis_variants, describe_signature, export, find_image_input, resized_model
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from .passes.context import RewriteContext
 from .passes.plan_regions import model_line
@@ -131,6 +131,28 @@ def _check_rowwise(cc: CompiledCapture) -> None:
             )
 
 
+def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str):
+    """(exported program, variant) at a second resolution, whether the model had to be
+    resized for it (``resized_model``: a model built for one input size), and the errors of
+    the attempts. Plain attempts first; resized ones only when every plain one fails."""
+    variants = analysis_variants(kwargs, image_key)
+    errors = []
+    for alt_kwargs, desc in variants:
+        try:
+            return (export(model, alt_kwargs), desc), False, errors
+        except CaptureError as e:
+            errors.append(f"{desc}: {e}")
+    for alt_kwargs, desc in variants:
+        with resized_model(model, desc, kwargs[image_key]) as changed:
+            if not changed:
+                continue
+            try:
+                return (export(model, alt_kwargs), desc), True, errors
+            except CaptureError as e:
+                errors.append(f"{desc} (model resized): {e}")
+    return None, False, errors
+
+
 def invariant_inputs(capture: Capture, kwargs: dict, varying: set) -> frozenset:
     """Graph-input positions of the weights, constants and the user inputs not named in
     ``varying`` (the inputs that change at every step: the image input, the timestep)."""
@@ -150,19 +172,15 @@ def compile_capture(
     image_key = find_image_input(kwargs, image_input)
     cap = Capture.from_program(export(model, kwargs), signature)
     t1 = time.perf_counter()
-    errors = []
-    alt = None
-    for alt_kwargs, desc in analysis_variants(kwargs, image_key):
-        try:
-            alt = (export(model, alt_kwargs), desc)
-            break
-        except CaptureError as e:
-            errors.append(f"{desc}: {e}")
+    alt, resized, errors = _analysis_capture(model, kwargs, image_key)
     if alt is None:
         raise CaptureError(
             "could not capture the model at a second resolution, which the token analysis needs to tell "
-            f"image-token axes from other dims (captured at {describe_signature(signature)}). Tried:\n  "
-            + "\n  ".join(errors or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] or [B,N,C])"])
+            f"image-token axes from other dims (captured at {describe_signature(signature)}), not even with its "
+            "size-bound tables and attributes resized. The first attempts:\n  "
+            + "\n  ".join([*errors[:1], *[e for e in errors if "(model resized)" in e][:1]] or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] or [B,N,C])"])
+            + "\nrasfx supports models that take one input size through its own analysis; if this one does not, "
+            "report the error."
         )
     t2 = time.perf_counter()
     counters: Counter[str] = Counter()
@@ -194,6 +212,8 @@ def compile_capture(
     if varying_inputs is not None:
         cc.invariant_inputs = invariant_inputs(cap, kwargs, {image_key, *varying_inputs})
     cc.timings.update(export=t1 - t0, export_alt=t2 - t1, analysis=time.perf_counter() - t2)
+    if resized:
+        cc.timings["analysis_model_resized"] = 1.0
     return cc
 
 

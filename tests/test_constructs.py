@@ -220,3 +220,57 @@ def test_a_tail_that_reads_the_timestep_warns():
     with pytest.warns(rasfx.RASWarning, match=r"(?s)conservatively.*recomputed with this step's values"):
         with torch.no_grad():
             ras(**_inputs(0))
+
+
+class FixedSizeDiT(torch.nn.Module):
+    """The reference DiT's habits (facebookresearch/DiT ``models.py`` with timm's
+    ``PatchEmbed``): a patch embedding that asserts the input size it was built for, a fixed
+    sin-cos position table built once in ``__init__`` (a frozen parameter), adaLN-Zero
+    modulation and an unpatchify that takes the grid side from ``sqrt(N)``."""
+
+    def __init__(self, input_size: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.img_size = (input_size, input_size)
+        self.grid_size = (input_size // P, input_size // P)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = torch.nn.Conv2d(4, C, P, stride=P)
+        g = torch.arange(self.grid_size[0], dtype=torch.float32)
+        freqs = torch.exp(-torch.arange(C // 4) / (C // 4) * 4.0)
+        yy, xx = torch.meshgrid(g, g, indexing="ij")
+        table = torch.cat([torch.sin(yy.reshape(-1, 1) * freqs), torch.cos(yy.reshape(-1, 1) * freqs),
+                           torch.sin(xx.reshape(-1, 1) * freqs), torch.cos(xx.reshape(-1, 1) * freqs)], dim=1)
+        self.pos_embed = torch.nn.Parameter(table[None], requires_grad=False)
+        self.t_embed = torch.nn.Linear(1, C)
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+        self.final = torch.nn.Linear(C, P * P * 4)
+
+    def forward(self, x, t):
+        _, _, h, w = x.shape
+        assert h == self.img_size[0] and w == self.img_size[1], f"Input size ({h}*{w}) doesn't match model"
+        x = self.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
+        c = torch.nn.functional.silu(self.t_embed(t.view(-1, 1, 1)))
+        for blk in self.blocks:
+            shift, scale, gate, gate2 = blk.mod(c).chunk(4, dim=-1)
+            x = x + gate * blk.attention(F.layer_norm(x, (C,)) * (1 + scale) + shift)
+            x = x + gate2 * blk.mlp(F.layer_norm(x, (C,)))
+        x = self.final(x)
+        side = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], side, side, P, P, 4)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], 4, side * P, side * P)
+
+
+def test_a_model_built_for_one_size_works_as_shipped():
+    model = FixedSizeDiT(8).eval()
+    with pytest.raises(AssertionError):
+        model(**_fixed_inputs(0, 12))  # it really accepts one size only
+
+    ras = _check_contract(model, _fixed_inputs)
+    assert ras.captures()[0].timings.get("analysis_model_resized")
+    assert dict(model.named_parameters())["pos_embed"].shape == (1, 16, C)  # restored
+    assert model.img_size == (8, 8) and model.num_patches == 16
+
+
+def _fixed_inputs(seed: int, size: int = 8) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(2, 4, size, size, generator=g), "t": torch.rand(2, generator=g) * 1000}
