@@ -380,10 +380,11 @@ def resized_model(model: torch.nn.Module, desc: dict, x: torch.Tensor) -> Iterat
     else:
         counts[desc["n"]] = desc["n2"]
     counts = {a: b for a, b in counts.items() if a > 1}
-    undo: list[Callable[[], None]] = []
+    undo: list[tuple[dict, str, Any]] = []  # (namespace, name, original value)
     try:
         for mod in model.modules():
-            for table in (() if isinstance(mod, _LAYERS) else (mod._parameters, mod._buffers)):
+            tables: tuple[dict[str, Any], ...] = () if isinstance(mod, _LAYERS) else (mod._parameters, mod._buffers)
+            for table in tables:
                 for name, t in list(table.items()):
                     if t is None or t.dim() < 2:
                         continue
@@ -391,7 +392,7 @@ def resized_model(model: torch.nn.Module, desc: dict, x: torch.Tensor) -> Iterat
                     if sizes:
                         new = _resized(t.detach(), sizes)
                         table[name] = torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
-                        undo.append(lambda tb=table, n=name, old=t: tb.__setitem__(n, old))
+                        undo.append((table, name, t))
             for name, value in list(vars(mod).items()) if not isinstance(mod, _LAYERS) else ():
                 if name.startswith("_") or not any(k in name for k in _SIZE_NAMES):
                     continue
@@ -401,12 +402,12 @@ def resized_model(model: torch.nn.Module, desc: dict, x: torch.Tensor) -> Iterat
                 elif type(value) is int and value in counts:
                     new_value = counts[value]
                 if new_value is not None:
-                    setattr(mod, name, new_value)
-                    undo.append(lambda m=mod, n=name, v=value: setattr(m, n, v))
+                    vars(mod)[name] = new_value
+                    undo.append((vars(mod), name, value))
         yield bool(undo)
     finally:
-        for restore in reversed(undo):
-            restore()
+        for namespace, name, value in reversed(undo):
+            namespace[name] = value
 
 
 def _joint(n: int, n2: int, lengths) -> list[tuple[int, int]]:

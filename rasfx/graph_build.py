@@ -136,7 +136,7 @@ def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str):
     resized for it (``resized_model``: a model built for one input size), and the errors of
     the attempts. Plain attempts first; resized ones only when every plain one fails."""
     variants = analysis_variants(kwargs, image_key)
-    errors = []
+    errors: list[str] = []
     for alt_kwargs, desc in variants:
         try:
             return (export(model, alt_kwargs), desc), False, errors
