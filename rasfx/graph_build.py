@@ -15,7 +15,7 @@ from . import passes
 from .capture import Capture, analysis_variants, describe_signature, export, find_image_input, resized_model
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from .passes.context import RewriteContext
-from .passes.plan_regions import model_line
+from .passes.token_analysis import model_line
 
 aten = torch.ops.aten
 

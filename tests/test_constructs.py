@@ -274,3 +274,32 @@ def test_a_model_built_for_one_size_works_as_shipped():
 def _fixed_inputs(seed: int, size: int = 8) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"x": torch.randn(2, 4, size, size, generator=g), "t": torch.rand(2, generator=g) * 1000}
+
+
+def test_a_batch_folded_into_the_token_axis_is_named():
+    """Original PixArt cross-attention: ``q_linear(x).view(1, -1, heads, dim)`` over a batch."""
+
+    class Folded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+            self.q = torch.nn.Linear(C, C)
+            self.kv = torch.nn.Linear(8, 2 * C)
+            self.head = torch.nn.Linear(C, 4 * P * P)
+
+        def forward(self, hidden_states, text):
+            b, _, h, w = hidden_states.shape
+            x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+            q = self.q(x).view(1, -1, HEADS, C // HEADS).transpose(1, 2)
+            k, v = self.kv(text).view(1, -1, 2, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+            x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, C)
+            x = self.head(x).view(b, h // P, w // P, P, P, 4)
+            return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+    g = torch.Generator().manual_seed(0)
+    kw = {"hidden_states": torch.randn(2, 4, 8, 12, generator=g), "text": torch.randn(2, 5, 8, generator=g)}
+    ras = rasfx.transform(Folded().eval())
+    with pytest.raises(rasfx.UnsupportedModelError, match=r"(?s)48 = 2 x 24 image tokens \(first at .q = self.q\(x\).view\(1, -1.*folds the batch.*view\(1, -1"):
+        with torch.no_grad():
+            ras(**kw)

@@ -22,8 +22,6 @@ instead of reused.
 
 from __future__ import annotations
 
-import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -32,7 +30,7 @@ import torch.fx as fx
 
 from ..errors import UnsupportedModelError
 from .op_rules import SDPA_OPS, classify, mutated_input
-from .token_analysis import Axis, token_axes
+from .token_analysis import Axis, model_line, token_axes
 
 aten = torch.ops.aten
 
@@ -172,18 +170,6 @@ def _plan_mutation(plan: Plan, node: fx.Node, ins, rule, target: fx.Node) -> Non
                 plan.gathers.append((i.name, node.name))
         return
     _run_full(plan, node, ins, "opaque", rule.reason or "in-place op on a full-length tensor")
-
-
-def model_line(node: fx.Node) -> str:
-    """The innermost source line of the model's own code that produced ``node`` (frames of
-    torch and rasfx skipped), from the stack trace torch.export records; the node name without one."""
-    lines = node.meta.get("stack_trace", "").strip().splitlines()
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
-    for i in range(len(lines) - 2, -1, -1):
-        m = re.match(r'\s*File "([^"]+)", line \d+', lines[i])
-        if m and not m.group(1).startswith(skip):
-            return lines[i + 1].strip()
-    return lines[-1].strip() if lines else node.name
 
 
 def _mark_output_sites(gm: fx.GraphModule, plan: Plan) -> None:

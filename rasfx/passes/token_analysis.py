@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import difflib
 import operator
+import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional, cast
@@ -123,6 +125,16 @@ def find_token_count(pairs, variant: dict) -> tuple[int, int]:
         )
     (best, freq), *rest = counts.most_common()
     grids = [pair for pair, c in rest if c >= max(3, freq // 10) and pair[0] != best[0]]
+    folded = [pair for pair in grids if pair[0] % best[0] == 0 or best[0] % pair[0] == 0]
+    if folded and len(folded) == len(grids):
+        small, large = sorted((best[0], folded[0][0]))
+        where = next((f" (first at {_first_line(pairs, large)!r})" for _ in [0] if _first_line(pairs, large)), "")
+        raise UnsupportedModelError(
+            f"a dimension of {large} = {large // small} x {small} image tokens{where}: the model folds the batch (or "
+            "frames) into the token axis (e.g. `x.view(1, -1, heads, dim)` over a batch, or video blocks that "
+            "alternate [B*F, H*W] and [B*H*W, F] layouts). rasfx does not support folded token axes yet: keep the "
+            "batch in its own dim in that code (e.g. `x.view(B, -1, heads, dim)`)."
+        )
     if grids:
         sizes = ", ".join(str(p[0]) for p in [best, *grids])
         raise UnsupportedModelError(
@@ -131,6 +143,28 @@ def find_token_count(pairs, variant: dict) -> tuple[int, int]:
             "with one image-token sequence."
         )
     return best
+
+
+def _first_line(pairs, size: int) -> str:
+    """The model line of the first op with a dim of ``size``."""
+    for node in pairs:
+        if node.op == "call_function" and any(
+            t is not None and size in (int(s) for s in t.shape) for t in _tensors(node.meta.get("val"))
+        ):
+            return model_line(node)
+    return ""
+
+
+def model_line(node: fx.Node) -> str:
+    """The innermost source line of the model's own code that produced ``node`` (frames of
+    torch and rasfx skipped), from the stack trace torch.export records; the node name without one."""
+    lines = node.meta.get("stack_trace", "").strip().splitlines()
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    for i in range(len(lines) - 2, -1, -1):
+        m = re.match(r'\s*File "([^"]+)", line \d+', lines[i])
+        if m and not m.group(1).startswith(skip):
+            return lines[i + 1].strip()
+    return lines[-1].strip() if lines else node.name
 
 
 def _axes_of(t1: torch.Tensor, t2: Optional[torch.Tensor], n1: int, n2: int, extras: set) -> tuple:
