@@ -242,22 +242,46 @@ def capture(model: torch.nn.Module, kwargs: dict) -> Capture:
 IMAGE_INPUT_NAMES = ("hidden_states", "x", "sample", "latents", "img", "image")
 
 
+def _is_image(value: Any) -> bool:
+    """A tensor of rank >= 3, or a list / tuple of them (per-sample inputs, as the original
+    Wan code takes ``x: list[Tensor]``)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() >= 3
+    return (isinstance(value, (list, tuple)) and bool(value)
+            and all(isinstance(v, torch.Tensor) and v.dim() >= 3 for v in value))
+
+
+def image_batch(x: Any) -> int:
+    """The batch size of an image input: its first dim, or the number of per-sample tensors."""
+    return len(x) if isinstance(x, (list, tuple)) else int(x.shape[0])
+
+
 def find_image_input(kwargs: dict, name: str | None = None) -> str:
     """Name of the input that carries the image (or video) tokens."""
     if name is not None:
-        if name not in kwargs or not isinstance(kwargs[name], torch.Tensor):
-            raise CaptureError(f"image input {name!r} is not a tensor argument of this call; got {sorted(kwargs)}")
+        if name not in kwargs or not _is_image(kwargs[name]):
+            raise CaptureError(
+                f"image input {name!r} is not a tensor argument of rank >= 3 (or a list of them) of this call; "
+                f"got {sorted(kwargs)}"
+            )
         return name
     for cand in IMAGE_INPUT_NAMES:
-        if isinstance(kwargs.get(cand), torch.Tensor) and kwargs[cand].dim() >= 3:
+        if _is_image(kwargs.get(cand)):
             return cand
     for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 3:
+        if _is_image(value):
             return key
     raise CaptureError(
-        "found no image input (a tensor of rank >= 3: [B, C, H, W], [B, C, F, H, W] or packed [B, N, C]); "
-        f"inputs were {sorted(kwargs)}. Pass TransformConfig(image_input=...) to name it."
+        "found no image input (a tensor of rank >= 3: [B, C, H, W], [B, C, F, H, W] or packed [B, N, C], or a "
+        f"list of per-sample tensors); inputs were {sorted(kwargs)}. Pass TransformConfig(image_input=...) to name it."
     )
+
+
+def _frames(x: torch.Tensor, per_sample: bool) -> set[int]:
+    """Candidate frame counts of an image input: 1 for images; for video latents
+    ([B, C, F, H, W] or [B, F, C, H, W], per sample without B) either dim before H, W."""
+    lead = x.shape[:-2] if per_sample else x.shape[1:-2]
+    return {1} if len(lead) <= 1 else {int(s) for s in lead}
 
 
 def _resized(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
@@ -274,9 +298,12 @@ def _resize_token_tables(kwargs: dict, new: dict, image_key: str, counts, row_co
     non-feature dims equal a token count ``n1`` get ``n2`` there. ``row_counts``: lengths of a
     joint text + image sequence, also looked for in the last dim of int/bool tensors and of
     per-sample rows ``[B, L]`` (a mask over the joint sequence, as Chroma passes it)."""
-    batch = kwargs[image_key].shape[0]
+    batch = image_batch(kwargs[image_key])
+    ints = {n1: n2 for n1, n2 in counts if n1 > 1}
 
     def resize(t):
+        if type(t) is int and t in ints:  # a sequence length passed as an int (original Wan's seq_len)
+            return ints[t]
         if not isinstance(t, torch.Tensor) or t.dim() < 2:
             return t
         sizes = {d: n2 for n1, n2 in counts for d, s in enumerate(t.shape[:-1]) if s == n1 and n1 > 1}
@@ -298,6 +325,11 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
     """Candidate inputs at another resolution, each with a description
     {"mode": "grid"|"packed", sizes before/after}. Tried in order until one captures."""
     x = kwargs[image_key]
+    samples = list(x) if isinstance(x, (list, tuple)) else None  # per-sample tensors, unbatched
+    if samples is not None:
+        x = samples[0]
+        if not all(u.shape == x.shape for u in samples) or x.dim() < 3:
+            return []  # per-sample sizes that differ, or packed samples: not analysed
     variants = []
     # Masks over a joint sequence are T + N long (T: a conditioning input's length).
     lengths = sorted({int(v.shape[1]) for k, v in kwargs.items()
@@ -310,7 +342,9 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             if h2 <= 0 or w2 <= 0:
                 continue
             new = dict(kwargs)
-            new[image_key] = _resized(x, {x.dim() - 2: h2, x.dim() - 1: w2})
+            sizes = {x.dim() - 2: h2, x.dim() - 1: w2}
+            new[image_key] = (_resized(x, sizes) if samples is None
+                              else type(kwargs[image_key])(_resized(u, sizes) for u in samples))
             desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2)}
             variants.append((new, desc))
             # Inputs that carry a per-token table (e.g. RoPE cos/sin passed in by the pipeline)
@@ -318,7 +352,7 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             # equal the token count of a usual patch size.
             counts = []
             # video latents are [B, C, F, H, W] or [B, F, C, H, W]: either dim may be the frames
-            frames = {1} if x.dim() == 4 else {x.shape[1], x.shape[2]}
+            frames = _frames(x, samples is not None)
             for p in (1, 2, 4, 8):
                 if h % p or w % p or h2 % p or w2 % p:
                     continue
@@ -357,7 +391,7 @@ _SIZE_NAMES = ("img_size", "image_size", "input_size", "sample_size", "grid", "r
 
 
 @contextlib.contextmanager
-def resized_model(model: torch.nn.Module, desc: dict, x: torch.Tensor) -> Iterator[bool]:
+def resized_model(model: torch.nn.Module, desc: dict, x: Any) -> Iterator[bool]:
     """For the analysis capture of a model built for one input size (the reference DiT: a
     patch embedding asserting ``img_size``, a position table built in ``__init__``): within
     the context, the model looks built for the variant's size ``desc``. Parameters and
@@ -370,7 +404,8 @@ def resized_model(model: torch.nn.Module, desc: dict, x: torch.Tensor) -> Iterat
     counts: dict = {}
     if desc["mode"] == "grid":
         (h, w), (h2, w2) = desc["hw"], desc["hw2"]
-        frames = [1] if x.dim() == 4 else [int(x.shape[1]), int(x.shape[2])]
+        per_sample = isinstance(x, (list, tuple))
+        frames = _frames(x[0] if per_sample else x, per_sample)
         tuples[(h, w)] = (h2, w2)
         for p in (1, 2, 4, 8):
             if not (h % p or w % p or h2 % p or w2 % p):

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import passes
-from .capture import Capture, analysis_variants, describe_signature, export, find_image_input, resized_model
+from .capture import Capture, analysis_variants, describe_signature, export, find_image_input, image_batch, resized_model
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from .passes.context import RewriteContext
 from .passes.token_analysis import model_line
@@ -207,7 +207,7 @@ def compile_capture(
             "RAS would save nothing."
         )
     counters.update(plan.counters)
-    batch = int(kwargs[image_key].shape[0])
+    batch = image_batch(kwargs[image_key])
     cc = CompiledCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention)
     if varying_inputs is not None:
         cc.invariant_inputs = invariant_inputs(cap, kwargs, {image_key, *varying_inputs})
