@@ -654,8 +654,9 @@ def render_models() -> str:
         "transformed dense forward equals the original over consecutive forwards; an active set of "
         "every token equals it; a partial forward on the inputs of the previous dense forward equals "
         "it (the caches hold exactly the dense values); partial forwards on new inputs return finite "
-        "outputs of the full shape. Random resolutions (non-square) and batch sizes run with "
-        "`RASFX_SLOW=1`. Pipelines: see the README's table and [Quickstart](quickstart.md).", "",
+        "outputs of the full shape, and the outputs of inactive tokens (`token_map()`) are the cached "
+        "ones, never recomputed with the new timestep. Random resolutions (non-square) and batch sizes "
+        "run with `RASFX_SLOW=1`. Pipelines: see the README's table and [Quickstart](quickstart.md).", "",
         "| preset | class | what it exercises | status | note |",
         "| --- | --- | --- | --- | --- |",
     ]
@@ -673,9 +674,32 @@ def render_models() -> str:
         "diagnosis, so a fix shows up as a failing test that asks for the mark to go. *not supported*: "
         "the model cannot be captured by `torch.export` as it is (see [Limitations](limitations.md)); "
         "rasfx raises a clear error instead of running.", "",
+        "## Constructs of DiT code outside diffusers", "",
+        "Research code bases write DiTs in ways diffusers' classes do not. Each construct below is "
+        "reproduced by a small model in `tests/test_constructs.py`, written the way such code writes "
+        "it, and checked the same way (dense and partial equivalence, cached outputs of inactive "
+        "tokens, no conservative op without a warning):", "",
+        "| model in the test | construct |", "| --- | --- |",
+        *_construct_rows(),
+        "",
+        "A batch folded into the token axis (`q_linear(x).view(1, -1, heads, dim)` in the original "
+        "PixArt cross-attention, video blocks alternating `[B*F, H*W]` and `[B*H*W, F]` layouts) is not "
+        "supported yet: the first forward raises `UnsupportedModelError` naming the folded dimension and "
+        "the model line.", "",
         "Your own DiT needs no entry here: [Bring your own DiT](byo-dit.md) shows how to check one.", "",
     ]
     return HEADER.format(pyver=PYVER) + "\n".join(lines)
+
+
+def _construct_rows() -> list[str]:
+    """One row per model class of tests/test_constructs.py: its name and docstring."""
+    tree = ast.parse((ROOT / "tests" / "test_constructs.py").read_text())
+    rows = []
+    for node in tree.body:
+        doc = ast.get_docstring(node) if isinstance(node, ast.ClassDef) else None
+        if doc and not node.name.startswith("_"):
+            rows.append(f"| `{node.name}` | {' '.join(doc.split()).replace('|', '/')} |")
+    return rows
 
 
 # ==================================================================================== driver
