@@ -345,7 +345,7 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             sizes = {x.dim() - 2: h2, x.dim() - 1: w2}
             new[image_key] = (_resized(x, sizes) if samples is None
                               else type(kwargs[image_key])(_resized(u, sizes) for u in samples))
-            desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2)}
+            desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2), "batch": image_batch(kwargs[image_key])}
             variants.append((new, desc))
             # Inputs that carry a per-token table (e.g. RoPE cos/sin passed in by the pipeline)
             # must follow the resolution: a second candidate resizes non-feature dims that

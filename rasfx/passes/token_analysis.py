@@ -125,7 +125,8 @@ def find_token_count(pairs, variant: dict) -> tuple[int, int]:
         )
     (best, freq), *rest = counts.most_common()
     grids = [pair for pair, c in rest if c >= max(3, freq // 10) and pair[0] != best[0]]
-    folded = [pair for pair in grids if pair[0] % best[0] == 0 or best[0] % pair[0] == 0]
+    batch = variant.get("batch", 1)
+    folded = [pair for pair in grids if batch > 1 and batch * min(pair[0], best[0]) == max(pair[0], best[0])]
     if folded and len(folded) == len(grids):
         small, large = sorted((best[0], folded[0][0]))
         where = next((f" (first at {_first_line(pairs, large)!r})" for _ in [0] if _first_line(pairs, large)), "")
