@@ -200,6 +200,10 @@ def main(argv: Optional[Sequence[str]] = None, pipe=None, transform: Optional[Re
                    threads=torch.get_num_threads(), cores=os.cpu_count(), platform=platform.platform(),
                    model=os.path.relpath(args.model, ROOT), classes=label_names, seeds=seeds, load_s=load_s,
                    warmup=warm, quick=args.quick)
+    modes = sorted({r["mode"] for r in results["runs"][1:] if r.get("mode")})
+    print(f"\nRAS ran in mode {', '.join(modes) or '?'} (rasfx.stats(pipe).mode)"
+          + ("; CUDA graphs were expected here: see rasfx.stats(pipe).notes" if device.type == "cuda"
+             and modes != ["cuda_graph"] else ""))
     print("\n" + timing_table(results) + "\n")
     print("\n".join(results["verdict"]))
     print("\n" + fidelity_text(results))

@@ -33,7 +33,7 @@ _SSIM_BORDER = int(3.5 * SSIM_SIGMA + 0.5)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Per-image PSNR in dB (float64) of (B, C, H, W) images in [0, data_range]; identical images give +inf."""
+    """Per-image PSNR in dB of (B, C, H, W) images in [0, data_range]; identical images give +inf."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     return peak_signal_noise_ratio(a.double(), b.double(), data_range=data_range, reduction="none", dim=(1, 2, 3))
