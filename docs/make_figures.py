@@ -80,21 +80,24 @@ def schedule_image(path: str, steps: int = 28, num_tokens: int = 1024) -> dict:
 
 
 class RecordingRAS(rasfx.RASModule):
-    """A ``RASModule`` that keeps every active set it is given and every output it returns
-    (a ``transform=`` for ``rasfx.enable``; for figures only)."""
+    """A ``RASModule`` that keeps, per denoising step (``step``, advanced by the pipeline's step
+    callback), the active set it is given and the output it returns (a ``transform=`` for
+    ``rasfx.enable``; for figures only). Steps that rasfx runs on the plain model (leading dense
+    steps whose caches no later step reads) are not recorded."""
 
     def __init__(self, model):
         super().__init__(model, rasfx.TransformConfig())
-        self.active_log: list = []
-        self.outputs: list = []
+        self.step = 0
+        self.active_log: dict = {}
+        self.outputs: dict = {}
 
     def set_active(self, index, check: bool = True) -> None:
-        self.active_log.append(None if index is None else index.detach().cpu().clone())
+        self.active_log[self.step] = None if index is None else index.detach().cpu().clone()
         super().set_active(index, check)
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
-        self.outputs.append(out[0].detach().float().cpu())
+        self.outputs[self.step] = out[0].detach().float().cpu()
         return out
 
 
@@ -148,6 +151,8 @@ def main(argv=None) -> None:
 
         def keep(pipe_, i, t, kw, samples=samples):
             samples.append(kw["latents"].detach().float().cpu())
+            if "ras" in recorder:
+                recorder["ras"].step = i + 1
             return {}
 
         images, st = run(rasfx.RASConfig(ratio=ratio), transform, keep)
@@ -179,11 +184,10 @@ def main(argv=None) -> None:
 
     # 3. one image through the run: x_t, noise std per token at step t, tokens computed at t + 1
     ras = recorder["ras"]
-    assert len(ras.outputs) == args.steps, "every step of the recorded run went through the RASModule"
     n_tok = ras.num_image_tokens
     token_grid = ras.token_map()[0, 0].cpu()  # [H, W] token of every pixel
     layout = PixelLayout.channels_first(token_grid, n_tok, cfg.in_channels)
-    shown = [s for s in (3, 7, 11, 16, 21, 26) if s + 1 < args.steps]
+    shown = [s for s in (3, 7, 11, 16, 21, 26) if s + 1 < args.steps and s in ras.outputs]
     g = args.guidance
     cols, titles = [], []
     for s in shown:
@@ -191,7 +195,7 @@ def main(argv=None) -> None:
         u, c = out.chunk(2)
         noise = u + g * (c - u)  # what the scheduler integrates
         std_t = token_scores(noise[:1], layout, "std")[0]  # [N] for image 0
-        nxt = ras.active_log[s + 1]
+        nxt = ras.active_log.get(s + 1)  # None: a dense step
         mask = torch.zeros(n_tok, dtype=torch.bool)
         if nxt is None:
             mask[:] = True
