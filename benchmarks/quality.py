@@ -34,7 +34,7 @@ doubles the transformer batch).
 
 Writes ``OUT/quality.json`` (schema ``rasfx-quality/1``), ``OUT/quality.md`` (tables),
 ``OUT/pareto.png`` and ``OUT/samples.png``. Imports only torch, diffusers, numpy, safetensors,
-PIL (matplotlib optional) and this repository.
+torchmetrics, matplotlib (the ``demo`` extra) and this repository.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ for _p in (ROOT, os.path.join(ROOT, "examples")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from demo import (  # noqa: E402  (examples/demo.py)
-    ReusedTransform, computed_on_subject, initial_noise, jsonable, psnr, ssim, subject_mask,
+from shapes_eval import (  # noqa: E402  (examples/shapes_eval.py)
+    ReusedTransform, panel_figure, computed_on_subject, initial_noise, jsonable, psnr, ssim, subject_mask,
 )
 
 SCHEMA = "rasfx-quality/1"
@@ -810,12 +810,14 @@ def save_strips(strips: dict[str, torch.Tensor], path: str, order: Sequence[str]
     """One row per run (first images of the fidelity set), labelled."""
     if not strips:
         return None
-    from demo import _to_pil, labelled_grid
+    import matplotlib.pyplot as plt
 
     names = ([k for k in order if k in strips] + [k for k in strips if k not in order])[:10]
     n = min(t.shape[0] for t in strips.values())
-    rows = [[_to_pil(strips[k][i], 2) for i in range(n)] for k in names]
-    labelled_grid(rows, [f"image {i}" for i in range(n)], names, path, 128)
+    fig = panel_figure([[strips[k][i] for i in range(n)] for k in names], [f"image {i}" for i in range(n)], names,
+                       tile=1.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 
@@ -889,7 +891,7 @@ def _unjson(x):
 
 def main(argv: Optional[Sequence[str]] = None, pipe=None, transform=None) -> dict:
     """Command line entry; ``pipe`` (a loaded ``ShapesPipeline``) and ``transform`` (a shared
-    ``demo.ReusedTransform``) let tests reuse one model and its captured graphs."""
+    ``shapes_eval.ReusedTransform``) let tests reuse one model and its captured graphs."""
     args = _parse(argv)
     if args.from_json:
         with open(args.from_json) as f:

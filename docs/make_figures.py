@@ -10,7 +10,7 @@ SD3 transformer, 64x64 RGB, 2x2 patches -> 1024 image tokens) sampled with its d
 
 * ``img/dense_vs_ras.png``   dense | RAS 0.5 | RAS 0.25 | |RAS 0.25 - dense| x4, one class per row;
 * ``img/computed_steps.png`` image | computed steps per token | noise std per token (the paper's
-                             Figures 10 and 11, drawn by ``rasfx.heatmap_image``);
+                             Figures 10 and 11; one colour scale and colour bar per kind);
 * ``img/focus_steps.png``    one image through the run: the sample x_t, the per-token std of the
                              noise prediction at that step, and the tokens chosen for the next step;
 * ``img/schedule.png``       active image tokens per step of a 28-step run (``rasfx.sampler.build_plan``);
@@ -37,116 +37,71 @@ for _p in (ROOT, os.path.join(ROOT, "examples")):
 
 import rasfx  # noqa: E402
 from rasfx.sampler import PixelLayout, build_plan, token_scores  # noqa: E402
+from shapes_eval import Scale, initial_noise, panel_figure, pixel_map, psnr, subject_mask  # noqa: E402  (examples/)
 
-TILE = 144  # pixels per 64x64 image in the figures
-
-
-def _font(size: int = 13):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+TILE = 1.45  # inches per 64x64 image in the figures
 
 
-def to_pil(img: torch.Tensor, size: int = TILE):
-    """(3, H, W) in [0, 1] -> PIL image of size x size (nearest)."""
+def save_png(fig, path: str) -> None:
+    """A 256-colour PNG of a matplotlib figure: the figures stay small enough to commit."""
+    import io
+
+    import matplotlib.pyplot as plt
     from PIL import Image
 
-    arr = (img.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(arr).resize((size, size), Image.NEAREST)
-
-
-def mask_pil(mask: torch.Tensor, size: int = TILE):
-    """(h, w) bool token grid -> PIL image: computed tokens white, reused tokens dark grey."""
-    from PIL import Image
-
-    arr = torch.where(mask, 235, 55).to(torch.uint8).numpy()
-    return Image.fromarray(arr, mode="L").convert("RGB").resize((size, size), Image.NEAREST)
-
-
-def grid_image(rows, col_titles, row_titles, path, tile: int = TILE, left: int = 74):
-    """Tiles in a table with column and row captions; ``None`` tiles stay blank."""
-    from PIL import Image, ImageDraw
-
-    font = _font(13)
-    pad, top = 6, 34
-    w = left + len(col_titles) * (tile + pad) + pad
-    h = top + len(rows) * (tile + pad) + pad
-    canvas = Image.new("RGB", (w, h), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for j, title in enumerate(col_titles):
-        draw.multiline_text((left + pad + j * (tile + pad), 3), title, fill=(0, 0, 0), font=font, spacing=2)
-    for i, row in enumerate(rows):
-        y = top + pad + i * (tile + pad)
-        draw.multiline_text((6, y + tile // 2 - 14), row_titles[i], fill=(0, 0, 0), font=font, spacing=2)
-        for j, im in enumerate(row):
-            if im is not None:
-                canvas.paste(im.resize((tile, tile)), (left + pad + j * (tile + pad), y))
-    save_png(canvas, path)
-    return path
-
-
-def save_png(img, path: str) -> None:
-    """A 256-colour PNG: the figures stay small enough to commit (noise does not compress)."""
-    from PIL import Image
-
-    img.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-        path, optimize=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    img = Image.open(buf).convert("RGB")
+    img.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 def schedule_image(path: str, steps: int = 28, num_tokens: int = 1024) -> dict:
     """Bar chart of the active token count per step for ratios 0.5 and 0.25 (static schedule)."""
-    from PIL import Image, ImageDraw
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     plans = {r: build_plan(rasfx.RASConfig(ratio=r), steps, num_tokens) for r in (0.5, 0.25)}
-    font = _font(12)
-    bar, gap, height, left, top, bottom = 14, 3, 120, 46, 24, 34
-    panel_w = left + steps * (bar + gap) + 10
-    img = Image.new("RGB", (panel_w * len(plans), top + height + bottom), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    for k, (r, plan) in enumerate(plans.items()):
-        x0 = k * panel_w
-        draw.text((x0 + left, 4), f"ratio {r:g}: {plan.token_fraction:.0%} of the dense token evaluations",
-                  fill=(0, 0, 0), font=font)
-        draw.line((x0 + left - 4, top, x0 + left - 4, top + height), fill=(0, 0, 0))
-        draw.text((x0 + 4, top - 6), str(num_tokens), fill=(0, 0, 0), font=font)
-        draw.text((x0 + 22, top + height - 8), "0", fill=(0, 0, 0), font=font)
-        for i, n in enumerate(plan.active):
-            h = round(height * n / num_tokens)
-            xa = x0 + left + i * (bar + gap)
-            color = (70, 70, 70) if plan.is_dense(i) else (38, 130, 142)
-            draw.rectangle((xa, top + height - h, xa + bar, top + height), fill=color)
-            if i % 4 == 0 or i == steps - 1:
-                draw.text((xa, top + height + 4), str(i), fill=(0, 0, 0), font=font)
-        draw.text((x0 + left, top + height + 18), "step (grey: dense, teal: RAS)", fill=(0, 0, 0), font=font)
-    save_png(img, path)
+    fig, axes = plt.subplots(1, len(plans), figsize=(11, 2.6), sharey=True, layout="constrained")
+    for ax, (r, plan) in zip(axes, plans.items()):
+        colors = ["dimgray" if plan.is_dense(i) else "teal" for i in range(steps)]
+        ax.bar(range(steps), plan.active, color=colors)
+        ax.set_title(f"ratio {r:g}: {plan.token_fraction:.0%} of the dense token evaluations", fontsize=9)
+        ax.set_xlabel("step (grey: dense, teal: RAS)", fontsize=8)
+        ax.set_xticks(range(0, steps, 4))
+        ax.tick_params(labelsize=8)
+    axes[0].set_ylabel("active image tokens", fontsize=8)
+    axes[0].set_yticks([0, num_tokens // 2, num_tokens])
+    save_png(fig, path)
     return {f"{r:g}": dict(active=list(p.active), dense=[i for i in range(steps) if p.is_dense(i)],
                            token_fraction=p.token_fraction) for r, p in plans.items()}
 
 
 class RecordingRAS(rasfx.RASModule):
-    """A ``RASModule`` that keeps every active set it is given and every output it returns
-    (a ``transform=`` for ``rasfx.enable``; for figures only)."""
+    """A ``RASModule`` that keeps, per denoising step (``step``, advanced by the pipeline's step
+    callback), the active set it is given and the output it returns (a ``transform=`` for
+    ``rasfx.enable``; for figures only). Steps that rasfx runs on the plain model (leading dense
+    steps whose caches no later step reads) are not recorded."""
 
     def __init__(self, model):
         super().__init__(model, rasfx.TransformConfig())
-        self.active_log: list = []
-        self.outputs: list = []
+        self.step = 0
+        self.active_log: dict = {}
+        self.outputs: dict = {}
 
     def set_active(self, index, check: bool = True) -> None:
-        self.active_log.append(None if index is None else index.detach().cpu().clone())
+        self.active_log[self.step] = None if index is None else index.detach().cpu().clone()
         super().set_active(index, check)
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
-        self.outputs.append(out[0].detach().float().cpu())
+        self.outputs[self.step] = out[0].detach().float().cpu()
         return out
 
 
 def main(argv=None) -> None:
-    from demo import initial_noise, psnr  # examples/demo.py
     from shapes_pipeline import ShapesPipeline
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -196,6 +151,8 @@ def main(argv=None) -> None:
 
         def keep(pipe_, i, t, kw, samples=samples):
             samples.append(kw["latents"].detach().float().cpu())
+            if "ras" in recorder:
+                recorder["ras"].step = i + 1
             return {}
 
         images, st = run(rasfx.RASConfig(ratio=ratio), transform, keep)
@@ -209,47 +166,51 @@ def main(argv=None) -> None:
 
     # 1. dense vs RAS
     img25, st25, samples25 = results[0.25]
-    rows = [[to_pil(dense[i]), to_pil(results[0.5][0][i]), to_pil(img25[i]),
-             to_pil(((img25[i] - dense[i]).abs() * 4).clamp(0, 1))] for i in range(len(names))]
-    grid_image(rows, ["dense", "RAS 0.5", "RAS 0.25", "|RAS 0.25 - dense|\nx 4"], names,
-               os.path.join(args.out, "dense_vs_ras.png"))
+    img50 = results[0.5][0]
+    rows = [[dense[i], img50[i], img25[i], ((img25[i] - dense[i]).abs() * 4).clamp(0, 1)] for i in range(len(names))]
+    cells = [["", f"{numbers['ras_0.5']['psnr_vs_dense'][i]:.1f} dB", f"{numbers['ras_0.25']['psnr_vs_dense'][i]:.1f} dB", ""]
+             for i in range(len(names))]
+    save_png(panel_figure(rows, ["dense", "RAS 0.5", "RAS 0.25", "|RAS 0.25 - dense| x4"], names, cell_titles=cells,
+                          tile=TILE), os.path.join(args.out, "dense_vs_ras.png"))
 
-    # 2. computed steps and noise std per token (Figures 10 and 11)
-    rows = [[to_pil(img25[i]), rasfx.heatmap_image(st25, "computed", row=i, size=(TILE, TILE)),
-             rasfx.heatmap_image(st25, "std", row=i, size=(TILE, TILE))] for i in range(len(names))]
-    grid_image(rows, ["RAS 0.25", "computed steps\n(yellow: most)", "noise std, last step\n(dark: low)"],
-               names, os.path.join(args.out, "computed_steps.png"))
+    # 2. computed steps and noise std per token (Figures 10 and 11): one scale per kind, with its colour bar
+    computed, std = pixel_map(st25, "computed"), pixel_map(st25, "std")
+    rows = [[img25[i], computed[i], std[i]] for i in range(len(names))]
+    scales = dict(computed=Scale(0, args.steps, f"steps computed (of {args.steps})"),
+                  std=Scale(0, float(std.max()), "noise std, last step", cmap="magma"))
+    save_png(panel_figure(rows, ["RAS 0.25", "computed steps", "noise std, last step"], names,
+                          kinds=[None, "computed", "std"], scales=scales, outlines=list(subject_mask(dense)), tile=TILE),
+             os.path.join(args.out, "computed_steps.png"))
 
     # 3. one image through the run: x_t, noise std per token at step t, tokens computed at t + 1
     ras = recorder["ras"]
-    assert len(ras.outputs) == args.steps, "every step of the recorded run went through the RASModule"
     n_tok = ras.num_image_tokens
     token_grid = ras.token_map()[0, 0].cpu()  # [H, W] token of every pixel
     layout = PixelLayout.channels_first(token_grid, n_tok, cfg.in_channels)
-    side = int(round(n_tok ** 0.5))
-    shown = [s for s in (3, 7, 11, 16, 21, 26) if s + 1 < args.steps]
+    shown = [s for s in (3, 7, 11, 16, 21, 26) if s + 1 < args.steps and s in ras.outputs]
     g = args.guidance
     cols, titles = [], []
     for s in shown:
         out = ras.outputs[s]  # [2B, C, H, W]: uncond rows, then cond rows
         u, c = out.chunk(2)
         noise = u + g * (c - u)  # what the scheduler integrates
-        std = token_scores(noise[:1], layout, "std")[0]  # [N] for image 0
-        nxt = ras.active_log[s + 1]
+        std_t = token_scores(noise[:1], layout, "std")[0]  # [N] for image 0
+        nxt = ras.active_log.get(s + 1)  # None: a dense step
         mask = torch.zeros(n_tok, dtype=torch.bool)
         if nxt is None:
             mask[:] = True
         else:
             mask[(nxt[0] if nxt.dim() == 2 else nxt).long()] = True
         x_t = (samples25[s][0] / 2 + 0.5).clamp(0, 1)
-        one = rasfx.RunStats(config=None, num_steps=args.steps, num_tokens=n_tok, noise_std=std[None],
-                             token_grid=token_grid)  # a one-step view, drawn like rasfx.stats heatmaps
-        cols.append([to_pil(x_t), rasfx.heatmap_image(one, "std", size=(TILE, TILE)),
-                     mask_pil(mask.view(side, side))])
+        computed_next = mask[token_grid.long()].float().expand(3, -1, -1)  # white: computed, black: reused
+        cols.append([x_t, std_t[token_grid.long()], computed_next])
         titles.append(f"step {s}" + (" -> dense" if nxt is None else ""))
     rows = [list(r) for r in zip(*cols)]
-    grid_image(rows, titles, ["sample\nafter t", "noise std\nat step t", "computed\nat t+1"],
-               os.path.join(args.out, "focus_steps.png"), tile=128, left=84)
+    top = max(float(c[1].max()) for c in cols)
+    kinds = [[None] * len(shown), ["std"] * len(shown), [None] * len(shown)]
+    save_png(panel_figure(rows, titles, ["sample\nafter t", "noise std\nat step t", "computed\nat t+1\n(white)"],
+                          kinds=kinds, scales=dict(std=Scale(0, top, "noise std at step t", cmap="magma")), tile=1.25),
+             os.path.join(args.out, "focus_steps.png"))
     numbers["focus_steps"] = dict(image=names[0], steps=shown)
 
     numbers["seconds"] = round(time.perf_counter() - t0, 1)

@@ -1,4 +1,5 @@
-"""The demo (`make demo`) and the quality benchmark, end to end on the CPU in their --quick modes.
+"""The demo (`make demo`), its metrics and figures, and the quality benchmark, end to end on the
+CPU in their --quick modes.
 
 Both run in-process on one loaded pipeline and one shared RAS module (the graph capture
 happens once), so the whole file takes well under a minute on an idle 2-core machine.
@@ -24,6 +25,7 @@ for _p in (ROOT, os.path.join(ROOT, "examples")):
         sys.path.insert(0, _p)
 
 import demo  # noqa: E402  (examples/demo.py)
+import shapes_eval  # noqa: E402  (examples/shapes_eval.py)
 
 
 def _load_quality():
@@ -43,7 +45,7 @@ def shared():
     torch.set_num_threads(1)
     try:
         pipe = ShapesPipeline.from_pretrained(MODEL_DIR, torch_dtype=torch.float32).to("cpu")
-        yield pipe, demo.ReusedTransform()
+        yield pipe, shapes_eval.ReusedTransform()
     finally:
         torch.set_num_threads(threads)
 
@@ -68,58 +70,124 @@ def _ssim_reference(x: np.ndarray, y: np.ndarray, win: int = 11, sigma: float = 
     return float(np.mean(vals))
 
 
-def test_psnr_and_ssim_match_their_definitions():
+def test_psnr_of_known_images():
+    x = torch.full((2, 3, 8, 8), 0.5, dtype=torch.float64)
+    y = x.clone()
+    y[0] += 0.1  # MSE 0.01 -> 20 dB
+    y[1, :, :4] += 0.01  # MSE 1e-4 / 2 -> 40 + 10 log10(2) dB
+    p = shapes_eval.psnr(y, x)
+    assert p.shape == (2,) and p.dtype == torch.float64
+    # torchmetrics converts natural log to dB with a float32 constant: ~1e-7 relative
+    assert p.tolist() == pytest.approx([20.0, 40.0 + 10 * math.log10(2)], abs=1e-5)
+    assert math.isinf(float(shapes_eval.psnr(x, x)[0]))
+
+
+def test_ssim_matches_the_explicit_window_definition():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 20, 18, generator=g)
     y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
-
-    mse = ((x - y) ** 2).flatten(1).mean(1).double()
-    assert torch.allclose(demo.psnr(x, y), 10 * torch.log10(1 / mse))
-    assert math.isinf(float(demo.psnr(x, x)[0]))
-
-    s = demo.ssim(x, y)
+    s = shapes_eval.ssim(x, y)
     assert s.shape == (2,)
     for b in range(2):
         ref = np.mean([_ssim_reference(x[b, c].double().numpy(), y[b, c].double().numpy()) for c in range(3)])
         assert abs(float(s[b]) - ref) < 1e-10
-    assert torch.allclose(demo.ssim(x, x), torch.ones(2, dtype=torch.float64))
-    assert torch.allclose(demo.ssim(x, y), demo.ssim(y, x))
+    assert torch.allclose(shapes_eval.ssim(x, x), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(shapes_eval.ssim(x, y), shapes_eval.ssim(y, x))
     z = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
-    assert (demo.ssim(x, z) < s).all()  # more noise, less similar
+    assert (shapes_eval.ssim(x, z) < s).all()  # more noise, less similar
+
+
+# ------------------------------------------------------------------------------------- figures
+
+
+def _heatmap_images(fig):
+    """The 2-D (heatmap) images of a figure's axes, and the colour bars of the figure."""
+    images = [im for ax in fig.axes for im in ax.get_images() if im.get_array().ndim == 2]
+    bars = [im.colorbar for im in images if im.colorbar is not None]
+    return images, bars
+
+
+def test_panel_figure_one_scale_and_one_colour_bar_per_kind():
+    rgb = torch.rand(3, 16, 16)
+    a1, a2, b1 = torch.rand(16, 16) * 5, torch.rand(16, 16) * 2, torch.rand(16, 16)
+    fig = shapes_eval.panel_figure(
+        [[rgb, a1, a2, b1], [rgb, a2, a1, b1]], ["img", "a", "a'", "b"], ["r0", "r1"],
+        kinds=[None, "a", "a", "b"], scales=dict(a=shapes_eval.Scale(0, 5, "A units"), b=shapes_eval.Scale(0, 1, "B")),
+        caption="what you are looking at")
+    images, bars = _heatmap_images(fig)
+    assert len(images) == 6
+    assert sorted(b.ax.get_ylabel() for b in bars) == ["A units", "B"]
+    clims = {im.get_clim() for im in images}
+    assert clims == {(0.0, 5.0), (0.0, 1.0)}  # one scale per kind, whatever each map's own range
+    for bar in bars:
+        same_kind = [im for im in images if im.get_clim() == bar.mappable.get_clim()]
+        assert len(same_kind) == (4 if bar.ax.get_ylabel() == "A units" else 2)
+    assert "what you are looking at" in fig.get_supxlabel()
 
 
 # ------------------------------------------------------------------------------------- demo
 
 
-def test_demo_quick_writes_linked_outputs(tmp_path, shared):
+def test_demo_quick_interleaved_timing_figures_and_report(tmp_path, shared):
     pipe, tf = shared
     out = tmp_path / "outputs"
     res = demo.main(["--quick", "--out", str(out)], pipe=pipe, transform=tf)
 
-    for name in ("grid.png", "diff.png", "heatmaps.png", "report.md", "report.html", "results.json"):
+    for name in ("comparison.png", "heatmaps.png", "noise_std.png", "report.md", "report.html", "results.json"):
         assert (out / name).is_file(), name
-    maps = sorted(p.name for p in (out / "heatmaps").iterdir())
-    assert any(m.startswith("computed_steps_") for m in maps) and any(m.startswith("noise_std_") for m in maps)
-
     report = (out / "report.md").read_text()
     links = set(re.findall(r"\]\(([^)]+)\)", report))
-    for name in ["grid.png", "diff.png", "heatmaps.png", "results.json"] + [f"heatmaps/{m}" for m in maps]:
-        assert name in links, f"report.md does not link {name}"
+    assert {"comparison.png", "heatmaps.png", "noise_std.png", "results.json"} <= links
     for link in links:
         assert (out / link).is_file(), f"report.md links a missing file {link}"
     html = (out / "report.html").read_text()
-    for name in ("grid.png", "diff.png", "heatmaps.png"):
-        assert f"src='{name}'" in html
+    for name in ("comparison.png", "heatmaps.png", "noise_std.png"):
+        assert f'src="{name}"' in html
+    assert "What you are looking at" in report
 
     data = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in data["runs"]] == ["plain", "RAS 0.5", "RAS 0.25"]
-    assert data["quick"] is True and data["steps"] == 2
+    assert data["quick"] is True and data["steps"] == 2 and data["rounds"] == 2
+    for run in data["runs"]:
+        assert len(run["rounds"]) == 2
+        assert run["wall_s"] == pytest.approx(float(np.median([r["wall_s"] for r in run["rounds"]])))
+        assert run["cpu_s"] == pytest.approx(float(np.median([r["cpu_s"] for r in run["rounds"]])))
+        assert run["speedup_wall"] == pytest.approx(data["runs"][0]["wall_s"] / run["wall_s"])
+        assert run["repeatable"] is True  # the same noise gave the same images in every round
     for run in data["runs"][1:]:
-        assert run["wall_s"] > 0 and 0 < run["flops_fraction"] < 1
+        assert 0 < run["flops_fraction"] < 1 and run["mode"] == "eager" and run["ras_steps"] == [1]
         assert all(0 < p < 100 for p in run["psnr"]) and all(-1 <= s <= 1 for s in run["ssim"])
-    assert res["runs"][0]["speedup_wall"] == 1.0
-    assert set(data["stats"]) == {"0.5", "0.25"}
-    assert data["stats"]["0.25"]["ras_steps"] == [1]
+    assert len(data["verdict"]) == 2 and all(v.startswith(("RAS 0.5:", "RAS 0.25:")) for v in data["verdict"])
+
+    # the figures: every heatmap on one scale (0 .. steps) with one colour bar; numbers written on them
+    fig = res["figures"]["heatmaps"]
+    images, bars = _heatmap_images(fig)
+    assert len(images) == 2 and {im.get_clim() for im in images} == {(0.0, 2.0)}
+    assert len(bars) == 1 and bars[0].mappable.get_clim() == (0.0, 2.0) and "steps" in bars[0].ax.get_ylabel()
+    assert "What you are looking at" in fig.get_supxlabel()
+    images, bars = _heatmap_images(res["figures"]["noise_std"])
+    assert len(images) == 2 and len({im.get_clim() for im in images}) == 1 and len(bars) == 1
+    comp = res["figures"]["comparison"]
+    labels = [ax.get_xlabel() for ax in comp.axes]
+    for run in data["runs"][1:]:
+        assert f"{run['psnr'][0]:.1f} dB / {run['ssim'][0]:.3f}" in labels
+        assert any(f"{run['speedup_wall']:.2f}x wall" in ax.get_title() for ax in comp.axes)
+
+
+def test_verdict_says_why_wall_time_shows_no_speedup():
+    def run(name, wall, cpu, ff, load=4.0):
+        return dict(name=name, wall_s=wall, cpu_s=cpu, speedup_wall=40.0 / wall, speedup_cpu=30.0 / cpu,
+                    speedup_wall_per_round=[40.0 / wall], cpu_share=cpu / wall / torch.get_num_threads(),
+                    flops_fraction=ff, load=load, repeatable=True)
+
+    res = dict(rounds=1, runs=[run("plain", 40.0, 30.0, 1.0), run("RAS 0.5", 32.0, 20.0, 0.6),
+                               run("RAS 0.25", 50.0, 15.0, 0.4), run("RAS 0.1", 60.0, 45.0, 0.3)])
+    faster, busy, slower = demo.verdict(res, torch.device("cpu"))
+    assert faster.startswith("RAS 0.5: 1.25x faster") and "1.50x less CPU time" in faster and "1.67x" in faster
+    # wall time slower, CPU time faster: the numbers that explain it (CPU share, load, cores)
+    assert busy.startswith("RAS 0.25: NOT faster in median wall time (0.80x") and "2.00x less CPU time" in busy
+    assert f"{100 * 15 / 50 / torch.get_num_threads():.0f}% (RAS)" in busy and "load average of 4.0" in busy
+    assert slower.startswith("RAS 0.1: NOT faster (0.67x wall, 0.67x CPU time")
 
 
 # ------------------------------------------------------------------------------------- quality
