@@ -359,13 +359,13 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     over = lambda: args.budget_s is not None and time.perf_counter() - t0 > args.budget_s  # noqa: E731
-    last_sd3 = max((i for i, (name, _, _) in enumerate(plan) if name == "sd3"), default=None)
+    first_sd3 = min((i for i, (name, _, _) in enumerate(plan) if name == "sd3"), default=None)
     for k, (name, modes, model_ratios) in enumerate(plan):
         todo = [(s, m, r, "", None) for s, m, r in setups(modes, model_ratios)]
-        if k == last_sd3 and args.batch_case:  # once, with the last sd3 entry of --models
+        if k == first_sd3 and args.batch_case:  # once, with the first sd3 entry of --models
             todo += [("dense-eager x4", "dense-eager", None, "batch4", None),
                      ("cuda_graph r=0.25 x4", "cuda_graph", 0.25, "batch4", None)]
-        if k == last_sd3 and args.switch_case:
+        if k == first_sd3 and args.switch_case:
             a, b = SIZE[args.scale]["sd3"], SWITCH_ALT[args.scale]
             todo.append(("switch cuda_graph r=0.25", "cuda_graph", 0.25, "switch", [a, b, a, b, a]))
         if over():
