@@ -685,7 +685,9 @@ def render_models() -> str:
         "A batch folded into the token axis (`q_linear(x).view(1, -1, heads, dim)` in the original "
         "PixArt cross-attention, video blocks alternating `[B*F, H*W]` and `[B*H*W, F]` layouts) is not "
         "supported yet: the first forward raises `UnsupportedModelError` naming the folded dimension and "
-        "the model line.", "",
+        "the model line. Attention over a reduced grid (keys / values compressed by a strided conv, as "
+        "PixArt-Sigma's original code can) is refused the same way, naming the op that makes the "
+        "smaller grid.", "",
         "Your own DiT needs no entry here: [Bring your own DiT](byo-dit.md) shows how to check one.", "",
     ]
     return HEADER.format(pyver=PYVER) + "\n".join(lines)

@@ -310,7 +310,7 @@ def test_a_batch_folded_into_the_token_axis_is_named():
     g = torch.Generator().manual_seed(0)
     kw = {"hidden_states": torch.randn(2, 4, 8, 12, generator=g), "text": torch.randn(2, 5, 8, generator=g)}
     ras = rasfx.transform(Folded().eval())
-    with pytest.raises(rasfx.UnsupportedModelError, match=r"(?s)48 = 2 x 24 image tokens \(first at .q = self.q\(x\).view\(1, -1.*folds the batch.*view\(1, -1"):
+    with pytest.raises(rasfx.UnsupportedModelError, match=r"(?s)48 = 2 x 24 image tokens \(first at .aten.view.default at q = self.q\(x\).view\(1, -1.*folds the batch.*view\(1, -1"):
         with torch.no_grad():
             ras(**kw)
 
@@ -353,3 +353,32 @@ def test_list_inputs_of_per_sample_tensors():
 
     ras = _check_contract(ListDiT().eval(), make)
     assert ras.num_image_tokens == 48 and ras.captures()[0].batch == 2
+
+
+def test_attention_over_a_compressed_grid_is_named():
+    """PixArt-Sigma's original K/V compression: keys / values downsampled by a strided conv
+    over the token grid. The error names the reduced grid and the op that makes it."""
+
+    class KVCompressed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+            self.qkv = torch.nn.Linear(C, 3 * C)
+            self.sr = torch.nn.Conv2d(C, C, 2, stride=2)
+            self.head = torch.nn.Linear(C, 4 * P * P)
+
+        def forward(self, hidden_states):
+            b, _, h, w = hidden_states.shape
+            x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            k = self.sr(k.transpose(1, 2).reshape(b, C, h // P, w // P)).flatten(2).transpose(1, 2)
+            v = self.sr(v.transpose(1, 2).reshape(b, C, h // P, w // P)).flatten(2).transpose(1, 2)
+            x = x + F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+            x = self.head(x).view(b, h // P, w // P, P, P, 4)
+            return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+    ras = rasfx.transform(KVCompressed().eval())
+    with pytest.raises(rasfx.UnsupportedModelError, match=r"(?s)24, 6 tokens; the first tensor with 6 comes from .aten[.a-z_]+ at k = self.sr.*reduced grid"):
+        with torch.no_grad():
+            ras(hidden_states=torch.randn(2, 4, 8, 12))

@@ -129,7 +129,8 @@ def find_token_count(pairs, variant: dict) -> tuple[int, int]:
     folded = [pair for pair in grids if batch > 1 and batch * min(pair[0], best[0]) == max(pair[0], best[0])]
     if folded and len(folded) == len(grids):
         small, large = sorted((best[0], folded[0][0]))
-        where = next((f" (first at {_first_line(pairs, large)!r})" for _ in [0] if _first_line(pairs, large)), "")
+        line = _first_line(pairs, max(best, folded[0]))
+        where = f" (first at {line!r})" if line else ""
         raise UnsupportedModelError(
             f"a dimension of {large} = {large // small} x {small} image tokens{where}: the model folds the batch (or "
             "frames) into the token axis (e.g. `x.view(1, -1, heads, dim)` over a batch, or video blocks that "
@@ -138,21 +139,28 @@ def find_token_count(pairs, variant: dict) -> tuple[int, int]:
         )
     if grids:
         sizes = ", ".join(str(p[0]) for p in [best, *grids])
+        line = _first_line(pairs, grids[0])
+        where = f"; the first tensor with {grids[0][0]} comes from {line!r}" if line else ""
         raise UnsupportedModelError(
-            f"several token grids of different sizes ({sizes} tokens): this looks like a U-Net or a "
-            "multi-scale model, whose token sets do not map one-to-one; rasfx supports transformers "
-            "with one image-token sequence."
+            f"several token grids of different sizes ({sizes} tokens{where}): this looks like a U-Net, a "
+            "multi-scale model, or attention over a reduced grid (keys/values compressed by a strided conv or "
+            "pooling), whose token sets do not map one-to-one; rasfx supports transformers with one image-token "
+            "sequence at full resolution."
         )
     return best
 
 
-def _first_line(pairs, size: int) -> str:
-    """The model line of the first op with a dim of ``size``."""
-    for node in pairs:
-        if node.op == "call_function" and any(
-            t is not None and size in (int(s) for s in t.shape) for t in _tensors(node.meta.get("val"))
-        ):
-            return model_line(node)
+def _first_line(pairs, sizes: tuple[int, int]) -> str:
+    """``op at model line`` of the first op with a dim of ``sizes[0]`` that is ``sizes[1]`` in
+    the other capture."""
+    for a, b in pairs.items():
+        if a.op != "call_function":
+            continue
+        for t1, t2 in zip(_tensors(a.meta.get("val")), _tensors(b.meta.get("val"))):
+            if t1 is not None and t2 is not None and t1.dim() == t2.dim() and any(
+                (int(x), int(y)) == sizes for x, y in zip(t1.shape, t2.shape)
+            ):
+                return f"{a.target} at {model_line(a)}"
     return ""
 
 
