@@ -139,6 +139,12 @@ def invariant_inputs(capture: Capture, kwargs: dict, varying: set) -> frozenset:
     )
 
 
+def _candidate(desc: dict) -> str:
+    """A second-resolution candidate in a few characters: ``16x28``, ``N=36``, ``+ tables``."""
+    size = "x".join(map(str, desc["hw2"])) if "hw2" in desc else f"N={desc.get('n2')}"
+    return size + (" with resized inputs" if desc.get("resized") else "")
+
+
 def compile_capture(
     model: torch.nn.Module, kwargs: dict, image_input: str | None, signature, kv_cache: bool = True,
     op_rules: dict | None = None, contiguous_attention: bool = False, varying_inputs: tuple | None = None,
@@ -149,19 +155,20 @@ def compile_capture(
     image_key = find_image_input(kwargs, image_input)
     cap = Capture.from_program(export(model, kwargs), signature)
     t1 = time.perf_counter()
-    errors = []
+    errors: dict[str, list[str]] = {}  # error message -> the candidates that failed with it
     alt = None
     for alt_kwargs, desc in analysis_variants(kwargs, image_key):
         try:
             alt = (export(model, alt_kwargs), desc)
             break
         except CaptureError as e:
-            errors.append(f"{desc}: {e}")
+            errors.setdefault(str(e), []).append(_candidate(desc))
     if alt is None:
+        tried = [f"{', '.join(descs)}: {message}" for message, descs in errors.items()]
         raise CaptureError(
             "could not capture the model at a second resolution, which the token analysis needs to tell "
             f"image-token axes from other dims (captured at {describe_signature(signature)}). Tried:\n  "
-            + "\n  ".join(errors or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] or [B,N,C])"])
+            + "\n  ".join(tried or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] or [B,N,C])"])
         )
     t2 = time.perf_counter()
     counters = Counter()
