@@ -58,11 +58,15 @@ def cost_category(target: Any) -> str | None:
     return None
 
 
+class _UnknownShape(Exception):
+    """An operand of a counted node has no recorded tensor shape (the node counts 0)."""
+
+
 def _shape(x: object) -> tuple[int, ...]:
-    """The shape of a graph node's tensor value (``KeyError`` when it has none)."""
+    """The shape of a graph node's tensor value (``_UnknownShape`` when it has none)."""
     val = x.meta.get("val") if isinstance(x, fx.Node) else None
     if not isinstance(val, torch.Tensor):
-        raise KeyError("no tensor value")
+        raise _UnknownShape(x)
     return tuple(int(s) for s in val.shape)
 
 
@@ -71,7 +75,7 @@ def node_flops(node: fx.Node) -> int:
     the captured shapes; 0 for other ops (and for a node whose shapes are unknown)."""
     try:
         return _flops(node.target, node.args, node)
-    except (LookupError, TypeError, AttributeError):
+    except (_UnknownShape, LookupError, TypeError, AttributeError):
         return 0
 
 
@@ -104,7 +108,7 @@ def _flops(t: Any, a: Any, node: fx.Node) -> int:
     if t is aten.scaled_dot_product_attention.default or t is torch.ops.rasfx.ras_attention.default:
         q, k, v = _shape(a[0]), _shape(a[1]), _shape(a[2])
         if t is torch.ops.rasfx.ras_attention.default:  # the full-length keys and values: its caches
-            with contextlib.suppress(KeyError):
+            with contextlib.suppress(_UnknownShape):
                 k, v = _shape(a[3]), _shape(a[4])
         return 2 * math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
     if t in CONV_OPS:
