@@ -11,8 +11,9 @@
   as the CLI prints them (80 columns), a table of the options read from the argparse parser,
   and the real output of ``rasfx presets`` and ``rasfx inspect sd3-tiny --no-timings``;
 * ``docs/models.md``: the model classes rasfx is checked on, read from the lists that
-  ``tests/test_equivalence.py`` tests (``PASSING``, ``SINGLE_TOKEN_BUGS``, ``KNOWN_BUGS``,
-  ``UNSUPPORTED``), with the presets' descriptions.
+  ``tests/test_equivalence.py`` tests (``PASSING``, ``SINGLE_TOKEN_BUGS``, ``KNOWN_BUGS``), with
+  the presets' descriptions and the reasons of those rasfx cannot transform
+  (``Preset.known_failure``).
 
 ``tests/test_docs.py`` fails when the committed files differ from ``render()``. argparse's
 help layout differs slightly between Python versions, so the raw ``--help`` blocks are compared
@@ -384,11 +385,13 @@ def _error_tree() -> list[str]:
     importlib.import_module("rasfx.explain")  # defines its errors
     importlib.import_module("rasfx.cli")  # and the command line's
 
-    def where(cls) -> str:
-        mod = cls.__module__
+    def where(cls) -> str:  # where users import it from: rasfx, rasfx.explain or rasfx.cli, else its module
         if getattr(rasfx, cls.__name__, None) is cls:
             return f"rasfx.{cls.__name__}"
-        return f"{mod}.{cls.__name__}"
+        for mod in ("rasfx.explain", "rasfx.cli"):
+            if getattr(sys.modules[mod], cls.__name__, None) is cls:
+                return f"{mod}.{cls.__name__}"
+        return f"{cls.__module__}.{cls.__name__}"
 
     lines = []
 
@@ -442,7 +445,9 @@ def render_api() -> str:
     page.add(md_doc(sys.modules["rasfx.run_stats"].__doc__), "")
     _dataclass(page, "rasfx.RunStats", rasfx.RunStats, described_fields=False)
     _dataclass(page, "rasfx.StepStats", rasfx.StepStats, described_fields=False)
+    page.add(md_doc(importlib.import_module("rasfx.heatmaps").__doc__), "")
     _function(page, "rasfx.heatmap_image", rasfx.heatmap_image)
+    _function(page, "rasfx.heatmap_figure", rasfx.heatmap_figure)
     _function(page, "rasfx.save_heatmap", rasfx.save_heatmap)
 
     page.h(2, "Errors and warnings", "errors")
@@ -630,7 +635,7 @@ def render_models() -> str:
     tree = ast.parse(src)
     passing = ast.literal_eval(_literal_names(tree, "PASSING"))
     known = _reasons(_literal_names(tree, "KNOWN_BUGS"))
-    unsupported = _reasons(_literal_names(tree, "UNSUPPORTED"))
+    unsupported = {n: p.known_failure.reason for n, p in PRESETS.items() if p.known_failure is not None}
     try:
         single = _reasons(_literal_names(tree, "SINGLE_TOKEN_BUGS"))
     except SystemExit:
@@ -666,7 +671,7 @@ def render_models() -> str:
         lines.append(row(name, status, note))
     for name, (exc, reason) in known.items():
         lines.append(row(name, f"known bug ({exc})" if exc else "known bug", reason))
-    for name, (exc, reason) in unsupported.items():
+    for name, reason in unsupported.items():
         lines.append(row(name, "not supported", reason))
     lines += [
         "",

@@ -27,14 +27,15 @@ _EXPORTS = {
     "OpRule": "passes.op_rules",
     "disable": "pipeline", "enable": "pipeline", "enabled": "pipeline", "is_enabled": "pipeline",
     "release": "pipeline", "stats": "pipeline",
-    "RunStats": "run_stats", "StepStats": "run_stats", "heatmap_image": "run_stats", "save_heatmap": "run_stats",
+    "RunStats": "run_stats", "StepStats": "run_stats",
+    "heatmap_figure": "heatmaps", "heatmap_image": "heatmaps", "save_heatmap": "heatmaps",
     "TransformConfig": "transform", "transform": "transform",
 }
 __all__ = [  # the names of _EXPORTS
     "ArgumentTypeError", "CaptureError", "ConfigError", "disable", "enable", "enabled", "explain", "Explanation",
-    "heatmap_image", "InvalidIndexError", "is_enabled", "OpRule", "RASConfig", "RasfxError", "RASModule", "RASWarning",
-    "release", "RunStats", "save_heatmap", "stats", "StepStats", "TooFewTokensError", "transform", "TransformConfig",
-    "UnsupportedModelError", "UsageError",
+    "heatmap_figure", "heatmap_image", "InvalidIndexError", "is_enabled", "OpRule", "RASConfig", "RasfxError",
+    "RASModule", "RASWarning", "release", "RunStats", "save_heatmap", "stats", "StepStats", "TooFewTokensError",
+    "transform", "TransformConfig", "UnsupportedModelError", "UsageError",
 ]
 
 
@@ -76,5 +77,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .module import RASModule
     from .passes.op_rules import OpRule
     from .pipeline import disable, enable, enabled, is_enabled, release, stats
-    from .run_stats import RunStats, StepStats, heatmap_image, save_heatmap
+    from .heatmaps import heatmap_figure, heatmap_image, save_heatmap
+    from .run_stats import RunStats, StepStats
     from .transform import TransformConfig, transform

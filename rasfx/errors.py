@@ -40,6 +40,16 @@ class ConfigError(RasfxError, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+class ExplainError(RasfxError, ValueError):
+    """A bad request to ``explain`` (unknown stage, variant or format, a filter that
+    matches nothing)."""
+
+
+class ToolMissingError(RasfxError, RuntimeError):
+    """An external tool (Graphviz ``dot``) or an optional package (matplotlib) is needed and
+    missing; the message says how to install it."""
+
+
 class RASWarning(UserWarning):
     """RAS could not run as configured (the run, or one input signature, falls back to dense), or
     runs slower than it could (e.g. a per-step input that rasfx treats as constant)."""

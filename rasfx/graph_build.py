@@ -136,12 +136,12 @@ def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str):
     resized for it (``resized_model``: a model built for one input size), and the errors of
     the attempts. Plain attempts first; resized ones only when every plain one fails."""
     variants = analysis_variants(kwargs, image_key)
-    errors: list[str] = []
+    errors: dict[str, list[str]] = {}  # error message -> the candidates that failed with it
     for alt_kwargs, desc in variants:
         try:
             return (export(model, alt_kwargs), desc), False, errors
         except CaptureError as e:
-            errors.append(f"{desc}: {e}")
+            errors.setdefault(str(e), []).append(_candidate(desc))
     for alt_kwargs, desc in variants:
         with resized_model(model, desc, kwargs[image_key]) as changed:
             if not changed:
@@ -149,7 +149,7 @@ def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str):
             try:
                 return (export(model, alt_kwargs), desc), True, errors
             except CaptureError as e:
-                errors.append(f"{desc} (model resized): {e}")
+                errors.setdefault(str(e), []).append(_candidate(desc) + " (model resized)")
     return None, False, errors
 
 
@@ -160,6 +160,12 @@ def invariant_inputs(capture: Capture, kwargs: dict, varying: set) -> frozenset:
     return frozenset(
         i for i, (kind, ref) in enumerate(capture.input_sources) if kind != "user" or leaf_keys[ref] not in varying
     )
+
+
+def _candidate(desc: dict) -> str:
+    """A second-resolution candidate in a few characters: ``16x28``, ``N=36``, ``+ tables``."""
+    size = "x".join(map(str, desc["hw2"])) if "hw2" in desc else f"N={desc.get('n2')}"
+    return size + (" with resized inputs" if desc.get("resized") else "")
 
 
 def compile_capture(
@@ -174,13 +180,12 @@ def compile_capture(
     t1 = time.perf_counter()
     alt, resized, errors = _analysis_capture(model, kwargs, image_key)
     if alt is None:
+        tried = [f"{', '.join(descs)}: {message}" for message, descs in errors.items()]
         raise CaptureError(
             "could not capture the model at a second resolution, which the token analysis needs to tell "
             f"image-token axes from other dims (captured at {describe_signature(signature)}), not even with its "
-            "size-bound tables and attributes resized. The first attempts:\n  "
-            + "\n  ".join([*errors[:1], *[e for e in errors if "(model resized)" in e][:1]] or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] or [B,N,C])"])
-            + "\nrasfx supports models that take one input size through its own analysis; if this one does not, "
-            "report the error."
+            "size-bound tables and attributes resized (a model built for one input size). Tried:\n  "
+            + "\n  ".join(tried or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] or [B,N,C])"])
         )
     t2 = time.perf_counter()
     counters: Counter[str] = Counter()

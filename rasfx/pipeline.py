@@ -73,6 +73,7 @@ import math
 import time
 import warnings
 import weakref
+from collections import Counter
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -88,7 +89,7 @@ from .sampler import (
     index_for_batch,
     step_kinds,
 )
-from .run_stats import RunStats, StepStats, build_seconds
+from .run_stats import RunStats, StepStats, build_seconds, ran_modes, step_flops_share
 
 __all__ = ["enable", "disable", "enabled", "release", "stats", "is_enabled", "RASWarning"]
 
@@ -202,7 +203,11 @@ class _Run:
         self.notes: list[str] = []
         self.work_before = state.work_counts()  # rasfx's work (exports, graph captures, compiles) so far
         self.work: Optional[dict] = None  # ... done during this run, once it finished
-        self.mode: Optional[str] = None  # the execution mode that ran
+        self.mode: Optional[str] = None  # the execution mode the runner resolves to (routes dense steps)
+        self.ran_before = state.ran_counts()  # what the runners ran so far: (graph, mode) -> calls
+        self.ran: Optional[Counter] = None  # ... during this run, once it finished
+        self.original_forwards = 0  # transformer calls that ran the model's own forward
+        self.capture: Any = None  # the CompiledCapture the plan was built from (for the FLOP model)
         self.run_timer: Optional[_StepTimer] = None  # first transformer call -> last scheduler step
         self.forward_timers: list[_StepTimer] = []  # one per transformer call
         self._reset_step()
@@ -254,6 +259,18 @@ class _PipelineState:
                 total[k] = total.get(k, 0) + v
         return total
 
+    def ran_counts(self) -> Counter:
+        """What the transformed models' runners ran so far: (graph, mode) -> calls."""
+        total: Counter = Counter()
+        for hook in self.hooks:
+            total.update(getattr(getattr(hook.ras, "runner", None), "ran", {}))
+        return total
+
+    def fallbacks(self) -> dict[str, str]:
+        """Graph -> why it ran in another mode than the one asked for (all runners)."""
+        return {g: why for hook in self.hooks for g, why in getattr(getattr(hook.ras, "runner", None),
+                                                                        "fallbacks", {}).items()}
+
     def end_run(self) -> None:
         """The run is over: its work is counted, and the caches' contents are invalidated
         (``reset``: nothing is freed, the next image reuses the memory, graphs and compiled
@@ -265,6 +282,7 @@ class _PipelineState:
                 run.run_timer.finish()
             after = self.work_counts()
             run.work = {k: v - run.work_before.get(k, 0) for k, v in after.items()}
+            run.ran = self.ran_counts() - run.ran_before
             built = [f"{run.work[k]} {what}" for k, what in (("exports", "exports"), ("graph_captures", "CUDA graphs"),
                                                               ("compiles", "compiled shapes")) if run.work.get(k)]
             if built:  # once per new input signature: the first image of a shape pays for it
@@ -348,6 +366,7 @@ class _PipelineState:
         # A custom transform without a runner wraps the model eagerly.
         eager = run.mode in ("eager", "custom transform")
         if run.bypass(step, eager):
+            run.original_forwards += 1
             return hook.original_forward(*args, **kwargs)
 
         index = None
@@ -385,6 +404,8 @@ class _PipelineState:
             return
         run.num_tokens = n
         run.plan = build_plan(self.config, run.num_steps, n)
+        current = getattr(ras, "_current_capture", None)  # a custom transform may have no capture
+        run.capture = current() if current is not None else None
         try:
             run.token_map = ras.token_map()
         except Exception as e:  # the module could not derive a map: RAS cannot score tokens
@@ -445,13 +466,14 @@ class _PipelineState:
 
     def build_stats(self, run: _Run) -> RunStats:
         n = run.num_tokens or 0
+        share = step_flops_share(run.capture, n)
         steps = [
             StepStats(
                 index=i,
                 dense=dense,
                 active_tokens=active,
                 num_tokens=n,
-                flops_fraction=(active / n) if n else 1.0,
+                flops_fraction=1.0 if dense or not n else share(active),
                 wall_time_s=timer.seconds(),
             )
             for i, dense, active, timer in run.records
@@ -459,10 +481,13 @@ class _PipelineState:
         work = run.work
         if work is None:  # in progress: what it did so far
             work = {k: v - run.work_before.get(k, 0) for k, v in self.work_counts().items()}
+        ran = run.ran if run.ran is not None else self.ran_counts() - run.ran_before
+        mode, modes, mode_notes = ran_modes(ran, run.original_forwards, self.fallbacks(), run.mode or "")
         out = RunStats(config=self.config, num_steps=run.num_steps, num_tokens=n, steps=steps,
-                       pixel_scale=self.pixel_scale, notes=list(run.notes), mode=run.mode or "",
+                       pixel_scale=self.pixel_scale, notes=list(run.notes) + mode_notes, mode=mode, modes=modes,
                        work=work, run_time_s=run.run_timer.seconds() if run.finished and run.run_timer else 0.0,
-                       transformer_time_s=sum(t.seconds() for t in run.forward_timers))
+                       transformer_time_s=sum(t.seconds() for t in run.forward_timers),
+                       flops_source="graph" if run.capture is not None else "token share")
         if run.fallback is not None:
             out.notes.append(f"ran dense: {run.fallback}")
         if run.all_dense:

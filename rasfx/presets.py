@@ -24,13 +24,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from .errors import UsageError
 
-__all__ = ["Preset", "PRESETS", "get_preset", "randomize_"]
+__all__ = ["KnownFailure", "Preset", "PRESETS", "get_preset", "randomize_"]
+
+
+@dataclass(frozen=True)
+class KnownFailure:
+    """Why rasfx cannot transform a preset yet (with the torch and diffusers versions it is
+    tested with): ``reason`` is what ``rasfx presets`` prints, ``error`` a fragment of the error
+    that ``rasfx inspect`` reports (tests/test_cli.py checks that the preset still fails with it)."""
+
+    reason: str
+    error: str
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,7 @@ class Preset:
         max_hw: largest height/width the model's position tables allow (None: no limit).
         frames: number of latent frames of video presets (None for image models).
         model_class: name of the diffusers class.
+        known_failure: why rasfx cannot transform this preset yet (None: it can).
     """
 
     name: str
@@ -65,6 +76,7 @@ class Preset:
     frames: Optional[int] = None
     model_class: str = ""
     tags: tuple[str, ...] = field(default=())
+    known_failure: Optional[KnownFailure] = None
 
     def valid_hw(self, height: int, width: int) -> bool:
         try:
@@ -159,7 +171,7 @@ _REGISTRY: dict[str, Preset] = {}
 
 
 def _register(name, description, model_fn, inputs_fn, default_hw, *, multiple=2, square_only=False,
-              max_hw=None, frames=None, model_class="", tags=()):
+              max_hw=None, frames=None, model_class="", tags=(), known_failure=None):
     holder: dict[str, Preset] = {}
 
     def build(seed: int = 0) -> torch.nn.Module:
@@ -185,7 +197,7 @@ def _register(name, description, model_fn, inputs_fn, default_hw, *, multiple=2,
     build.__doc__ = f"Build {model_class} ({name}) with re-randomised weights."
     inputs.__doc__ = f"Forward kwargs of {name}, built as its diffusers pipeline builds them."
     preset = Preset(name, description, build, inputs, tuple(default_hw), multiple, square_only, max_hw, frames,
-                    model_class, tuple(tags))
+                    model_class, tuple(tags), known_failure)
     holder["p"] = preset
     _REGISTRY[name] = preset
     return preset
@@ -560,7 +572,10 @@ def _lumina2_inputs(batch, h, w, g):
 
 
 _register("lumina2-tiny", "Lumina2Transformer2DModel (unified text+image sequence, refiners, 3-axis RoPE, GQA)",
-          _lumina2_model, _lumina2_inputs, (8, 12), max_hw=128, model_class="Lumina2Transformer2DModel")
+          _lumina2_model, _lumina2_inputs, (8, 12), max_hw=128, model_class="Lumina2Transformer2DModel",
+          known_failure=KnownFailure("its forward reads the per-sample text lengths from the mask "
+                                     "(attention_mask.sum(1).tolist()) into a Python set, which torch.export "
+                                     "cannot trace", "unhashable type: non-nested SymInt"))
 
 
 # ---------------------------------------------------------------------------- PixArt-Alpha
@@ -716,7 +731,7 @@ def _cogvideox_inputs(rope: bool):
         # _prepare_rotary_positional_embeddings (5B models) or None (2B: sincos positions).
         T = 7
         mask = _token_mask(g, batch, T)
-        kw = dict(
+        kw: dict[str, Any] = dict(
             hidden_states=_randn(g, batch, _FRAMES, 4, h, w),
             encoder_hidden_states=_padded_text(g, mask, 16),
             timestep=_int_timestep(g, batch),
@@ -743,7 +758,11 @@ def _cogvideox_inputs(rope: bool):
 
 _register("cogvideox-tiny", "CogVideoXTransformer3DModel, 2B style (3D sincos positions), [B, F, C, H, W], 2 frames",
           _cogvideox(False), _cogvideox_inputs(False), (8, 12), frames=_FRAMES,
-          model_class="CogVideoXTransformer3DModel")
+          model_class="CogVideoXTransformer3DModel",
+          known_failure=KnownFailure("CogVideoXPatchEmbed builds its sincos table with .data[...].copy_() at any "
+                                     "size but sample_size, which torch.export cannot capture (a fake tensor "
+                                     "constant); the token analysis needs a second size (cogvideox-rope-tiny "
+                                     "works)", "could not capture the model at a second resolution"))
 _register("cogvideox-rope-tiny", "CogVideoXTransformer3DModel, 5B style (3D RoPE (cos, sin) passed in), 2 frames",
           _cogvideox(True), _cogvideox_inputs(True), (8, 12), frames=_FRAMES,
           model_class="CogVideoXTransformer3DModel")
@@ -852,7 +871,10 @@ def _mochi_inputs(batch, h, w, g):
 
 
 _register("mochi-tiny", "MochiTransformer3DModel (asymmetric joint attention, text mask, 3D RoPE), 2 frames",
-          _mochi_model, _mochi_inputs, (8, 12), frames=_FRAMES, model_class="MochiTransformer3DModel")
+          _mochi_model, _mochi_inputs, (8, 12), frames=_FRAMES, model_class="MochiTransformer3DModel",
+          known_failure=KnownFailure("MochiAttnProcessor2_0 keeps the valid prompt tokens with torch.nonzero, a "
+                                     "data-dependent length the token analysis cannot size",
+                                     "token analysis failed"))
 
 
 # ------------------------------------------------------------------------------------ lookup

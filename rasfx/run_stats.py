@@ -1,27 +1,31 @@
-"""What happened in one RAS run, and PNG heatmaps of it (paper Figures 10 and 11).
+"""What happened in one RAS run (heatmaps of it: :mod:`rasfx.heatmaps`).
 
 :class:`RunStats` is filled by :mod:`rasfx.pipeline` (``rasfx.stats(pipe)``); it holds plain CPU
 tensors and Python numbers, so it stays valid after the pipeline is disabled or runs again.
 
-FLOPs estimate: a step's ``flops_fraction`` is the share of image tokens it computed
-(``active / N``). Everything that runs per image token (patch embedding, q/k/v and output
-projections, MLPs, norms and attention *queries*) scales with it; conditioning tokens, the
-attention over the full cached key set and the timestep embedding do not, so the true fraction
-of transformer FLOPs on a RAS step is slightly higher than this token share.
+FLOPs estimate: a RAS step's ``flops_fraction`` is the transformed graph's own estimate at the
+step's active token count, the numbers ``rasfx inspect`` prints (:mod:`rasfx.flops`: matrix
+products, attention and convolutions from the captured shapes). What the region plan runs at
+full length (the patch embedding's convolution, conservative ops, attention over the cached
+keys, conditioning tokens) counts in full, so the share is above the token share ``active / N``;
+the step-invariant prologue counts once per prompt. A dense step counts 1. A custom transform
+(``rasfx.enable(..., transform=...)``) has no graph: its steps count the token share
+(``RunStats.flops_source``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import Counter
 from dataclasses import dataclass, field
-from os import PathLike
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 
 from .errors import UsageError
 
-__all__ = ["StepStats", "RunStats", "heatmap_image", "save_heatmap"]
+__all__ = ["StepStats", "RunStats", "ran_modes", "step_flops_share"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class StepStats:
 
     ``dense``: the step's forwards computed every image token. ``active_tokens``: image tokens
     computed (``num_tokens`` on dense steps). ``flops_fraction``: estimated share of the dense
-    transformer FLOPs (the token share, see the module doc). ``wall_time_s``: from the step's
+    transformer FLOPs (see the module doc). ``wall_time_s``: from the step's
     first transformer call to the end of ``scheduler.step`` (CUDA events on GPU, so no step
     synchronises; ``perf_counter`` on CPU).
     """
@@ -55,9 +59,14 @@ class RunStats:
     ``[F, H, W]``), ``None`` when the grid is unknown; ``pixel_scale``: image pixels per latent
     pixel (the VAE's spatial factor).
 
-    ``mode``: the execution mode that ran (``eager``, ``cuda_graph``, ``compile``,
-    ``compile+cuda_graph``; ``TransformConfig(mode="auto")`` resolves to CUDA graphs for CUDA
-    tensors). ``work``: what rasfx built during this run (``exports``, ``graph_captures``,
+    ``mode``: the execution mode rasfx's graphs ran in (``eager``, ``cuda_graph``, ``compile``,
+    ``compile+cuda_graph``; several, comma-separated, when graphs ran in different modes;
+    ``TransformConfig(mode="auto")`` resolves to CUDA graphs for CUDA tensors). ``modes``: the
+    mode of each graph that ran (``"dense"``, ``"shared [64]"``: variant and active index
+    shape; ``"original forward"``: steps that ran the model's own forward); a graph that did
+    not run in the mode asked for (a failed CUDA-graph capture, CUDA graphs asked for on CPU
+    tensors) is named in ``notes``, and rasfx warned (``RASWarning``) when it happened.
+    ``flops_source``: ``"graph"`` (the FLOP model, see the module doc) or ``"token share"``. ``work``: what rasfx built during this run (``exports``, ``graph_captures``,
     ``compiles`` and their seconds ``export_s``, ``passes_s``, ``graph_capture_s``,
     ``compile_s``): all zero on an image whose input signature was seen before.
     ``run_time_s``: the denoising loop (first transformer call to the end of the last scheduler
@@ -75,6 +84,8 @@ class RunStats:
     pixel_scale: int = 1
     notes: list[str] = field(default_factory=list)
     mode: str = ""
+    modes: dict[str, str] = field(default_factory=dict)
+    flops_source: str = "graph"
     work: dict = field(default_factory=dict)
     run_time_s: float = 0.0
     transformer_time_s: float = 0.0
@@ -152,10 +163,10 @@ class RunStats:
         lines = [
             f"{self.num_steps} steps, {self.num_tokens} image tokens: {len(self.ras_steps)} RAS steps "
             f"(mean active share {self.ras_ratio:.3f}), dense steps {self.dense_steps}",
-            f"estimated transformer FLOPs {self.flops_fraction:.3f} of dense, wall time {self.wall_time_s:.3f} s, "
-            f"longest inactive streak {self.longest_inactive_streak} steps",
-            f"mode {self.mode or '?'}; built in this run: {self.exports} exports, {self.graph_captures} CUDA graphs, "
-            f"{self.compiles} compiled shapes ({build_seconds(self.work):.2f} s)",
+            f"estimated transformer FLOPs {self.flops_fraction:.3f} of dense ({self.flops_source}), "
+            f"wall time {self.wall_time_s:.3f} s, longest inactive streak {self.longest_inactive_streak} steps",
+            f"mode {self.mode or '?'}{self._modes_detail()}; built in this run: {self.exports} exports, "
+            f"{self.graph_captures} CUDA graphs, {self.compiles} compiled shapes ({build_seconds(self.work):.2f} s)",
         ]
         if self.run_time_s:
             lines.append(f"denoising loop {self.run_time_s:.3f} s: transformer {self.transformer_time_s:.3f} s, "
@@ -168,6 +179,12 @@ class RunStats:
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
+    def _modes_detail(self) -> str:
+        """`` (dense: eager, shared [6]: cuda_graph)`` when the graphs ran in different modes."""
+        if len(set(self.modes.values())) < 2:
+            return ""
+        return " (" + ", ".join(f"{graph}: {mode}" for graph, mode in self.modes.items()) + ")"
+
     def __str__(self) -> str:
         return self.summary()
 
@@ -179,88 +196,33 @@ def build_seconds(work: dict) -> float:
         0.0 if work.get("graph_captures") else float(work.get("compile_s", 0.0)))
 
 
-# A perceptually ordered colour map (viridis anchor colours, linearly interpolated).
-_VIRIDIS = torch.tensor(
-    [
-        [68, 1, 84],
-        [72, 40, 120],
-        [62, 74, 137],
-        [49, 104, 142],
-        [38, 130, 142],
-        [31, 158, 137],
-        [53, 183, 121],
-        [109, 205, 89],
-        [180, 222, 44],
-        [253, 231, 37],
-    ],
-    dtype=torch.float32,
-)
+def step_flops_share(capture: Any, num_tokens: int) -> Callable[[int], float]:
+    """``share(active)``: the estimated share of the dense FLOPs of a forward with ``active``
+    image tokens, from the FLOP model of ``capture`` (a ``CompiledCapture``; the prologue of
+    the graph variant a RAS step runs counts once per prompt), or the token share without one."""
+    if capture is None or not num_tokens:
+        return lambda active: active / num_tokens if num_tokens else 1.0
+    from .flops import FlopModel
+
+    variant = next((capture.variants[v] for v in ("shared", "rowwise", "dense") if v in capture.variants), None)
+    model = FlopModel(capture, variant.hoisted if variant is not None else None)
+    return functools.lru_cache(maxsize=None)(model.share)
 
 
-def _colorize(values: torch.Tensor) -> torch.Tensor:
-    """``[H, W]`` floats -> ``[H, W, 3]`` uint8, min-max normalised (constant maps are mid-grey)."""
-    v = values.to(torch.float32)
-    lo, hi = float(v.min()), float(v.max())
-    t = (v - lo) / (hi - lo) if hi > lo else torch.full_like(v, 0.5)
-    pos = t.clamp(0, 1) * (len(_VIRIDIS) - 1)
-    i0 = pos.floor().long().clamp(max=len(_VIRIDIS) - 2)
-    w = (pos - i0.to(torch.float32)).unsqueeze(-1)
-    rgb = _VIRIDIS[i0] * (1 - w) + _VIRIDIS[i0 + 1] * w
-    return rgb.round().clamp(0, 255).to(torch.uint8)
-
-
-def _mosaic(frames: torch.Tensor) -> torch.Tensor:
-    """``[F, H, W]`` -> ``[rows * H, cols * W]`` tiled row-major; unused tiles take the minimum."""
-    f, h, w = frames.shape
-    cols = int(math.ceil(math.sqrt(f)))
-    rows = int(math.ceil(f / cols))
-    out = torch.full((rows * h, cols * w), float(frames.min()), dtype=frames.dtype)
-    for k in range(f):
-        r, c = divmod(k, cols)
-        out[r * h : (r + 1) * h, c * w : (c + 1) * w] = frames[k]
-    return out
-
-
-def heatmap_image(
-    stats: RunStats,
-    which: str = "computed",
-    *,
-    row: int = 0,
-    frame: Optional[int] = None,
-    size: Optional[tuple[int, int]] = None,
-):
-    """A PIL image of a per-token map, upsampled (nearest) to image resolution.
-
-    ``which``: ``"computed"`` (steps each token was computed, Figure 10) or ``"std"`` (last noise
-    std, Figure 11). Video grids ``[F, H, W]`` show frame ``frame``, or a mosaic of all latent frames
-    when ``frame`` is None. ``size`` = ``(width, height)`` overrides the output size (default: the
-    latent grid times ``stats.pixel_scale``).
-    """
-    from PIL import Image
-
-    grid = stats.grid_map(which, row)
-    if grid.dim() == 3:
-        grid = _mosaic(grid) if frame is None else grid[frame]
-    elif grid.dim() != 2:
-        raise UsageError(f"cannot draw a token grid of shape {tuple(grid.shape)}")
-    rgb = _colorize(grid)
-    img = Image.fromarray(rgb.numpy())
-    if size is None:
-        scale = max(1, int(stats.pixel_scale))
-        size = (img.width * scale, img.height * scale)
-    return img.resize(tuple(size), resample=Image.NEAREST)
-
-
-def save_heatmap(
-    stats: RunStats,
-    path: Union[str, PathLike],
-    which: str = "computed",
-    *,
-    row: int = 0,
-    frame: Optional[int] = None,
-    size: Optional[tuple[int, int]] = None,
-) -> str:
-    """Write :func:`heatmap_image` as a PNG to ``path``; returns the path."""
-    img = heatmap_image(stats, which, row=row, frame=frame, size=size)
-    img.save(path, format="PNG")
-    return str(path)
+def ran_modes(ran: Counter, original_forwards: int, fallbacks: dict[str, str],
+              resolved: str) -> tuple[str, dict[str, str], list[str]]:
+    """``(mode, modes, notes)`` of a run (see ``RunStats``) from what the runners ran during
+    it (``(graph, mode) -> calls``), the calls of the model's own forward, the runners'
+    fallbacks (graph -> why) and the mode the runner resolves to (used when no graph ran)."""
+    modes = {graph: mode for (graph, mode), calls in ran.items() if calls > 0}
+    distinct = list(dict.fromkeys(modes.values()))
+    if original_forwards:
+        modes["original forward"] = "eager"
+    mode = ", ".join(distinct) or ("eager" if original_forwards and resolved != "custom transform" else resolved)
+    by_reason: dict[str, list[str]] = {}
+    for graph, why in fallbacks.items():
+        if graph in modes:
+            by_reason.setdefault(why, []).append(graph)
+    notes = [f"graph{'s' if len(graphs) > 1 else ''} {', '.join(graphs)} ran {modes[graphs[0]]}, not the mode "
+             f"asked for: {why}" for why, graphs in by_reason.items()]
+    return mode, modes, notes

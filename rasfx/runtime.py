@@ -57,6 +57,12 @@ class GraphRunner:
         self._no_graph: set = set()  # keys whose CUDA-graph capture failed in "auto" mode: run eagerly
         self._pool: Optional["torch.cuda._POOL_HANDLE"] = None  # the CUDA graphs' shared memory pool
         self._compiled_keys: set = set()
+        # What ran, cumulative: (graph, mode) -> calls, graph = "variant" or "variant [index shape]";
+        # a caller takes differences (``rasfx.stats`` reports the modes of a pipeline run), and
+        # why a graph ran in another mode than the one asked for (graph -> reason).
+        self.ran: Counter = Counter()
+        self.fallbacks: dict[str, str] = {}
+        self._warned: set[str] = set()
         # Work done, cumulative over the runner's life (counts and seconds); never reset, so a
         # caller can take differences (``rasfx.stats`` reports them per pipeline run).
         self.work = cast(WorkCounts, Counter())
@@ -85,6 +91,8 @@ class GraphRunner:
 
     def clear(self) -> None:
         """Free every captured graph and compiled function."""
+        self.fallbacks.clear()
+        self._warned.clear()
         self._compiled.clear()
         self._compiled_keys.clear()
         self._graphs.clear()
@@ -114,6 +122,17 @@ class GraphRunner:
             self.work["compiles"] += 1
         return entry[1]
 
+    def _record(self, graph: str, mode: str, fallback: str | None = None) -> None:
+        """Count a call of ``graph`` in ``mode``; ``fallback``: why it is not the mode asked for
+        (a ``RASWarning``, once per reason)."""
+        self.ran[(graph, mode)] += 1
+        if fallback is not None and graph not in self.fallbacks:
+            self.fallbacks[graph] = fallback
+            if fallback not in self._warned:
+                self._warned.add(fallback)
+                warnings.warn(f"rasfx: TransformConfig(mode={self.mode!r}) runs {mode}: {fallback}", RASWarning,
+                              stacklevel=4)
+
     def run(self, variant, args: list, dynamic: list[int], key: tuple):
         """Run ``variant.gm(*args)``. ``dynamic``: positions of inputs whose values change
         between calls (user inputs, index); all others (weights, caches) keep their
@@ -122,10 +141,15 @@ class GraphRunner:
         fn = self._fn(variant)
         if "compile" in self.mode and key[1:] not in self._compiled_keys:  # key[0]: the cache slot
             fn = self._announce_compile(fn, variant, key)
-        use_graph = (self.mode == "auto" or "cuda_graph" in self.mode) and key not in self._no_graph and any(
-            isinstance(a, torch.Tensor) and a.is_cuda for a in args
-        )
-        if not use_graph:
+        graph = variant.name if key[-1] is None else f"{variant.name} {list(key[-1])}"
+        plain = "compile" if "compile" in self.mode else "eager"
+        wants_graph = self.mode == "auto" or "cuda_graph" in self.mode
+        cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+        if not (wants_graph and cuda) or key in self._no_graph:
+            fallback = None
+            if wants_graph and self.mode != "auto" and not cuda:  # auto: eager is its choice off CUDA
+                fallback = "CUDA graphs need CUDA tensors and the model's inputs are not on a CUDA device"
+            self._record(graph, plain, fallback)
             return fn(*args)
         entry = self._graphs.get(key)
         if entry is not None and any(args[i].data_ptr() != p for i, p in entry.static_ptrs):
@@ -140,14 +164,15 @@ class GraphRunner:
             except Exception as e:
                 if self.mode != "auto":
                     raise
-                warnings.warn(f"rasfx: CUDA-graph capture of the {variant.name} graph failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); it runs eagerly. Pass "
-                              "TransformConfig(mode='eager') to skip the attempt.", RASWarning, stacklevel=3)
                 self._no_graph.add(key)
+                self._record(graph, plain, f"CUDA-graph capture of the {graph} graph failed ({type(e).__name__}: "
+                                           f"{str(e).splitlines()[0] if str(e) else ''}); pass "
+                                           "TransformConfig(mode='eager') to skip the attempt")
                 return fn(*args)
         else:
             for i, buffer in entry.buffers.items():
                 buffer.copy_(args[i])
+        self._record(graph, "compile+cuda_graph" if plain == "compile" else "cuda_graph")
         entry.graph.replay()
         self.work["replays"] += 1
         # The outputs live in the graph's memory and are overwritten by the next replay.

@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -43,8 +42,6 @@ GOLDEN = os.path.join(HERE, "golden", "sd3-tiny.summary.txt")
 HAS_DOT = shutil.which("dot") is not None
 RASFX_SCRIPT = shutil.which("rasfx")
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-#: presets the core relies on: they must inspect cleanly (the others: cleanly or with a clean error)
-MUST_WORK = {"sd3-tiny", "sd35-tiny", "flux-tiny", "pixart-tiny", "dit-tiny", "wan-tiny"}
 #: the preset the format tests capture in this process (left out of the background sweep)
 IN_PROCESS = "sd3-tiny"
 
@@ -166,13 +163,26 @@ def test_python_m_entry_point_bad_model():
     assert "did you mean sd3-tiny" in p.stderr and "presets:" in p.stderr
 
 
-def test_presets_command(capsys):
+def test_presets_command(capsys, monkeypatch):
+    """Lists every preset, marks those rasfx cannot transform with the reason (from the
+    package's list, which the sweep below checks against the real error), captures nothing."""
+    import rasfx.graph_build
+
+    monkeypatch.setattr(rasfx.graph_build, "compile_capture", lambda *a, **k: pytest.fail("presets captured"))
     rc, out, _ = run(["presets"], capsys)
     assert rc == 0
     for name in PRESETS:
         assert name in out
     for cls in cli.CONFIG_CLASSES:
         assert cls in out
+    unsupported = {n: p.known_failure for n, p in PRESETS.items() if p.known_failure is not None}
+    assert set(unsupported) == {"lumina2-tiny", "cogvideox-tiny", "mochi-tiny"}
+    lines = out.splitlines()
+    marked = [lines[i - 1].split()[0] for i, line in enumerate(lines) if "UNSUPPORTED:" in line]
+    assert marked == list(unsupported)
+    for failure in unsupported.values():
+        assert f"UNSUPPORTED: {failure.reason}" in out
+    assert "333 text tokens by default (StableDiffusion3Pipeline" in out
 
 
 # ============================================================================ formats on sd3-tiny (one capture)
@@ -303,23 +313,53 @@ def test_flop_estimate_by_hand():
     assert explain("sd3-tiny", stage="analyzed", ratio=1.0).flops()["at_ratio"] == fl["dense"]
 
 
+def _svg_area(svg: str) -> float:
+    m = re.search(r'<svg width="(\d+)pt" height="(\d+)pt"', svg)
+    return float(m.group(1)) * float(m.group(2))
+
+
 def test_dot_and_svg(capsys, tmp_path):
     rc, dot, _ = run(["inspect", "sd3-tiny", "--format", "dot"], capsys)
     assert rc == 0 and dot.startswith("digraph rasfx {") and dot.rstrip().endswith("}")
     assert dot.count("{") == dot.count("}")
     assert 'label="transformer_blocks.0"' in dot and 'label="transformer_blocks.1"' in dot
     assert "#c8e6c9" in dot and "#bbdefb" in dot  # active / full colours
-    assert '"ras_attention_default"' in dot and "#e65100" in dot  # added by a pass
     assert "p_model_" not in dot  # parameters left out
+    # the whole graph by module: attention with what the passes added is one box per block
+    assert dot.count("added: ras_attention") == 2 and "#e65100" in dot
+    assert '"module:transformer_blocks.0.attn"' in dot and '"ras_attention_default"' not in dot
+    rc, every, _ = run(["inspect", "sd3-tiny", "--format", "dot", "--all-nodes"], capsys)
+    assert rc == 0 and '"ras_attention_default"' in every and "p_model_" not in every
+    exp = explain("sd3-tiny")
+    drawn = {m for m in re.findall(r'^\s*"([^"]+)" \[', dot, re.M) if not m.startswith("legend")}
+    assert len(drawn) < len(exp.nodes()) / 3
+    assert {v.name for v in exp.nodes() if v.category not in ("parameter", "buffer", "constant")} <= set(
+        re.findall(r'^\s*"([^"]+)" \[', every, re.M))
     if HAS_DOT:
         p = subprocess.run(["dot", "-Tcanon"], input=dot, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
+        # readable: the whole graph of a 2-layer model drew at 2423 x 4315 pt node by node
+        assert _svg_area(exp.to_svg()) < 0.3 * _svg_area(exp.to_svg(all_nodes=True))
         svg_path = tmp_path / "g.svg"
         rc, _, err = run(["inspect", "sd3-tiny", "--format", "svg", "--module", "transformer_blocks.1",
                           "-o", str(svg_path)], capsys)
         assert rc == 0, err
-        svg = svg_path.read_text()
+        svg = svg_path.read_text()  # a part of the graph: node by node
         assert "<svg" in svg and "ras_attention_default_1" in svg and "ras_attention_default<" not in svg
+
+
+def test_repeated_blocks_are_drawn_once(factories):
+    """Blocks with the structure of the block before them are one box (every node with
+    all_nodes); the box stands for its blocks in the edges."""
+    _, fac = factories
+    model = fac.TinyDiT(depth=4).eval()
+    exp = explain(model, {"hidden_states": torch.randn(1, 4, 8, 12)})
+    dot = exp.to_dot()
+    assert 'label="blocks.1..3\\n3 blocks like blocks.0 (20 nodes each)"' in dot
+    assert 'label="blocks.0"' in dot and 'label="blocks.2"' not in dot
+    assert '"repeated_0" -> "module:proj_out"' in dot  # the last block's output feeds the output projection
+    every = exp.to_dot(all_nodes=True)
+    assert all(f'label="blocks.{k}"' in every for k in range(4)) and "box3d" not in every
 
 
 def test_svg_without_dot_is_a_clear_error(capsys, monkeypatch):
@@ -469,7 +509,7 @@ def test_explain_api_on_modules(factories):
     assert again.cc is exp.cc and again.stage == "transformed"
     assert "stage transformed" in again.summary() and "rasfx::ras_attention" in again.text()
     assert json.loads(again.to_json())["num_tokens"] == 16
-    assert again.to_dot().startswith("digraph") and 'label="blocks.1"' in again.to_dot()
+    assert again.to_dot().startswith("digraph") and 'label="blocks.1"' in again.to_dot(all_nodes=True)
     assert "TinyDiT" in repr(again)
     d = exp.diff("transformed")
     assert d.entries and "insert_cache_sites" in d.summary() and d.as_dict()["to"]["stage"] == "transformed"
@@ -542,6 +582,35 @@ def test_config_errors(capsys, tmp_path):
     assert_clean_error(rc, err, 2, "multiples of the patch size 2")
     rc, _, err = run(["inspect", str(sd3), "--frames", "3"], capsys)
     assert_clean_error(rc, err, 2, "--frames applies to video models")
+
+
+def test_text_length_comes_with_the_model(capsys, tmp_path):
+    """The text length of a config's inputs: --text-tokens, else the conditioning stored next to
+    the weights (models/shapes-dit: 8 tokens, where the SD3 pipeline default of 333 was used),
+    else the pipeline's default."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "sd3"
+    PRESETS["sd3-tiny"].build(0).save_config(str(folder))
+    save_file({"encoder_hidden_states": torch.zeros(3, 9, 8)}, str(folder / "other_width.safetensors"))
+    save_file({"encoder_hidden_states": torch.zeros(3, 5, 16), "pooled_projections": torch.zeros(3, 8)},
+              str(folder / "prompts.safetensors"))
+    args = ["inspect", str(folder), "--height", "8", "--width", "12", "--no-timings"]
+    rc, out, err = run(args, capsys)
+    assert rc == 0, err
+    assert "conditioning lengths    5 " in out and "encoder_hidden_states f32[1, 5, 16]" in out
+    assert "5 text tokens (from prompts.safetensors: encoder_hidden_states [3, 5, 16])" in out
+    rc, out, err = run(args + ["--text-tokens", "11"], capsys)
+    assert rc == 0 and "conditioning lengths    11 " in out and "11 text tokens (--text-tokens)" in out
+    (folder / "prompts.safetensors").unlink()
+    rc, out, err = run(args, capsys)
+    assert rc == 0 and "conditioning lengths    333 " in out and "StableDiffusion3Pipeline" in out
+    rc, out, err = run(["inspect", "sd3-tiny", "--text-tokens", "4"], capsys)
+    assert_clean_error(rc, err, 2, "--text-tokens applies to model configs")
+    shapes_dit = os.path.join(ROOT, "models", "shapes-dit")
+    rc, out, err = run(["inspect", shapes_dit, "--meta", "--height", "8", "--width", "8", "--no-timings"], capsys)
+    assert rc == 0, err
+    assert "conditioning lengths    8 " in out and "from class_embeddings.safetensors" in out
 
 
 FACTORIES = '''
@@ -704,12 +773,14 @@ def test_every_preset_summary(name, preset_sweep, capsys):
                        "pass counters", "estimated cost"):
             assert needle in out, needle
         return
-    assert name not in MUST_WORK, f"{name} must inspect cleanly:\n{r['err']}"
+    failure = PRESETS[name].known_failure
+    assert failure is not None, f"{name} must inspect cleanly (or get a Preset.known_failure):\n{r['err']}"
     assert r["rc"] == 1, r
     err = r["err"]
     assert "Traceback" not in err and "rasfx inspect: error:" in err and r["out"] == ""
-    if "internal error" in err:  # not a RasfxError: a bug outside the CLI, reported but not failed here
-        warnings.warn(f"rasfx inspect {name}: {err.strip()[:300]}", stacklevel=1)
+    assert failure.error in err, f"{name} fails for another reason than `rasfx presets` says:\n{err}"
+    # printed once: one error line, no repeated message (the same torch error came six times)
+    assert err.count("rasfx inspect: error:") == 1 and err.count("torch.export could not capture") <= 1, err
 
 
 def test_help_imports_no_torch_and_python_m_rasfx_works():

@@ -228,8 +228,9 @@ def test_quality_quick_schema_and_doc_splice(tmp_path, shared):
     assert keys == ["default", "no-starvation", "no-kv-cache"]
     default, kv = abl["variants"][0], abl["variants"][-1]
     assert all(v["supported"] and not v["skipped"] and "psnr" in v for v in abl["variants"])
-    # the K/V-cache ablation runs another compiled graph: the images differ from the default's
-    assert kv["psnr"] != default["psnr"] and kv["flops_fraction"] == default["flops_fraction"]
+    # the K/V-cache ablation runs another compiled graph: the images differ from the default's, and
+    # its attention over the active tokens only costs fewer FLOPs (rasfx.stats reads the graph)
+    assert kv["psnr"] != default["psnr"] and kv["flops_fraction"] < default["flops_fraction"]
 
     dist = data["distribution"]
     assert dist["samples"] == 2 and isinstance(dist["real_vs_real_fd"], float)

@@ -139,6 +139,8 @@ def test_failed_graph_capture_in_auto_mode_runs_eagerly(monkeypatch):
     assert float(out[0].sum()) == 2.0
     runner.run(Variant, [x], [0], ("default", "dense", "sig", None))  # no second warning, no capture
     assert len(calls) == 2
+    # what ran is recorded (rasfx.stats reported cuda_graph here): eager, and why
+    assert runner.ran == {("dense", "eager"): 2} and "not permitted" in runner.fallbacks["dense"]
     with pytest.raises(RuntimeError, match="not permitted"):  # an explicit mode raises
         GraphRunner("cuda_graph").run(Variant, [x], [0], ("default", "dense", "sig", None))
 

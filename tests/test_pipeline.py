@@ -46,7 +46,7 @@ import rasfx.pipeline as rp  # noqa: E402
 from rasfx.config import RASConfig  # noqa: E402
 from rasfx.errors import ConfigError  # noqa: E402
 from rasfx.sampler import PixelLayout, starvation_bound, token_scores  # noqa: E402
-from rasfx.run_stats import heatmap_image, save_heatmap  # noqa: E402
+from rasfx.heatmaps import heatmap_image, save_heatmap  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ stand-in module
@@ -560,7 +560,7 @@ def test_stats_and_heatmaps(name, tmp_path):
     text = s.summary()
     assert "RAS" in text and "dense" in text
     for which in ("computed", "std"):
-        path = save_heatmap(s, tmp_path / f"{name}-{which}.png", which)
+        path = save_heatmap(s, tmp_path / f"{name}-{which}.png", which, colorbar=False)
         from PIL import Image
 
         img = Image.open(path)
