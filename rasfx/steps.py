@@ -97,9 +97,8 @@ def element_mask(layout: PixelLayout, token_mask: torch.Tensor, shape: torch.Siz
     if layout.packed_perm is None:  # [R, C, *grid]: one pixel per grid position, all channels
         return pixels.view(rows, 1, *shape[2:])
     k = layout.num_pixels // shape[1]
-    perm = layout.packed_perm.to(token_mask.device)
-    column_pixel = torch.empty_like(perm)  # element d of a row belongs to pixel (d's position in perm) // C
-    column_pixel[perm] = torch.arange(perm.numel(), device=perm.device) // layout.channels
+    # element d of a packed row belongs to its pixel (d's position in the permutation) // C
+    column_pixel = layout.packed_perm.to(token_mask.device).argsort() // layout.channels
     return pixels.view(rows, shape[1], k).gather(2, column_pixel.view(1, 1, -1).expand(rows, shape[1], -1))
 
 
@@ -159,7 +158,7 @@ class StepSparsity:
         to ``noise``) of the elements they computed, ``None`` for all. ``skipped``: ``True`` (the
         forwards did not run), ``False``, or a 0-dim boolean tensor (computed, replaced where true).
         """
-        t = torch.as_tensor(timestep).to(device=noise.device, dtype=torch.float32).reshape(-1)[0]
+        t = _time(timestep, noise.device)
         if self.a is None:
             self._init(noise)
         a, b, t_a, t_b = self.a, self.b, self.t_a, self.t_b
@@ -232,6 +231,16 @@ class StepSparsity:
         if self.config.skip_max_consecutive is not None:
             skip = skip & (self.run_length < self.config.skip_max_consecutive)
         self.pending[step] = skip
+
+
+def _time(timestep: Union[torch.Tensor, float], device: torch.device) -> torch.Tensor:
+    """0-dim float32 timestep on ``device``, without a host synchronisation (a device tensor stays
+    there; a host number is written by a fill, not copied)."""
+    if isinstance(timestep, torch.Tensor):
+        if timestep.device == device:
+            return timestep.reshape(-1)[0].to(torch.float32)
+        timestep = float(timestep.reshape(-1)[0])  # a host tensor
+    return torch.full((), float(timestep), dtype=torch.float32, device=device)
 
 
 def _relative_change(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
