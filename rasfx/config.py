@@ -144,14 +144,7 @@ class RASConfig:
                 )
             object.__setattr__(self, "warmup", int(self.warmup))
 
-        if self.reset_steps is not None:
-            steps = self.reset_steps
-            if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
-                raise ConfigError(f"RASConfig.reset_steps must be None or a sequence of ints, got {steps!r}")
-            for s in steps:
-                if not _is_int(s) or int(s) < 0:
-                    raise ConfigError(f"RASConfig.reset_steps must hold ints >= 0, got {s!r} in {steps!r}")
-            object.__setattr__(self, "reset_steps", tuple(sorted({int(s) for s in steps})))
+        self._check_step_indices("reset_steps")
 
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"RASConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
@@ -176,15 +169,20 @@ class RASConfig:
         object.__setattr__(self, "seed", int(self.seed))
         self._check_step_sparsity()
 
+    def _check_step_indices(self, name: str) -> None:
+        """``None`` or a sequence of step indices (ints >= 0), stored sorted without repeats."""
+        steps = getattr(self, name)
+        if steps is None:
+            return
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
+            raise ConfigError(f"RASConfig.{name} must be None or a sequence of ints, got {steps!r}")
+        for s in steps:
+            if not _is_int(s) or int(s) < 0:
+                raise ConfigError(f"RASConfig.{name} must hold ints >= 0, got {s!r} in {steps!r}")
+        object.__setattr__(self, name, tuple(sorted({int(s) for s in steps})))
+
     def _check_step_sparsity(self) -> None:
-        if self.skip_steps is not None:
-            steps = self.skip_steps
-            if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
-                raise ConfigError(f"RASConfig.skip_steps must be None or a sequence of ints, got {steps!r}")
-            for s in steps:
-                if not _is_int(s) or int(s) < 0:
-                    raise ConfigError(f"RASConfig.skip_steps must hold ints >= 0, got {s!r} in {steps!r}")
-            object.__setattr__(self, "skip_steps", tuple(sorted({int(s) for s in steps})))
+        self._check_step_indices("skip_steps")
         if self.skip_every is not None:
             if not _is_int(self.skip_every) or int(self.skip_every) < 2:
                 raise ConfigError(

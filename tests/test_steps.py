@@ -17,14 +17,13 @@ import torch
 
 pytest.importorskip("transformers")
 
-from diffusers import UniPCMultistepScheduler  # noqa: E402
-
 import rasfx  # noqa: E402
 import rasfx.pipeline as rp  # noqa: E402
 from rasfx.config import RASConfig  # noqa: E402
 from rasfx.errors import ConfigError  # noqa: E402
 from rasfx.sampler import PixelLayout, RegionSampler, build_plan, step_kinds  # noqa: E402
 from rasfx.steps import StepSparsity, element_mask, extrapolate, skip_schedule  # noqa: E402
+from test_multistep import _flow_unipc, _latents_per_step  # noqa: E402
 from test_pipeline import StandInRAS, build_flux, build_sd3  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -282,17 +281,8 @@ class ReferenceSteps:
             del pipe.transformer.forward, pipe.scheduler.step
 
 
-def _run(pipe, kw, steps=STEPS):
-    seen = []
-
-    def keep(p, i, t, kwargs):
-        seen.append(kwargs["latents"].clone())
-        return {}
-
-    pipe.set_progress_bar_config(disable=True)
-    pipe(**kw, num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0),
-         callback_on_step_end=keep)
-    return seen
+def _run(pipe, kw):
+    return _latents_per_step(pipe, kw, STEPS)
 
 
 class RecordingStandIn(StandInRAS):
@@ -404,8 +394,7 @@ def test_extrapolation_of_skipped_steps_and_inactive_tokens_matches_the_hand_ref
 
 
 def test_multistep_scheduler_with_skips_matches_the_hand_reference():
-    pipe, kw = build_sd3(0, UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
-                                                    flow_shift=3.0))
+    pipe, kw = build_sd3(0, _flow_unipc())
     cfg = RASConfig(**BASE, skip_steps=(3, 6), skip_estimate="extrapolate")
     got, stats, sets, _, _ = _rasfx_run(pipe, kw, cfg)
     assert stats.skipped_steps == [3, 6]
