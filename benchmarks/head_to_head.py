@@ -140,7 +140,9 @@ def run_head_to_head(args, pipe=None, transform=None) -> dict:
     transform = transform or ReusedTransform()
     names = pipe.class_embeddings.class_names
     labels = [names[i % len(names)] for i in range(args.images)]
-    noise = initial_noise(range(args.seed, args.seed + args.images), (3, 64, 64)).to(device)
+    cfg = pipe.transformer.config
+    noise = initial_noise(range(args.seed, args.seed + args.images), (cfg.in_channels, cfg.sample_size, cfg.sample_size))
+    noise = noise.to(device)
     S = args.steps
 
     def sample(p, steps: int) -> tuple[torch.Tensor, float]:
