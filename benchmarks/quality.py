@@ -138,6 +138,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--doc", help="splice the rendered results into this markdown file between the marker lines "
                                  "and copy its pictures next to it (into <doc dir>/quality/)")
     p.add_argument("--doc-text-only", action="store_true", help="with --doc: tables only, no pictures copied or linked")
+    p.add_argument("--head-to-head", action="store_true",
+                   help="compare dense-fewer-steps, RAS, diffusers' cache hooks and rasfx's combined sampler at equal "
+                        "compute instead (benchmarks/head_to_head.py; its own options)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.fid_images, args.ref_steps = 1, 1, 3
@@ -892,6 +895,12 @@ def _unjson(x):
 def main(argv: Optional[Sequence[str]] = None, pipe=None, transform=None) -> dict:
     """Command line entry; ``pipe`` (a loaded ``ShapesPipeline``) and ``transform`` (a shared
     ``shapes_eval.ReusedTransform``) let tests reuse one model and its captured graphs."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--head-to-head" in argv:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import head_to_head
+
+        return head_to_head.main(argv, pipe=pipe, transform=transform)
     args = _parse(argv)
     if args.from_json:
         with open(args.from_json) as f:

@@ -413,6 +413,23 @@ def _error_tree() -> list[str]:
     return lines
 
 
+def _module_section(page: _Page, title: str, anchor: str, mod) -> None:
+    """A section with the module's docstring and every name of its ``__all__``."""
+    page.h(2, title, anchor)
+    page.add(md_doc(mod.__doc__), "")
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        qual = f"{mod.__name__}.{name}"
+        if inspect.isclass(obj):
+            (_dataclass if dataclasses.is_dataclass(obj) else _class)(
+                page, qual, obj, **({"described_fields": False} if dataclasses.is_dataclass(obj) else {}))
+        elif callable(obj):
+            _function(page, qual, obj)
+        else:
+            page.h(3, f"`{qual}`", qual)
+            page.add(f"`{qual} = {obj!r}`", "")
+
+
 def render_api() -> str:
     import rasfx
 
@@ -439,7 +456,8 @@ def render_api() -> str:
         _function(page, f"rasfx.{name}", getattr(rasfx, name))
     _dataclass(page, "rasfx.RASConfig", rasfx.RASConfig)
     page.add(f"`rasfx.config.METRICS` = `{config_mod.METRICS!r}`; "
-             f"`rasfx.config.SCHEDULES` = `{config_mod.SCHEDULES!r}`.", "")
+             f"`rasfx.config.SCHEDULES` = `{config_mod.SCHEDULES!r}`; "
+             f"`rasfx.config.ESTIMATES` = `{config_mod.ESTIMATES!r}`.", "")
 
     page.h(2, "Run statistics and heatmaps", "stats")
     page.add(md_doc(sys.modules["rasfx.run_stats"].__doc__), "")
@@ -469,19 +487,9 @@ def render_api() -> str:
     page.add(f"`STAGES` = `{explain_mod.STAGES!r}`, `VARIANTS` = `{explain_mod.VARIANTS!r}`, "
              f"`FORMATS` = `{explain_mod.FORMATS!r}`.", "")
 
-    page.h(2, "Sampler building blocks: rasfx.sampler", "sampler")
-    page.add(md_doc(sampler_mod.__doc__), "")
-    for name in sampler_mod.__all__:
-        obj = getattr(sampler_mod, name)
-        qual = f"rasfx.sampler.{name}"
-        if inspect.isclass(obj):
-            (_dataclass if dataclasses.is_dataclass(obj) else _class)(
-                page, qual, obj, **({"described_fields": False} if dataclasses.is_dataclass(obj) else {}))
-        elif callable(obj):
-            _function(page, qual, obj)
-        else:
-            page.h(3, f"`{qual}`", qual)
-            page.add(f"`{qual} = {obj!r}`", "")
+    for title, anchor, mod in (("Sampler building blocks: rasfx.sampler", "sampler", sampler_mod),
+                               ("Step sparsity: rasfx.steps", "steps", importlib.import_module("rasfx.steps"))):
+        _module_section(page, title, anchor, mod)
 
     page.h(2, "Tiny models: rasfx.presets", "presets")
     page.add(md_doc(presets_mod.__doc__), "")

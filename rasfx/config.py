@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from .errors import ConfigError
 
-__all__ = ["RASConfig", "METRICS", "SCHEDULES"]
+__all__ = ["RASConfig", "METRICS", "SCHEDULES", "ESTIMATES"]
 
 #: Region metrics. ``std``: per latent pixel standard deviation over channels of the noise
 #: prediction the scheduler sees (the paper's default); ``l2``: per pixel L2 norm over channels;
@@ -31,6 +31,11 @@ METRICS = ("std", "l2", "random")
 #: RAS steps from ``ratio * (1 + dynamic_range)`` to ``ratio * (1 - dynamic_range)``, so the
 #: average over the RAS steps stays ``ratio``.
 SCHEDULES = ("static", "dynamic")
+
+#: How a noise value that is not computed on a step is estimated (step sparsity, see
+#: :mod:`rasfx.steps`). ``reuse``: the value of the last step that computed it; ``extrapolate``:
+#: first order from the last two steps that computed it (TaylorSeer-style), per token.
+ESTIMATES = ("reuse", "extrapolate")
 
 
 def _is_int(value: Any) -> bool:
@@ -75,6 +80,29 @@ class RASConfig:
             tokens, i.e. 64 for real resolutions and a 1/16 fraction on tiny inputs. The bucket is
             capped at ``N``; the active count is never 0 and never above ``N``.
         seed: seed of the ``random`` metric (a generator on the latents' device).
+
+    Step sparsity (:mod:`rasfx.steps`; all off by default): a RAS-kind step (not warm-up, not a
+    reset) may be *skipped*: the transformer is not called and the scheduler integrates an
+    estimate of the noise. At most one of the three rules may be set.
+
+    Attributes:
+        skip_steps: explicit step indices to skip; each must be a RAS-kind step of the run
+            (checked when the run starts: warm-up and reset steps are never skipped).
+        skip_every: ``k >= 2``: skip the ``k``-th, ``2k``-th, ... step of every stretch of RAS-kind
+            steps between dense steps.
+        skip_threshold: adaptive rule, a number >= 0: skip a RAS-kind step while the error budget
+            (the relative L1 change of the noise between the last two computed steps, accumulated
+            over the skips since the last computed step) stays below it. 0 never skips.
+        skip_max_consecutive: adaptive rule only: at most this many steps skipped in a row
+            (``None``: only the budget limits them).
+        skip_sync: adaptive rule only. ``False`` (default): the decision stays on the device; the
+            step is computed and its noise replaced by the estimate where the rule says skip (no
+            host synchronisation, same graphs, no time saved). ``True``: the decision is read on the
+            host at the step's first transformer call (one synchronisation per candidate step) and
+            a skipped step does not call the transformer.
+        skip_estimate: the noise of a skipped step, one of :data:`ESTIMATES`.
+        inactive_estimate: the noise of the inactive tokens of a RAS step, one of
+            :data:`ESTIMATES` (``reuse`` is the paper's).
     """
 
     ratio: float = 0.5
@@ -87,6 +115,13 @@ class RASConfig:
     high_ratio: float = 1.0
     round_to: int | None = None
     seed: int = 0
+    skip_steps: tuple[int, ...] | None = None
+    skip_every: int | None = None
+    skip_threshold: float | None = None
+    skip_max_consecutive: int | None = None
+    skip_sync: bool = False
+    skip_estimate: str = "reuse"
+    inactive_estimate: str = "reuse"
 
     def __post_init__(self) -> None:
         if not _is_real(self.ratio) or not math.isfinite(float(self.ratio)) or not 0.0 < float(self.ratio) <= 1.0:
@@ -109,14 +144,7 @@ class RASConfig:
                 )
             object.__setattr__(self, "warmup", int(self.warmup))
 
-        if self.reset_steps is not None:
-            steps = self.reset_steps
-            if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
-                raise ConfigError(f"RASConfig.reset_steps must be None or a sequence of ints, got {steps!r}")
-            for s in steps:
-                if not _is_int(s) or int(s) < 0:
-                    raise ConfigError(f"RASConfig.reset_steps must hold ints >= 0, got {s!r} in {steps!r}")
-            object.__setattr__(self, "reset_steps", tuple(sorted({int(s) for s in steps})))
+        self._check_step_indices("reset_steps")
 
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"RASConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
@@ -139,6 +167,68 @@ class RASConfig:
         if not _is_int(self.seed):
             raise ConfigError(f"RASConfig.seed must be an int, got {self.seed!r}")
         object.__setattr__(self, "seed", int(self.seed))
+        self._check_step_sparsity()
+
+    def _check_step_indices(self, name: str) -> None:
+        """``None`` or a sequence of step indices (ints >= 0), stored sorted without repeats."""
+        steps = getattr(self, name)
+        if steps is None:
+            return
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
+            raise ConfigError(f"RASConfig.{name} must be None or a sequence of ints, got {steps!r}")
+        for s in steps:
+            if not _is_int(s) or int(s) < 0:
+                raise ConfigError(f"RASConfig.{name} must hold ints >= 0, got {s!r} in {steps!r}")
+        object.__setattr__(self, name, tuple(sorted({int(s) for s in steps})))
+
+    def _check_step_sparsity(self) -> None:
+        self._check_step_indices("skip_steps")
+        if self.skip_every is not None:
+            if not _is_int(self.skip_every) or int(self.skip_every) < 2:
+                raise ConfigError(
+                    f"RASConfig.skip_every must be None or an int >= 2 (1 would skip every step between dense "
+                    f"steps: use fewer steps instead), got {self.skip_every!r}"
+                )
+            object.__setattr__(self, "skip_every", int(self.skip_every))
+        thr = self.skip_threshold
+        if thr is not None:
+            if not _is_real(thr) or not math.isfinite(float(thr)) or float(thr) < 0.0:
+                raise ConfigError(f"RASConfig.skip_threshold must be None or a finite number >= 0, got {thr!r}")
+            object.__setattr__(self, "skip_threshold", float(thr))
+        rules = [n for n in ("skip_steps", "skip_every", "skip_threshold") if getattr(self, n) is not None]
+        if len(rules) > 1:
+            raise ConfigError(f"RASConfig: set at most one skip rule, got {' and '.join(rules)}; keep one of them")
+        m = self.skip_max_consecutive
+        if m is not None:
+            if not _is_int(m) or int(m) < 1:
+                raise ConfigError(f"RASConfig.skip_max_consecutive must be None or an int >= 1, got {m!r}")
+            if thr is None:
+                raise ConfigError(
+                    f"RASConfig.skip_max_consecutive={m!r} applies to the adaptive rule only: set skip_threshold, "
+                    "or drop skip_max_consecutive"
+                )
+            object.__setattr__(self, "skip_max_consecutive", int(m))
+        if not isinstance(self.skip_sync, bool):
+            raise ConfigError(f"RASConfig.skip_sync must be a bool, got {self.skip_sync!r}")
+        if self.skip_sync and thr is None:
+            raise ConfigError(
+                "RASConfig.skip_sync=True applies to the adaptive rule only (scheduled skips never synchronise): "
+                "set skip_threshold, or drop skip_sync"
+            )
+        for name in ("skip_estimate", "inactive_estimate"):
+            if getattr(self, name) not in ESTIMATES:
+                raise ConfigError(f"RASConfig.{name} must be one of {ESTIMATES}, got {getattr(self, name)!r}")
+        if self.skip_estimate != "reuse" and not rules:
+            raise ConfigError(
+                f"RASConfig.skip_estimate={self.skip_estimate!r} applies to skipped steps, but no step is skipped: "
+                "set skip_steps, skip_every or skip_threshold, or drop skip_estimate"
+            )
+
+    @property
+    def step_sparsity(self) -> bool:
+        """Whether any step-sparsity option is on (a skip rule or an extrapolated estimate)."""
+        return (self.skip_steps is not None or self.skip_every is not None or self.skip_threshold is not None
+                or self.inactive_estimate != "reuse")
 
     def replace(self, **changes: Any) -> "RASConfig":
         """A copy with some fields changed (validated again)."""

@@ -85,11 +85,13 @@ from .sampler import (
     PixelLayout,
     RegionSampler,
     StepPlan,
+    active_mask,
     build_plan,
     index_for_batch,
     step_kinds,
 )
 from .run_stats import RunStats, StepStats, build_seconds, ran_modes, step_flops_share
+from .steps import StepSparsity, element_mask
 
 __all__ = ["enable", "disable", "enabled", "release", "stats", "is_enabled", "RASWarning"]
 
@@ -196,9 +198,13 @@ class _Run:
         self.token_map: Optional[torch.Tensor] = None
         self.num_tokens: Optional[int] = None
         self.fallback: Optional[str] = None
+        # Step sparsity (skipped steps, extrapolated noise): None when the config asks for none.
+        self.steps = StepSparsity(state.config, self.kinds) if state.config.step_sparsity else None
+        self.outputs: dict[tuple[str, str], Any] = {}  # last computed output per slot (returned on skips)
         self.step = 0
         self.finished = False
-        self.records: list[tuple[int, bool, int, _StepTimer]] = []
+        # (step, dense, active tokens, timer, skipped: bool or a 0-dim device tensor)
+        self.records: list[tuple[int, bool, int, _StepTimer, Any]] = []
         self.unpack_call: Optional[tuple[tuple, dict]] = None  # args of the pipeline's _unpack_latents
         self.notes: list[str] = []
         self.work_before = state.work_counts()  # rasfx's work (exports, graph captures, compiles) so far
@@ -218,6 +224,23 @@ class _Run:
         self.step_ras_forwards = 0
         self.calls: dict[tuple[str, str], int] = {}
         self.timer: Optional[_StepTimer] = None
+        self.skip: Any = None  # this step skipped: None (not decided yet), a bool, or a 0-dim device tensor
+        self.step_work = False  # a forward of this step ran the model
+
+    def skip_decision(self, step: int) -> Any:
+        """Whether ``step`` is skipped, decided once at its first transformer call: a scheduled skip
+        (``True``), the adaptive rule's decision (a 0-dim device tensor, or read on the host with
+        ``skip_sync``), else ``False``."""
+        if self.skip is None:
+            steps = self.steps
+            skip: Any = False
+            if steps is not None:
+                if steps.scheduled_skip(step):
+                    skip = True
+                elif (decision := steps.decision(step)) is not None:
+                    skip = bool(decision) if self.config.skip_sync else decision  # skip_sync: one host read
+            self.skip = skip
+        return self.skip
 
     def bypass(self, step: int, eager: bool) -> bool:
         """Whether ``step`` runs the original forward and writes no caches: every step of an
@@ -292,6 +315,9 @@ class _PipelineState:
                          run.work.get("graph_capture_s", 0.0), run.work.get("compile_s", 0.0))
             if run.records:
                 self.last_run = run
+            run.outputs.clear()
+            if run.steps is not None:
+                run.steps.release()
         for hook in self.hooks:
             hook.ras.reset()
 
@@ -362,7 +388,18 @@ class _PipelineState:
         ordinal = run.calls.get(key, 0)
         run.calls[key] = ordinal + 1
         slot = context if ordinal == 0 else f"{context}#{ordinal}"
+        if run.skip_decision(step) is True:  # a skipped step: the scheduler integrates an estimate
+            previous = run.outputs.get((hook.name, slot))
+            if previous is not None:
+                return previous
+            run.notes.append(f"step {step}: no earlier output of {hook.name} [{slot}] to stand in for a skip; computed")
+        run.step_work = True
+        out = self._compute(run, step, hook, slot, args, kwargs)
+        if run.steps is not None:
+            run.outputs[(hook.name, slot)] = out
+        return out
 
+    def _compute(self, run: _Run, step: int, hook: _ModelHook, slot: str, args: tuple, kwargs: dict) -> Any:
         # A custom transform without a runner wraps the model eagerly.
         eager = run.mode in ("eager", "custom transform")
         if run.bypass(step, eager):
@@ -427,9 +464,16 @@ class _PipelineState:
                 except _LayoutError as e:
                     run.fallback = str(e)
                     warnings.warn(f"rasfx: {e}; this run is dense", RASWarning, stacklevel=3)
-            if run.sampler is not None:
-                ran_dense = run.step_dense or run.step_ras_forwards == 0
-                run.sampler.observe(step, noise.detach(), ran_dense=ran_dense)
+        skipped = run.skip if run.skip is not None else False
+        ran_dense = run.step_dense or run.step_ras_forwards == 0
+        if isinstance(noise, torch.Tensor) and run.steps is not None:
+            noise = self._integrate(run, step, noise, ran_dense, skipped, args, kwargs)
+            if args:
+                args = (noise, *args[1:])
+            else:
+                kwargs = {**kwargs, "model_output": noise}
+        if isinstance(noise, torch.Tensor) and run.sampler is not None and run.fallback is None:
+            run.sampler.observe(step, noise.detach(), ran_dense=ran_dense, skipped=skipped)
         out = self.original_step(*args, **kwargs)
         if run.timer is not None:
             run.timer.finish()
@@ -438,12 +482,28 @@ class _PipelineState:
             active = 0
         else:
             active = run.plan.num_tokens if dense else run.plan.active[step]
-        run.records.append((step, dense, active, run.timer or _StepTimer(torch.device("cpu"))))
+        if skipped is True and not run.step_work:
+            dense, active = False, 0
+        run.records.append((step, dense, active, run.timer or _StepTimer(torch.device("cpu")), skipped))
         run.step += 1
         run._reset_step()
         if run.step >= run.num_steps:
             self.end_run()
         return out
+
+    def _integrate(self, run: _Run, step: int, noise: torch.Tensor, ran_dense: bool, skipped: Any, args: tuple,
+                   kwargs: dict) -> torch.Tensor:
+        """The noise the scheduler integrates under step sparsity (an estimate on skipped steps and,
+        with ``inactive_estimate="extrapolate"``, on the inactive tokens of a RAS step)."""
+        assert run.steps is not None
+        computed = None
+        sampler = run.sampler
+        if sampler is not None and not ran_dense and skipped is not True:
+            active = sampler.active_for(step)
+            if active is not None:
+                computed = element_mask(sampler.layout, active_mask(active, sampler.plan.num_tokens), noise.shape)
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        return run.steps.integrate(step, noise, computed, skipped, step if timestep is None else timestep)
 
     def layout_for(self, noise: torch.Tensor, token_map: torch.Tensor, num_tokens: int) -> PixelLayout:
         """The pixel layout of this run, reused while the token map and latent shape stay the same
@@ -467,17 +527,19 @@ class _PipelineState:
     def build_stats(self, run: _Run) -> RunStats:
         n = run.num_tokens or 0
         share = step_flops_share(run.capture, n)
-        steps = [
-            StepStats(
+        steps, discarded = [], 0
+        for i, dense, active, timer, skipped in run.records:
+            skip = bool(skipped)  # a device decision (skip_sync=False) is read here, after the run
+            discarded += skipped is not True and skip
+            steps.append(StepStats(
                 index=i,
                 dense=dense,
                 active_tokens=active,
                 num_tokens=n,
-                flops_fraction=1.0 if dense or not n else share(active),
+                flops_fraction=1.0 if dense else share(active) if n and active else 0.0,  # a skip that computed nothing: 0
                 wall_time_s=timer.seconds(),
-            )
-            for i, dense, active, timer in run.records
-        ]
+                kind="skip" if skip else "dense" if dense else "ras",
+            ))
         work = run.work
         if work is None:  # in progress: what it did so far
             work = {k: v - run.work_before.get(k, 0) for k, v in self.work_counts().items()}
@@ -488,6 +550,9 @@ class _PipelineState:
                        work=work, run_time_s=run.run_timer.seconds() if run.finished and run.run_timer else 0.0,
                        transformer_time_s=sum(t.seconds() for t in run.forward_timers),
                        flops_source="graph" if run.capture is not None else "token share")
+        if discarded:
+            out.notes.append(f"{discarded} skipped steps were computed and their noise replaced by the estimate "
+                             "(RASConfig.skip_sync=False decides on the device: no time saved)")
         if run.fallback is not None:
             out.notes.append(f"ran dense: {run.fallback}")
         if run.all_dense:

@@ -36,7 +36,9 @@ class StepStats:
     computed (``num_tokens`` on dense steps). ``flops_fraction``: estimated share of the dense
     transformer FLOPs (see the module doc). ``wall_time_s``: from the step's
     first transformer call to the end of ``scheduler.step`` (CUDA events on GPU, so no step
-    synchronises; ``perf_counter`` on CPU).
+    synchronises; ``perf_counter`` on CPU). ``kind``: what the step did, ``"dense"``, ``"ras"`` or
+    ``"skip"`` (step sparsity: the scheduler integrated an estimated noise; a skip that did not call
+    the transformer has ``active_tokens == 0``); derived from ``dense`` when not given.
     """
 
     index: int
@@ -45,6 +47,11 @@ class StepStats:
     num_tokens: int
     flops_fraction: float
     wall_time_s: float
+    kind: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", "dense" if self.dense else "ras")
 
 
 @dataclass
@@ -107,11 +114,16 @@ class RunStats:
 
     @property
     def dense_steps(self) -> list[int]:
-        return [s.index for s in self.steps if s.dense]
+        return [s.index for s in self.steps if s.kind == "dense"]
 
     @property
     def ras_steps(self) -> list[int]:
-        return [s.index for s in self.steps if not s.dense]
+        return [s.index for s in self.steps if s.kind == "ras"]
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        """Steps that integrated an estimated noise instead of the computed one (step sparsity)."""
+        return [s.index for s in self.steps if s.kind == "skip"]
 
     @property
     def flops_fraction(self) -> float:
@@ -123,7 +135,7 @@ class RunStats:
     @property
     def ras_ratio(self) -> float:
         """Mean active token share over the RAS steps (1.0 without RAS steps)."""
-        ras = [s for s in self.steps if not s.dense]
+        ras = [s for s in self.steps if s.kind == "ras"]
         if not ras:
             return 1.0
         return sum(s.active_tokens / s.num_tokens for s in ras) / len(ras)
@@ -172,7 +184,7 @@ class RunStats:
             lines.append(f"denoising loop {self.run_time_s:.3f} s: transformer {self.transformer_time_s:.3f} s, "
                          f"rest of the pipeline {self.run_time_s - self.transformer_time_s:.3f} s")
         lines += [
-            f"  step {s.index:3d}: {'dense' if s.dense else 'RAS  '} {s.active_tokens:6d}/{s.num_tokens} "
+            f"  step {s.index:3d}: {'dense' if s.kind == 'dense' else 'skip ' if s.kind == 'skip' else 'RAS  '} {s.active_tokens:6d}/{s.num_tokens} "
             f"tokens, ~{s.flops_fraction:.3f} FLOPs, {1e3 * s.wall_time_s:8.2f} ms"
             for s in self.steps
         ]

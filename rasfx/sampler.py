@@ -496,23 +496,33 @@ class RegionSampler:
             return None
         return self.next_active
 
-    def observe(self, step: int, noise: torch.Tensor, ran_dense: bool) -> None:
+    def observe(
+        self, step: int, noise: torch.Tensor, ran_dense: bool, skipped: "bool | torch.Tensor" = False
+    ) -> None:
         """Account for step ``step`` and select the active set of step ``step + 1``.
 
         ``ran_dense``: whether the step's forwards computed every token (else they computed
-        ``active_for(step)``).
+        ``active_for(step)``). ``skipped`` (step sparsity, :mod:`rasfx.steps`): ``True`` when the
+        step computed nothing, or a 0-dim boolean tensor (its computed noise was discarded where
+        true); a skipped step counts no computed token and no drop, and the next active set is
+        selected from ``noise`` (the estimate the scheduler integrated).
         """
         if self.drops is None or self.rows != noise.shape[0]:
             self._init(noise)
         assert self.drops is not None and self.computed is not None and self.longest_streak is not None
-        active = None if ran_dense else self.active_for(step)
-        if active is None:
-            self.computed += 1
-            self.drops = torch.zeros_like(self.drops)
-        else:
-            mask = active_mask(active, self.plan.num_tokens)
+        if skipped is not True:
+            active = None if ran_dense else self.active_for(step)
+            if active is None:
+                mask = torch.ones_like(self.drops, dtype=torch.bool)
+                drops = torch.zeros_like(self.drops)
+            else:
+                mask = active_mask(active, self.plan.num_tokens)
+                drops = update_drops(self.drops, mask)
+            if isinstance(skipped, torch.Tensor):
+                mask = mask & ~skipped
+                drops = torch.where(skipped, self.drops, drops)
             self.computed += mask.to(self.computed.dtype)
-            self.drops = update_drops(self.drops, mask)
+            self.drops = drops
             self.longest_streak = torch.maximum(self.longest_streak, self.drops)
 
         std = token_scores(noise, self.layout, "std")

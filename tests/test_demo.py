@@ -252,3 +252,35 @@ def test_quality_quick_schema_and_doc_splice(tmp_path, shared):
     assert "old" not in text and "before" in text and "after" in text and "Equal compute" in text
     assert (tmp_path / "docs" / "quality" / "quality.json").is_file()
     assert "quality/samples.png" in text and (tmp_path / "docs" / "quality" / "samples.png").is_file()
+
+
+def test_quality_head_to_head_quick(tmp_path, shared):
+    """``quality.py --head-to-head --quick``: dense with fewer steps, RAS, diffusers' cache hooks and
+    the combined sampler on the shipped model, each at its measured compute, with a winners table."""
+    pipe, tf = shared
+    q = _load_quality()
+    out = tmp_path / "h2h"
+    q.main(["--head-to-head", "--quick", "--out", str(out)], pipe=pipe, transform=tf)
+
+    data = json.loads((out / "head_to_head.json").read_text())
+    assert data["schema"] == "rasfx-head-to-head/1" and data["quick"] is True and data["steps"] == 6
+    runs = {r["name"]: r for r in data["runs"]}
+    assert {r["family"] for r in data["runs"]} == {"dense", "RAS", "diffusers", "combined"}
+    assert [runs[f"dense {k} steps"]["compute"] for k in (2, 3, 4, 6)] == [2, 3, 4, 6]
+    for r in data["runs"]:
+        assert 0 < r["compute"] <= 6 and 0 < r["psnr"] < 100 and -1 <= r["ssim"] <= 1
+    # skipping every 2nd RAS-kind step saves compute over RAS alone at the same ratio
+    both = runs["RAS 0.5 + skip every 2nd, extrapolated"]
+    assert both["skipped_steps"] and both["compute"] < runs["RAS 0.5"]["compute"]
+    assert runs["dense 6 steps"]["psnr"] > runs["dense 2 steps"]["psnr"]  # the reference is dense: more steps, closer
+    hooks = [r for r in data["runs"] if r["family"] == "diffusers"]
+    assert len(hooks) + len(data["not_applicable"]) == 4 and hooks  # each hook ran or says why not
+    assert all(r["compute"] < 6 for r in hooks)  # the caches saved linear-layer work
+    assert [w["budget_share"] for w in data["winners"]] == [0.25, 0.4, 0.5, 0.6]
+    for w in data["winners"]:
+        fitting = [r for r in data["runs"] if r["compute"] <= w["budget"] + 1e-9]
+        assert (w["winner"] is None) == (not fitting)
+        if fitting:
+            assert w[w["winner"]]["psnr"] == max(r["psnr"] for r in fitting)
+    md = (out / "head_to_head.md").read_text()
+    assert "Best PSNR of each family" in md and "RAS 0.5 + skip every 2nd" in md

@@ -55,7 +55,8 @@ def _flow_unipc():
     return UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
 
 
-def _latents_per_step(pipe, kw):
+def _latents_per_step(pipe, kw, steps=STEPS):
+    """The latents after every step of a ``steps``-step run from seed 0."""
     seen = []
 
     def keep(p, i, t, kwargs):
@@ -63,7 +64,7 @@ def _latents_per_step(pipe, kw):
         return {}
 
     pipe.set_progress_bar_config(disable=True)
-    pipe(**kw, num_inference_steps=STEPS, output_type="latent", generator=torch.Generator().manual_seed(0),
+    pipe(**kw, num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0),
          callback_on_step_end=keep)
     return seen
 
