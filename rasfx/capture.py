@@ -321,6 +321,46 @@ def _resize_token_tables(kwargs: dict, new: dict, image_key: str, counts, row_co
     return out
 
 
+def _resize_everything(kwargs: dict, new: dict, image_key: str, counts, sides) -> dict:
+    """A wider guess than ``_resize_token_tables``, tried after it: per-token data in any
+    form a pipeline passes it. Every dim of an int / bool tensor, and every non-last dim of a
+    float one, equal to a token count (image or joint text + image) follows it (token ids
+    [B, N], a float position table [T + N, 3]); a 1-D or 2-D tensor whose first dim is a
+    grid side (per-axis RoPE tables [gh, d], aranges [gw]) follows that side; tuples of ints
+    ending in the grid (``img_shapes=[[(1, h, w)]]``) get the new grid."""
+    sizes_of = {a: b for a, b in counts if a > 1}
+    batch = image_batch(kwargs[image_key])
+    grid = {a: b for a, b in sides}
+    side_of = {}
+    for (a, b), (a2, b2) in sides:
+        side_of.setdefault(a, a2)
+        side_of.setdefault(b, b2)
+
+    def resize(t):
+        if isinstance(t, tuple) and len(t) >= 2 and all(type(v) is int for v in t) and tuple(t[-2:]) in grid:
+            return (*t[:-2], *grid[tuple(t[-2:])])
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        floating = t.is_floating_point() or t.is_complex()
+        dims = range(t.dim() - 1) if floating and t.dim() > 1 else range(t.dim())
+        sizes = {d: sizes_of[int(t.shape[d])] for d in dims if int(t.shape[d]) in sizes_of}
+        if not sizes and t.dim() <= 2 and int(t.shape[0]) in side_of and int(t.shape[0]) != batch:
+            sizes = {0: side_of[int(t.shape[0])]}
+        return _resized(t, sizes) if sizes else t
+
+    def int_tuple(v) -> bool:
+        return isinstance(v, tuple) and bool(v) and all(type(i) is int for i in v)
+
+    out = dict(new)
+    for key, value in kwargs.items():
+        if key != image_key:
+            resized = pytree.tree_map(resize, value, is_leaf=int_tuple)
+            before, after = pytree.tree_leaves(value, is_leaf=int_tuple), pytree.tree_leaves(resized, is_leaf=int_tuple)
+            if any(a is not b for a, b in zip(after, before)):
+                out[key] = resized
+    return out
+
+
 def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
     """Candidate inputs at another resolution, each with a description
     {"mode": "grid"|"packed", sizes before/after}. Tried in order until one captures."""
@@ -334,6 +374,9 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
     # Masks over a joint sequence are T + N long (T: a conditioning input's length).
     lengths = sorted({int(v.shape[1]) for k, v in kwargs.items()
                       if k != image_key and isinstance(v, torch.Tensor) and v.dim() == 3})
+    # the wider guesses also take conditioning of other ranks ([B, T, 2, D] text states)
+    all_lengths = sorted({int(v.shape[1]) for k, v in kwargs.items()
+                          if k != image_key and isinstance(v, torch.Tensor) and v.dim() >= 3})
     if x.dim() >= 4:
         h, w = x.shape[-2], x.shape[-1]
         deltas = [(8, 16), (-8, -16), (16, 8), (-16, -8), (8, 8), (-8, -8), (16, 16), (-16, -16), (4, 8), (-4, -8)]
@@ -362,9 +405,21 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             resized = _resize_token_tables(kwargs, new, image_key, counts, joint)
             if any(resized[k] is not new[k] for k in new):
                 variants.append((resized, dict(desc, resized=True)))
+            if len(variants) <= 6:  # the first few sizes only: each failed candidate costs an export
+                sides = [((h // p, w // p), (h2 // p, w2 // p)) for p in (1, 2, 4, 8)
+                         if not (h % p or w % p or h2 % p or w2 % p)]
+                # a temporal patch (CogVideoX 1.5: 2 frames a token) halves the frames
+                temporal = [((f // 2) * (h // p) * (w // p), (f // 2) * (h2 // p) * (w2 // p))
+                            for f in frames if f % 2 == 0 and f > 2 for p in (1, 2, 4, 8)
+                            if not (h % p or w % p or h2 % p or w2 % p)]
+                joint_all = [pair for a, b in counts for pair in _joint(a, b, all_lengths)]
+                wider = _resize_everything(kwargs, new, image_key, counts + joint_all + temporal, sides)
+                if any(wider[k] is not resized[k] for k in new):
+                    variants.append((wider, dict(desc, resized="every per-token input")))
     elif x.dim() == 3:
         n = x.shape[1]
         variants += _grid_int_variants(kwargs, image_key, n, lengths)
+        variants += _grid_tuple_variants(kwargs, image_key, n, lengths)
         for n2 in (n + max(4, n // 2), max(1, n - max(4, n // 3)), 2 * n):
             if n2 == n or n2 <= 1:
                 continue
@@ -377,6 +432,9 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             variants.append((resized, dict(desc, resized=True)))
             if any(resized[k] is not new[k] for k in new):
                 variants.append((new, desc))
+            wider = _resize_everything(kwargs, new, image_key, [(n, n2), *_joint(n, n2, all_lengths)], [])
+            if any(wider[k] is not resized[k] for k in new):
+                variants.append((wider, dict(desc, resized="every per-token input")))
     return variants
 
 
@@ -474,6 +532,32 @@ def _grid_int_variants(kwargs: dict, image_key: str, n: int, lengths) -> list[tu
                 out.append((new, {"mode": "packed", "n": n, "n2": n2, "resized": True, "grid_ints": list(names)}))
             return out
     return []
+
+
+def _grid_tuple_variants(kwargs: dict, image_key: str, n: int, lengths) -> list[tuple[dict, dict]]:
+    """Packed tokens whose grid is passed as tuples of ints, per sample (QwenImage's
+    ``img_shapes=[[(1, h, w)]] * B``, for its RoPE): the second resolution changes the grid's
+    last side in every such tuple, and every per-token input with it (``_resize_everything``)."""
+    def int_tuple(v) -> bool:
+        return isinstance(v, tuple) and len(v) >= 2 and all(type(i) is int and i > 0 for i in v)
+
+    found = [t for k, v in kwargs.items() if k != image_key
+             for t in pytree.tree_leaves(v, is_leaf=int_tuple) if int_tuple(t) and math.prod(t) == n]
+    if not found:
+        return []
+    grid = tuple(found[0][-2:])
+    rest = n // grid[1]
+    out = []
+    for delta in (4, -2, 2):
+        w2 = grid[1] + delta
+        if w2 < 2:
+            continue
+        n2 = rest * w2
+        new = dict(kwargs)
+        new[image_key] = _resized(kwargs[image_key], {1: n2})
+        new = _resize_everything(kwargs, new, image_key, [(n, n2), *_joint(n, n2, lengths)], [(grid, (grid[0], w2))])
+        out.append((new, {"mode": "packed", "n": n, "n2": n2, "resized": "the grid tuples and per-token inputs"}))
+    return out
 
 
 @contextlib.contextmanager

@@ -165,7 +165,8 @@ def invariant_inputs(capture: Capture, kwargs: dict, varying: set) -> frozenset:
 def _candidate(desc: dict) -> str:
     """A second-resolution candidate in a few characters: ``16x28``, ``N=36``, ``+ tables``."""
     size = "x".join(map(str, desc["hw2"])) if "hw2" in desc else f"N={desc.get('n2')}"
-    return size + (" with resized inputs" if desc.get("resized") else "")
+    resized = desc.get("resized")
+    return size + (f" with {resized} resized" if isinstance(resized, str) else " with resized inputs" if resized else "")
 
 
 def compile_capture(
