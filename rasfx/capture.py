@@ -331,7 +331,7 @@ def _resize_everything(kwargs: dict, new: dict, image_key: str, counts, sides) -
     sizes_of = {a: b for a, b in counts if a > 1}
     batch = image_batch(kwargs[image_key])
     grid = {a: b for a, b in sides}
-    side_of = {}
+    side_of: dict[int, int] = {}
     for (a, b), (a2, b2) in sides:
         side_of.setdefault(a, a2)
         side_of.setdefault(b, b2)
