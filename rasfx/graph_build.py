@@ -14,6 +14,7 @@ import torch.utils._pytree as pytree
 from . import passes
 from .capture import Capture, analysis_variants, describe_signature, export, find_image_input, image_batch, resized_model
 from .errors import CaptureError, UnsupportedModelError, UsageError
+from .compiler import CAPTURE_PASSES, VARIANT_PASSES, CaptureState, VariantState, run_passes
 from .passes.context import RewriteContext
 from .passes.token_analysis import model_line
 
@@ -105,18 +106,10 @@ def build_variant(cc: CompiledCapture, name: str) -> Variant:
     ctx = RewriteContext(gm, cc.plan, cc.num_tokens, base, contiguous_attention=cc.contiguous_attention)
     if name == "rowwise":
         _check_rowwise(cc)
-    counters: Counter[str] = Counter()
-    counters["gathers"] = passes.insert_gathers(ctx)
-    counters["resized_args"] = passes.resize_token_shapes(ctx)
-    counters.update(passes.insert_cache_sites(ctx))
-    ctx.finalize()
-    if name != base:
-        counters.update(passes.fuse_kernels(gm))
-    hoisted = None
-    if cc.invariant_inputs is not None:
-        hoisted = passes.hoist_invariants(gm, set(cc.invariant_inputs), set(cc.dynamic_positions))
-        if hoisted is not None:
-            counters.update(hoisted.counters)
+    state = VariantState(gm, ctx, fused=name != base, invariant_inputs=cc.invariant_inputs,
+                         dynamic_positions=cc.dynamic_positions)
+    counters = run_passes(gm, VARIANT_PASSES, state)
+    hoisted = state.hoisted
     cc.timings[f"build_{name}"] = time.perf_counter() - t0
     unused = frozenset(i for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder") if not p.users)
     return Variant(name, gm, ctx.caches, counters, hoisted, unused)
@@ -189,30 +182,18 @@ def compile_capture(
             + "\n  ".join(tried or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] or [B,N,C])"])
         )
     t2 = time.perf_counter()
-    counters: Counter[str] = Counter()
     gm = cap.graph_module
-    counters["asserts"] = passes.strip_asserts(gm)
-    gm_alt = alt[0].graph_module
-    passes.strip_asserts(gm_alt)
-    try:
-        analysis = passes.analyze_tokens(gm, gm_alt, alt[1])
-    except (UnsupportedModelError, CaptureError):
-        raise
-    except Exception as e:  # e.g. shapes that stay symbolic in the captured graph
-        raise CaptureError(
-            f"token analysis failed on the captured graph of {type(model).__name__}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}{_data_dependent_origin(gm)}"
-        ) from e
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user_inputs = {n.name for n, (kind, _) in zip(placeholders, cap.input_sources) if kind == "user"}
-    plan = passes.plan_regions(gm, kv_cache, op_rules, user_inputs)
+    state = CaptureState(type(model).__name__, gm, alt[0].graph_module, alt[1], kv_cache, op_rules, user_inputs)
+    counters = run_passes(gm, CAPTURE_PASSES, state)
+    analysis, plan = state.analysis, state.plan
     if plan.counters["active_nodes"] == 0:
         raise UnsupportedModelError(
             f"{type(model).__name__}: no op of the graph can run on a subset of the image tokens "
             f"({len(plan.conservative)} ops handled conservatively, e.g. {plan.conservative[:3]}); "
             "RAS would save nothing."
         )
-    counters.update(plan.counters)
     batch = image_batch(kwargs[image_key])
     cc = CompiledCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention)
     if varying_inputs is not None:
@@ -221,21 +202,6 @@ def compile_capture(
     if resized:
         cc.timings["analysis_model_resized"] = 1.0
     return cc
-
-
-def _data_dependent_origin(gm: fx.GraphModule) -> str:
-    """Where the first data-dependent size of the graph comes from (``torch.nonzero``, a
-    boolean mask index), as the model's source line; empty when every size is static."""
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and free_unbacked_symbols(node.meta.get("val")):
-            return (
-                f". The first data-dependent size comes from {node.target} at {model_line(node)!r}: rasfx needs "
-                "every size of the graph fixed by the input shapes (a length computed from a tensor's values, "
-                "e.g. the valid prompt tokens, cannot be sized); see docs/limitations.md"
-            )
-    return ""
 
 
 def conservative_report(model: torch.nn.Module, cc: CompiledCapture, limit: int = 4) -> str | None:

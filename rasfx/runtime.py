@@ -24,7 +24,7 @@ import torch
 
 from .errors import ConfigError, RASWarning
 from .graph_build import copy_graph_module
-from .passes import lower_cache_ops
+from .compiler import lower
 
 log = logging.getLogger("rasfx")
 
@@ -236,7 +236,7 @@ def _lowered(gm: "torch.fx.GraphModule") -> "torch.fx.GraphModule":
     """A copy of ``gm`` (sharing its parameters) whose cache ops are plain in-place ATen
     writes, which Inductor fuses into the kernels producing the rows (lower_cache_ops)."""
     lowered = copy_graph_module(gm)
-    lower_cache_ops(lowered)
+    lower(lowered)
     return lowered
 
 

@@ -92,7 +92,7 @@ class Explanation:
             return cc.variant("fused")
         if self.stage == "lowered":
             from ..graph_build import Variant, copy_graph_module
-            from ..passes import lower_cache_ops
+            from ..compiler import lower
 
             # compiled runners allocate contiguous attention caches, which the dense variant's
             # in-place cache fills depend on: build the variant as they do
@@ -100,7 +100,7 @@ class Explanation:
                 cc = dataclasses.replace(cc, contiguous_attention=True, variants={}, timings={})
             base = cc.variant(self.variant_name)
             gm = copy_graph_module(base.gm)
-            return Variant(base.name, gm, base.caches, base.counters + lower_cache_ops(gm))
+            return Variant(base.name, gm, base.caches, base.counters + lower(gm))
         return cc.variant(self.variant_name)
 
     @property

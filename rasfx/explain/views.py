@@ -12,15 +12,15 @@ from torch import fx
 
 from .. import ops as _ops
 from ..flops import cost_category
+from ..compiler import CAPTURE_PASSES, PASS_ORDER as COMPILER_ORDER
 from ..passes import op_rules
+
+CAPTURE_ORDER = tuple(p.name for p in CAPTURE_PASSES)
 
 VARIANT_STAGES = ("transformed", "fused", "lowered")  # stages that show a runnable graph variant
 PER_VARIANT = ("transformed", "lowered")  # ... and depend on --variant
 #: order in which diff groups are listed (the compiler's pass order)
-PASS_ORDER = (
-    "strip_asserts", "analyze_tokens", "plan_regions", "variant inputs", "insert_gathers",
-    "resize_token_shapes", "insert_cache_sites",
-)
+PASS_ORDER = (*CAPTURE_ORDER, "variant inputs", *(n for n in COMPILER_ORDER if n not in CAPTURE_ORDER))
 
 
 def _dtype_str(dtype) -> str:
