@@ -14,7 +14,8 @@ import torch.utils._pytree as pytree
 from . import passes
 from .capture import Capture, analysis_variants, describe_signature, export, find_image_input, image_batch, resized_model
 from .errors import CaptureError, UnsupportedModelError, UsageError
-from .compiler import CAPTURE_PASSES, VARIANT_PASSES, CaptureState, VariantState, run_passes
+from . import compiler
+from .compiler import CaptureState, VariantState, run_passes
 from .passes.context import RewriteContext
 from .passes.token_analysis import model_line
 
@@ -108,7 +109,7 @@ def build_variant(cc: CompiledCapture, name: str) -> Variant:
         _check_rowwise(cc)
     state = VariantState(gm, ctx, fused=name != base, invariant_inputs=cc.invariant_inputs,
                          dynamic_positions=cc.dynamic_positions)
-    counters = run_passes(gm, VARIANT_PASSES, state)
+    counters = run_passes(gm, compiler.VARIANT_PASSES, state)  # read at call time: a pass added to the list runs
     hoisted = state.hoisted
     cc.timings[f"build_{name}"] = time.perf_counter() - t0
     unused = frozenset(i for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder") if not p.users)
@@ -186,7 +187,7 @@ def compile_capture(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user_inputs = {n.name for n, (kind, _) in zip(placeholders, cap.input_sources) if kind == "user"}
     state = CaptureState(type(model).__name__, gm, alt[0].graph_module, alt[1], kv_cache, op_rules, user_inputs)
-    counters = run_passes(gm, CAPTURE_PASSES, state)
+    counters = run_passes(gm, compiler.CAPTURE_PASSES, state)
     analysis, plan = state.analysis, state.plan
     if plan.counters["active_nodes"] == 0:
         raise UnsupportedModelError(
