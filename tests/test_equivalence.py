@@ -171,12 +171,27 @@ def _reference(model, kw):
         return model(**kw)
 
 
+def _input_name(p, role: str) -> str:
+    """The forward argument of ``role`` ("image_input" or "timestep_input"): ``hidden_states`` /
+    ``timestep`` unless a tag ``role=NAME`` of the preset names another (Z-Image: ``x``, ``t``)."""
+    for tag in p.tags:
+        key, _, value = tag.partition("=")
+        if key == role:
+            return value
+    return {"image_input": "hidden_states", "timestep_input": "timestep"}[role]
+
+
+def _batch_of(value) -> int:
+    """Batch size of an image input or output: a tensor's dim 0, or the length of a per-sample list."""
+    return len(value) if isinstance(value, (list, tuple)) else int(value.shape[0])
+
+
 def _step_inputs(p, base, batch, h, w, seed):
     """A sampling-loop step: new latents and timestep, the same conditioning."""
     fresh = p.inputs(batch, h, w, seed=seed)
     kw = dict(base)
-    kw["hidden_states"] = fresh["hidden_states"]
-    kw["timestep"] = fresh["timestep"]
+    for role in ("image_input", "timestep_input"):
+        kw[_input_name(p, role)] = fresh[_input_name(p, role)]
     return kw
 
 
@@ -300,15 +315,15 @@ def test_preset_contract(name):
     assert _rel(p.inputs(seed=0), kw) == 0.0
     h, w = p.default_hw
     b2 = p.inputs(2, h, w, seed=3)
-    x = b2["hidden_states"]
-    assert x.shape[0] == 2 and x.dtype == torch.float32
+    x = b2[_input_name(p, "image_input")]
+    assert _batch_of(x) == 2 and all(t.dtype == torch.float32 for t in _leaves(x))
     with torch.no_grad():
         model(**b2)  # warm-up
         t0 = time.process_time()
         out = model(**b2)
         cpu = time.process_time() - t0
     y = _leaves(out)[0]
-    assert y.shape[0] == 2 and bool(torch.isfinite(y).all())
+    assert _batch_of(out[0] if isinstance(out, tuple) else out) == 2 and bool(torch.isfinite(y).all())
     assert 0.05 < float(y.std()) < 20, "activations should stay O(1)"
     assert cpu < 1.0, f"forward took {cpu:.2f} s of CPU"
     # invalid sizes are rejected with a ValueError
