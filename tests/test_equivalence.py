@@ -39,7 +39,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import rasfx
-from rasfx.errors import RasfxError
+from rasfx.errors import CaptureError, RasfxError, UnsupportedModelError
 from rasfx.presets import PRESETS, get_preset
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -60,10 +60,69 @@ PASSING = [
     "sd3-tiny", "sd35-tiny", "flux-tiny", "pixart-tiny", "pixart-alpha-tiny", "dit-tiny",
     "lumina-next-tiny", "sana-tiny", "hunyuan-dit-tiny", "auraflow-tiny", "cogview4-tiny", "cogview3plus-tiny",
     "wan-tiny", "hunyuan-video-tiny", "cogvideox-rope-tiny", "chroma-tiny", "ltx-tiny",
+    # rasfx.presets_extra
+    "cosmos-tiny", "skyreels-v2-tiny", "skyreels-v2-df-tiny", "bria-tiny", "flux2-tiny", "sana-video-tiny",
+    "easyanimate-tiny",
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
 KNOWN_BUGS = {
+    # -- second-resolution capture (capture.analysis_variants / _resize_token_tables, raised by
+    #    graph_build.compile_capture): the resolution-dependent inputs are not resized with the image
+    "allegro-tiny": (
+        CaptureError, True,
+        "second-resolution capture: the pipeline passes RoPE as per-axis tables (freqs_t [F, d], freqs_h [gh, d], "
+        "freqs_w [gw, d]) and per-token grid ids [1, N] (int64, N in the last dim); _resize_token_tables resizes "
+        "only non-last dims equal to N (and a last dim only for joint T + N lengths), so the ids stay [1, N] and "
+        "apply_rotary_emb_allegro (diffusers embeddings.py:1016, from attention_processor.py:2059) broadcasts "
+        "[1, 1, N, d] against [B, H, N2, d]",
+    ),
+    "cogvideox15-tiny": (
+        CaptureError, True,
+        "second-resolution capture: the RoPE (cos, sin) tables are [F / patch_size_t * gh * gw, d]; "
+        "analysis_variants counts tokens as frames * (h / p) * (w / p) (capture.py, `counts`) without the "
+        "temporal patch (patch_size_t = 2), so the tables are not resized and apply_rotary_emb broadcasts "
+        "[N, d] against [B, H, N2, d] (CogVideoXAttnProcessor2_0)",
+    ),
+    "qwenimage-tiny": (
+        CaptureError, True,
+        "second-resolution capture: the RoPE is built inside the model from img_shapes, a python list "
+        "[[(1, h, w)]] * B (transformer_qwenimage.py:947 pos_embed(img_shapes, ...)); _grid_int_variants only "
+        "changes top-level int arguments, so the table keeps h * w rows and apply_rotary_emb_qwen "
+        "(transformer_qwenimage.py:139) broadcasts [N, 1, d] against [B, N2, H, d]",
+    ),
+    "stable-audio-tiny": (
+        CaptureError, True,
+        "second-resolution capture: the image input is 1-D audio [B, C, L] (tokens last); analysis_variants "
+        "takes a rank-3 input as packed [B, N, C] and resizes dim 1 (the channels), so preprocess_conv "
+        "(stable_audio_transformer.py:334, Conv1d) rejects it. Also: the rotary_embedding tables have L + 1 rows "
+        "(a global token is prepended, stable_audio_transformer.py:338), a length _resize_token_tables does not "
+        "look for",
+    ),
+    "kandinsky5-tiny": (
+        CaptureError, True,
+        "second-resolution capture: the image input is channels-last [B, F, H, W, C]; analysis_variants "
+        "resizes the last two dims (W and C), so Kandinsky5VisualEmbeddings.in_layer (transformer_kandinsky.py:209, "
+        "Linear over the patch channels) rejects it. Also: visual_rope_pos is a list of per-axis 1-D aranges "
+        "([F], [H / 2], [W / 2]) that _resize_token_tables skips (rank < 2)",
+    ),
+    # -- token analysis
+    "latte-tiny": (
+        UnsupportedModelError, False,
+        "token_analysis.find_token_count refuses 'several token grids (24, 48 tokens)': spatial blocks run on "
+        "[B * F, H * W, C] (latte_transformer_3d.py:208) and temporal blocks on [B * H * W, F, C] "
+        "(latte_transformer_3d.py:269-270, back at :300-301): the batch (and frames) are folded into the token "
+        "axis, one token set seen as two grids, taken for a U-Net",
+    ),
+    # -- inputs
+    "zimage-tiny": (
+        CaptureError, False,
+        "capture.find_image_input finds no tensor of rank >= 3: the pipeline passes x as a list of B tensors "
+        "[C, 1, H, W] and cap_feats as a list of per-prompt [L_i, D] tensors (pipeline_z_image.py:531-534); "
+        "TransformConfig(image_input='x') is refused too (not a tensor). Inside, patchify_and_embed pads each "
+        "sample's image and caption tokens to a multiple of 32 (transformer_z_image.py:598-615) and joins "
+        "them with pad_sequence",
+    ),
 }
 
 # Presets whose properties hold except for a single active token (n = 1): none left (PixArt's
@@ -83,6 +142,12 @@ UNSUPPORTED = {
         None, True,
         "MochiAttnProcessor2_0 keeps the valid prompt tokens with torch.nonzero (a data-dependent length); "
         "the token analysis cannot size it",
+    ),
+    "hidream-tiny": (
+        None, False,
+        "the MoE feed-forward routes tokens with flat_expert_indices.bincount().cpu().numpy().cumsum(0) "
+        "(transformer_hidream_image.py:389, moe_infer, called at :381): a data-dependent split that torch.export "
+        "cannot trace; the CaptureError names no model line",
     ),
 }
 
