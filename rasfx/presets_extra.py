@@ -542,3 +542,6 @@ def _cogvideox15_inputs(batch, h, w, g):
 _register("cogvideox15-tiny", "CogVideoXTransformer3DModel, 1.5 style (temporal patch 2, sliced 3D RoPE), 4 latent "
           "frames", _cogvideox15_model, _cogvideox15_inputs, (8, 12), max_hw=32, frames=_COGVIDEOX15_FRAMES,
           model_class="CogVideoXTransformer3DModel")
+
+
+from . import presets_extra_image  # noqa: E402,F401  (registers the newer image classes)
