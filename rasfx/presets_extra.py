@@ -546,3 +546,4 @@ _register("cogvideox15-tiny", "CogVideoXTransformer3DModel, 1.5 style (temporal 
 
 from . import presets_extra_image  # noqa: E402,F401  (registers the newer image classes)
 from . import presets_extra_video  # noqa: E402,F401  (registers the newer video classes)
+from . import presets_extra_audio  # noqa: E402,F401  (registers the audio classes)
