@@ -339,3 +339,112 @@ def _framepack_inputs(batch, h, w, g):
 _register("framepack-tiny", "HunyuanVideoFramepackTransformer3DModel (clean + 2x / 4x compressed history latents with "
           "frame indices), 2 frames", _framepack_model, _framepack_inputs, (8, 16), multiple=8, frames=_FRAMES,
           model_class="HunyuanVideoFramepackTransformer3DModel")
+
+
+# ---------------------------------------------------------------------------- LTX-2
+
+
+def _ltx2_model():
+    from diffusers import LTX2VideoTransformer3DModel
+
+    return LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+        audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=2, caption_channels=16,
+    )
+
+
+_LTX2_AUDIO_FRAMES = 5
+
+
+def _ltx2_inputs(batch, h, w, g):
+    # LTX2Pipeline (video + audio): packed video latents [B, F*H*W, 128] and audio latents
+    # [B, L, C*M]; connector outputs: video / audio prompt embeds with a binary mask (all ones:
+    # the connector's registers replace the padding); timestep = sigma = t.expand(B) (float);
+    # num_frames / height / width / audio_num_frames ints, fps = conditioning frame rate (float);
+    # video_coords / audio_coords from the transformer's rope.prepare_*_coords.
+    from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoRotaryPosEmbed
+
+    T, f = 7, _FRAMES
+    video_rope = LTX2AudioVideoRotaryPosEmbed(dim=16, patch_size=1, patch_size_t=1, base_num_frames=20,
+                                              base_height=2048, base_width=2048, scale_factors=(8, 32, 32),
+                                              modality="video", num_attention_heads=2)
+    audio_rope = LTX2AudioVideoRotaryPosEmbed(dim=16, patch_size=1, patch_size_t=1, base_num_frames=20,
+                                              sampling_rate=16000, hop_length=160, scale_factors=[4],
+                                              modality="audio", num_attention_heads=2)
+    latents = _randn(g, batch, 8, f, h, w)
+    packed = latents.permute(0, 2, 3, 4, 1).reshape(batch, f * h * w, 8)
+    t = _flow_timestep(g, batch)
+    return dict(
+        hidden_states=packed,
+        audio_hidden_states=_randn(g, batch, _LTX2_AUDIO_FRAMES, 8),
+        encoder_hidden_states=_randn(g, batch, T, 16),
+        audio_encoder_hidden_states=_randn(g, batch, T, 16),
+        timestep=t,
+        sigma=t,
+        encoder_attention_mask=torch.ones(batch, T, dtype=torch.int64),
+        audio_encoder_attention_mask=torch.ones(batch, T, dtype=torch.int64),
+        num_frames=f,
+        height=h,
+        width=w,
+        fps=24.0,
+        audio_num_frames=_LTX2_AUDIO_FRAMES,
+        video_coords=video_rope.prepare_video_coords(batch, f, h, w, torch.device("cpu"), fps=24.0),
+        audio_coords=audio_rope.prepare_audio_coords(batch, _LTX2_AUDIO_FRAMES, torch.device("cpu")),
+        isolate_modalities=False,
+        spatio_temporal_guidance_blocks=None,
+        perturbation_mask=None,
+        use_cross_timestep=True,
+        attention_kwargs=None,
+    )
+
+
+_register("ltx2-tiny", "LTX2VideoTransformer3DModel (joint video + audio streams with cross-modal attention, packed "
+          "tokens, coordinate RoPE), 2 frames", _ltx2_model, _ltx2_inputs, (8, 12), multiple=1, frames=_FRAMES,
+          model_class="LTX2VideoTransformer3DModel")
+
+
+# ---------------------------------------------------------------------------- ConsisID
+
+
+def _consisid_model():
+    from diffusers import ConsisIDTransformer3DModel
+
+    # 3 heads of 16: the face cross-attention's K/V width is inner_dim * 2 / 3 and must equal
+    # LFE_output_dim (3072 -> 2048 in the checkpoint); 16 keeps the 3D RoPE split even.
+    return ConsisIDTransformer3DModel(
+        num_attention_heads=3, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=16,
+        text_embed_dim=16, num_layers=2, sample_width=12, sample_height=8, sample_frames=5, patch_size=2,
+        max_text_seq_length=7, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
+        is_train_face=True, cross_attn_interval=1, cross_attn_dim_head=8, cross_attn_num_heads=2, LFE_id_dim=8,
+        LFE_vit_dim=8, LFE_depth=2, LFE_dim_head=8, LFE_num_heads=2, LFE_num_id_token=2, LFE_num_querie=4,
+        LFE_output_dim=32, LFE_ff_mult=2, LFE_num_scale=2,
+    )
+
+
+def _consisid_inputs(batch, h, w, g):
+    # ConsisIDPipeline (CogVideoX I2V based): latent_model_input = cat(latents, image latents of
+    # the face image followed by zero frames) on the channels of [B, F, C, H, W]; T5 prompt_embeds;
+    # timestep = t.expand(B) (int64); 3D RoPE (cos, sin) as CogVideoX 1.0; id_cond [B, 1280] and
+    # id_vit_hidden (a list of ViT hidden states [B, 577, 1024]) from the face models.
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    T = 7
+    image = torch.cat([_randn(g, batch, 1, 4, h, w), torch.zeros(batch, _FRAMES - 1, 4, h, w)], dim=1)
+    crops = get_resize_crop_region_for_grid((h // 2, w // 2), 12 // 2, 8 // 2)
+    return dict(
+        hidden_states=torch.cat([_randn(g, batch, _FRAMES, 4, h, w), image], dim=2),
+        encoder_hidden_states=_padded_text(g, _token_mask(g, batch, T), 16),
+        timestep=torch.randint(0, 1000, (), generator=g)[None].expand(batch),
+        image_rotary_emb=get_3d_rotary_pos_embed(embed_dim=16, crops_coords=crops, grid_size=(h // 2, w // 2),
+                                                 temporal_size=_FRAMES),
+        attention_kwargs=None,
+        id_vit_hidden=[_randn(g, batch, 5, 8) for _ in range(2)],
+        id_cond=_randn(g, batch, 8),
+    )
+
+
+_register("consisid-tiny", "ConsisIDTransformer3DModel (CogVideoX I2V + face identity Perceiver cross-attention), "
+          "2 frames", _consisid_model, _consisid_inputs, (8, 12), frames=_FRAMES,
+          model_class="ConsisIDTransformer3DModel")
