@@ -9,6 +9,29 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["NOT_COVERED"]
+
+#: diffusers 0.42.1 transformer classes without a preset, and why (docs/models.md lists them).
+NOT_COVERED: dict[str, str] = {
+    "Flux3Transformer2DModel": "no diffusers pipeline builds its inputs",
+    "MiniMaxH3Transformer3DModel": "no diffusers pipeline builds its inputs",
+    "MiniMaxMusic3Transformer1DModel": "no diffusers pipeline builds its inputs",
+    "WanAnimate2Transformer3DModel": "no diffusers pipeline builds its inputs",
+    "AnyFlowFARTransformer3DModel": "not attempted: frame-autoregressive chunks with a KV cache that forward fills",
+    "SanaWMTransformer3DModel": "not attempted: chunked camera-conditioned world model (data_info, Plücker inputs)",
+    "SanaWMLTX2RefinerTransformer3DModel": "not attempted: refiner driven by a KV cache and cache modes",
+    "Cosmos3OmniTransformer": "not attempted: omni model over token index tensors (text, vision, sound, action)",
+    "Kandinsky6SRTransformer3DModel": "not attempted: super-resolution on fixed tiles with NABLA flex-attention masks",
+    "RFD4ProteinaTransformer": "not an image model: protein structure diffusion over residues",
+    "PriorTransformer": "not a DiT over latents: CLIP image-embedding prior",
+    "T5FilmDecoder": "not attempted: spectrogram decoder over note-encoder outputs (encodings_and_masks lists)",
+    "MiniMaxMusic3RVQDepthDecoder": "not a diffusion model: RVQ depth decoder",
+    "DreamLiteTransformer2DModel": "a block of DreamLiteUNetModel (a U-Net)",
+    "DualTransformer2DModel": "a U-Net component (Versatile Diffusion)",
+    "TransformerTemporalModel": "a U-Net component (AnimateDiff / video U-Nets)",
+    "Transformer2DModel": "the legacy U-Net/DiT block; DiT and PixArt have their own classes and presets",
+}
+
 from .presets import (
     _FRAMES, _VAE_SCALE, _flow_timestep, _int_timestep, _padded_text, _randn, _register, _token_mask,
 )

@@ -448,3 +448,76 @@ def _consisid_inputs(batch, h, w, g):
 _register("consisid-tiny", "ConsisIDTransformer3DModel (CogVideoX I2V + face identity Perceiver cross-attention), "
           "2 frames", _consisid_model, _consisid_inputs, (8, 12), frames=_FRAMES,
           model_class="ConsisIDTransformer3DModel")
+
+
+# ---------------------------------------------------------------------------- Wan-Animate
+
+
+def _wan_animate_model():
+    from diffusers import WanAnimateTransformer3DModel
+
+    return WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, latent_channels=4,
+        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, image_dim=16, added_kv_proj_dim=24,
+        rope_max_seq_len=64, motion_encoder_channel_sizes={"4": 8, "8": 8}, motion_encoder_size=8,
+        motion_style_dim=8, motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=1, motion_encoder_batch_size=8,
+    )
+
+
+def _wan_animate_inputs(batch, h, w, g):
+    # WanAnimatePipeline: latent_model_input = cat(latents, reference latents (mask + VAE latents
+    # of the character image and the previous segment)) [B, 2C + 4, T + 1, H, W] (the reference
+    # image is frame 0); pose latents [B, C, T, H, W]; the face video in pixels [B, 3, S, 512,
+    # 512] (here 8 x 8); CLIP image states; timestep = t.expand(B) (float).
+    T, frames = 7, _FRAMES
+    reference = torch.cat([torch.ones(batch, 4, frames + 1, h, w), _randn(g, batch, 4, frames + 1, h, w)], dim=1)
+    return dict(
+        hidden_states=torch.cat([_randn(g, batch, 4, frames + 1, h, w), reference], dim=1),
+        timestep=_flow_timestep(g, batch),
+        encoder_hidden_states=_padded_text(g, _token_mask(g, batch, T), 16),
+        encoder_hidden_states_image=_randn(g, batch, 5, 16),
+        pose_hidden_states=_randn(g, batch, 4, frames, h, w),
+        face_pixel_values=torch.rand(batch, 3, 4 * frames - 3, 8, 8, generator=g) * 2 - 1,
+        motion_encode_batch_size=None,
+        attention_kwargs=None,
+    )
+
+
+_register("wan-animate-tiny", "WanAnimateTransformer3DModel (Wan I2V + pose latents + face-motion encoder and "
+          "adapters), 2 + 1 frames", _wan_animate_model, _wan_animate_inputs, (8, 12), max_hw=128,
+          frames=_FRAMES + 1, model_class="WanAnimateTransformer3DModel")
+
+
+# ---------------------------------------------------------------------------- JoyImage-Edit-Plus
+
+
+def _joyimage_edit_plus_model():
+    from diffusers import JoyImageEditPlusTransformer3DModel
+
+    return JoyImageEditPlusTransformer3DModel(
+        patch_size=[1, 2, 2], in_channels=4, out_channels=4, hidden_size=24, num_attention_heads=2, text_dim=16,
+        mlp_width_ratio=2.0, num_layers=2, rope_dim_list=[4, 4, 4],
+    )
+
+
+def _joyimage_edit_plus_inputs(batch, h, w, g):
+    # JoyImageEditPlusPipeline (no reference image): latents pre-patchified per item and padded
+    # to the longest sample [B, max_patches, C, pt, ph, pw]; shape_list = [[(t, h/2, w/2)]] per
+    # sample (python ints); prompt_embeds + mask (int64); t_expand = t.repeat(B) (float).
+    T = 7
+    latents = _randn(g, batch, 4, 1, h, w)
+    patches = latents.reshape(batch, 4, 1, 1, h // 2, 2, w // 2, 2).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    mask = _token_mask(g, batch, T)
+    return dict(
+        hidden_states=patches.reshape(batch, (h // 2) * (w // 2), 4, 1, 2, 2),
+        timestep=_flow_timestep(g, batch),
+        encoder_hidden_states=_padded_text(g, mask, 16),
+        encoder_hidden_states_mask=mask,
+        shape_list=[[(1, h // 2, w // 2)] for _ in range(batch)],
+    )
+
+
+_register("joyimage-edit-plus-tiny", "JoyImageEditPlusTransformer3DModel (pre-patchified items [B, P, C, pt, ph, pw] "
+          "with a python shape_list)", _joyimage_edit_plus_model, _joyimage_edit_plus_inputs, (8, 12),
+          model_class="JoyImageEditPlusTransformer3DModel")
