@@ -418,6 +418,15 @@ _register("easyanimate-tiny", "EasyAnimateTransformer3DModel (MMDiT joint text+v
 # ---------------------------------------------------------------------------- Kandinsky 5
 
 
+def _with_zero_condition(latents: torch.Tensor, dim: int) -> torch.Tensor:
+    """Latents of a text-to-video call of an image-to-video model: ``cat(latents, zero
+    condition latents, a zero mask channel)`` on the channel axis ``dim`` (Kandinsky 5/6,
+    HunyuanVideo 1.5, Motif-Video)."""
+    mask_shape = list(latents.shape)
+    mask_shape[dim] = 1
+    return torch.cat([latents, torch.zeros_like(latents), latents.new_zeros(mask_shape)], dim=dim)
+
+
 def _kandinsky5_model():
     from diffusers import Kandinsky5Transformer3DModel
 
@@ -435,11 +444,9 @@ def _kandinsky5_inputs(batch, h, w, g):
     # arange(W // 2)], text_rope_pos = arange(longest prompt), scale_factor from
     # _get_scale_factor (outside 480p: (1, 3.16, 3.16)), sparse_params None (regular attention).
     T = 7
-    latents = _randn(g, batch, _FRAMES, h, w, 4)
-    cond = torch.cat([latents, torch.zeros_like(latents), torch.zeros(batch, _FRAMES, h, w, 1)], dim=-1)
     t = torch.rand((), generator=g) * 1000.0
     return dict(
-        hidden_states=cond,
+        hidden_states=_with_zero_condition(_randn(g, batch, _FRAMES, h, w, 4), dim=-1),
         encoder_hidden_states=_randn(g, batch, T, 16),
         pooled_projections=_randn(g, batch, 8),
         timestep=t.unsqueeze(0).repeat(batch).to(torch.float32),

@@ -10,6 +10,14 @@ from .presets_extra import _latent_ids, _pack_2x2
 # ---------------------------------------------------------------------------- LongCat-Image
 
 
+def _diagonal_text_ids(length: int) -> torch.Tensor:
+    """Text position ids [T, 3] = (0, i, i) (LongCat-Image, Ovis-Image pipelines)."""
+    ids = torch.zeros(length, 3)
+    ids[:, 1] = torch.arange(length)
+    ids[:, 2] = torch.arange(length)
+    return ids
+
+
 def _longcat_image_model():
     from diffusers import LongCatImageTransformer2DModel
 
@@ -24,9 +32,7 @@ def _longcat_image_inputs(batch, h, w, g):
     # i < T, image ids (1, 512 + row, 512 + col) (offset tokenizer_max_length); timestep =
     # t.expand(B) / 1000; guidance None; Qwen2.5-VL prompt_embeds [B, 512, 3584].
     T = 7
-    txt_ids = torch.zeros(T, 3)
-    txt_ids[:, 1] = torch.arange(T)
-    txt_ids[:, 2] = torch.arange(T)
+    txt_ids = _diagonal_text_ids(T)
     img_ids = _latent_ids(h, w)
     img_ids[:, 0] = 1
     img_ids[:, 1:] += 512
@@ -61,9 +67,7 @@ def _ovis_image_inputs(batch, h, w, g):
     # OvisImagePipeline: Flux-style packed latents and latent ids; Ovis prompt_embeds multiplied
     # by the tokenizer mask; text_ids [T, 3] = (0, i, i); timestep = t.expand(B) / 1000.
     T = 7
-    txt_ids = torch.zeros(T, 3)
-    txt_ids[:, 1] = torch.arange(T)
-    txt_ids[:, 2] = torch.arange(T)
+    txt_ids = _diagonal_text_ids(T)
     return dict(
         hidden_states=_pack_2x2(_randn(g, batch, 4, 2 * h, 2 * w)),
         timestep=_flow_timestep(g, batch) / 1000,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .presets import _FRAMES, _flow_timestep, _padded_text, _randn, _register, _token_mask
+from .presets_extra import _with_zero_condition
 
 # ---------------------------------------------------------------------------- ChronoEdit
 
@@ -95,9 +96,8 @@ def _hunyuan_video15_inputs(batch, h, w, g):
     # condition latents, zero mask) [B, 65, F, H, W]; image_embeds zeros [B, 729, 1152]; Qwen2.5-VL
     # prompt_embeds + mask and byT5 glyph embeds + mask; timestep = t.expand(B) (float).
     T, T2 = 7, 5
-    latents = _randn(g, batch, 4, _FRAMES, h, w)
     return dict(
-        hidden_states=torch.cat([latents, torch.zeros_like(latents), torch.zeros(batch, 1, _FRAMES, h, w)], dim=1),
+        hidden_states=_with_zero_condition(_randn(g, batch, 4, _FRAMES, h, w), dim=1),
         image_embeds=torch.zeros(batch, 9, 8),
         timestep=_flow_timestep(g, batch),
         encoder_hidden_states=_randn(g, batch, T, 16),
@@ -133,7 +133,7 @@ def _motif_video_inputs(batch, h, w, g):
     latents = _randn(g, batch, 4, _FRAMES, h, w)
     mask = _token_mask(g, batch, T)
     return dict(
-        hidden_states=torch.cat([latents, torch.zeros_like(latents), torch.zeros(batch, 1, _FRAMES, h, w)], dim=1),
+        hidden_states=_with_zero_condition(latents, dim=1),
         timestep=_flow_timestep(g, batch),
         encoder_hidden_states=_padded_text(g, mask, 16),
         encoder_attention_mask=mask,
@@ -271,10 +271,8 @@ def _kandinsky6_inputs(batch, h, w, g):
     # mask (None when nothing is padded), pooled CLIP embeds; timestep = t.expand(B) (float);
     # visual_rope_pos / visual_token_type_ids None (no first-frame condition), audio None.
     T = 7
-    latents = _randn(g, batch, _FRAMES, h, w, 4)
-    cond = torch.cat([latents, torch.zeros_like(latents), torch.zeros(batch, _FRAMES, h, w, 1)], dim=-1)
     return dict(
-        hidden_states=cond,
+        hidden_states=_with_zero_condition(_randn(g, batch, _FRAMES, h, w, 4), dim=-1),
         audio_hidden_states=None,
         encoder_hidden_states=_randn(g, batch, T, 16),
         pooled_projections=_randn(g, batch, 8),
