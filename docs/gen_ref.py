@@ -703,6 +703,14 @@ def render_models() -> str:
         "smaller grid.", "",
         "Your own DiT needs no entry here: [Bring your own DiT](byo-dit.md) shows how to check one.", "",
     ]
+    from rasfx.presets_extra import NOT_COVERED
+
+    lines += [
+        "## diffusers classes without a preset", "",
+        "The other transformer classes of `diffusers.models.transformers`, and why none is checked:", "",
+        "| class | why |", "| --- | --- |",
+        *(f"| `{cls}` | {why.replace('|', '/')} |" for cls, why in NOT_COVERED.items()), "",
+    ]
     return HEADER.format(pyver=PYVER) + "\n".join(lines)
 
 

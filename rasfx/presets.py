@@ -888,3 +888,4 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except (KeyError, TypeError):
         raise UsageError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}") from None
+from . import presets_extra  # noqa: E402,F401  (registers the presets of presets_extra)
