@@ -95,12 +95,44 @@ _DATA_DEPENDENT = ("data-dependent", "GuardOnDataDependentSymNode", "item()", "t
 def export(model: torch.nn.Module, kwargs: dict) -> ExportedProgram:
     """Non-strict ``torch.export`` of ``model(**kwargs)``; clear error when it fails."""
     wrapper = _KwargsModule(model)
-    with EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad(), _quiet_logs(), _restore_export_flag():
+    with EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad(), _quiet_logs(), _restore_export_flag(), \
+            _attributes_restored(model):
         warnings.simplefilter("ignore")
         try:
             return _inline_wrappers(torch.export.export(wrapper, (), kwargs, strict=False))
         except Exception as e:  # export raises many types; all mean "cannot capture"
             raise CaptureError(_export_failure(model, e)) from e
+
+
+_KEEP = ("_parameters", "_buffers", "_modules")
+
+
+@contextlib.contextmanager
+def _attributes_restored(model: torch.nn.Module):
+    """Models that cache a table on their first call (a RoPE helper object keeping
+    ``freqs_cis``, an attribute set lazily in ``forward``) would keep the capture's fake
+    tensors and fail in every later eager call. The attributes of every submodule, and of the
+    plain objects they hold, are put back as they were before the capture (added ones removed)."""
+    saved: list[tuple[dict, dict]] = []
+    seen: set[int] = set()
+    for mod in model.modules():
+        for obj in (mod, *(v for k, v in vars(mod).items() if k not in _KEEP)):
+            d = getattr(obj, "__dict__", None)
+            if not isinstance(d, dict) or id(d) in seen or isinstance(obj, (torch.Tensor, type)):
+                continue
+            if obj is not mod and isinstance(obj, torch.nn.Module):
+                continue  # a submodule: saved on its own
+            seen.add(id(d))
+            saved.append((d, {k: v for k, v in d.items() if k not in _KEEP}))
+    try:
+        yield
+    finally:
+        for d, before in saved:
+            for key in [k for k in d if k not in before and k not in _KEEP]:
+                del d[key]
+            for key, value in before.items():
+                if d.get(key) is not value:
+                    d[key] = value
 
 
 def _wrapper_hops() -> tuple:

@@ -368,7 +368,7 @@ def _ltx2_inputs(batch, h, w, g):
                                               base_height=2048, base_width=2048, scale_factors=(8, 32, 32),
                                               modality="video", num_attention_heads=2)
     audio_rope = LTX2AudioVideoRotaryPosEmbed(dim=16, patch_size=1, patch_size_t=1, base_num_frames=20,
-                                              sampling_rate=16000, hop_length=160, scale_factors=[4],
+                                              sampling_rate=16000, hop_length=160, scale_factors=(4,),
                                               modality="audio", num_attention_heads=2)
     latents = _randn(g, batch, 8, f, h, w)
     packed = latents.permute(0, 2, 3, 4, 1).reshape(batch, f * h * w, 8)

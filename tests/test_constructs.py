@@ -382,3 +382,45 @@ def test_attention_over_a_compressed_grid_is_named():
     with pytest.raises(rasfx.UnsupportedModelError, match=r"(?s)24, 6 tokens; the first tensor with 6 comes from .aten[.a-z_]+ at k = self.sr.*reduced grid"):
         with torch.no_grad():
             ras(hidden_states=torch.randn(2, 4, 8, 12))
+
+
+def test_a_table_cached_on_the_first_call_survives_the_capture():
+    """Bria FIBO 2 / Z-Image keep ``freqs_cis`` on a plain helper object, computed on the first
+    call: a capture must not leave its fake tensors there (the model would fail eagerly)."""
+
+    class Rope:
+        def __init__(self):
+            self.freqs = None
+
+        def __call__(self, n: int) -> torch.Tensor:
+            if self.freqs is None or self.freqs.shape[0] != n:
+                self.freqs = torch.arange(n, dtype=torch.float32)[:, None] / n
+            return self.freqs
+
+    class LazyDiT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+            self.rope = Rope()
+            self.block = _Block()
+            self.head = torch.nn.Linear(C, 4 * P * P)
+
+        def forward(self, hidden_states):
+            b, _, h, w = hidden_states.shape
+            x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+            if not hasattr(self, "scale"):
+                self.scale = torch.ones(C)  # a lazily set attribute, too
+            x = x + self.rope(x.shape[1]) * self.scale
+            x = x + self.block.attention(x)
+            x = self.head(x).view(b, h // P, w // P, P, P, 4)
+            return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+    model = LazyDiT().eval()
+    x = torch.randn(2, 4, 8, 12)
+    ras = rasfx.transform(model)
+    with torch.no_grad():
+        got = ras(hidden_states=x)
+        assert model.rope.freqs is None and not hasattr(model, "scale")  # as before the capture
+        want = model(hidden_states=x)  # the plain model still runs
+    assert _rel(got, want) <= TOL

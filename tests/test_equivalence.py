@@ -64,7 +64,7 @@ PASSING = [
     "cosmos-tiny", "skyreels-v2-tiny", "skyreels-v2-df-tiny", "bria-tiny", "flux2-tiny", "sana-video-tiny",
     "easyanimate-tiny", "longcat-image-tiny", "ovis-image-tiny", "bria-fibo-tiny", "prx-tiny", "chronoedit-tiny",
     "wan-vace-tiny", "motif-video-tiny", "anyflow-tiny", "helios-tiny", "joyimage-edit-tiny", "ltx2-tiny",
-    "consisid-tiny",
+    "consisid-tiny", "cogvideox15-tiny", "qwenimage-tiny", "nucleusmoe-image-tiny", "longcat-audio-tiny",
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
@@ -72,26 +72,11 @@ KNOWN_BUGS = {
     # -- second-resolution capture (capture.analysis_variants / _resize_token_tables, raised by
     #    graph_build.compile_capture): the resolution-dependent inputs are not resized with the image
     "allegro-tiny": (
-        CaptureError, True,
-        "second-resolution capture: the pipeline passes RoPE as per-axis tables (freqs_t [F, d], freqs_h [gh, d], "
-        "freqs_w [gw, d]) and per-token grid ids [1, N] (int64, N in the last dim); _resize_token_tables resizes "
-        "only non-last dims equal to N (and a last dim only for joint T + N lengths), so the ids stay [1, N] and "
-        "apply_rotary_emb_allegro (diffusers embeddings.py:1016, from attention_processor.py:2059) broadcasts "
-        "[1, 1, N, d] against [B, H, N2, d]",
-    ),
-    "cogvideox15-tiny": (
-        CaptureError, True,
-        "second-resolution capture: the RoPE (cos, sin) tables are [F / patch_size_t * gh * gw, d]; "
-        "analysis_variants counts tokens as frames * (h / p) * (w / p) (capture.py, `counts`) without the "
-        "temporal patch (patch_size_t = 2), so the tables are not resized and apply_rotary_emb broadcasts "
-        "[N, d] against [B, H, N2, d] (CogVideoXAttnProcessor2_0)",
-    ),
-    "qwenimage-tiny": (
-        CaptureError, True,
-        "second-resolution capture: the RoPE is built inside the model from img_shapes, a python list "
-        "[[(1, h, w)]] * B (transformer_qwenimage.py:947 pos_embed(img_shapes, ...)); _grid_int_variants only "
-        "changes top-level int arguments, so the table keeps h * w rows and apply_rotary_emb_qwen "
-        "(transformer_qwenimage.py:139) broadcasts [N, 1, d] against [B, N2, H, d]",
+        RuntimeError, True,
+        "captured since the wider second-resolution guess resizes its per-axis RoPE tables and grid ids; a RAS "
+        "step then fails in rasfx::ras_attention's cache write (ops.write_rows_: 'Index tensor must have the same "
+        "number of dimensions as self tensor'): its attention's K/V layout is not the one insert_cache_sites "
+        "assumed",
     ),
     "stable-audio-tiny": (
         CaptureError, True,
@@ -108,14 +93,6 @@ KNOWN_BUGS = {
         "Linear over the patch channels) rejects it. Also: visual_rope_pos is a list of per-axis 1-D aranges "
         "([F], [H / 2], [W / 2]) that _resize_token_tables skips (rank < 2)",
     ),
-    "nucleusmoe-image-tiny": (
-        CaptureError, True,
-        "second-resolution capture: as qwenimage-tiny, the RoPE is built from img_shapes, a python list "
-        "[(1, h, w)] * B that _grid_int_variants does not change; apply_rotary_emb broadcasts [N, 1, d] against "
-        "[B, N2, H, d]. Also: _compute_video_freqs is a functools.lru_cache (transformer_nucleusmoe_image.py:234) "
-        "that keeps the FakeTensors of the capture; with other inputs (seed 4) the eager rerun in "
-        "module._plain_model_error hits them and a RuntimeError is blamed on the model, as in bria-fibo2-tiny",
-    ),
     "kandinsky6-tiny": (
         CaptureError, True,
         "second-resolution capture: channels-last image input [B, F, H, W, C] as kandinsky5-tiny; analysis_variants "
@@ -127,31 +104,22 @@ KNOWN_BUGS = {
         "resizes dim 1 (the channels) of a rank-3 input and the input Conv1d rejects it",
     ),
     "krea2-tiny": (
-        CaptureError, True,
-        "second-resolution capture: position_ids is one float table [T + N, 3] over the joint text + image "
-        "sequence; _resize_token_tables looks for joint T + N lengths only in the last dim of int/bool tensors "
-        "and [B, L] rows, so the table keeps T + N rows and the RoPE broadcasts [1, T + N, 1, d] against "
-        "[B, T + N2, H, d] (transformer_krea2.py attention)",
+        UnsupportedModelError, True,
+        "captured since the wider second-resolution guess resizes its float [T + N, 3] position table; the "
+        "token region then ends before the output (the tail reads this step's modulation: a conservative choice "
+        "warned at capture) and token_map() cannot be derived",
     ),
     "glm-image-tiny": (
         CaptureError, True,
-        "second-resolution capture: prior_token_id [B, N] (int64) and prior_token_drop [B, N] (bool), per-token "
-        "inputs with N in the last dim, are not resized (_resize_token_tables only resizes a last dim equal to a "
-        "joint T + N length); hidden_states + prior_hidden_states (transformer_glm_image.py:664) broadcasts "
-        "[B, N, D] against [B, N2, D]",
+        "captured since the wider second-resolution guess resizes prior_token_id / prior_token_drop [B, N]; "
+        "the graph then indexes the tokens with the boolean prior_token_drop (a data-dependent size: the "
+        "CaptureError names the op and line)",
     ),
     "ideogram4-tiny": (
-        CaptureError, True,
-        "second-resolution capture: the image input is one packed [left-pad | text | image] sequence [B, T + N, C] "
-        "(the pipeline prepends zeros for the text slots), so rasfx takes all T + N positions as image tokens; "
-        "segment_ids / indicator [B, T + N] (int64, length in the last dim) are not resized and the indicator "
-        "masks (transformer_ideogram4.py:416-417) broadcast [B, T + N, 1] against [B, T + N2, D]",
-    ),
-    "longcat-audio-tiny": (
-        CaptureError, True,
-        "second-resolution capture: attention_mask [B, L] (bool, one entry per audio frame, L in the last dim) is "
-        "not resized; the blocks multiply the hidden states by it (transformer_longcat_audio_dit.py:222) and "
-        "broadcast [B, L, ...] against [B, L2, ...]",
+        RuntimeError, True,
+        "the image input is one packed [pad / text / image] sequence [B, T + N, C], so rasfx takes all T + N "
+        "positions as image tokens; captured since the wider guess resizes segment_ids / indicator [B, T + N], "
+        "but a batch of 3 then fails in an expand of a cached [B, 2, 1, T + N] tensor",
     ),
     "wan-animate-tiny": (
         CaptureError, True,
@@ -188,12 +156,10 @@ KNOWN_BUGS = {
     ),
     # -- inputs
     "zimage-tiny": (
-        CaptureError, False,
-        "capture.find_image_input finds no tensor of rank >= 3: the pipeline passes x as a list of B tensors "
-        "[C, 1, H, W] and cap_feats as a list of per-prompt [L_i, D] tensors (pipeline_z_image.py:531-534); "
-        "TransformConfig(image_input='x') is refused too (not a tensor). Inside, patchify_and_embed pads each "
-        "sample's image and caption tokens to a multiple of 32 (transformer_z_image.py:598-615) and joins "
-        "them with pad_sequence",
+        UnsupportedModelError, True,
+        "list inputs (x, cap_feats) are captured now, but the tokens are padded to multiples of 32 and "
+        "re-split per sample inside (transformer_z_image.py:598-615): every op after the padding reads this "
+        "step's inputs at full length, so no op runs on a subset of the image tokens",
     ),
 }
 
@@ -206,8 +172,7 @@ SINGLE_TOKEN_BUGS: dict = {}
 # ``Preset.known_failure``, shown by ``rasfx presets``): a clear rasfx error is expected. Known bugs
 # also carry a ``known_failure`` (so that ``rasfx presets`` marks them) but are tested above.
 _SLOW_TO_FAIL = {"cogvideox-tiny", "mochi-tiny"}
-_XFAIL_UNSUPPORTED = {"bria-fibo2-tiny": RuntimeError}  # a rasfx bug on top (see its known_failure)
-UNSUPPORTED = {name: (_XFAIL_UNSUPPORTED.get(name), name in _SLOW_TO_FAIL, p.known_failure.reason)
+UNSUPPORTED = {name: (None, name in _SLOW_TO_FAIL, p.known_failure.reason)
                for name, p in PRESETS.items() if p.known_failure is not None and name not in KNOWN_BUGS}
 
 
