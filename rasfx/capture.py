@@ -467,7 +467,40 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             wider = _resize_everything(kwargs, new, image_key, [(n, n2), *_joint(n, n2, all_lengths)], [])
             if any(wider[k] is not resized[k] for k in new):
                 variants.append((wider, dict(desc, resized="every per-token input")))
+    if samples is None:
+        variants += _other_layouts(kwargs, image_key, x, all_lengths)
     return variants
+
+
+def _other_layouts(kwargs: dict, image_key: str, x: torch.Tensor, lengths) -> list[tuple[dict, dict]]:
+    """Candidates for image inputs laid out otherwise, tried after the usual ones: channels
+    last (Kandinsky 5's [B, F, H, W, C]: the grid is the two dims before the last) and tokens
+    last (Stable Audio's [B, C, L]: the sequence is the last dim)."""
+    out: list[tuple[dict, dict]] = []
+    if x.dim() >= 5:
+        h, w = int(x.shape[-3]), int(x.shape[-2])
+        frames = {int(s) for s in x.shape[1:-3]} or {1}
+        for dh, dw in ((8, 16), (-8, -16), (16, 8)):
+            h2, w2 = h + dh, w + dw
+            if h2 <= 0 or w2 <= 0:
+                continue
+            new = dict(kwargs)
+            new[image_key] = _resized(x, {x.dim() - 3: h2, x.dim() - 2: w2})
+            desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2), "batch": int(x.shape[0]),
+                                    "resized": "a channels-last grid and every per-token input"}
+            ps = [p for p in (1, 2, 4, 8) if not (h % p or w % p or h2 % p or w2 % p)]
+            counts = [(f * (h // p) * (w // p), f * (h2 // p) * (w2 // p)) for p in ps for f in frames]
+            joint = [pair for a, b in counts for pair in _joint(a, b, lengths)]
+            sides = [((h // p, w // p), (h2 // p, w2 // p)) for p in ps]
+            out.append((_resize_everything(kwargs, new, image_key, counts + joint, sides), desc))
+    elif x.dim() == 3:
+        n = int(x.shape[-1])
+        for n2 in (n + max(4, n // 2), 2 * n):
+            new = dict(kwargs)
+            new[image_key] = _resized(x, {2: n2})
+            desc = {"mode": "packed", "n": n, "n2": n2, "resized": "a tokens-last sequence and every per-token input"}
+            out.append((_resize_everything(kwargs, new, image_key, [(n, n2), *_joint(n, n2, lengths)], []), desc))
+    return out
 
 
 # layers whose weights are [out, in]-like feature dims, never per-token tables

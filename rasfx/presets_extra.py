@@ -587,10 +587,8 @@ from . import presets_extra_audio  # noqa: E402,F401  (registers the audio class
 _SECOND_SIZE = "could not capture the model at a second resolution"
 _NO_REGION = "no op of the graph can run on a subset of the image tokens"
 _KNOWN_FAILURES = {
-    "stable-audio-tiny": ("rasfx bug: 1-D audio [B, C, L] is taken as packed [B, N, C] tokens", _SECOND_SIZE),
-    "stable-audio3-tiny": ("rasfx bug: 1-D audio [B, C, L] is taken as packed [B, N, C] tokens", _SECOND_SIZE),
-    "kandinsky5-tiny": ("rasfx bug: the channels-last image input [B, F, H, W, C] is resized in W and C", _SECOND_SIZE),
-    "kandinsky6-tiny": ("rasfx bug: the channels-last image input [B, F, H, W, C] is resized in W and C", _SECOND_SIZE),
+    "kandinsky5-tiny": ("rasfx bug: at batch 1 no layout of its channels-last input [B, F, H, W, C] captures at a "
+                        "second size", _SECOND_SIZE),
     "wan-animate-tiny": ("rasfx bug: the second grid input (pose_hidden_states) is not resized with the image",
                          _SECOND_SIZE),
     "joyimage-edit-plus-tiny": ("rasfx bug: the pre-patchified input [B, P, C, pt, ph, pw] is resized in its patch "

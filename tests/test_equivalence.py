@@ -79,29 +79,28 @@ KNOWN_BUGS = {
         "assumed",
     ),
     "stable-audio-tiny": (
-        CaptureError, True,
-        "second-resolution capture: the image input is 1-D audio [B, C, L] (tokens last); analysis_variants "
-        "takes a rank-3 input as packed [B, N, C] and resizes dim 1 (the channels), so preprocess_conv "
-        "(stable_audio_transformer.py:334, Conv1d) rejects it. Also: the rotary_embedding tables have L + 1 rows "
-        "(a global token is prepended, stable_audio_transformer.py:338), a length _resize_token_tables does not "
-        "look for",
+        UnsupportedModelError, True,
+        "captured since the analysis also tries other input layouts (1-D audio [B, C, L]); the token region then ends "
+        "before the output (a tail that reads this step's modulation, warned at capture) and token_map() "
+        "cannot be derived",
     ),
     "kandinsky5-tiny": (
-        CaptureError, True,
-        "second-resolution capture: the image input is channels-last [B, F, H, W, C]; analysis_variants "
-        "resizes the last two dims (W and C), so Kandinsky5VisualEmbeddings.in_layer (transformer_kandinsky.py:209, "
-        "Linear over the patch channels) rejects it. Also: visual_rope_pos is a list of per-axis 1-D aranges "
-        "([F], [H / 2], [W / 2]) that _resize_token_tables skips (rank < 2)",
+        UnsupportedModelError, True,
+        "captured since the analysis also tries other input layouts (channels-last [B, F, H, W, C]); the token region then ends "
+        "before the output (a tail that reads this step's modulation, warned at capture) and token_map() "
+        "cannot be derived",
     ),
     "kandinsky6-tiny": (
-        CaptureError, True,
-        "second-resolution capture: channels-last image input [B, F, H, W, C] as kandinsky5-tiny; analysis_variants "
-        "resizes W and C and the patch embedding's Linear rejects it",
+        UnsupportedModelError, True,
+        "captured since the analysis also tries other input layouts (channels-last [B, F, H, W, C]); the token region then ends "
+        "before the output (a tail that reads this step's modulation, warned at capture) and token_map() "
+        "cannot be derived",
     ),
     "stable-audio3-tiny": (
-        CaptureError, True,
-        "second-resolution capture: 1-D audio [B, C, L] (tokens last), as stable-audio-tiny: analysis_variants "
-        "resizes dim 1 (the channels) of a rank-3 input and the input Conv1d rejects it",
+        UnsupportedModelError, True,
+        "captured since the analysis also tries other input layouts (1-D audio [B, C, L]); the token region then ends "
+        "before the output (a tail that reads this step's modulation, warned at capture) and token_map() "
+        "cannot be derived",
     ),
     "krea2-tiny": (
         UnsupportedModelError, True,
