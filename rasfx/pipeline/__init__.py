@@ -78,10 +78,10 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from .config import RASConfig
-from .errors import ArgumentTypeError, RasfxError, RASWarning, UsageError
-from .module import refuse_foreign_hooks
-from .sampler import (
+from ..config import RASConfig
+from ..errors import ArgumentTypeError, RasfxError, RASWarning, UsageError
+from ..module import refuse_foreign_hooks
+from ..sampler import (
     PixelLayout,
     RegionSampler,
     StepPlan,
@@ -90,8 +90,8 @@ from .sampler import (
     index_for_batch,
     step_kinds,
 )
-from .run_stats import RunStats, StepStats, build_seconds, ran_modes, step_flops_share
-from .steps import StepSparsity, element_mask
+from ..run_stats import RunStats, StepStats, build_seconds, ran_modes, step_flops_share
+from ..steps import StepSparsity, element_mask
 
 __all__ = ["enable", "disable", "enabled", "release", "stats", "is_enabled", "RASWarning"]
 
