@@ -367,6 +367,7 @@ class PipelineController:
 
 
 def _batch_of(args: tuple, kwargs: dict) -> Optional[int]:
+    """Batch size of a transformer call: the first dim of ``hidden_states`` (or of the first tensor)."""
     x = kwargs.get("hidden_states")
     if not isinstance(x, torch.Tensor):
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
@@ -376,6 +377,7 @@ def _batch_of(args: tuple, kwargs: dict) -> Optional[int]:
 
 
 def _device_of(args: tuple, kwargs: dict, model: torch.nn.Module) -> torch.device:
+    """Device of a transformer call: its first tensor argument's, else the model's."""
     for v in list(args) + list(kwargs.values()):
         if isinstance(v, torch.Tensor):
             return v.device
