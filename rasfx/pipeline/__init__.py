@@ -79,9 +79,9 @@ closure, so pickling an enabled pipeline fails instead of storing the plain one;
 with hooks on the transformer is what rasfx refuses (diffusers' caches, group offloading and
 layerwise casting replace forwards at run time), a check that would have to tell rasfx's own hook
 from foreign ones on every forward. The CFG branch name reaches stateful hooks only through
-private functions (``HookRegistry._set_context`` before, ``_set_cache_context`` with a
-``CacheContext`` now) that changed between the diffusers versions rasfx supports; wrapping the
-public ``cache_context`` method reads it the same way on all of them.
+private functions that changed across diffusers releases (``HookRegistry._set_context`` in
+earlier ones, ``_set_cache_context`` with a ``CacheContext`` in 0.42); wrapping the public
+``cache_context`` method reads it the same way on all of them.
 """
 
 from __future__ import annotations
