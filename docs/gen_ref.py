@@ -340,7 +340,7 @@ def _without_field_entries(doc: str | None, docs: dict) -> str:
 def _class(page: _Page, qual: str, cls, level: int = 3) -> None:
     page.h(level, f"`{qual}`", qual)
     init = cls.__dict__.get("__init__")
-    if init is not None:
+    if init is not None and not getattr(cls, "_is_protocol", False):  # a Protocol is not instantiated
         page.code(signature(init, qual, drop_self=True, is_class=True))
     page.add(md_doc(cls.__doc__), "")
     _members(page, qual, cls, level)
@@ -454,6 +454,7 @@ def render_api() -> str:
     page.h(2, "Diffusers pipelines", "pipelines")
     for name in ("enable", "disable", "enabled", "is_enabled", "stats"):
         _function(page, f"rasfx.{name}", getattr(rasfx, name))
+    _class(page, "rasfx.RASModuleProtocol", rasfx.RASModuleProtocol)
     _dataclass(page, "rasfx.RASConfig", rasfx.RASConfig)
     page.add(f"`rasfx.config.METRICS` = `{config_mod.METRICS!r}`; "
              f"`rasfx.config.SCHEDULES` = `{config_mod.SCHEDULES!r}`; "

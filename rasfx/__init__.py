@@ -23,7 +23,7 @@ _EXPORTS = {
     "UnsupportedModelError": "errors", "UsageError": "errors",
     "RASConfig": "config",
     "Explanation": "explain", "explain": "explain",
-    "RASModule": "module",
+    "RASModule": "module", "RASModuleProtocol": "pipeline.contract",
     "OpRule": "passes.op_rules",
     "disable": "pipeline", "enable": "pipeline", "enabled": "pipeline", "is_enabled": "pipeline",
     "release": "pipeline", "stats": "pipeline",
@@ -34,8 +34,8 @@ _EXPORTS = {
 __all__ = [  # the names of _EXPORTS
     "ArgumentTypeError", "CaptureError", "ConfigError", "disable", "enable", "enabled", "explain", "Explanation",
     "heatmap_figure", "heatmap_image", "InvalidIndexError", "is_enabled", "OpRule", "RASConfig", "RasfxError",
-    "RASModule", "RASWarning", "release", "RunStats", "save_heatmap", "stats", "StepStats", "TooFewTokensError",
-    "transform", "TransformConfig", "UnsupportedModelError", "UsageError",
+    "RASModule", "RASModuleProtocol", "RASWarning", "release", "RunStats", "save_heatmap", "stats", "StepStats",
+    "TooFewTokensError", "transform", "TransformConfig", "UnsupportedModelError", "UsageError",
 ]
 
 
@@ -77,6 +77,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .module import RASModule
     from .passes.op_rules import OpRule
     from .pipeline import disable, enable, enabled, is_enabled, release, stats
+    from .pipeline.contract import RASModuleProtocol
     from .heatmaps import heatmap_figure, heatmap_image, save_heatmap
     from .run_stats import RunStats, StepStats
     from .transform import TransformConfig, transform

@@ -43,8 +43,9 @@ from diffusers import (  # noqa: E402
 )
 
 import rasfx.pipeline as rp  # noqa: E402
+from rasfx.pipeline.latents import latent_channels, packed_structure  # noqa: E402
 from rasfx.config import RASConfig  # noqa: E402
-from rasfx.errors import ConfigError  # noqa: E402
+from rasfx.errors import ArgumentTypeError, ConfigError  # noqa: E402
 from rasfx.sampler import PixelLayout, starvation_bound, token_scores  # noqa: E402
 from rasfx.heatmaps import heatmap_image, save_heatmap  # noqa: E402
 
@@ -595,6 +596,45 @@ def test_enable_guards_and_context_manager():
         rp.enable(object(), RASConfig())
 
 
+class _NoActiveSet(torch.nn.Module):
+    """A transform result that forgets part of the contract: no set_active, no token_map, and a
+    ``reset`` that is not callable."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.reset = None
+        self.num_image_tokens = None
+        self.last_forward_dense = True
+
+    def cache_context(self, name):
+        return contextlib.nullcontext()
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def test_custom_transform_is_checked_against_the_contract():
+    pipe, kw = tiny("sd3")
+    before = (dict(pipe.transformer.__dict__), dict(pipe.scheduler.__dict__))
+    with pytest.raises(ArgumentTypeError) as info:
+        rp.enable(pipe, RASConfig(), transform=_NoActiveSet)
+    msg = str(info.value)
+    assert isinstance(info.value, TypeError)
+    assert "pipe.transformer" in msg and "_NoActiveSet" in msg and "rasfx.RASModuleProtocol" in msg
+    assert "missing set_active, token_map" in msg and "not callable: reset" in msg
+    assert "cache_context" not in msg and "num_image_tokens" not in msg  # present: not named
+    assert not rp.is_enabled(pipe) and (dict(pipe.transformer.__dict__), dict(pipe.scheduler.__dict__)) == before
+    # an object with none of it: every member of the protocol is named, in the protocol's order
+    with pytest.raises(ArgumentTypeError, match=r"missing num_image_tokens, last_forward_dense, __call__, "
+                                                      r"cache_context, set_active, token_map, reset\)"):
+        rp.enable(pipe, RASConfig(), transform=lambda model: object())
+    # the stand-in and rasfx.transform keep it (mypy checks rasfx.RASModule statically as well)
+    for transform in TRANSFORMS.values():
+        with rp.enabled(pipe, RASConfig(), transform=transform):
+            assert rp.is_enabled(pipe)
+
+
 def test_transformer_called_outside_a_run_is_untouched():
     pipe, kw = tiny("sd3")
     x = torch.randn(1, 4, 16, 16)
@@ -637,13 +677,13 @@ def test_packed_row_layout_is_read_from_the_pipelines_pack_function():
             return x.reshape(batch_size, (height // 2) * (width // 2), 4 * num_channels_latents)
 
     state = type("S", (), {})()
-    state.latent_channels = rp._latent_channels(ChannelsLast())
+    state.latent_channels = latent_channels(ChannelsLast())
     state.original_pack = ChannelsLast._pack_latents
-    perm, c, k = rp._packed_structure(state, 12)
+    perm, c, k = packed_structure(state, 12)
     assert (c, k) == (3, 4)
     assert torch.equal(perm, torch.arange(12))  # already (pixel, channel) ordered
     state.original_pack = None  # no pack function: diffusers' channel-major convention
-    perm, c, k = rp._packed_structure(state, 12)
+    perm, c, k = packed_structure(state, 12)
     assert torch.equal(perm, torch.arange(12).view(3, 4).t().reshape(-1))
 
 

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("transformers")
 
 import rasfx  # noqa: E402
-import rasfx.pipeline as rp  # noqa: E402
+from rasfx.pipeline.patching import is_ours  # noqa: E402
 from reference_ras import make_sd3_tiny, sd3_inputs  # noqa: E402
 from test_pipeline import build_flux, build_pixart, build_sd3  # noqa: E402
 
@@ -344,7 +344,7 @@ def test_pickle_of_an_enabled_pipeline_is_the_plain_pipeline():
     rasfx.enable(pipe, CFG)
     twin = pickle.loads(pickle.dumps(pipe))
     assert not rasfx.is_enabled(twin)
-    assert "forward" not in twin.transformer.__dict__ or not rp._is_ours(twin.transformer.__dict__["forward"])
+    assert "forward" not in twin.transformer.__dict__ or not is_ours(twin.transformer.__dict__["forward"])
     assert np.array_equal(generate(twin, kw), plain)
     with rasfx.enabled(twin, CFG):
         generate(twin, kw)
