@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -156,6 +157,12 @@ def invariant_inputs(capture: Capture, kwargs: dict, varying: set) -> frozenset:
     )
 
 
+def _brief(message: str) -> str:
+    """A capture error without its lead-in and its advice: where it failed and torch's error."""
+    text = re.sub(r"^torch\.export could not capture \S+", "failed", message)
+    return text.split(". rasfx ", 1)[0]
+
+
 def _candidate(desc: dict) -> str:
     """A second-resolution candidate in a few characters: ``16x28``, ``N=36``, ``+ tables``."""
     size = "x".join(map(str, desc["hw2"])) if "hw2" in desc else f"N={desc.get('n2')}"
@@ -175,7 +182,9 @@ def compile_capture(
     t1 = time.perf_counter()
     alt, resized, errors = _analysis_capture(model, kwargs, image_key)
     if alt is None:
-        tried = [f"{', '.join(descs)}: {message}" for message, descs in errors.items()]
+        # the first error in full; the others by where they failed (each torch error once)
+        tried = [f"{', '.join(descs)}: {message if i == 0 else _brief(message)}"
+                 for i, (message, descs) in enumerate(errors.items())]
         raise CaptureError(
             "could not capture the model at a second resolution, which the token analysis needs to tell "
             f"image-token axes from other dims (captured at {describe_signature(signature)}), not even with its "
