@@ -431,11 +431,23 @@ def test_preset_contract(name):
 # ------------------------------------------------------------------------------ equivalence
 
 
-@pytest.mark.parametrize("name", _params(PASSING))
+_CORE = PASSING[: PASSING.index("ltx-tiny") + 1]  # rasfx.presets; the rest come from rasfx.presets_extra*
+
+
+@pytest.mark.parametrize("name", _params(_CORE))
 @settings(max_examples=_examples(4), **_SETTINGS)
 @given(seeds=_seeds, sub_seed=st.integers(0, 2**16), ratios=_ratios)
 def test_equivalence_default_size(name, seeds, sub_seed, ratios):
     """Default resolution, batch 2: one capture per preset, reused by every example."""
+    p = get_preset(name)
+    check_equivalence(name, 2, p.default_hw, seeds, sub_seed, ratios)
+
+
+@pytest.mark.parametrize("name", _params(PASSING[len(_CORE):]))
+@settings(max_examples=_examples(2), **_SETTINGS)
+@given(seeds=_seeds, sub_seed=st.integers(0, 2**16), ratios=_ratios)
+def test_equivalence_default_size_more_classes(name, seeds, sub_seed, ratios):
+    """The same for the presets of the other diffusers classes, with fewer examples (suite time)."""
     p = get_preset(name)
     check_equivalence(name, 2, p.default_hw, seeds, sub_seed, ratios)
 
