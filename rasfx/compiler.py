@@ -73,7 +73,7 @@ class CaptureState:
     model_name: str
     gm: fx.GraphModule
     gm_alt: fx.GraphModule
-    variant: dict  # the second resolution (capture.analysis_variants)
+    variant: dict  # the second resolution (second_resolution.analysis_variants)
     kv_cache: bool
     op_rules: Optional[dict]
     user_inputs: set

@@ -13,7 +13,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import passes
-from .capture import Capture, analysis_variants, describe_signature, export, find_image_input, image_batch, resized_model
+from .capture import Capture, describe_signature, export
+from .second_resolution import analysis_variants, find_image_input, image_batch, resized_model
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from . import compiler
 from .compiler import CaptureState, VariantState, run_passes

@@ -69,7 +69,7 @@ PASSING = [
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
 KNOWN_BUGS = {
-    # -- second-resolution capture (capture.analysis_variants / _resize_token_tables, raised by
+    # -- second-resolution capture (second_resolution.analysis_variants / _resize_token_tables, raised by
     #    graph_build.compile_capture): the resolution-dependent inputs are not resized with the image
     "allegro-tiny": (
         RuntimeError, True,

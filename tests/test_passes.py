@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import rasfx
 from rasfx import passes
-from rasfx.capture import analysis_variants, export, input_signature
+from rasfx.capture import export, input_signature
+from rasfx.second_resolution import analysis_variants
 from rasfx.graph_build import build_variant, compile_capture, copy_graph_module
 
 T, C, P = 3, 16, 2  # text tokens, width, patch size

@@ -1,0 +1,375 @@
+"""A second resolution of a call's inputs, for the token analysis (``passes.token_analysis``).
+
+The token analysis compares two captures of one forward: this module finds the image input
+of a call and builds candidate inputs at another size (``analysis_variants``): the image input
+resized, and with it every input that carries per-token data (position tables, masks over a
+joint text + image sequence, grid sizes passed as ints or tuples), first with narrow guesses,
+then wider ones and other input layouts. ``resized_model`` makes a model built for one input
+size look built for the other one during that capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from typing import Any, Iterator
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import CaptureError
+
+
+IMAGE_INPUT_NAMES = ("hidden_states", "x", "sample", "latents", "img", "image")
+
+
+def _is_image(value: Any) -> bool:
+    """A tensor of rank >= 3, or a list / tuple of them (per-sample inputs, as the original
+    Wan code takes ``x: list[Tensor]``)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() >= 3
+    return (isinstance(value, (list, tuple)) and bool(value)
+            and all(isinstance(v, torch.Tensor) and v.dim() >= 3 for v in value))
+
+
+def image_batch(x: Any) -> int:
+    """The batch size of an image input: its first dim, or the number of per-sample tensors."""
+    return len(x) if isinstance(x, (list, tuple)) else int(x.shape[0])
+
+
+def find_image_input(kwargs: dict, name: str | None = None) -> str:
+    """Name of the input that carries the image (or video) tokens."""
+    if name is not None:
+        if name not in kwargs or not _is_image(kwargs[name]):
+            raise CaptureError(
+                f"image input {name!r} is not a tensor argument of rank >= 3 (or a list of them) of this call; "
+                f"got {sorted(kwargs)}"
+            )
+        return name
+    for cand in IMAGE_INPUT_NAMES:
+        if _is_image(kwargs.get(cand)):
+            return cand
+    for key, value in kwargs.items():
+        if _is_image(value):
+            return key
+    raise CaptureError(
+        "found no image input (a tensor of rank >= 3: [B, C, H, W], [B, C, F, H, W] or packed [B, N, C], or a "
+        f"list of per-sample tensors); inputs were {sorted(kwargs)}. Pass TransformConfig(image_input=...) to name it."
+    )
+
+
+def _frames(x: torch.Tensor, per_sample: bool) -> set[int]:
+    """Candidate frame counts of an image input: 1 for images; for video latents
+    ([B, C, F, H, W] or [B, F, C, H, W], per sample without B) either dim before H, W."""
+    lead = x.shape[:-2] if per_sample else x.shape[1:-2]
+    return {1} if len(lead) <= 1 else {int(s) for s in lead}
+
+
+def _resized(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
+    shape = list(t.shape)
+    for d, s in sizes.items():
+        shape[d] = s
+    if t.is_floating_point() or t.is_complex():
+        return torch.randn(shape, dtype=t.dtype, device=t.device)
+    return torch.zeros(shape, dtype=t.dtype, device=t.device)
+
+
+def _resize_token_tables(kwargs: dict, new: dict, image_key: str, counts, row_counts=()) -> dict:
+    """Copy of ``new`` where tensors (also inside tuples/lists, e.g. RoPE (cos, sin)) whose
+    non-feature dims equal a token count ``n1`` get ``n2`` there. ``row_counts``: lengths of a
+    joint text + image sequence, also looked for in the last dim of int/bool tensors and of
+    per-sample rows ``[B, L]`` (a mask over the joint sequence, as Chroma passes it)."""
+    batch = image_batch(kwargs[image_key])
+    ints = {n1: n2 for n1, n2 in counts if n1 > 1}
+
+    def resize(t):
+        if type(t) is int and t in ints:  # a sequence length passed as an int (original Wan's seq_len)
+            return ints[t]
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            return t
+        sizes = {d: n2 for n1, n2 in counts for d, s in enumerate(t.shape[:-1]) if s == n1 and n1 > 1}
+        row = not (t.is_floating_point() or t.is_complex()) or (t.dim() == 2 and t.shape[0] == batch)
+        if row:
+            sizes.update({t.dim() - 1: n2 for n1, n2 in row_counts if t.shape[-1] == n1})
+        return _resized(t, sizes) if sizes else t
+
+    out = dict(new)
+    for key, value in kwargs.items():
+        if key != image_key:
+            resized = pytree.tree_map(resize, value)
+            if any(a is not b for a, b in zip(pytree.tree_leaves(resized), pytree.tree_leaves(value))):
+                out[key] = resized
+    return out
+
+
+def _resize_everything(kwargs: dict, new: dict, image_key: str, counts, sides) -> dict:
+    """A wider guess than ``_resize_token_tables``, tried after it: per-token data in any
+    form a pipeline passes it. Every dim of an int / bool tensor, and every non-last dim of a
+    float one, equal to a token count (image or joint text + image) follows it (token ids
+    [B, N], a float position table [T + N, 3]); a 1-D or 2-D tensor whose first dim is a
+    grid side (per-axis RoPE tables [gh, d], aranges [gw]) follows that side; tuples of ints
+    ending in the grid (``img_shapes=[[(1, h, w)]]``) get the new grid."""
+    sizes_of = {a: b for a, b in counts if a > 1}
+    batch = image_batch(kwargs[image_key])
+    grid = {a: b for a, b in sides}
+    side_of: dict[int, int] = {}
+    for (a, b), (a2, b2) in sides:
+        side_of.setdefault(a, a2)
+        side_of.setdefault(b, b2)
+
+    def resize(t):
+        if isinstance(t, tuple) and len(t) >= 2 and all(type(v) is int for v in t) and tuple(t[-2:]) in grid:
+            return (*t[:-2], *grid[tuple(t[-2:])])
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        floating = t.is_floating_point() or t.is_complex()
+        dims = range(t.dim() - 1) if floating and t.dim() > 1 else range(t.dim())
+        sizes = {d: sizes_of[int(t.shape[d])] for d in dims if int(t.shape[d]) in sizes_of}
+        if not sizes and t.dim() <= 2 and int(t.shape[0]) in side_of and int(t.shape[0]) != batch:
+            sizes = {0: side_of[int(t.shape[0])]}
+        return _resized(t, sizes) if sizes else t
+
+    def int_tuple(v) -> bool:
+        return isinstance(v, tuple) and bool(v) and all(type(i) is int for i in v)
+
+    out = dict(new)
+    for key, value in kwargs.items():
+        if key != image_key:
+            resized = pytree.tree_map(resize, value, is_leaf=int_tuple)
+            before, after = pytree.tree_leaves(value, is_leaf=int_tuple), pytree.tree_leaves(resized, is_leaf=int_tuple)
+            if any(a is not b for a, b in zip(after, before)):
+                out[key] = resized
+    return out
+
+
+def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
+    """Candidate inputs at another resolution, each with a description
+    {"mode": "grid"|"packed", sizes before/after}. Tried in order until one captures."""
+    x = kwargs[image_key]
+    samples = list(x) if isinstance(x, (list, tuple)) else None  # per-sample tensors, unbatched
+    if samples is not None:
+        x = samples[0]
+        if not all(u.shape == x.shape for u in samples) or x.dim() < 3:
+            return []  # per-sample sizes that differ, or packed samples: not analysed
+    variants = []
+    # Masks over a joint sequence are T + N long (T: a conditioning input's length).
+    lengths = sorted({int(v.shape[1]) for k, v in kwargs.items()
+                      if k != image_key and isinstance(v, torch.Tensor) and v.dim() == 3})
+    # the wider guesses also take conditioning of other ranks ([B, T, 2, D] text states)
+    all_lengths = sorted({int(v.shape[1]) for k, v in kwargs.items()
+                          if k != image_key and isinstance(v, torch.Tensor) and v.dim() >= 3})
+    if x.dim() >= 4:
+        h, w = x.shape[-2], x.shape[-1]
+        deltas = [(8, 16), (-8, -16), (16, 8), (-16, -8), (8, 8), (-8, -8), (16, 16), (-16, -16), (4, 8), (-4, -8)]
+        for dh, dw in deltas:
+            h2, w2 = h + dh, w + dw
+            if h2 <= 0 or w2 <= 0:
+                continue
+            new = dict(kwargs)
+            sizes = {x.dim() - 2: h2, x.dim() - 1: w2}
+            new[image_key] = (_resized(x, sizes) if samples is None
+                              else type(kwargs[image_key])(_resized(u, sizes) for u in samples))
+            desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2), "batch": image_batch(kwargs[image_key])}
+            variants.append((new, desc))
+            # Inputs that carry a per-token table (e.g. RoPE cos/sin passed in by the pipeline)
+            # must follow the resolution: a second candidate resizes non-feature dims that
+            # equal the token count of a usual patch size.
+            counts = []
+            # video latents are [B, C, F, H, W] or [B, F, C, H, W]: either dim may be the frames
+            frames = _frames(x, samples is not None)
+            for p in (1, 2, 4, 8):
+                if h % p or w % p or h2 % p or w2 % p:
+                    continue
+                for f in frames:
+                    counts.append((f * (h // p) * (w // p), f * (h2 // p) * (w2 // p)))
+            joint = [pair for n, n2 in counts for pair in _joint(n, n2, lengths)]
+            resized = _resize_token_tables(kwargs, new, image_key, counts, joint)
+            if any(resized[k] is not new[k] for k in new):
+                variants.append((resized, dict(desc, resized=True)))
+            if len(variants) <= 6:  # the first few sizes only: each failed candidate costs an export
+                sides = [((h // p, w // p), (h2 // p, w2 // p)) for p in (1, 2, 4, 8)
+                         if not (h % p or w % p or h2 % p or w2 % p)]
+                # a temporal patch (CogVideoX 1.5: 2 frames a token) halves the frames
+                temporal = [((f // 2) * (h // p) * (w // p), (f // 2) * (h2 // p) * (w2 // p))
+                            for f in frames if f % 2 == 0 and f > 2 for p in (1, 2, 4, 8)
+                            if not (h % p or w % p or h2 % p or w2 % p)]
+                joint_all = [pair for a, b in counts for pair in _joint(a, b, all_lengths)]
+                wider = _resize_everything(kwargs, new, image_key, counts + joint_all + temporal, sides)
+                if any(wider[k] is not resized[k] for k in new):
+                    variants.append((wider, dict(desc, resized="every per-token input")))
+    elif x.dim() == 3:
+        n = x.shape[1]
+        variants += _grid_int_variants(kwargs, image_key, n, lengths)
+        variants += _grid_tuple_variants(kwargs, image_key, n, lengths)
+        for n2 in (n + max(4, n // 2), max(1, n - max(4, n // 3)), 2 * n):
+            if n2 == n or n2 <= 1:
+                continue
+            new = dict(kwargs)
+            new[image_key] = _resized(x, {1: n2})
+            desc = {"mode": "packed", "n": n, "n2": n2}
+            # Per-token inputs (position ids) follow the sequence length; feature dims (last)
+            # never do. If a conditioning length equals N by chance, the plain variant helps.
+            resized = _resize_token_tables(kwargs, new, image_key, [(n, n2)], _joint(n, n2, lengths))
+            variants.append((resized, dict(desc, resized=True)))
+            if any(resized[k] is not new[k] for k in new):
+                variants.append((new, desc))
+            wider = _resize_everything(kwargs, new, image_key, [(n, n2), *_joint(n, n2, all_lengths)], [])
+            if any(wider[k] is not resized[k] for k in new):
+                variants.append((wider, dict(desc, resized="every per-token input")))
+    if samples is None:
+        variants += _other_layouts(kwargs, image_key, x, all_lengths)
+    return variants
+
+
+def _other_layouts(kwargs: dict, image_key: str, x: torch.Tensor, lengths) -> list[tuple[dict, dict]]:
+    """Candidates for image inputs laid out otherwise, tried after the usual ones: channels
+    last (Kandinsky 5's [B, F, H, W, C]: the grid is the two dims before the last) and tokens
+    last (Stable Audio's [B, C, L]: the sequence is the last dim)."""
+    out: list[tuple[dict, dict]] = []
+    if x.dim() >= 5:
+        h, w = int(x.shape[-3]), int(x.shape[-2])
+        frames = {int(s) for s in x.shape[1:-3]} or {1}
+        for dh, dw in ((8, 16), (-8, -16), (16, 8)):
+            h2, w2 = h + dh, w + dw
+            if h2 <= 0 or w2 <= 0:
+                continue
+            new = dict(kwargs)
+            new[image_key] = _resized(x, {x.dim() - 3: h2, x.dim() - 2: w2})
+            desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2), "batch": int(x.shape[0]),
+                                    "resized": "a channels-last grid and every per-token input"}
+            ps = [p for p in (1, 2, 4, 8) if not (h % p or w % p or h2 % p or w2 % p)]
+            counts = [(f * (h // p) * (w // p), f * (h2 // p) * (w2 // p)) for p in ps for f in frames]
+            joint = [pair for a, b in counts for pair in _joint(a, b, lengths)]
+            sides = [((h // p, w // p), (h2 // p, w2 // p)) for p in ps]
+            out.append((_resize_everything(kwargs, new, image_key, counts + joint, sides), desc))
+    elif x.dim() == 3:
+        n = int(x.shape[-1])
+        for n2 in (n + max(4, n // 2), 2 * n):
+            new = dict(kwargs)
+            new[image_key] = _resized(x, {2: n2})
+            desc = {"mode": "packed", "n": n, "n2": n2, "resized": "a tokens-last sequence and every per-token input"}
+            out.append((_resize_everything(kwargs, new, image_key, [(n, n2), *_joint(n, n2, lengths)], []), desc))
+    return out
+
+
+# layers whose weights are [out, in]-like feature dims, never per-token tables
+_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.LayerNorm, torch.nn.GroupNorm,
+           torch.nn.modules.batchnorm._NormBase, torch.nn.RMSNorm)
+
+
+# attribute names that hold an input size, a patch grid or a token count (timm / DiT style)
+_SIZE_NAMES = ("img_size", "image_size", "input_size", "sample_size", "grid", "resolution", "patches", "tokens",
+               "seq_len")
+
+
+@contextlib.contextmanager
+def resized_model(model: torch.nn.Module, desc: dict, x: Any) -> Iterator[bool]:
+    """For the analysis capture of a model built for one input size (the reference DiT: a
+    patch embedding asserting ``img_size``, a position table built in ``__init__``): within
+    the context, the model looks built for the variant's size ``desc``. Parameters and
+    buffers with a non-feature dim equal to a token count get random tables of the new
+    count (not the weights of linear, conv and norm layers); attributes named for a size
+    (``img_size``, ``grid_size``, ``num_patches``, ... see ``_SIZE_NAMES``) that equal the input
+    size, a patch grid or a token count get the new values. Everything is restored on
+    exit. Yields whether anything changed."""
+    tuples: dict = {}
+    counts: dict = {}
+    if desc["mode"] == "grid":
+        (h, w), (h2, w2) = desc["hw"], desc["hw2"]
+        per_sample = isinstance(x, (list, tuple))
+        frames = _frames(x[0] if per_sample else x, per_sample)
+        tuples[(h, w)] = (h2, w2)
+        for p in (1, 2, 4, 8):
+            if not (h % p or w % p or h2 % p or w2 % p):
+                tuples.setdefault((h // p, w // p), (h2 // p, w2 // p))
+                for f in frames:
+                    counts.setdefault(f * (h // p) * (w // p), f * (h2 // p) * (w2 // p))
+    else:
+        counts[desc["n"]] = desc["n2"]
+    counts = {a: b for a, b in counts.items() if a > 1}
+    undo: list[tuple[dict, str, Any]] = []  # (namespace, name, original value)
+    try:
+        for mod in model.modules():
+            tables: tuple[dict[str, Any], ...] = () if isinstance(mod, _LAYERS) else (mod._parameters, mod._buffers)
+            for table in tables:
+                for name, t in list(table.items()):
+                    if t is None or t.dim() < 2:
+                        continue
+                    sizes = {d: counts[s] for d, s in enumerate(t.shape[:-1]) if s in counts}
+                    if sizes:
+                        new = _resized(t.detach(), sizes)
+                        table[name] = torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
+                        undo.append((table, name, t))
+            for name, value in list(vars(mod).items()) if not isinstance(mod, _LAYERS) else ():
+                if name.startswith("_") or not any(k in name for k in _SIZE_NAMES):
+                    continue
+                new_value = None
+                if isinstance(value, tuple) and value in tuples:
+                    new_value = tuples[value]
+                elif type(value) is int and value in counts:
+                    new_value = counts[value]
+                if new_value is not None:
+                    vars(mod)[name] = new_value
+                    undo.append((vars(mod), name, value))
+        yield bool(undo)
+    finally:
+        for namespace, name, value in reversed(undo):
+            namespace[name] = value
+
+
+def _joint(n: int, n2: int, lengths) -> list[tuple[int, int]]:
+    """Lengths of text + image sequences at both resolutions, for masks over them."""
+    return [(n + t, n2 + t) for t in sorted(lengths) if t != n]
+
+
+def _grid_int_variants(kwargs: dict, image_key: str, n: int, lengths) -> list[tuple[dict, dict]]:
+    """Packed tokens whose grid is also passed as ints (LTX: ``num_frames``, ``height``,
+    ``width`` with F * H * W = N, for its RoPE coordinates): the second resolution must change
+    the ints with the sequence, so the last of them grows or shrinks with N."""
+    ints = {k: v for k, v in kwargs.items() if type(v) is int and v > 1}
+    for size in (3, 2):
+        for names in itertools.combinations(ints, size):
+            if math.prod(ints[k] for k in names) != n:
+                continue
+            last = names[-1]
+            rest = n // ints[last]
+            out = []
+            for delta in (4, -2, 2):
+                w2 = ints[last] + delta
+                if w2 < 2:
+                    continue
+                n2 = rest * w2
+                new = dict(kwargs)
+                new[image_key] = _resized(kwargs[image_key], {1: n2})
+                new[last] = w2
+                new = _resize_token_tables(kwargs, new, image_key, [(n, n2)], _joint(n, n2, lengths))
+                out.append((new, {"mode": "packed", "n": n, "n2": n2, "resized": True, "grid_ints": list(names)}))
+            return out
+    return []
+
+
+def _grid_tuple_variants(kwargs: dict, image_key: str, n: int, lengths) -> list[tuple[dict, dict]]:
+    """Packed tokens whose grid is passed as tuples of ints, per sample (QwenImage's
+    ``img_shapes=[[(1, h, w)]] * B``, for its RoPE): the second resolution changes the grid's
+    last side in every such tuple, and every per-token input with it (``_resize_everything``)."""
+    def int_tuple(v) -> bool:
+        return isinstance(v, tuple) and len(v) >= 2 and all(type(i) is int and i > 0 for i in v)
+
+    found = [t for k, v in kwargs.items() if k != image_key
+             for t in pytree.tree_leaves(v, is_leaf=int_tuple) if int_tuple(t) and math.prod(t) == n]
+    if not found:
+        return []
+    grid = tuple(found[0][-2:])
+    rest = n // grid[1]
+    out = []
+    for delta in (4, -2, 2):
+        w2 = grid[1] + delta
+        if w2 < 2:
+            continue
+        n2 = rest * w2
+        new = dict(kwargs)
+        new[image_key] = _resized(kwargs[image_key], {1: n2})
+        new = _resize_everything(kwargs, new, image_key, [(n, n2), *_joint(n, n2, lengths)], [(grid, (grid[0], w2))])
+        out.append((new, {"mode": "packed", "n": n, "n2": n2, "resized": "the grid tuples and per-token inputs"}))
+    return out
