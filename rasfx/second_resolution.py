@@ -103,6 +103,11 @@ def _resize_token_tables(kwargs: dict, new: dict, image_key: str, counts, row_co
     return out
 
 
+def _grid_tuple(v: Any) -> bool:
+    """A tuple of two or more positive ints (a grid passed as ``(frames, h, w)``)."""
+    return isinstance(v, tuple) and len(v) >= 2 and all(type(i) is int and i > 0 for i in v)
+
+
 def _resize_everything(kwargs: dict, new: dict, image_key: str, counts, sides) -> dict:
     """A wider guess than ``_resize_token_tables``, tried after it: per-token data in any
     form a pipeline passes it. Every dim of an int / bool tensor, and every non-last dim of a
@@ -130,14 +135,11 @@ def _resize_everything(kwargs: dict, new: dict, image_key: str, counts, sides) -
             sizes = {0: side_of[int(t.shape[0])]}
         return _resized(t, sizes) if sizes else t
 
-    def int_tuple(v) -> bool:
-        return isinstance(v, tuple) and bool(v) and all(type(i) is int for i in v)
-
     out = dict(new)
     for key, value in kwargs.items():
         if key != image_key:
-            resized = pytree.tree_map(resize, value, is_leaf=int_tuple)
-            before, after = pytree.tree_leaves(value, is_leaf=int_tuple), pytree.tree_leaves(resized, is_leaf=int_tuple)
+            resized = pytree.tree_map(resize, value, is_leaf=_grid_tuple)
+            before, after = pytree.tree_leaves(value, is_leaf=_grid_tuple), pytree.tree_leaves(resized, is_leaf=_grid_tuple)
             if any(a is not b for a, b in zip(after, before)):
                 out[key] = resized
     return out
@@ -353,11 +355,8 @@ def _grid_tuple_variants(kwargs: dict, image_key: str, n: int, lengths) -> list[
     """Packed tokens whose grid is passed as tuples of ints, per sample (QwenImage's
     ``img_shapes=[[(1, h, w)]] * B``, for its RoPE): the second resolution changes the grid's
     last side in every such tuple, and every per-token input with it (``_resize_everything``)."""
-    def int_tuple(v) -> bool:
-        return isinstance(v, tuple) and len(v) >= 2 and all(type(i) is int and i > 0 for i in v)
-
     found = [t for k, v in kwargs.items() if k != image_key
-             for t in pytree.tree_leaves(v, is_leaf=int_tuple) if int_tuple(t) and math.prod(t) == n]
+             for t in pytree.tree_leaves(v, is_leaf=_grid_tuple) if _grid_tuple(t) and math.prod(t) == n]
     if not found:
         return []
     grid = tuple(found[0][-2:])
