@@ -39,7 +39,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Tra
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["ClassEmbeddings", "ShapesPipeline", "load_shapes_pipeline"]
+__all__ = ["ClassEmbeddings", "ClassLabelsMixin", "ShapesPipeline", "images_to_output", "load_pipeline", "load_shapes_pipeline"]
 
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
 CLASSES_FILE = "classes.json"
@@ -125,7 +125,39 @@ class ClassEmbeddings:
         return cls(encoder=enc, pooled=pooled, class_names=names, extra=meta)
 
 
-class ShapesPipeline(DiffusionPipeline):
+class ClassLabelsMixin:
+    """``labels_to_tensor`` for pipelines that hold a ``class_embeddings`` table (both shapes pipelines)."""
+
+    class_embeddings: ClassEmbeddings | None
+
+    def labels_to_tensor(self, class_labels: LabelLike) -> torch.Tensor:
+        """int / str / list of them / tensor -> (B,) int64 CPU tensor of class ids."""
+        if self.class_embeddings is None:
+            raise RuntimeError(f"{type(self).__name__} has no class_embeddings; pass them or use from_pretrained")
+        if isinstance(class_labels, torch.Tensor):
+            items = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (int, str)):
+            items = [class_labels]
+        else:
+            items = list(class_labels)
+        return torch.tensor([self.class_embeddings.label_of(i) for i in items], dtype=torch.long)
+
+
+def images_to_output(images: torch.Tensor, output_type: str):
+    """(B, 3, H, W) images in [-1, 1] -> "pt" (B, 3, H, W) in [0, 1], "np" (B, H, W, 3) numpy in
+    [0, 1] or "pil" (list of PIL images)."""
+    images = (images.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
+    if output_type == "pt":
+        return images
+    arr = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    if output_type == "np":
+        return arr
+    if output_type == "pil":
+        return DiffusionPipeline.numpy_to_pil(arr)
+    raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
+
+
+class ShapesPipeline(ClassLabelsMixin, DiffusionPipeline):
     """Class-conditional rectified-flow sampler for the shapes DiT, with classifier-free guidance.
 
     Construct from parts, ``ShapesPipeline(transformer, scheduler, class_embeddings=...)``, or from a
@@ -177,18 +209,6 @@ class ShapesPipeline(DiffusionPipeline):
             self.class_embeddings.save(folder)
 
     # ------------------------------------------------------------------ sampling
-    def labels_to_tensor(self, class_labels: LabelLike) -> torch.Tensor:
-        """int / str / list of them / tensor -> (B,) int64 CPU tensor of class ids."""
-        if self.class_embeddings is None:
-            raise RuntimeError("ShapesPipeline has no class_embeddings; pass them or use from_pretrained")
-        if isinstance(class_labels, torch.Tensor):
-            items = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (int, str)):
-            items = [class_labels]
-        else:
-            items = list(class_labels)
-        return torch.tensor([self.class_embeddings.label_of(i) for i in items], dtype=torch.long)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -283,15 +303,7 @@ class ShapesPipeline(DiffusionPipeline):
     def _postprocess(sample: torch.Tensor, output_type: str):
         if output_type == "latent":
             return sample
-        images = (sample.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
-        if output_type == "pt":
-            return images
-        arr = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-        if output_type == "np":
-            return arr
-        if output_type == "pil":
-            return DiffusionPipeline.numpy_to_pil(arr)
-        raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
+        return images_to_output(sample, output_type)
 
 
 def load_shapes_pipeline(
@@ -302,3 +314,23 @@ def load_shapes_pipeline(
     """``ShapesPipeline.from_pretrained(folder, torch_dtype=dtype)`` moved to ``device``."""
     pipe = ShapesPipeline.from_pretrained(folder, torch_dtype=dtype)
     return pipe.to(device)
+
+
+def load_pipeline(
+    folder: str | os.PathLike = "models/shapes-dit",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Load either shipped model folder: a ``LatentShapesPipeline`` where the folder's
+    ``model_index.json`` names it (``models/shapes-latent-dit``), else a ``ShapesPipeline``
+    (``models/shapes-dit``, which has no ``model_index.json``)."""
+    index = os.path.join(os.fspath(folder), "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            class_name = json.load(f).get("_class_name")
+        if class_name == "LatentShapesPipeline":
+            from latent_pipeline import load_latent_pipeline  # examples/ is on sys.path with this module
+
+            return load_latent_pipeline(folder, device=device, dtype=dtype)
+        raise ValueError(f"{index}: unknown pipeline class {class_name!r}; expected LatentShapesPipeline")
+    return load_shapes_pipeline(folder, device=device, dtype=dtype)
