@@ -30,15 +30,12 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-from shapes_pipeline import ClassEmbeddings, ClassLabelsMixin, LabelLike, images_to_output
+from shapes_pipeline import ClassConditionalFlowPipeline, ClassEmbeddings, images_to_output
 
 __all__ = ["LatentShapesPipeline", "load_latent_pipeline", "text_ids", "image_ids"]
 
@@ -59,7 +56,7 @@ def text_ids(num_tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(num_tokens, 3, device=device, dtype=dtype)
 
 
-class LatentShapesPipeline(ClassLabelsMixin, DiffusionPipeline):
+class LatentShapesPipeline(ClassConditionalFlowPipeline):
     """Class-conditional rectified-flow sampler for the latent shapes DiT, with classifier-free guidance.
 
     Construct from parts, ``LatentShapesPipeline(transformer, scheduler, vae, class_embeddings=...)``,
@@ -135,107 +132,38 @@ class LatentShapesPipeline(ClassLabelsMixin, DiffusionPipeline):
         return self.vae.decode(z, return_dict=False)[0]
 
     # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: LabelLike,
-        num_inference_steps: int = 28,
-        guidance_scale: float = 4.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        num_images_per_label: int = 1,
-        sigmas: list[float] | None = None,
-        output_type: str = "pt",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable[[LatentShapesPipeline, int, torch.Tensor, dict], dict] | None = None,
-    ) -> ImagePipelineOutput | tuple:
-        """Sample images.
+    def noise_shape(self, batch: int) -> tuple[int, ...]:
+        """(B, C, h, w): latents, unpacked (the pipeline packs them for the scheduler and the model)."""
+        return (batch, self.transformer.config.in_channels, self.latent_size, self.latent_size)
 
-        Args:
-            class_labels: class ids and/or captions naming a shape ("a red striped star");
-                B = len(class_labels) * num_images_per_label.
-            num_inference_steps: Euler steps of the flow-matching scheduler.
-            guidance_scale: classifier-free guidance weight; <= 1 disables guidance (batch B, not 2B).
-            generator: for the initial noise (CPU generators give the same noise on every device).
-            latents: optional initial noise (B, C, h, w) = (B, latent channels, 16, 16), unpacked
-                (the layout of ``ShapesPipeline``'s pixels); replaces the generator's.
-            sigmas: optional custom sigma schedule passed to ``scheduler.set_timesteps``.
-            output_type: "pt" -> (B, 3, H, W) float in [0, 1]; "np" -> (B, H, W, 3) numpy in [0, 1];
-                "pil" -> list of PIL images; "latent" -> the final (B, C, h, w) latents, unpacked
-                and not decoded.
-            joint_attention_kwargs: forwarded to the transformer (attention processors).
-            callback_on_step_end: ``fn(pipe, step_index, timestep, {"latents": x}) -> dict`` with the
-                packed (B, h * w, C) latents the scheduler integrates (FluxPipeline's convention); a
-                returned "latents" replaces them.
-        """
-        device = self._execution_device
-        dtype = self.transformer.dtype
-        labels = self.labels_to_tensor(class_labels).repeat_interleave(int(num_images_per_label))  # (B,)
-        batch = labels.shape[0]
-        do_cfg = guidance_scale > 1.0
+    def _prepare(self, noise: torch.Tensor, enc: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(B, C, h, w) -> packed (B, h * w, C) tokens, and Flux's position ids."""
+        batch, channels, height, width = noise.shape
+        ids = {
+            "img_ids": image_ids(height, width, device=noise.device, dtype=noise.dtype),  # (h * w, 3)
+            "txt_ids": text_ids(enc.shape[1], device=noise.device, dtype=noise.dtype),  # (T, 3)
+        }
+        return self._pack_latents(noise, batch, channels, height, width), ids
 
-        # Conditioning: (B, T, D) tokens and (B, P) pooled vectors; [uncond, cond] for guidance (2B).
-        enc, pooled = self.class_embeddings.lookup(labels, device, dtype)
-        if do_cfg:
-            null = torch.full_like(labels, self.class_embeddings.null_index)
-            enc_u, pooled_u = self.class_embeddings.lookup(null, device, dtype)
-            enc, pooled = torch.cat([enc_u, enc]), torch.cat([pooled_u, pooled])
+    def _predict(self, model_input, t, enc, pooled, extra):
+        # FluxPipeline's convention: timestep = t / 1000 = sigma (the model multiplies by 1000);
+        # one cache context for the batched [uncond, cond] call (diffusers' cache hooks need one).
+        with self.transformer.cache_context("cond"):
+            return self.transformer(
+                hidden_states=model_input,
+                timestep=t.expand(model_input.shape[0]).to(model_input.dtype) / 1000,
+                encoder_hidden_states=enc,
+                pooled_projections=pooled,
+                return_dict=False,
+                **extra,
+            )[0]
 
-        # Initial noise (B, C, h, w), packed to (B, h * w, C) tokens for the scheduler and the model.
-        channels, size = self.transformer.config.in_channels, self.latent_size
-        shape = (batch, channels, size, size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape} (unpacked B, C, h, w), got {tuple(latents.shape)}")
-            latents = latents.to(device=device, dtype=dtype)
-        latents = self._pack_latents(latents, batch, channels, size, size)  # (B, h * w, C)
-        img_ids = image_ids(size, size, device=device, dtype=dtype)  # (h * w, 3)
-        txt_ids = text_ids(enc.shape[1], device=device, dtype=dtype)  # (T, 3)
-
-        # Timesteps as FluxPipeline with a fixed shift (no dynamic shifting): t = sigma * 1000.
-        if sigmas is not None:
-            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B or B, h * w, C)
-                timestep = t.expand(model_input.shape[0]).to(dtype) / 1000  # the model multiplies by 1000
-                with self.transformer.cache_context("cond"):
-                    velocity = self.transformer(
-                        hidden_states=model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=enc,
-                        pooled_projections=pooled,
-                        img_ids=img_ids,
-                        txt_ids=txt_ids,
-                        joint_attention_kwargs=joint_attention_kwargs,
-                        return_dict=False,
-                    )[0]  # predicted velocity (noise - x0), same shape as model_input
-                if do_cfg:
-                    v_uncond, v_cond = velocity.chunk(2)
-                    velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
-                    latents = out.pop("latents", latents)
-                progress_bar.update()
-
+    def _postprocess(self, latents: torch.Tensor, output_type: str):
+        size = self.latent_size
         latents = self._unpack_latents(latents, size, size)  # (B, C, h, w)
         if output_type == "latent":
-            images = latents
-        else:
-            images = images_to_output(self.decode_latents(latents), output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+            return latents
+        return images_to_output(self.decode_latents(latents), output_type)
 
 
 def load_latent_pipeline(

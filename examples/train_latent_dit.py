@@ -65,9 +65,11 @@ from train_small_dit import (
     Clock,
     add_common_args,
     evaluate,
+    loop_progress,
     lr_factor,
     pack_folder,
     plot_loss_png,
+    start_run,
     train_flow_model,
     write_loss_csv,
 )
@@ -185,10 +187,9 @@ def train_vae(args, device, log) -> tuple[AutoencoderKL, list[dict], dict]:
     rows: list[dict] = []
     step = 0
     while True:
-        elapsed = time.perf_counter() - t0
-        if (args.vae_max_steps and step >= args.vae_max_steps) or (step > 0 and elapsed >= budget):
+        progress = loop_progress(step, args.vae_max_steps, t0, budget)
+        if progress is None:
             break
-        progress = max(step / args.vae_max_steps if args.vae_max_steps else 0.0, elapsed / budget)
         for g in opt.param_groups:
             g["lr"] = args.vae_lr * lr_factor(step, progress, schedule)
         x = generate_shapes(args.vae_batch_size, generator=gen, with_captions=False).images
@@ -334,14 +335,8 @@ def save_losses(out: str, vae_rows: list[dict], dit_rows: list[dict]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    clock = Clock(args.minutes)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    clock, device, card = start_run(args)
     out = args.out
-    os.makedirs(out, exist_ok=True)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log_file = open(os.path.join(out, "train.log"), "w")
 
     def log(msg: str) -> None:

@@ -231,6 +231,16 @@ def pack_folder(folder: str, pack_dir: str, part_bytes: int = 15 * 2**20, name: 
     return paths
 
 
+def loop_progress(step: int, max_steps: int, t0: float, budget_s: float) -> float | None:
+    """Progress in [0, 1] of a step- and/or time-boxed loop started at ``t0`` (the larger of step
+    and clock progress); None once it is done: ``max_steps`` (0: no limit) reached, or the budget
+    spent after at least one step."""
+    elapsed = time.perf_counter() - t0
+    if (max_steps and step >= max_steps) or (step > 0 and elapsed >= budget_s):
+        return None
+    return max(step / max_steps if max_steps else 0.0, elapsed / max(budget_s, 1e-6))
+
+
 class Clock:
     def __init__(self, minutes: float):
         self.t0 = time.perf_counter()
@@ -310,9 +320,8 @@ def train_flow_model(
     step, compile_s = 0, 0.0
     bar = tqdm(total=args.max_steps or None, desc="DiT", mininterval=10.0, file=sys.stdout) if tqdm else None
     while True:
-        elapsed = time.perf_counter() - t_start
-        progress = max(step / args.max_steps if args.max_steps else 0.0, elapsed / max(budget_s, 1e-6))
-        if (args.max_steps and step >= args.max_steps) or (step > 0 and elapsed >= budget_s):
+        progress = loop_progress(step, args.max_steps, t_start, budget_s)
+        if progress is None:
             break
         for grp in opt.param_groups:
             grp["lr"] = args.lr * lr_factor(step, progress, args)
@@ -435,10 +444,9 @@ def train_classifier(args, device, log) -> tuple[ShapesClassifier, dict]:
     step, loss = 0, torch.tensor(float("nan"))
     amp = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
     while True:
-        elapsed = time.perf_counter() - t0
-        if (args.clf_max_steps and step >= args.clf_max_steps) or (step > 0 and elapsed >= budget):
+        progress = loop_progress(step, args.clf_max_steps, t0, budget)
+        if progress is None:
             break
-        progress = max(step / args.clf_max_steps if args.clf_max_steps else 0.0, elapsed / budget)
         for g in opt.param_groups:
             g["lr"] = 2e-3 * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
         batch = generate_shapes(args.clf_batch_size, generator=gen, with_captions=False)
@@ -535,16 +543,21 @@ def evaluate(args, out: str, device, clf: ShapesClassifier, clock: Clock, log) -
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def start_run(args) -> tuple[Clock, torch.device, str]:
+    """Start the clock, pick the device (TF32 on CUDA), create ``args.out``; -> (clock, device, card name)."""
     clock = Clock(args.minutes)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(args.out, exist_ok=True)
+    return clock, device, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    clock, device, card = start_run(args)
     out = args.out
-    os.makedirs(out, exist_ok=True)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
     def log(msg: str) -> None:
         print(f"[{clock.elapsed():7.1f}s] {msg}", flush=True)
