@@ -215,3 +215,21 @@ def test_training_smoke_run_writes_a_loadable_folder(tmp_path):
         names = set(tar.getnames())
     assert {"shapes-latent-dit/model_index.json", "shapes-latent-dit/vae/config.json",
             "shapes-latent-dit/train.log"} <= names
+
+
+# ------------------------------------------------------------------------------------- shipped model
+
+SHIPPED = os.path.join(ROOT, "models", "shapes-latent-dit")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHIPPED, "model_index.json")),
+                    reason="models/shapes-latent-dit is not trained yet (README.md only)")
+def test_shipped_latent_model_loads_and_samples():
+    weights = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(SHIPPED)
+                  for f in files if f.endswith(".safetensors"))
+    assert weights <= 25 * 1024 * 1024
+    shipped = load_pipeline(SHIPPED)
+    assert type(shipped) is LatentShapesPipeline and shipped.transformer.dtype == torch.float32
+    shipped.set_progress_bar_config(disable=True)
+    images = shipped(["star", 0], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
