@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=8.5, help="wall-clock budget of the whole run")
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="evaluation classifier (shapes_classifier.py)")
     # VAE
+    p.add_argument("--vae-from", default=None, metavar="DIR",
+                   help="reuse the VAE of an earlier (possibly cut-off) run: its output folder (DIR/vae, "
+                        "DIR/loss.csv, DIR/metrics.json); skips phase a")
     p.add_argument("--vae-minutes", type=float, default=2.25)
     p.add_argument("--vae-max-steps", type=int, default=0, help="VAE step limit (0: clock only)")
     p.add_argument("--vae-batch-size", type=int, default=128)
@@ -209,6 +212,36 @@ def train_vae(args, device, log) -> tuple[AutoencoderKL, list[dict], dict]:
     stats = {"vae_steps": step, "vae_wall_s": round(wall, 1), "vae_images_seen": step * args.vae_batch_size,
              "vae_final_loss": rows[-1]["loss"] if rows else float("nan"), "vae_parameters": n_params}
     log(f"VAE: {step} steps in {wall:.1f} s, final loss {stats['vae_final_loss']:.4f}")
+    return vae.eval().requires_grad_(False), rows, stats
+
+
+def load_trained_vae(folder: str, device, log) -> tuple[AutoencoderKL, list[dict], dict]:
+    """The VAE of an earlier run's output ``folder`` (float32, eval mode), its loss rows and its
+    VAE metrics (training and latent normalisation), so phase b can run on its own."""
+    path = os.path.join(folder, "vae")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"--vae-from {folder!r}: no vae/config.json there; pass the output folder "
+                                "of an earlier train_latent_dit.py run")
+    vae = AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32).to(device)
+    if vae.config.shift_factor is None or vae.config.scaling_factor in (None, 1.0):
+        raise ValueError(f"--vae-from {folder!r}: the VAE config has no latent normalisation "
+                         "(shift_factor / scaling_factor); the run that saved it did not finish phase a")
+    rows: list[dict] = []
+    csv_path = os.path.join(folder, "loss.csv")
+    if os.path.isfile(csv_path):
+        import csv
+
+        with open(csv_path) as f:
+            rows = [{k: (v if k == "phase" else float(v)) for k, v in r.items() if v != ""}
+                    for r in csv.DictReader(f) if r.get("phase") == "vae"]
+    stats: dict = {}
+    metrics_path = os.path.join(folder, "metrics.json")
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            stats = {k: v for k, v in json.load(f).items() if k.startswith(("vae_", "latent_"))}
+    stats["vae_from"] = folder
+    log(f"VAE: reused from {folder} (shift_factor {vae.config.shift_factor:.4f}, "
+        f"scaling_factor {vae.config.scaling_factor:.4f}, {len(rows)} loss rows)")
     return vae.eval().requires_grad_(False), rows, stats
 
 
@@ -360,9 +393,13 @@ def main(argv=None) -> None:
     log(f"device {card}; torch {torch.__version__}; diffusers {diffusers.__version__}; args {vars(args)}")
     metrics: dict = {"card": card, "torch": torch.__version__, "diffusers": diffusers.__version__, "args": vars(args)}
 
-    vae, vae_rows, vae_stats = train_vae(args, device, log)
-    metrics.update(vae_stats)
-    metrics.update(set_latent_normalisation(args, vae, device, log))
+    if args.vae_from:
+        vae, vae_rows, vae_stats = load_trained_vae(args.vae_from, device, log)
+        metrics.update(vae_stats)
+    else:
+        vae, vae_rows, vae_stats = train_vae(args, device, log)
+        metrics.update(vae_stats)
+        metrics.update(set_latent_normalisation(args, vae, device, log))
     metrics.update(evaluate_vae(args, out, vae, clf, device, log))
     fp16_copy(vae).save_pretrained(os.path.join(out, "vae"), safe_serialization=True)
     save_losses(out, vae_rows, [])

@@ -307,6 +307,10 @@ def train_flow_model(
         fused=device.type == "cuda",
     )
 
+    if device.type == "cuda":
+        # cuDNN's fused attention fails in backward on these shapes (torch 2.11, H100: "mha_graph.execute
+        # ... is_good()", before that an illegal memory access); flash / memory-efficient SDPA do not.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if use_compile:
         for block in blocks:  # regional compilation: one graph per distinct block type
@@ -346,6 +350,9 @@ def train_flow_model(
         except Exception as exc:  # torch.compile trouble on the first step: fall back to eager
             if not (use_compile and step == 0):
                 raise
+            if isinstance(exc, torch.AcceleratorError):  # the CUDA context is lost: nothing to fall back to
+                raise RuntimeError("torch.compile'd blocks failed on the device and the CUDA context is "
+                                   "lost; rerun with --compile off") from exc
             log(f"torch.compile failed ({type(exc).__name__}: {exc}); continuing in eager mode")
             for block in blocks:
                 block._compiled_call_impl = None
