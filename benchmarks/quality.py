@@ -57,10 +57,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (ROOT, os.path.join(ROOT, "examples")):
+for _p in (ROOT, os.path.join(ROOT, "examples"), os.path.join(ROOT, "benchmarks")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from ras_ablations import ABLATIONS, TRANSFORM_ABLATIONS  # noqa: E402  (benchmarks/ras_ablations.py)
 from shapes_eval import (  # noqa: E402  (examples/shapes_eval.py)
     ReusedTransform, panel_figure, computed_on_subject, initial_noise, jsonable, psnr, ssim, subject_mask,
 )
@@ -69,21 +70,6 @@ SCHEMA = "rasfx-quality/1"
 DEFAULT_MODEL = os.path.join(ROOT, "models", "shapes-dit")
 BEGIN_MARK = "<!-- quality.py results: begin -->"
 END_MARK = "<!-- quality.py results: end -->"
-
-#: (name, RASConfig overrides, what it tests). The first entry is the default configuration.
-ABLATIONS: list[tuple[str, str, dict, str]] = [
-    ("default", "default", {}, "static schedule, std metric (low std computed), dense resets, starvation k=0.1"),
-    ("dynamic", "dynamic schedule", {"schedule": "dynamic"}, "paper's progressively reduced ratio (same mean)"),
-    ("l2", "metric L2 (low norm computed)", {"metric": "l2"}, "rasfx ranks every metric alike: low score computed"),
-    ("l2-high", "metric L2 (high norm computed)", {"metric": "l2", "high_ratio": 0.0}, "the paper's L2 variant (Table 4)"),
-    ("random", "metric random", {"metric": "random"}, "uniformly random ranking each step"),
-    ("no-reset", "no error reset", {"reset_steps": ()}, "no dense steps after the warm-up"),
-    ("no-starvation", "no starvation prevention", {"starvation_scale": 0.0}, "k=0: rank by the metric alone"),
-    ("inverted", "inverted (high std computed)", {"high_ratio": 0.0}, "high-std tokens computed instead of low-std ones"),
-    ("no-kv-cache", "no K/V cache", {}, "attention over the active (and conditioning) tokens only; TransformConfig(kv_cache=False)"),
-]
-#: ablations that change the compiler, not the sampler: their rasfx.TransformConfig options
-TRANSFORM_ABLATIONS = {"no-kv-cache": {"kv_cache": False}}
 
 DIST_DEFAULT = "dense:28,ras:28:0.25,dense:12,ras:14:0.25,dense:7,ras:28:0.5,dense:17"
 
@@ -897,8 +883,7 @@ def main(argv: Optional[Sequence[str]] = None, pipe=None, transform=None) -> dic
     ``shapes_eval.ReusedTransform``) let tests reuse one model and its captured graphs."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--head-to-head" in argv:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import head_to_head
+        import head_to_head  # benchmarks/head_to_head.py
 
         return head_to_head.main(argv, pipe=pipe, transform=transform)
     args = _parse(argv)

@@ -189,6 +189,11 @@ class ShapesPipeline(DiffusionPipeline):
             items = list(class_labels)
         return torch.tensor([self.class_embeddings.label_of(i) for i in items], dtype=torch.long)
 
+    def noise_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image's initial noise (``latents`` is (B, C, H, W)): RGB pixels."""
+        cfg = self.transformer.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -223,7 +228,6 @@ class ShapesPipeline(DiffusionPipeline):
         """
         device = self._execution_device
         dtype = self.transformer.dtype
-        cfg = self.transformer.config
         labels = self.labels_to_tensor(class_labels).repeat_interleave(int(num_images_per_label))  # (B,)
         batch = labels.shape[0]
         do_cfg = guidance_scale > 1.0
@@ -236,7 +240,7 @@ class ShapesPipeline(DiffusionPipeline):
             enc, pooled = torch.cat([enc_u, enc]), torch.cat([pooled_u, pooled])
 
         # Initial noise x_1 ~ N(0, I): (B, 3, H, W) in pixel space.
-        shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        shape = (batch, *self.noise_shape())
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         else:

@@ -1,0 +1,300 @@
+"""The models and methods of ``head_to_head.py``: loading either shapes model, the noise shape,
+the rasfx settings (RAS and the combined sampler) and diffusers' cache hooks with what they need
+to run on these pipelines (a ``CacheMixin`` transformer, a per-step cache context, MagCache's
+calibration), and the linear-layer work counter that prices the hooks.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import inspect
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ras_ablations import ABLATIONS, TRANSFORM_ABLATIONS  # benchmarks/ras_ablations.py
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: the evaluation classifier (trained on the shapes data; it judges images of either model)
+DEFAULT_CLASSIFIER = os.path.join(ROOT, "models", "shapes-dit", "classifier.safetensors")
+#: diffusers cache families in the order their settings are interleaved (so a budget cut keeps one of each)
+CACHE_FAMILIES = ("FirstBlockCache", "TaylorSeer", "MagCache", "FasterCache", "PyramidAttentionBroadcast", "SeaCache")
+
+
+@dataclass
+class Method:
+    """One sampler setting. ``kind``: ``dense`` (``steps`` steps), ``rasfx`` (``fields`` of a
+    ``RASConfig``, ``transform`` options of a ``TransformConfig``) or ``cache`` (``make``: a
+    diffusers cache config factory; ``hook``: its family)."""
+
+    family: str  # dense | RAS | combined | diffusers
+    name: str
+    kind: str
+    steps: int
+    fields: dict = field(default_factory=dict)
+    transform: Optional[dict] = None
+    make: Optional[Callable[[], Any]] = None
+    hook: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def model_class_name(folder: str) -> str:
+    """The pipeline class a model folder names in ``model_index.json`` (``ShapesPipeline`` when it
+    has none: ``models/shapes-dit`` keeps the transformer at the top level)."""
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        return "ShapesPipeline"
+    with open(index) as f:
+        return str(json.load(f).get("_class_name", "ShapesPipeline"))
+
+
+def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype):
+    """``ShapesPipeline`` (``models/shapes-dit``) or, for any other class in ``model_index.json``,
+    ``examples/latent_pipeline.py``'s ``LatentShapesPipeline`` (imported only then), on ``device``."""
+    from rasfx.errors import UsageError
+
+    if not os.path.isdir(folder):
+        raise UsageError(f"--model {folder!r} is not a model folder; pass models/shapes-dit or models/shapes-latent-dit")
+    name = model_class_name(folder)
+    if name == "ShapesPipeline":
+        from shapes_pipeline import ShapesPipeline as cls
+    else:
+        try:
+            from latent_pipeline import LatentShapesPipeline as cls  # examples/latent_pipeline.py
+        except ImportError as e:
+            raise UsageError(f"{folder}/model_index.json names {name}, loaded by examples/latent_pipeline.py "
+                             f"(LatentShapesPipeline), which does not import here: {e}") from e
+    return cls.from_pretrained(folder, torch_dtype=dtype).to(device)
+
+
+def noise_shape(pipe) -> tuple[int, ...]:
+    """(C, H, W) of one image's initial noise, as the pipeline says: its ``noise_shape()`` method;
+    else a VAE's latent grid (``latent_channels``, image size / VAE scale factor); else the
+    transformer's pixel grid (``in_channels``, ``sample_size``)."""
+    method = getattr(pipe, "noise_shape", None)
+    if callable(method):
+        return tuple(int(x) for x in method())
+    vae = getattr(pipe, "vae", None)
+    if vae is not None:
+        factor = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(vae.config.block_out_channels) - 1)
+        size = int(getattr(pipe, "image_size", None) or vae.config.sample_size)
+        return (int(vae.config.latent_channels), size // factor, size // factor)
+    cfg = pipe.transformer.config
+    return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+
+
+def classifier_path(model_folder: str) -> str:
+    """The model folder's ``classifier.safetensors`` if it ships one, else the shapes-dit one."""
+    own = os.path.join(model_folder, "classifier.safetensors")
+    return own if os.path.isfile(own) else DEFAULT_CLASSIFIER
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods
+
+
+def dense_methods(steps: Sequence[int]) -> list[Method]:
+    return [Method("dense", f"dense {k} steps", "dense", k) for k in steps]
+
+
+def ras_methods(ratios: Sequence[float], steps: int, ablation: Optional[str]) -> list[Method]:
+    """RAS with the default ``RASConfig`` at ``ratios`` (the first is expected to be the default
+    0.5), and the ablation variant ``ablation`` (a name of ``ras_ablations.ABLATIONS``) at each."""
+    out = [Method("RAS", f"RAS {r:g}", "rasfx", steps, dict(ratio=r)) for r in ratios]
+    if ablation and ablation != "default":
+        _, label, overrides, _ = next(a for a in ABLATIONS if a[0] == ablation)
+        out += [Method("RAS", f"RAS {r:g} ({label})", "rasfx", steps, dict(overrides, ratio=r),
+                       transform=TRANSFORM_ABLATIONS.get(ablation)) for r in ratios]
+    return out
+
+
+def combined_methods(steps: int, quick: bool) -> list[Method]:
+    """The combined sampler (token sparsity + step sparsity, ``RASConfig``'s skip fields), settings
+    that span about 30-60 % of a dense run of ``steps``."""
+    ext = dict(skip_estimate="extrapolate", inactive_estimate="extrapolate")
+    settings = [
+        ("RAS 0.5 + skip every 2nd", dict(ratio=0.5, skip_every=2, **ext)),
+        ("RAS 0.25 + skip every 2nd", dict(ratio=0.25, skip_every=2, **ext)),
+        ("RAS 0.75 + skip every 2nd", dict(ratio=0.75, skip_every=2, **ext)),
+        ("RAS 0.5 + skip every 3rd", dict(ratio=0.5, skip_every=3, **ext)),
+        ("dense + skip every 2nd", dict(ratio=1.0, skip_every=2, skip_estimate="extrapolate")),
+        ("RAS 0.5 + adaptive skip 0.3", dict(ratio=0.5, skip_threshold=0.3, skip_sync=True, **ext)),
+        ("dense + adaptive skip 0.3", dict(ratio=1.0, skip_threshold=0.3, skip_sync=True, skip_estimate="extrapolate")),
+    ]
+    if quick:
+        settings = settings[:2]
+    return [Method("combined", name + ", extrapolated", "rasfx", steps, fields) for name, fields in settings]
+
+
+def cache_methods(steps: int, step_context: "StepContext", mag_ratios: Optional[list[float]],
+                  quick: bool) -> tuple[list[Method], list[dict]]:
+    """diffusers' cache hooks (``diffusers.hooks``) through ``enable_cache``, 2-3 settings each
+    (the first only with ``quick``), interleaved by family; and the hooks that do not apply, with
+    the reason."""
+    from diffusers.hooks import (
+        FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig, SeaCacheConfig,
+        TaylorSeerCacheConfig,
+    )
+    from diffusers.hooks.faster_cache import _UNCOND_COND_INPUT_KWARGS_IDENTIFIERS
+
+    timestep = step_context.timestep
+    before = max(1, round(3 * steps / 28))  # TaylorSeer's default: 3 full steps (of 28)
+    # FasterCache splits the batched [uncond, cond] keyword inputs; these pipelines also batch pooled_projections
+    uncond_cond = list(_UNCOND_COND_INPUT_KWARGS_IDENTIFIERS) + ["pooled_projections"]
+    families: dict[str, list[tuple[str, Callable[[], Any]]]] = {
+        "FirstBlockCache": [(f"FirstBlockCache {t:g}", lambda t=t: FirstBlockCacheConfig(threshold=t))
+                            for t in (0.1, 0.2, 0.05)],
+        "TaylorSeer": [(f"TaylorSeer interval {n}", lambda n=n: TaylorSeerCacheConfig(
+            cache_interval=n, disable_cache_before_step=before, taylor_factors_dtype=torch.float32)) for n in (2, 3, 5)],
+        "FasterCache": [(f"FasterCache attention every {n}", lambda n=n: FasterCacheConfig(
+            spatial_attention_block_skip_range=n, tensor_format="BCHW", current_timestep_callback=timestep,
+            attention_weight_callback=lambda _: 0.5, _unconditional_conditional_input_kwargs_identifiers=uncond_cond))
+            for n in (2, 3)],
+        "PyramidAttentionBroadcast": [(f"PAB attention every {n}", lambda n=n: PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=n, current_timestep_callback=timestep)) for n in (2, 3, 4)],
+        "SeaCache": [(f"SeaCache {t:g}", lambda t=t: SeaCacheConfig(threshold=t, raw_vision_callback=raw_vision))
+                     for t in (0.25, 0.5, 0.1)],
+    }
+    if mag_ratios is not None:
+        families["MagCache"] = [(f"MagCache {t:g}", lambda t=t: MagCacheConfig(
+            threshold=t, num_inference_steps=steps, mag_ratios=list(mag_ratios))) for t in (0.06, 0.12, 0.24)]
+    methods = []
+    for i in range(1 if quick else 3):
+        for fam in CACHE_FAMILIES:
+            settings = families.get(fam, [])
+            if i < len(settings):
+                methods.append(Method("diffusers", settings[i][0], "cache", steps, make=settings[i][1], hook=fam))
+    not_applicable = [dict(name="TextKVCache", reason="caches only NucleusMoEImageTransformerBlock's text K/V "
+                           "projections (lossless); these models have no such block and it saves no image-token work")]
+    return methods, not_applicable
+
+
+def raw_vision(module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[list[torch.Tensor]]:
+    """SeaCache's ``raw_vision_callback``: the transformer's input latents as (C, T=1, H, W) per
+    batch row; (B, C, H, W) pixels or latents, or Flux-style packed (B, H*W, C) tokens on a square
+    grid (``None`` otherwise: SeaCache then runs every step in full)."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(x, torch.Tensor):
+        return None
+    if x.dim() == 4:
+        return list(x.unsqueeze(2).unbind(0))
+    if x.dim() == 3:
+        side = math.isqrt(x.shape[1])
+        if side * side == x.shape[1]:
+            return list(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], 1, side, side).unbind(0))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# What the hooks need
+
+
+def cache_capable(pipe):
+    """``pipe`` itself when its transformer has diffusers' ``CacheMixin`` (Flux); else a second
+    pipeline whose transformer is the same model in a ``CacheMixin`` subclass (SD3 has none), so
+    the hooks apply through ``enable_cache``."""
+    from diffusers.models.cache_utils import CacheMixin
+
+    base = type(pipe.transformer)
+    if issubclass(base, CacheMixin):
+        return pipe
+    cls = type(f"Cached{base.__name__}", (CacheMixin, base), {})
+    model = cls.from_config(pipe.transformer.config).to(device=pipe.transformer.device, dtype=pipe.transformer.dtype)
+    model.load_state_dict(pipe.transformer.state_dict())
+    model.eval()
+    parts = dict(pipe.components, transformer=model, scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config))
+    accepts = inspect.signature(type(pipe).__init__).parameters
+    extra = {k: getattr(pipe, k) for k in ("class_embeddings",) if k in accepts and k not in parts and hasattr(pipe, k)}
+    out = type(pipe)(**parts, **extra)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+class StepContext:
+    """Enters ``transformer.cache_context("cond", step_index=, sigma=, num_inference_steps=)``
+    around every transformer call (the denoising loops of these pipelines do not), read from the
+    scheduler as diffusers' Wan pipeline passes them; ``timestep()`` is the current step's timestep
+    (0-1000) for FasterCache's and PAB's ``current_timestep_callback``. One batched [uncond, cond]
+    call per step."""
+
+    def __init__(self, transformer: torch.nn.Module, scheduler) -> None:
+        self.scheduler = scheduler
+        self._ctx = None
+        self.handles = [transformer.register_forward_pre_hook(self._enter),
+                        transformer.register_forward_hook(self._exit)]
+
+    def step(self) -> int:
+        i = self.scheduler.step_index  # None before the first scheduler.step of a run
+        return 0 if i is None else int(i)
+
+    def timestep(self) -> float:
+        return float(self.scheduler.timesteps[min(self.step(), len(self.scheduler.timesteps) - 1)])
+
+    def _enter(self, module: torch.nn.Module, args: tuple) -> None:
+        i = self.step()
+        self._ctx = module.cache_context("cond", step_index=i, sigma=float(self.scheduler.sigmas[i]),
+                                         num_inference_steps=len(self.scheduler.timesteps))
+        self._ctx.__enter__()
+
+    def _exit(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class LinearWork:
+    """Multiply-adds of every ``nn.Linear`` call under a module (forward hooks), while entered."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module, self.macs, self.handles = module, 0, []
+
+    def __enter__(self) -> "LinearWork":
+        self.macs = 0
+        self.handles = [m.register_forward_hook(self._count) for m in self.module.modules()
+                        if isinstance(m, torch.nn.Linear)]
+        return self
+
+    def _count(self, module: torch.nn.Linear, args: tuple, output: Any) -> None:
+        x = args[0]
+        self.macs += (x.numel() // x.shape[-1]) * module.in_features * module.out_features
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def calibrate_magcache(sample: Callable[[], Any], transformer, steps: int) -> tuple[Optional[list[float]], str]:
+    """MagCache's magnitude ratios for this model through its public calibration mode
+    (``MagCacheConfig(calibrate=True)`` runs every step and prints the ratios at the end, the
+    documented way to get them for a new model): one dense run of ``sample()``, printed list read
+    back. Returns (ratios or None, what happened)."""
+    from diffusers.hooks import MagCacheConfig
+
+    printed = io.StringIO()
+    transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    try:
+        with contextlib.redirect_stdout(printed):
+            sample()
+    except Exception as e:  # the hook does not run on this model
+        return None, f"calibration run failed: {type(e).__name__}: {e}"
+    finally:
+        transformer.disable_cache()
+    lines = [ln.strip() for ln in printed.getvalue().splitlines() if ln.strip().startswith("[")]
+    lists = [ast.literal_eval(ln) for ln in lines if not ln.startswith("[MagCache]")]
+    if not lists or len(lists[-1]) != steps:
+        return None, f"calibration printed no ratio list of {steps} values: {printed.getvalue()[-300:]!r}"
+    return [float(x) for x in lists[-1]], f"calibrated on one dense {steps}-step run of separate noise"
