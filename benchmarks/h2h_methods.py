@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the evaluation classifier (trained on the shapes data; it judges images of either model)
 DEFAULT_CLASSIFIER = os.path.join(ROOT, "models", "shapes-dit", "classifier.safetensors")
 #: diffusers cache families in the order their settings are interleaved (so a budget cut keeps one of each)
-CACHE_FAMILIES = ("FirstBlockCache", "TaylorSeer", "MagCache", "FasterCache", "PyramidAttentionBroadcast", "SeaCache")
+CACHE_FAMILIES = ("FirstBlockCache", "TaylorSeer lite", "TaylorSeer", "MagCache", "FasterCache", "PyramidAttentionBroadcast",
+                  "SeaCache")
 
 
 @dataclass
@@ -154,13 +155,20 @@ def cache_methods(steps: int, step_context: "StepContext", mag_ratios: Optional[
         "FirstBlockCache": [(f"FirstBlockCache {t:g}", lambda t=t: FirstBlockCacheConfig(threshold=t))
                             for t in (0.1, 0.2, 0.05)],
         "TaylorSeer": [(f"TaylorSeer interval {n}", lambda n=n: TaylorSeerCacheConfig(
-            cache_interval=n, disable_cache_before_step=before, taylor_factors_dtype=torch.float32)) for n in (2, 3, 5)],
+            cache_interval=n, disable_cache_before_step=before, taylor_factors_dtype=torch.float32)) for n in (2, 5)],
+        # lite: whole blocks skipped, the output projection predicted (a step cache)
+        "TaylorSeer lite": [(f"TaylorSeer lite interval {n}", lambda n=n: TaylorSeerCacheConfig(
+            cache_interval=n, disable_cache_before_step=before, taylor_factors_dtype=torch.float32, use_lite_mode=True))
+            for n in (2, 3, 5)],
         "FasterCache": [(f"FasterCache attention every {n}", lambda n=n: FasterCacheConfig(
             spatial_attention_block_skip_range=n, tensor_format="BCHW", current_timestep_callback=timestep,
             attention_weight_callback=lambda _: 0.5, _unconditional_conditional_input_kwargs_identifiers=uncond_cond))
             for n in (2, 3)],
-        "PyramidAttentionBroadcast": [(f"PAB attention every {n}", lambda n=n: PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=n, current_timestep_callback=timestep)) for n in (2, 3, 4)],
+        "PyramidAttentionBroadcast": [(f"PAB attention every {n}" + (", all steps" if span else ""),
+                                       lambda n=n, span=span: PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=n, current_timestep_callback=timestep,
+            **({"spatial_attention_timestep_skip_range": (-1, 1001)} if span else {})))
+            for n, span in ((2, False), (3, True), (4, True))],
         "SeaCache": [(f"SeaCache {t:g}", lambda t=t: SeaCacheConfig(threshold=t, raw_vision_callback=raw_vision))
                      for t in (0.25, 0.5, 0.1)],
     }
@@ -253,6 +261,33 @@ class StepContext:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def diffusers_warnings():
+    """The messages diffusers logs at warning level or above while entered (a list, filled in
+    place), instead of printing them; e.g. SeaCache's "fail-open" (runs every step in full)."""
+    import logging
+
+    from diffusers.utils import logging as dlog
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    root, handler = dlog.get_logger("diffusers"), Collect(logging.WARNING)
+    level = root.level
+    dlog.disable_default_handler()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    try:
+        yield messages
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        dlog.enable_default_handler()
 
 
 class LinearWork:

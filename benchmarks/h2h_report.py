@@ -205,6 +205,8 @@ def render_markdown(res: dict, plot: Optional[str] = None) -> str:
         L += ["Not run (budget): " + ", ".join(res["skipped"]) + ".", ""]
     for n in res.get("notes", []):
         L += [f"Note: {n}.", ""]
+    for hook, messages in (res.get("hook_warnings") or {}).items():
+        L += [f"diffusers warned ({hook}): " + " / ".join(f"“{w.strip()}”" for w in messages), ""]
     if plot:
         L += [f"![PSNR against compute]({plot})", "", f"[{os.path.basename(plot)}]({plot}): PSNR and SSIM against "
               f"compute share, {CONFIDENCE:.0%} intervals as error bars, the Pareto frontier over all methods dashed.", ""]
@@ -261,7 +263,8 @@ def plot_pareto(res: dict, path: str) -> Optional[str]:
         ax.set_xlabel(f"compute (share of a dense {res['setup']['steps']}-step run)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
     su = res["setup"]
     fig.suptitle(f"Head to head on {su['model']}: {su['seeds']} seeds × {su['images']} images, {su['device_name']}"
                  + (" (quick CPU run)" if su["quick"] else ""), fontsize=11)

@@ -60,7 +60,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head-to-head", action="store_true", help="(the switch that selects this mode in quality.py)")
     p.add_argument("--out", help="output folder (head_to_head_<model>.json / .md / .png)")
-    p.add_argument("--quick", action="store_true", help="tiny CPU run for tests (2 seeds x 1 image, 4 steps)")
+    p.add_argument("--quick", action="store_true", help="tiny CPU run for tests (2 seeds x 1 image, 3 steps)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="models/shapes-dit or models/shapes-latent-dit")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
@@ -82,8 +82,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                  "lines; plot and JSON are copied to <doc dir>/quality/")
     args = p.parse_args(argv)
     if args.quick:
-        args.images, args.seeds, args.steps, args.ref_steps = 1, min(args.seeds, 2), 4, 6
-        args.dense_steps, args.ratios = "1,2,3,4", "0.5"
+        args.images, args.seeds, args.steps, args.ref_steps = 1, min(args.seeds, 2), 3, 4
+        args.dense_steps, args.ratios = "1,2,3", "0.5"
     if not args.from_json and not args.out:
         p.error("--out is required (unless --from-json)")
     if args.seeds < 1 or args.images < 1:
@@ -204,12 +204,12 @@ class Runner:
         transformer = self.hooked.transformer
         transformer.enable_cache(m.make())
         try:
-            with hm.LinearWork(transformer) as work:
+            with hm.LinearWork(transformer) as work, hm.diffusers_warnings() as warnings:
                 images, seconds = self.sample(self.hooked, m.steps, seed)
         finally:
             transformer.disable_cache()
         out = dict(self.metrics(images, seed), seed=seed, compute=work.macs / self.dense_macs_per_step,
-                   seconds=None)
+                   seconds=None, warnings=sorted(set(warnings)))
         if timed:  # again without the counters' overhead
             transformer.enable_cache(m.make())
             try:
@@ -251,7 +251,7 @@ def run_head_to_head(args, pipe=None, transform=None, t0: Optional[float] = None
                    quick=bool(args.quick), budget_s=args.budget_s, ras_ablation=args.ras_ablation,
                    fd_against="the same seed's dense reference images (classifier features)",
                    compute="dense-step equivalents; rasfx: flops_fraction x steps; hooks: linear-layer MAC share"),
-        methods=[], not_applicable=[], skipped=[], notes=[])
+        methods=[], not_applicable=[], skipped=[], notes=[], hook_warnings={})
     save = save or (lambda res: None)
     print(f"head to head on {model} ({type(r.pipe).__name__}), {name}, {res['setup']['dtype']}: {len(r.seeds)} seeds x "
           f"{args.images} images, {args.steps} steps; budget {args.budget_s:g} s", flush=True)
@@ -286,22 +286,9 @@ def run_head_to_head(args, pipe=None, transform=None, t0: Optional[float] = None
             res["skipped"].append(m.name)
             print(f"  skipped {m.name} (budget: {r.left():.0f} s left, needs ~{r.estimate_s(m):.0f} s)", flush=True)
             continue
-        per_seed = []
-        try:
-            for k, s in enumerate(r.seeds):
-                per_seed.append(r.run(m, s, first=k == 0))
-        except Exception as e:
-            if m.kind != "cache":
-                raise
-            failed_hooks.add(m.hook)  # the hook does not support this model: its other settings neither
-            res["not_applicable"].append(dict(name=m.hook, reason=f"{type(e).__name__}: {e}"))
-            print(f"  diffusers {m.hook}: does not apply ({type(e).__name__}: {e})", flush=True)
+        rec = run_method(r, m, res, failed_hooks)
+        if rec is None:
             continue
-        rec = dict(family=m.family, name=m.name, kind=m.kind, hook=m.hook, steps=m.steps,
-                   config=m.fields or None, transform=m.transform, per_seed=per_seed, **hr.summarize(per_seed))
-        rec["compute_share"] = rec["compute"]["mean"] / args.steps
-        if m.kind == "cache" and rec["compute"]["mean"] >= m.steps - 1e-6:
-            res["notes"].append(f"{m.name} computed every step in full on this model (no saving)")
         res["methods"].append(rec)
         print(f"  {m.family:9s} {m.name:48s} compute {rec['compute']['mean']:5.2f}  PSNR {hr.fmt_ci(rec['psnr'])}  "
               f"SSIM {hr.fmt_ci(rec['ssim'], '{:.3f}')}", flush=True)
@@ -309,6 +296,34 @@ def run_head_to_head(args, pipe=None, transform=None, t0: Optional[float] = None
     if r.step_context is not None:
         r.step_context.remove()
     return res
+
+
+def run_method(r: Runner, m: hm.Method, res: dict, failed_hooks: set) -> Optional[dict]:
+    """``m`` on every seed: its record, or None for a cache hook that does not apply to the model
+    (raises, or gives up and runs every step in full: listed, and its other settings skipped)."""
+    per_seed: list[dict] = []
+    try:
+        for k, s in enumerate(r.seeds):
+            per_seed.append(r.run(m, s, first=k == 0))
+            fail_open = [w for w in per_seed[-1].get("warnings", []) if "fail-open" in w]
+            if fail_open and per_seed[-1]["compute"] >= m.steps - 1e-6:
+                raise RuntimeError("runs every step in full here: " + fail_open[0])
+    except Exception as e:
+        if m.kind != "cache":
+            raise
+        failed_hooks.add(m.hook)
+        res["not_applicable"].append(dict(name=m.hook, reason=f"{type(e).__name__}: {e}"))
+        print(f"  diffusers {m.hook}: does not apply ({type(e).__name__}: {e})", flush=True)
+        return None
+    rec = dict(family=m.family, name=m.name, kind=m.kind, hook=m.hook, steps=m.steps, config=m.fields or None,
+               transform=m.transform, per_seed=per_seed, **hr.summarize(per_seed))
+    rec["compute_share"] = rec["compute"]["mean"] / r.args.steps  # of the dense --steps run
+    if m.kind == "cache" and rec["compute"]["mean"] >= m.steps - 1e-6:
+        res["notes"].append(f"{m.name} computed every step in full on this model (no saving)")
+    for w in sorted({w for s in per_seed for w in s.get("warnings", [])}):
+        if w not in res["hook_warnings"].setdefault(m.hook, []):
+            res["hook_warnings"][m.hook].append(w)
+    return rec
 
 
 def finish(res: dict) -> dict:
