@@ -10,7 +10,6 @@ import ast
 import contextlib
 import inspect
 import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -48,55 +47,32 @@ class Method:
 # Models
 
 
-def model_class_name(folder: str) -> str:
-    """The pipeline class a model folder names in ``model_index.json`` (``ShapesPipeline`` when it
-    has none: ``models/shapes-dit`` keeps the transformer at the top level)."""
-    index = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index):
-        return "ShapesPipeline"
-    with open(index) as f:
-        return str(json.load(f).get("_class_name", "ShapesPipeline"))
-
-
 def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype):
-    """``ShapesPipeline`` (``models/shapes-dit``) or, for any other class in ``model_index.json``,
-    ``examples/latent_pipeline.py``'s ``LatentShapesPipeline`` (imported only then), on ``device``."""
+    """Either shapes model through ``shapes_pipeline.load_pipeline`` (it dispatches on the folder's
+    ``model_index.json``: ``ShapesPipeline`` for ``models/shapes-dit``, ``LatentShapesPipeline``
+    for ``models/shapes-latent-dit``), on ``device`` in ``dtype``."""
     from rasfx.errors import UsageError
+    from shapes_pipeline import load_pipeline as load_either  # examples/shapes_pipeline.py
 
     if not os.path.isdir(folder):
         raise UsageError(f"--model {folder!r} is not a model folder; pass models/shapes-dit or models/shapes-latent-dit")
-    name = model_class_name(folder)
-    if name == "ShapesPipeline":
-        from shapes_pipeline import ShapesPipeline as cls
-    else:
-        try:
-            from latent_pipeline import LatentShapesPipeline as cls  # examples/latent_pipeline.py
-        except ImportError as e:
-            raise UsageError(f"{folder}/model_index.json names {name}, loaded by examples/latent_pipeline.py "
-                             f"(LatentShapesPipeline), which does not import here: {e}") from e
-    return cls.from_pretrained(folder, torch_dtype=dtype).to(device)
+    return load_either(folder, device=device, dtype=dtype)
 
 
 def noise_shape(pipe) -> tuple[int, ...]:
-    """(C, H, W) of one image's initial noise, as the pipeline says: its ``noise_shape()`` method;
-    else a VAE's latent grid (``latent_channels``, image size / VAE scale factor); else the
-    transformer's pixel grid (``in_channels``, ``sample_size``)."""
-    method = getattr(pipe, "noise_shape", None)
-    if callable(method):
-        return tuple(int(x) for x in method())
-    vae = getattr(pipe, "vae", None)
-    if vae is not None:
-        factor = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(vae.config.block_out_channels) - 1)
-        size = int(getattr(pipe, "image_size", None) or vae.config.sample_size)
-        return (int(vae.config.latent_channels), size // factor, size // factor)
-    cfg = pipe.transformer.config
-    return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+    """(C, H, W) of one image's initial noise: pixels (3, 64, 64) for ``ShapesPipeline``, unpacked
+    latents (C, 16, 16) for ``LatentShapesPipeline`` (the pipelines' ``noise_shape(batch)``)."""
+    return tuple(int(x) for x in pipe.noise_shape(1)[1:])
 
 
-def classifier_path(model_folder: str) -> str:
-    """The model folder's ``classifier.safetensors`` if it ships one, else the shapes-dit one."""
-    own = os.path.join(model_folder, "classifier.safetensors")
-    return own if os.path.isfile(own) else DEFAULT_CLASSIFIER
+def check_classifier(path: str) -> str:
+    """``path`` if it is a file, else a ``UsageError`` that names the shipped one."""
+    from rasfx.errors import UsageError
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--classifier {path!r} is not a file; the evaluation classifier of both shapes models is "
+                         f"{os.path.relpath(DEFAULT_CLASSIFIER, ROOT)}")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,27 +96,37 @@ def ras_methods(ratios: Sequence[float], steps: int, ablation: Optional[str]) ->
 
 def combined_methods(steps: int, quick: bool) -> list[Method]:
     """The combined sampler (token sparsity + step sparsity, ``RASConfig``'s skip fields), settings
-    that span about 30-60 % of a dense run of ``steps``."""
-    ext = dict(skip_estimate="extrapolate", inactive_estimate="extrapolate")
+    that span about 30-60 % of a dense run of ``steps``, each with both estimates of a skipped
+    step's noise (and of a RAS step's inactive tokens): ``reuse`` (the last computed prediction)
+    and ``extrapolate`` (linear, from the last two computed ones, per token)."""
     settings = [
-        ("RAS 0.5 + skip every 2nd", dict(ratio=0.5, skip_every=2, **ext)),
-        ("RAS 0.25 + skip every 2nd", dict(ratio=0.25, skip_every=2, **ext)),
-        ("RAS 0.75 + skip every 2nd", dict(ratio=0.75, skip_every=2, **ext)),
-        ("RAS 0.5 + skip every 3rd", dict(ratio=0.5, skip_every=3, **ext)),
-        ("dense + skip every 2nd", dict(ratio=1.0, skip_every=2, skip_estimate="extrapolate")),
-        ("RAS 0.5 + adaptive skip 0.3", dict(ratio=0.5, skip_threshold=0.3, skip_sync=True, **ext)),
-        ("dense + adaptive skip 0.3", dict(ratio=1.0, skip_threshold=0.3, skip_sync=True, skip_estimate="extrapolate")),
+        ("RAS 0.5 + skip every 2nd", dict(ratio=0.5, skip_every=2)),
+        ("RAS 0.25 + skip every 2nd", dict(ratio=0.25, skip_every=2)),
+        ("RAS 0.75 + skip every 2nd", dict(ratio=0.75, skip_every=2)),
+        ("RAS 0.5 + skip every 3rd", dict(ratio=0.5, skip_every=3)),
+        ("dense + skip every 2nd", dict(ratio=1.0, skip_every=2)),
+        ("RAS 0.5 + adaptive skip 0.3", dict(ratio=0.5, skip_threshold=0.3, skip_sync=True)),
+        ("dense + adaptive skip 0.3", dict(ratio=1.0, skip_threshold=0.3, skip_sync=True)),
     ]
     if quick:
-        settings = settings[:2]
-    return [Method("combined", name + ", extrapolated", "rasfx", steps, fields) for name, fields in settings]
+        settings = settings[:1]
+    out = []
+    for name, fields in settings:
+        for estimate in ("extrapolate", "reuse"):
+            inactive = {} if fields["ratio"] >= 1.0 else dict(inactive_estimate=estimate)
+            out.append(Method("combined", f"{name}, {estimate}", "rasfx", steps,
+                              dict(fields, skip_estimate=estimate, **inactive)))
+    return out
 
 
 def cache_methods(steps: int, step_context: "StepContext", mag_ratios: Optional[list[float]],
-                  quick: bool) -> tuple[list[Method], list[dict]]:
+                  quick: bool, packed_tokens: bool = False) -> tuple[list[Method], list[dict]]:
     """diffusers' cache hooks (``diffusers.hooks``) through ``enable_cache``, 2-3 settings each
     (the first only with ``quick``), interleaved by family; and the hooks that do not apply, with
-    the reason."""
+    the reason. ``packed_tokens``: the transformer returns (B, N, C) tokens (Flux), not a BCHW
+    image: FasterCache's approximation of the unconditional branch (an FFT of the BCHW output)
+    cannot run there, so it keeps only its attention reuse (``is_guidance_distilled=True``, the
+    config's switch for "no unconditional-branch approximation")."""
     from diffusers.hooks import (
         FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig, SeaCacheConfig,
         TaylorSeerCacheConfig,
@@ -162,8 +148,8 @@ def cache_methods(steps: int, step_context: "StepContext", mag_ratios: Optional[
             for n in (2, 3, 5)],
         "FasterCache": [(f"FasterCache attention every {n}", lambda n=n: FasterCacheConfig(
             spatial_attention_block_skip_range=n, tensor_format="BCHW", current_timestep_callback=timestep,
-            attention_weight_callback=lambda _: 0.5, _unconditional_conditional_input_kwargs_identifiers=uncond_cond))
-            for n in (2, 3)],
+            attention_weight_callback=lambda _: 0.5, _unconditional_conditional_input_kwargs_identifiers=uncond_cond,
+            is_guidance_distilled=packed_tokens)) for n in (2, 3)],
         "PyramidAttentionBroadcast": [(f"PAB attention every {n}" + (", all steps" if span else ""),
                                        lambda n=n, span=span: PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=n, current_timestep_callback=timestep,
@@ -181,6 +167,8 @@ def cache_methods(steps: int, step_context: "StepContext", mag_ratios: Optional[
             settings = families.get(fam, [])
             if i < len(settings):
                 methods.append(Method("diffusers", settings[i][0], "cache", steps, make=settings[i][1], hook=fam))
+    if packed_tokens:
+        families["FasterCache"] = [(name + " (attention reuse only)", make) for name, make in families["FasterCache"]]
     not_applicable = [dict(name="TextKVCache", reason="caches only NucleusMoEImageTransformerBlock's text K/V "
                            "projections (lossless); these models have no such block and it saves no image-token work")]
     return methods, not_applicable

@@ -62,6 +62,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (head_to_head_<model>.json / .md / .png)")
     p.add_argument("--quick", action="store_true", help="tiny CPU run for tests (2 seeds x 1 image, 3 steps)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="models/shapes-dit or models/shapes-latent-dit")
+    p.add_argument("--classifier", default=hm.DEFAULT_CLASSIFIER,
+                   help="the evaluation classifier (default: models/shapes-dit/classifier.safetensors, trained on "
+                        "the shapes data; it judges the images of either model)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                    help="auto: bfloat16 on CUDA (as quality.py), float32 on CPU")
@@ -111,7 +114,7 @@ class Runner:
         self.device, self.dtype = self.pipe.transformer.device, self.pipe.transformer.dtype
         self.transforms = {None: transform or ReusedTransform()}
         self.warmed: set = set()
-        self.clf = load_classifier(hm.classifier_path(args.model), self.device)
+        self.clf = load_classifier(hm.check_classifier(args.classifier), self.device)
         names = self.pipe.class_embeddings.class_names
         self.labels = [names[i % len(names)] for i in range(args.images)]
         self.label_idx = torch.tensor([i % len(names) for i in range(args.images)])
@@ -249,6 +252,7 @@ def run_head_to_head(args, pipe=None, transform=None, t0: Optional[float] = None
                    rasfx=rasfx.__version__, images=args.images, seeds=len(r.seeds), seed_ids=r.seeds,
                    steps=args.steps, ref_steps=args.ref_steps, guidance=args.guidance, noise_shape=list(r.shape),
                    quick=bool(args.quick), budget_s=args.budget_s, ras_ablation=args.ras_ablation,
+                   classifier=os.path.relpath(os.path.abspath(args.classifier), ROOT),
                    fd_against="the same seed's dense reference images (classifier features)",
                    compute="dense-step equivalents; rasfx: flops_fraction x steps; hooks: linear-layer MAC share"),
         methods=[], not_applicable=[], skipped=[], notes=[], hook_warnings={})
@@ -276,7 +280,8 @@ def run_head_to_head(args, pipe=None, transform=None, t0: Optional[float] = None
                 res["not_applicable"].append(dict(name="MagCache", reason=r.mag_note))
             else:
                 res["notes"].append(f"MagCache ratios {r.mag_note}")
-            cache, not_applicable = hm.cache_methods(args.steps, r.step_context, mag, args.quick)
+            cache, not_applicable = hm.cache_methods(args.steps, r.step_context, mag, args.quick,
+                                                     packed_tokens=hasattr(r.pipe, "_pack_latents"))
             res["not_applicable"] += not_applicable
             queue = cache + queue
             continue

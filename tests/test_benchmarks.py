@@ -156,3 +156,18 @@ def test_head_to_head_verdicts_and_frontier():
     assert hr.target(rows) == dict(budgets=8, combined_wins=6, met=True)
     assert hr.frontier([(0.5, 20.0), (0.3, 18.0), (0.4, 17.0), (0.6, 19.0), (0.7, 21.0)]) == [
         (0.3, 18.0), (0.5, 20.0), (0.7, 21.0)]
+
+
+def test_subject_mask_on_a_coarser_grid():
+    """``shapes_eval.mask_on_grid``: a cell is subject when at least half of its pixels are (hand
+    counted here); a grid that does not divide the image is refused (None)."""
+    sys.path.insert(0, str(BENCH.parent / "examples"))
+    from shapes_eval import mask_on_grid
+
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[0, :4, :4] = True  # the top-left cell of a 2x2 grid, whole
+    mask[0, 4:6, 4:8] = True  # half of the bottom-right cell
+    mask[0, 0, 4] = True  # one pixel of 16 in the top-right cell
+    assert mask_on_grid(mask, (2, 2)).tolist() == [[[True, False], [False, True]]]
+    assert torch.equal(mask_on_grid(mask, (8, 8)), mask)
+    assert mask_on_grid(mask, (3, 3)) is None
