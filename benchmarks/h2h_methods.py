@@ -83,22 +83,26 @@ def dense_methods(steps: Sequence[int]) -> list[Method]:
     return [Method("dense", f"dense {k} steps", "dense", k) for k in steps]
 
 
-def ras_methods(ratios: Sequence[float], steps: int, ablation: Optional[str]) -> list[Method]:
+def ras_methods(ratios: Sequence[float], steps: int, ablations: Sequence[str]) -> list[Method]:
     """RAS with the default ``RASConfig`` at ``ratios`` (the first is expected to be the default
-    0.5), and the ablation variant ``ablation`` (a name of ``ras_ablations.ABLATIONS``) at each."""
+    0.5), and each ablation variant of ``ablations`` (names of ``ras_ablations.ABLATIONS``) at
+    each; the verdicts take the RAS family's best of them within a budget."""
     out = [Method("RAS", f"RAS {r:g}", "rasfx", steps, dict(ratio=r)) for r in ratios]
-    if ablation and ablation != "default":
+    for ablation in ablations:
+        if ablation == "default":
+            continue
         _, label, overrides, _ = next(a for a in ABLATIONS if a[0] == ablation)
         out += [Method("RAS", f"RAS {r:g} ({label})", "rasfx", steps, dict(overrides, ratio=r),
                        transform=TRANSFORM_ABLATIONS.get(ablation)) for r in ratios]
     return out
 
 
-def combined_methods(steps: int, quick: bool) -> list[Method]:
+def combined_methods(steps: int, settings_count: Optional[int] = None) -> list[Method]:
     """The combined sampler (token sparsity + step sparsity, ``RASConfig``'s skip fields), settings
     that span about 30-60 % of a dense run of ``steps``, each with both estimates of a skipped
     step's noise (and of a RAS step's inactive tokens): ``reuse`` (the last computed prediction)
-    and ``extrapolate`` (linear, from the last two computed ones, per token)."""
+    and ``extrapolate`` (linear, from the last two computed ones, per token). ``settings_count``:
+    the first so many settings (all by default)."""
     settings = [
         ("RAS 0.5 + skip every 2nd", dict(ratio=0.5, skip_every=2)),
         ("RAS 0.25 + skip every 2nd", dict(ratio=0.25, skip_every=2)),
@@ -108,10 +112,8 @@ def combined_methods(steps: int, quick: bool) -> list[Method]:
         ("RAS 0.5 + adaptive skip 0.3", dict(ratio=0.5, skip_threshold=0.3, skip_sync=True)),
         ("dense + adaptive skip 0.3", dict(ratio=1.0, skip_threshold=0.3, skip_sync=True)),
     ]
-    if quick:
-        settings = settings[:1]
     out = []
-    for name, fields in settings:
+    for name, fields in settings[:settings_count]:
         for estimate in ("extrapolate", "reuse"):
             inactive = {} if fields["ratio"] >= 1.0 else dict(inactive_estimate=estimate)
             out.append(Method("combined", f"{name}, {estimate}", "rasfx", steps,
@@ -120,9 +122,9 @@ def combined_methods(steps: int, quick: bool) -> list[Method]:
 
 
 def cache_methods(steps: int, step_context: "StepContext", mag_ratios: Optional[list[float]],
-                  quick: bool, packed_tokens: bool = False) -> tuple[list[Method], list[dict]]:
-    """diffusers' cache hooks (``diffusers.hooks``) through ``enable_cache``, 2-3 settings each
-    (the first only with ``quick``), interleaved by family; and the hooks that do not apply, with
+                  settings_count: int = 3, packed_tokens: bool = False) -> tuple[list[Method], list[dict]]:
+    """diffusers' cache hooks (``diffusers.hooks``) through ``enable_cache``, up to
+    ``settings_count`` settings of each family (2-3 defined), interleaved by family; and the hooks that do not apply, with
     the reason. ``packed_tokens``: the transformer returns (B, N, C) tokens (Flux), not a BCHW
     image: FasterCache's approximation of the unconditional branch (an FFT of the BCHW output)
     cannot run there, so it keeps only its attention reuse (``is_guidance_distilled=True``, the
@@ -162,7 +164,7 @@ def cache_methods(steps: int, step_context: "StepContext", mag_ratios: Optional[
         families["MagCache"] = [(f"MagCache {t:g}", lambda t=t: MagCacheConfig(
             threshold=t, num_inference_steps=steps, mag_ratios=list(mag_ratios))) for t in (0.06, 0.12, 0.24)]
     methods = []
-    for i in range(1 if quick else 3):
+    for i in range(settings_count):
         for fam in CACHE_FAMILIES:
             settings = families.get(fam, [])
             if i < len(settings):

@@ -75,9 +75,14 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--ref-steps", type=int, default=50)
     p.add_argument("--dense-steps", default="4,5,6,7,8,10,12,14,17,20,24,28")
     p.add_argument("--ratios", default="0.5,0.25,0.125", help="RAS ratios (0.5 is RASConfig()'s default)")
-    p.add_argument("--ras-ablation", default="random", choices=[a[0] for a in ABLATIONS],
-                   help="the RAS variant run besides the default at every ratio (default: random, the best "
-                        "PSNR of quality.py's ablations at 28 steps / 0.25 on shapes-dit; 'default': none)")
+    p.add_argument("--ras-ablation", default="random",
+                   help="RAS variants run besides the default at every ratio, comma separated, of: "
+                        + ", ".join(a[0] for a in ABLATIONS) + " (default: random, the best PSNR of quality.py's "
+                        "ablations at 28 steps / 0.25 on shapes-dit; 'default': none); the verdicts take the best")
+    p.add_argument("--cache-settings", type=int, default=3,
+                   help="settings per diffusers cache family, at most (2-3 defined; default 3)")
+    p.add_argument("--combined-settings", type=int, default=7,
+                   help="settings of the combined sampler (7 defined, each with both skip estimates; default 7)")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run (default 480)")
     p.add_argument("--from-json", help="re-render the markdown and plot of an existing JSON (no sampling)")
@@ -86,7 +91,13 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.seeds, args.steps, args.ref_steps = 1, min(args.seeds, 2), 3, 4
-        args.dense_steps, args.ratios = "1,2,3", "0.5"
+        args.dense_steps, args.ratios, args.cache_settings, args.combined_settings = "1,2,3", "0.5", 1, 1
+    args.ras_ablations = [a.strip() for a in args.ras_ablation.split(",") if a.strip()]
+    unknown = sorted(set(args.ras_ablations) - {a[0] for a in ABLATIONS})
+    if unknown:
+        p.error(f"unknown --ras-ablation {unknown}; known: {', '.join(a[0] for a in ABLATIONS)}")
+    if args.cache_settings < 0 or args.combined_settings < 0:
+        p.error("--cache-settings and --combined-settings must be >= 0")
     if not args.from_json and not args.out:
         p.error("--out is required (unless --from-json)")
     if args.seeds < 1 or args.images < 1:
@@ -212,7 +223,7 @@ class Runner:
         finally:
             transformer.disable_cache()
         out = dict(self.metrics(images, seed), seed=seed, compute=work.macs / self.dense_macs_per_step,
-                   seconds=None, warnings=sorted(set(warnings)))
+                   seconds=None if self.device.type == "cuda" else seconds, warnings=sorted(set(warnings)))
         if timed:  # again without the counters' overhead
             transformer.enable_cache(m.make())
             try:
@@ -227,12 +238,14 @@ class Runner:
             return dict(self.metrics(images, seed), seed=seed, seconds=seconds, compute=float(m.steps))
         if m.kind == "rasfx":
             return self.run_rasfx(m, seed)
-        return self.run_cache(m, seed, timed=first and not self.args.quick)
+        # CUDA: the hooks' time from a second run without the work counters (their forward hooks
+        # cost launches and syncs there); CPU: the counted run's time (the counters cost little)
+        return self.run_cache(m, seed, timed=first and not self.args.quick and self.device.type == "cuda")
 
     def estimate_s(self, m: hm.Method) -> float:
         step_s = self.ref_step_s
         factor = {"dense": 1.0, "rasfx": 1.3, "cache": 1.6}[m.kind]
-        runs = len(self.seeds) + (1 if m.kind == "cache" and not self.args.quick else 0)
+        runs = len(self.seeds) + (1 if m.kind == "cache" and not self.args.quick and self.device.type == "cuda" else 0)
         capture = 0.0 if m.kind != "rasfx" or self.transform_for(m)[0] in self.warmed else 20.0 + m.steps * step_s
         return runs * m.steps * step_s * factor + capture
 
@@ -265,8 +278,8 @@ def run_head_to_head(args, pipe=None, transform=None, t0: Optional[float] = None
     save(res)
 
     methods = hm.dense_methods(_ints(args.dense_steps))
-    methods += hm.ras_methods([float(x) for x in args.ratios.split(",") if x.strip()], args.steps, args.ras_ablation)
-    methods += hm.combined_methods(args.steps, args.quick)
+    methods += hm.ras_methods([float(x) for x in args.ratios.split(",") if x.strip()], args.steps, args.ras_ablations)
+    methods += hm.combined_methods(args.steps, args.combined_settings)
     queue: list[Optional[hm.Method]] = list(methods) + [None]  # None: the cache hooks, built when reached
     failed_hooks: set = set()
     while queue:
@@ -280,7 +293,7 @@ def run_head_to_head(args, pipe=None, transform=None, t0: Optional[float] = None
                 res["not_applicable"].append(dict(name="MagCache", reason=r.mag_note))
             else:
                 res["notes"].append(f"MagCache ratios {r.mag_note}")
-            cache, not_applicable = hm.cache_methods(args.steps, r.step_context, mag, args.quick,
+            cache, not_applicable = hm.cache_methods(args.steps, r.step_context, mag, args.cache_settings,
                                                      packed_tokens=hasattr(r.pipe, "_pack_latents"))
             res["not_applicable"] += not_applicable
             queue = cache + queue

@@ -282,7 +282,7 @@ def test_quality_head_to_head_quick(tmp_path, shared):
         assert 0 < r["psnr"]["mean"] < 100 and -1 <= r["ssim"]["mean"] <= 1 and 0 <= r["class_acc"]["mean"] <= 1
         assert r["fd"] is None  # one image per seed: no covariance
     # skipping every 2nd RAS-kind step saves compute over RAS alone at the same ratio
-    both = runs["RAS 0.5 + skip every 2nd, extrapolated"]
+    both = runs["RAS 0.5 + skip every 2nd, extrapolate"]
     assert all(s["skipped_steps"] for s in both["per_seed"]) and both["compute"]["mean"] < runs["RAS 0.5"]["compute"]["mean"]
     assert "RAS 0.5 (metric random)" in runs  # the default ablation variant
     # every diffusers cache family ran or says why not; the ones that ran are priced by their linear-layer work
