@@ -163,14 +163,14 @@ def cache_methods(steps: int, step_context: "StepContext", mag_ratios: Optional[
     if mag_ratios is not None:
         families["MagCache"] = [(f"MagCache {t:g}", lambda t=t: MagCacheConfig(
             threshold=t, num_inference_steps=steps, mag_ratios=list(mag_ratios))) for t in (0.06, 0.12, 0.24)]
+    if packed_tokens:
+        families["FasterCache"] = [(name + " (attention reuse only)", make) for name, make in families["FasterCache"]]
     methods = []
     for i in range(settings_count):
         for fam in CACHE_FAMILIES:
             settings = families.get(fam, [])
             if i < len(settings):
                 methods.append(Method("diffusers", settings[i][0], "cache", steps, make=settings[i][1], hook=fam))
-    if packed_tokens:
-        families["FasterCache"] = [(name + " (attention reuse only)", make) for name, make in families["FasterCache"]]
     not_applicable = [dict(name="TextKVCache", reason="caches only NucleusMoEImageTransformerBlock's text K/V "
                            "projections (lossless); these models have no such block and it saves no image-token work")]
     return methods, not_applicable
@@ -197,15 +197,15 @@ def raw_vision(module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[l
 
 
 def cache_capable(pipe):
-    """``pipe`` itself when its transformer has diffusers' ``CacheMixin`` (Flux); else a second
-    pipeline whose transformer is the same model in a ``CacheMixin`` subclass (SD3 has none), so
-    the hooks apply through ``enable_cache``."""
+    """A second pipeline for the cache hooks: the same weights in a transformer of its own (its own
+    scheduler; other parts shared), so the hooks and their step context never touch the transformer
+    that rasfx captured (an added hook makes rasfx capture it again). Its class is the original one
+    where that has diffusers' ``CacheMixin`` (Flux: the hooks go on a ``FluxTransformer2DModel``),
+    else a subclass that adds it (SD3 has none), so the hooks apply through ``enable_cache``."""
     from diffusers.models.cache_utils import CacheMixin
 
     base = type(pipe.transformer)
-    if issubclass(base, CacheMixin):
-        return pipe
-    cls = type(f"Cached{base.__name__}", (CacheMixin, base), {})
+    cls = base if issubclass(base, CacheMixin) else type(f"Cached{base.__name__}", (CacheMixin, base), {})
     model = cls.from_config(pipe.transformer.config).to(device=pipe.transformer.device, dtype=pipe.transformer.dtype)
     model.load_state_dict(pipe.transformer.state_dict())
     model.eval()

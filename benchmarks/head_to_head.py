@@ -277,10 +277,13 @@ def run_head_to_head(args, pipe=None, transform=None, t0: Optional[float] = None
     print(f"  references: {args.ref_steps} steps, {res['reference']['seconds']['mean']:.2f} s per seed", flush=True)
     save(res)
 
-    methods = hm.dense_methods(_ints(args.dense_steps))
-    methods += hm.ras_methods([float(x) for x in args.ratios.split(",") if x.strip()], args.steps, args.ras_ablations)
-    methods += hm.combined_methods(args.steps, args.combined_settings)
-    queue: list[Optional[hm.Method]] = list(methods) + [None]  # None: the cache hooks, built when reached
+    # Families take turns (a budget cut leaves some of each): the first of dense, RAS, combined, then
+    # the cache hooks (None: built when reached, after MagCache's calibration) alternating with the rest.
+    dense = hm.dense_methods(_ints(args.dense_steps))
+    ras = hm.ras_methods([float(x) for x in args.ratios.split(",") if x.strip()], args.steps, args.ras_ablations)
+    combined = hm.combined_methods(args.steps, args.combined_settings)
+    queue: list[Optional[hm.Method]] = [x[0] for x in (dense, ras, combined) if x] + [None] + interleave(
+        dense[1:], ras[1:], combined[1:])
     failed_hooks: set = set()
     while queue:
         m = queue.pop(0)
@@ -296,7 +299,7 @@ def run_head_to_head(args, pipe=None, transform=None, t0: Optional[float] = None
             cache, not_applicable = hm.cache_methods(args.steps, r.step_context, mag, args.cache_settings,
                                                      packed_tokens=hasattr(r.pipe, "_pack_latents"))
             res["not_applicable"] += not_applicable
-            queue = cache + queue
+            queue = interleave(cache, queue)
             continue
         if m.hook in failed_hooks:
             continue
@@ -314,6 +317,14 @@ def run_head_to_head(args, pipe=None, transform=None, t0: Optional[float] = None
     if r.step_context is not None:
         r.step_context.remove()
     return res
+
+
+def interleave(*lists: list) -> list:
+    """Round robin: the first of each list, then the second of each, ... (shorter lists drop out)."""
+    out = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        out += [x[i] for x in lists if i < len(x)]
+    return out
 
 
 def run_method(r: Runner, m: hm.Method, res: dict, failed_hooks: set) -> Optional[dict]:

@@ -171,3 +171,28 @@ def test_subject_mask_on_a_coarser_grid():
     assert mask_on_grid(mask, (2, 2)).tolist() == [[[True, False], [False, True]]]
     assert torch.equal(mask_on_grid(mask, (8, 8)), mask)
     assert mask_on_grid(mask, (3, 3)) is None
+
+
+def test_noise_std_premise_region_stats():
+    """``noise_std_premise.region_stats`` on a hand-made 2x3 score map: subject tokens score 1 and
+    3, background 2, 4, 5, 5 -> AUC = P(subject < background) = (4 + 3) / 8 with no ties; the
+    lowest 2 tokens (34 % of 6, rounded) hold one subject token."""
+    sys.path.insert(0, str(BENCH))
+    from noise_std_premise import region_stats
+
+    scores = torch.tensor([[1.0, 2.0, 5.0], [3.0, 4.0, 5.0]])
+    mask = torch.tensor([[True, False, False], [True, False, False]])
+    st = region_stats(scores, mask, low_share=0.34)
+    assert st["auc"] == 7 / 8 and st["subject"] == 2.0 and st["background"] == 4.0
+    assert st["low_subject_share"] == 0.5 and abs(st["subject_share"] - 2 / 6) < 1e-12
+    tied = region_stats(torch.ones(2, 3), mask)  # no relation at all: AUC one half
+    assert tied["auc"] == 0.5
+    assert region_stats(scores, torch.zeros(2, 3, dtype=torch.bool))["auc"] is None
+
+
+def test_head_to_head_families_take_turns():
+    sys.path.insert(0, str(BENCH))
+    from head_to_head import interleave
+
+    assert interleave([1, 2, 3], ["a"], [], ["x", "y"]) == [1, "a", "x", 2, "y", 3]
+    assert interleave() == [] and interleave([], []) == []
