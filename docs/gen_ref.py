@@ -704,7 +704,7 @@ def render_models() -> str:
         "smaller grid.", "",
         "Your own DiT needs no entry here: [Bring your own DiT](byo-dit.md) shows how to check one.", "",
     ]
-    from rasfx.presets_extra import NOT_COVERED
+    from rasfx.presets import NOT_COVERED
 
     lines += [
         "## diffusers classes without a preset", "",

@@ -60,7 +60,7 @@ PASSING = [
     "sd3-tiny", "sd35-tiny", "flux-tiny", "pixart-tiny", "pixart-alpha-tiny", "dit-tiny",
     "lumina-next-tiny", "sana-tiny", "hunyuan-dit-tiny", "auraflow-tiny", "cogview4-tiny", "cogview3plus-tiny",
     "wan-tiny", "hunyuan-video-tiny", "cogvideox-rope-tiny", "chroma-tiny", "ltx-tiny",
-    # rasfx.presets_extra*
+    # rasfx.presets.extra*
     "cosmos-tiny", "skyreels-v2-tiny", "skyreels-v2-df-tiny", "bria-tiny", "flux2-tiny", "sana-video-tiny",
     "easyanimate-tiny", "longcat-image-tiny", "ovis-image-tiny", "bria-fibo-tiny", "prx-tiny", "chronoedit-tiny",
     "wan-vace-tiny", "motif-video-tiny", "anyflow-tiny", "helios-tiny", "joyimage-edit-tiny", "ltx2-tiny",
@@ -431,7 +431,7 @@ def test_preset_contract(name):
 # ------------------------------------------------------------------------------ equivalence
 
 
-_CORE = PASSING[: PASSING.index("ltx-tiny") + 1]  # rasfx.presets; the rest come from rasfx.presets_extra*
+_CORE = PASSING[: PASSING.index("ltx-tiny") + 1]  # rasfx.presets.image, .video; the rest come from rasfx.presets.extra*
 
 
 @pytest.mark.parametrize("name", _params(_CORE))
