@@ -167,7 +167,7 @@ class FlopEstimate:
 
 
 class FlopModel:
-    """The counted nodes of one capture (a ``CompiledCapture``).
+    """The counted nodes of one capture (a ``PlannedCapture``).
 
     ``hoisted``: the step-invariant prologue of the graph variant that runs (its nodes count
     once per prompt); ``planned=False`` ignores the region plan (every node at full cost: the

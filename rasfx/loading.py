@@ -522,7 +522,7 @@ def _load_config(spec: str, opts: LoadOptions) -> LoadedModel:
 # ===================================================================================== capture
 
 #: captures of presets kept for repeated in-process calls (tests, notebooks):
-#: (spec, options) -> (LoadedModel, CompiledCapture). A preset is deterministic in its options.
+#: (spec, options) -> (LoadedModel, PlannedCapture). A preset is deterministic in its options.
 _CAPTURES: OrderedDict[tuple, tuple] = OrderedDict()
 _MAX_CAPTURES = 4
 
@@ -530,10 +530,10 @@ _MAX_CAPTURES = 4
 def capture_model(spec: str, *, height: int | None = None, width: int | None = None, batch: int = 1,
                   seed: int = 0, meta: bool = False, frames: int | None = None, text_tokens: int | None = None,
                   image_input: str | None = None, kv_cache: bool = True) -> tuple[LoadedModel, Any]:
-    """``load_model`` + capture (the forward is not run): ``(LoadedModel, CompiledCapture)``.
+    """``load_model`` + capture (the forward is not run): ``(LoadedModel, PlannedCapture)``.
     Captures of presets are kept for repeated in-process calls."""
     from .capture import input_signature
-    from .graph_build import compile_capture
+    from .planned_capture import plan_capture
     from .transform import TransformConfig, transform
 
     key = (spec, height, width, batch, seed, meta, frames, text_tokens, image_input, kv_cache)
@@ -545,7 +545,7 @@ def capture_model(spec: str, *, height: int | None = None, width: int | None = N
                         text_tokens=text_tokens)
     transform(loaded.model)  # rasfx.transform's model checks (U-Net, already transformed)
     kwargs = dict(loaded.inputs)
-    cc = compile_capture(loaded.model, kwargs, image_input, input_signature(loaded.model, kwargs), kv_cache=kv_cache,
+    cc = plan_capture(loaded.model, kwargs, image_input, input_signature(loaded.model, kwargs), kv_cache=kv_cache,
                          varying_inputs=TransformConfig().varying_inputs)  # the graphs as the runtime builds them
     if loaded.cacheable:
         _CAPTURES[key] = (loaded, cc)

@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 
 from .capture import bind_inputs, input_signature
 from .errors import CaptureError, InvalidIndexError, RASWarning, TooFewTokensError, UnsupportedModelError, UsageError
-from .graph_build import CompiledCapture, compile_capture, conservative_report
+from .planned_capture import PlannedCapture, conservative_report, plan_capture
 from .model_structure import ModelStructure
 from .runtime import GraphRunner, WorkCounts
 from .slot_state import SignatureBuffers, SlotState, check_index_values, hoisted_values, unaliased
@@ -48,7 +48,7 @@ class RASModule(torch.nn.Module):
         self._init_state()
 
     def _init_state(self) -> None:
-        self._captures: "OrderedDict[Any, CompiledCapture]" = OrderedDict()
+        self._captures: "OrderedDict[Any, PlannedCapture]" = OrderedDict()
         self._slots: dict[str, SlotState] = {}
         self._slot_name = "default"
         self._lock = threading.RLock()
@@ -247,10 +247,10 @@ class RASModule(torch.nn.Module):
         return cc.capture.unflatten_outputs(unaliased(flat_out, buffers.storage_ptrs()))
 
     # ------------------------------------------------------------------ introspection
-    def captures(self) -> list[CompiledCapture]:
+    def captures(self) -> list[PlannedCapture]:
         return list(self._captures.values())
 
-    def _current_capture(self) -> Optional[CompiledCapture]:
+    def _current_capture(self) -> Optional[PlannedCapture]:
         sig = self._slot.signature
         if sig is not None and sig in self._captures:
             return self._captures[sig]
@@ -264,10 +264,10 @@ class RASModule(torch.nn.Module):
         cc = self._current_capture()
         if cc is None:
             raise UsageError("token_map() needs one forward first (the map is derived from the captured graph)")
-        if "token_map" not in cc.timings:
+        if cc.token_map is None:
             self._variant(cc, "shared")  # built here so that its passes count in work_counts()
-            cc.timings["token_map"] = derive_token_map(cc)
-        return cc.timings["token_map"]
+            cc.token_map = derive_token_map(cc)
+        return cc.token_map
 
     # ------------------------------------------------------------------ internals
     def _bind(self, args: tuple, kwargs: dict) -> dict:
@@ -286,7 +286,7 @@ class RASModule(torch.nn.Module):
             raise TypeError(f"{type(self.model).__name__}.forward(): {e}") from None
         return dict(kwargs)
 
-    def _get_capture(self, sig, kwargs) -> Optional[CompiledCapture]:
+    def _get_capture(self, sig, kwargs) -> Optional[PlannedCapture]:
         """The capture of ``sig``, made on first use; None for a signature that runs dense."""
         if sig in self._dense_only:
             return None
@@ -295,7 +295,7 @@ class RASModule(torch.nn.Module):
             log.info("rasfx: capturing %s for a new input signature", type(self.model).__name__)
             t0 = time.perf_counter()
             try:
-                cc = compile_capture(self.model, kwargs, self.config.image_input, sig, self.config.kv_cache,
+                cc = plan_capture(self.model, kwargs, self.config.image_input, sig, self.config.kv_cache,
                                      self.config.op_rules, self.runner.contiguous_attention_caches,
                                      self.config.varying_inputs if self.config.hoist_invariants else None)
             except TooFewTokensError as e:
@@ -328,7 +328,7 @@ class RASModule(torch.nn.Module):
             self._captures.move_to_end(sig)
         return cc
 
-    def _variant(self, cc: CompiledCapture, name: str):
+    def _variant(self, cc: PlannedCapture, name: str):
         """A graph variant of ``cc``, built by the passes on first use (timed as ``passes_s``)."""
         if name in cc.variants:
             return cc.variants[name]
@@ -338,7 +338,7 @@ class RASModule(torch.nn.Module):
         finally:
             self._work["passes_s"] += time.perf_counter() - t0
 
-    def _resolver(self, cc: CompiledCapture):
+    def _resolver(self, cc: PlannedCapture):
         r = self._resolvers.get(cc.capture.signature)
         if r is None:
             r = self._resolvers[cc.capture.signature] = cc.capture.input_resolver(self.model)
@@ -368,7 +368,7 @@ class RASModule(torch.nn.Module):
         cc = self._captures.get(sig) if sig is not None else None
         return cc.num_tokens if cc is not None else None
 
-    def _check_index_for(self, cc: CompiledCapture, slot: SlotState, index) -> None:
+    def _check_index_for(self, cc: PlannedCapture, slot: SlotState, index) -> None:
         """Checks the active index against the signature of the forward that uses it."""
         if index.dim() == 2 and index.shape[0] != cc.batch:
             raise InvalidIndexError(
@@ -380,7 +380,7 @@ class RASModule(torch.nn.Module):
             check_index_values(index, cc.num_tokens)
             slot.checked_for = cc.num_tokens
 
-    def _fuse(self, cc: CompiledCapture) -> bool:
+    def _fuse(self, cc: PlannedCapture) -> bool:
         fuse = self.config.fuse
         if fuse == "auto":
             from .passes.fuse_kernels import profitable

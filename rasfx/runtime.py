@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, cast
 import torch
 
 from .errors import ConfigError, RASWarning
-from .graph_build import copy_graph_module
+from .planned_capture import copy_graph_module
 from .compiler import lower
 
 log = logging.getLogger("rasfx")
@@ -70,7 +70,7 @@ class GraphRunner:
         # or contiguous. Under inductor a contiguous cache is written in place, a permuted one
         # was measured to be copied whole each step (for SDPA and as a mutated input); A/B in
         # benchmarks/bench_models.py (mode suffix "@producer-layout"). Read when a signature is
-        # captured and fixed for that capture (CompiledCapture.contiguous_attention).
+        # captured and fixed for that capture (PlannedCapture.contiguous_attention).
         self.contiguous_attention_caches = "compile" in mode
 
     @property

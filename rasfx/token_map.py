@@ -10,12 +10,12 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import UnsupportedModelError
-from .graph_build import CompiledCapture
+from .planned_capture import PlannedCapture
 
 aten = torch.ops.aten
 
 
-def derive_token_map(cc: CompiledCapture) -> torch.Tensor:
+def derive_token_map(cc: PlannedCapture) -> torch.Tensor:
     """Run the graph tail after the output cache on a tensor of token ids."""
     variant = cc.variant("shared")
     outs = [c for c in variant.caches if c.kind == "output"]
@@ -30,7 +30,7 @@ def derive_token_map(cc: CompiledCapture) -> torch.Tensor:
     raise UnsupportedModelError("; ".join(errors))
 
 
-def _probe_tail(cc: CompiledCapture, variant, spec) -> torch.Tensor:
+def _probe_tail(cc: PlannedCapture, variant, spec) -> torch.Tensor:
     graph = variant.gm.graph
     start = next(n for n in graph.nodes if n.op == "placeholder" and n.name == spec.name)
     tail: dict[fx.Node, Any] = {}

@@ -91,7 +91,7 @@ class Explanation:
         if self.stage == "fused":
             return cc.variant("fused")
         if self.stage == "lowered":
-            from ..graph_build import Variant, copy_graph_module
+            from ..planned_capture import GraphVariant, copy_graph_module
             from ..compiler import lower
 
             # compiled runners allocate contiguous attention caches, which the dense variant's
@@ -100,7 +100,7 @@ class Explanation:
                 cc = dataclasses.replace(cc, contiguous_attention=True, variants={}, timings={})
             base = cc.variant(self.variant_name)
             gm = copy_graph_module(base.gm)
-            return Variant(base.name, gm, base.caches, base.counters + lower(gm))
+            return GraphVariant(base.name, gm, base.caches, base.counters + lower(gm))
         return cc.variant(self.variant_name)
 
     @property

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from .plan_regions import Plan
+from .plan_regions import RegionPlan
 from .token_analysis import Axis
 
 
@@ -43,7 +43,7 @@ class CacheSpec:
 @dataclass
 class RewriteContext:
     gm: fx.GraphModule
-    plan: Plan
+    plan: RegionPlan
     num_tokens: int
     variant: str  # "dense" | "shared" | "rowwise"
     contiguous_attention: bool = False  # attention caches are allocated contiguous (CacheSpec.allocate)

@@ -49,7 +49,7 @@ class Site:
 
 
 @dataclass
-class Plan:
+class RegionPlan:
     mode: dict = field(default_factory=dict)  # node name -> "A" | "F" | "-"
     gathers: list = field(default_factory=list)  # (producer, consumer)
     sites: list = field(default_factory=list)  # [Site]
@@ -89,12 +89,12 @@ def _row_gatherable(node: fx.Node) -> bool:
 
 def plan_regions(
     gm: fx.GraphModule, kv_cache: bool = True, op_rules: dict | None = None, user_inputs: set | None = None
-) -> Plan:
+) -> RegionPlan:
     """Plan every node (see module docstring). ``kv_cache=False``: attention reads the
     active keys/values only (an ablation; not RAS). ``op_rules``: user rules consulted first
     (``TransformConfig.op_rules``). ``user_inputs``: names of the placeholders that are the
     call's inputs (the rest are weights); None counts every placeholder as an input."""
-    plan = Plan()
+    plan = RegionPlan()
     for node in gm.graph.nodes:
         ins = [i for i in node.all_input_nodes if _has_axes(i)]
         if node.op == "placeholder" or node.op == "get_attr":
@@ -152,7 +152,7 @@ def plan_regions(
     return plan
 
 
-def _plan_mutation(plan: Plan, node: fx.Node, ins, rule, target: fx.Node) -> None:
+def _plan_mutation(plan: RegionPlan, node: fx.Node, ins, rule, target: fx.Node) -> None:
     """An in-place op runs in the form of the tensor it writes to: rewriting that operand
     (gather, cache) would send the write to a copy and lose it."""
     if plan.is_active(target):
@@ -172,7 +172,7 @@ def _plan_mutation(plan: Plan, node: fx.Node, ins, rule, target: fx.Node) -> Non
     _run_full(plan, node, ins, "opaque", rule.reason or "in-place op on a full-length tensor")
 
 
-def _mark_output_sites(gm: fx.GraphModule, plan: Plan) -> None:
+def _mark_output_sites(gm: fx.GraphModule, plan: RegionPlan) -> None:
     """A site after which no node runs active ends the region: it feeds the output
     (unpatchify and the like). Those are ``output`` sites, not conservative choices."""
     feeds_active: dict = {}
@@ -186,7 +186,7 @@ def _mark_output_sites(gm: fx.GraphModule, plan: Plan) -> None:
     plan.conservative = [c for c in plan.conservative if c[0] not in ends]
 
 
-def _check_tail(gm: fx.GraphModule, plan: Plan, user_inputs: set | None) -> None:
+def _check_tail(gm: fx.GraphModule, plan: RegionPlan, user_inputs: set | None) -> None:
     """The token-bearing nodes between the token region and the graph output (the tail) run
     at full length on every step. When they only re-lay out the cached rows (unpatchify), an
     inactive token's output is its cached one. A tail node that also reads a value computed
@@ -225,7 +225,7 @@ def _check_tail(gm: fx.GraphModule, plan: Plan, user_inputs: set | None) -> None
             ))
 
 
-def _run_full(plan: Plan, node: fx.Node, ins, kind: str, reason: str, record: bool = True) -> None:
+def _run_full(plan: RegionPlan, node: fx.Node, ins, kind: str, reason: str, record: bool = True) -> None:
     plan.mode[node.name] = "F" if _has_axes(node) else "-"
     active = [i for i in ins if plan.is_active(i)]
     for i in active:
@@ -234,7 +234,7 @@ def _run_full(plan: Plan, node: fx.Node, ins, kind: str, reason: str, record: bo
         plan.conservative.append((node.name, str(node.target), reason))
 
 
-def _add_site(plan: Plan, producer: fx.Node, consumer: fx.Node, kind: str, reason: str) -> None:
+def _add_site(plan: RegionPlan, producer: fx.Node, consumer: fx.Node, kind: str, reason: str) -> None:
     axes = token_axes(producer)
     val = producer.meta["val"]
     # Keep the producer's memory layout (e.g. [B, S, H, D] permuted to [B, H, S, D]):

@@ -105,13 +105,13 @@ def _area_pairs(pairs, area1: int, area2: int, smallest: int = 2) -> Counter:
     return counts
 
 
-def find_token_count(pairs, variant: dict) -> tuple[int, int]:
+def find_token_count(pairs, resolutions: dict) -> tuple[int, int]:
     """(N, N_alt): the number of image tokens at the two resolutions."""
-    if variant["mode"] == "packed":
-        if variant["n"] < 2:
-            raise TooFewTokensError(f"the image is a single token ({variant['n']} in the sequence): nothing to skip")
-        return variant["n"], variant["n2"]
-    (h, w), (h2, w2) = variant["hw"], variant["hw2"]
+    if resolutions["mode"] == "packed":
+        if resolutions["n"] < 2:
+            raise TooFewTokensError(f"the image is a single token ({resolutions['n']} in the sequence): nothing to skip")
+        return resolutions["n"], resolutions["n2"]
+    (h, w), (h2, w2) = resolutions["hw"], resolutions["hw2"]
     counts = _area_pairs(pairs, h * w, h2 * w2)
     if not counts and _area_pairs(pairs, h * w, h2 * w2, smallest=1):
         raise TooFewTokensError(
@@ -125,7 +125,7 @@ def find_token_count(pairs, variant: dict) -> tuple[int, int]:
         )
     (best, freq), *rest = counts.most_common()
     grids = [pair for pair, c in rest if c >= max(3, freq // 10) and pair[0] != best[0]]
-    batch = variant.get("batch", 1)
+    batch = resolutions.get("batch", 1)
     folded = [pair for pair in grids if batch > 1 and batch * min(pair[0], best[0]) == max(pair[0], best[0])]
     if folded and len(folded) == len(grids):
         small, large = sorted((best[0], folded[0][0]))
@@ -385,10 +385,10 @@ def _pin_sources(mask: fx.Node, offsets: dict) -> int:
 # ---------------------------------------------------------------- the pass
 
 
-def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, variant: dict) -> TokenAnalysis:
+def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict) -> TokenAnalysis:
     """Annotate every node of ``gm`` with its token axes (see module docstring)."""
     pairs = align(gm.graph, gm_alt.graph)
-    n1, n2 = find_token_count(pairs, variant)
+    n1, n2 = find_token_count(pairs, resolutions)
     extras: set = set()
     for a, b in pairs.items():
         for t1, t2 in zip(_tensors(a.meta.get("val")), _tensors(b.meta.get("val"))):
