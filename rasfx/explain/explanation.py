@@ -22,7 +22,7 @@ from .diff import StageDiff
 from .graph_dot import dot_source, render_svg
 from .schema import SCHEMA
 from .views import (
-    PER_VARIANT, VARIANT_STAGES, NodeView, _arg_leaves, _axes_list, _block_of, _category, _compress, _dtype_str, _infer_pass, _itemsize,
+    PER_VARIANT, VARIANT_STAGES, NodeView, _arg_leaves, _axes_list, _block_of, _category, _compress, _dtype_str, created_by as pass_of, _itemsize,
     _json_default, _module_matches, _op_matches, _pass_rank, _strip_model_prefix, _tensors_of, op_name,
 )
 
@@ -169,7 +169,7 @@ class Explanation:
             created_by = None
             module = module_of_captured.get(node.name, "")
             if new:
-                created_by = _infer_pass(node)
+                created_by = pass_of(node)
                 mode, tokens, shapes, dtypes, module, note = self._new_node_facts(
                     node, role, shapes, dtypes, tokens, sites_by_producer, module_of_captured, val_owner)
             elif annotated and node.op == "output":
