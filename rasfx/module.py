@@ -18,7 +18,8 @@ from .capture import bind_inputs, input_signature
 from .errors import CaptureError, InvalidIndexError, RASWarning, TooFewTokensError, UnsupportedModelError, UsageError
 from .planned_capture import PlannedCapture, conservative_report, plan_capture
 from .model_structure import ModelStructure
-from .runtime import GraphRunner, WorkCounts
+from .runtime import GraphKey, GraphRunner, WorkCounts
+from .target import ExecutionTarget
 from .slot_state import SignatureBuffers, SlotState, check_index_values, hoisted_values, unaliased
 from .token_map import derive_token_map
 
@@ -57,7 +58,10 @@ class RASModule(torch.nn.Module):
         self._structure = ModelStructure()
         # (forward's function, its inspect.Signature): checks the kwargs of a call
         self._forward_signature: Optional[tuple[Any, inspect.Signature]] = None
-        self.runner = GraphRunner(self.config.mode)
+        # how the graphs run, decided here once (the runner runs the mode; the compiler gets the
+        # cache layout when it plans a capture; forward picks the fused variants)
+        self.target = ExecutionTarget.of(self.config)
+        self.runner = GraphRunner(self.target.mode)
 
     # ------------------------------------------------------------------ copy and pickle
     def __getstate__(self):
@@ -65,7 +69,7 @@ class RASModule(torch.nn.Module):
         not copied (a copy captures again on its first forward, with its own caches)."""
         state = dict(self.__dict__)
         for name in ("_captures", "_slots", "_slot_name", "_lock", "_resolvers", "_dense_only", "_structure",
-                     "_forward_signature", "runner"):
+                     "_forward_signature", "target", "runner"):
             state.pop(name, None)
         return state
 
@@ -218,7 +222,7 @@ class RASModule(torch.nn.Module):
         if index is not None:
             self._check_index_for(cc, slot, index)
             name = "shared" if index.dim() == 1 else "rowwise"
-            variant = self._variant(cc, f"fused_{name}" if self._fuse(cc) else name)
+            variant = self._variant(cc, f"fused_{name}" if self.target.fuses(cc.device) else name)
         else:
             variant = self._variant(cc, "dense")
         # Inference only: caches are written in place and carry no autograd history. They are
@@ -234,11 +238,12 @@ class RASModule(torch.nn.Module):
             for i in variant.unused:
                 if i < len(flat):
                     graph_inputs[i] = None
-            graph_args = [*graph_inputs, *buffers.caches] if index is None else [*graph_inputs, index, *buffers.caches]
-            if variant.hoisted is not None:
-                graph_args += hoisted_values(buffers, variant.hoisted, flat)
+            graph_args = variant.call_args(
+                graph_inputs, active_index=index, caches=buffers.caches,
+                hoisted_values=None if variant.hoisted is None else hoisted_values(buffers, variant.hoisted, flat))
             dynamic = [i for i in cc.dynamic_positions if i not in variant.unused] + ([] if dense else [len(flat)])
-            key = (self._slot_name, variant.name, sig, None if index is None else tuple(index.shape))
+            key = GraphKey(slot=self._slot_name, variant=variant.name, signature=sig,
+                           index_shape=None if index is None else tuple(index.shape))
             slot.filled = False  # until the step completes: an exception leaves some caches half written
             flat_out = self.runner.run(variant, graph_args, dynamic, key)
         slot.last_dense = dense
@@ -296,8 +301,8 @@ class RASModule(torch.nn.Module):
             t0 = time.perf_counter()
             try:
                 cc = plan_capture(self.model, kwargs, self.config.image_input, sig, self.config.kv_cache,
-                                     self.config.op_rules, self.runner.contiguous_attention_caches,
-                                     self.config.varying_inputs if self.config.hoist_invariants else None)
+                                  self.config.op_rules, self.target.contiguous_attention,
+                                  self.config.varying_inputs if self.config.hoist_invariants else None)
             except TooFewTokensError as e:
                 self._dense_only[sig] = str(e)
                 warnings.warn(f"rasfx: {e}; this input signature runs dense", RASWarning, stacklevel=3)
@@ -379,14 +384,6 @@ class RASModule(torch.nn.Module):
         if slot.checked_for not in (-1, cc.num_tokens):
             check_index_values(index, cc.num_tokens)
             slot.checked_for = cc.num_tokens
-
-    def _fuse(self, cc: PlannedCapture) -> bool:
-        fuse = self.config.fuse
-        if fuse == "auto":
-            from .passes.fuse_kernels import profitable
-
-            return profitable(cc.device)
-        return bool(fuse)
 
     def _model_device(self) -> Optional[torch.device]:
         for p in self.model.parameters():

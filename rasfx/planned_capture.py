@@ -48,13 +48,20 @@ class GraphVariant:
     hoisted: "passes.Hoisted | None" = None  # the step-invariant prologue (hoist_invariants)
     unused: frozenset = frozenset()  # graph-input positions the graph no longer reads (hoisted away)
 
-    def call_args(self, flat: list, index, caches: list) -> list:
-        """``gm``'s arguments: the capture's inputs, the active index (``None`` in ``dense``),
-        the caches, and the hoisted values, computed here by the prologue (the runtime
-        computes them once per prompt instead, ``RASModule``)."""
-        args = [*flat, *caches] if index is None else [*flat, index, *caches]
+    def call_args(self, flat: list, active_index: torch.Tensor | None, caches: list,
+                  hoisted_values: list | None = None) -> list:
+        """``gm``'s arguments, in the order of its graph inputs: the capture's inputs (``flat``),
+        the active index (the ``ras_index`` input the rewrite context adds; ``None`` in
+        ``dense``, which has none), the slot's caches (``ras_cache_*``), and the hoisted
+        values: ``hoisted_values`` (the runtime computes them once per prompt, ``RASModule``),
+        else computed here by the prologue."""
+        if (active_index is None) != (self.name == "dense"):
+            raise UsageError(f"the {self.name} graph takes {'no' if self.name == 'dense' else 'an'} active index")
+        args = [*flat, *caches] if active_index is None else [*flat, active_index, *caches]
         if self.hoisted is not None:
-            args += self.hoisted.prologue(*[flat[i] for i in self.hoisted.inputs])
+            if hoisted_values is None:
+                hoisted_values = self.hoisted.prologue(*[flat[i] for i in self.hoisted.inputs])
+            args += hoisted_values
         return args
 
 

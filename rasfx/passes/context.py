@@ -33,8 +33,8 @@ class CacheSpec:
 
     def allocate(self, contiguous_attention: bool = False) -> torch.Tensor:
         """An uninitialised cache in the producer's layout (a dense step's fill is a plain
-        copy); ``contiguous_attention``: attention caches contiguous instead (the runtime
-        decides, see ``GraphRunner.contiguous_attention_caches``)."""
+        copy); ``contiguous_attention``: attention caches contiguous instead (the execution
+        target decides, see ``target.ExecutionTarget``)."""
         if self.stride is not None and not (contiguous_attention and self.kind == "attention"):
             return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)
