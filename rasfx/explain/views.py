@@ -121,17 +121,6 @@ def _tensors_of(val) -> list | None:
     return None
 
 
-def _axes_list(info) -> list | None:
-    """meta["rasfx_tokens"] as a list (one entry per tensor output)."""
-    if info is None:
-        return None
-    if isinstance(info, tuple):
-        return [info]
-    if isinstance(info, list):
-        return [tuple(e) if e is not None else None for e in info]
-    return None
-
-
 def _axis_str(ax) -> str:
     size = "N" if ax.extra == 0 else f"N+{ax.extra}"
     off = "" if ax.extra == 0 else ("@?" if ax.offset is None else f"@{ax.offset}")

@@ -14,8 +14,8 @@ is the packed sequence length (packed inputs). A graph with several token grids 
 different sizes (a U-Net) or none (a model without image tokens) is rejected.
 
 Invariants: the graph is not modified; every node gets ``node.meta["rasfx_tokens"]`` (a
-``TokenInfo`` for tensor outputs, a list of them for multi-output nodes, ``None`` for
-non-tensors) and, where int arguments vary with the resolution,
+``token_info.TokenInfo``: a tuple of axes for tensor outputs, a list of them for multi-output
+nodes, ``None`` for non-tensors; read it with ``token_info``'s functions) and, where int arguments vary with the resolution,
 ``node.meta["rasfx_ints"]`` (``{leaf position: (a, b)}`` meaning ``a * N + b``, or
 ``None`` when the variation is not linear in N).
 """
@@ -35,24 +35,9 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import TooFewTokensError, UnsupportedModelError
+from .token_info import Axis, token_axes
 
 aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class Axis:
-    """A token axis: ``dim`` of a tensor of size ``N + extra``; the image segment starts at
-    ``offset`` (``None`` = unknown)."""
-
-    dim: int
-    extra: int = 0
-    offset: Optional[int] = 0
-
-    def full_size(self, n_img: int) -> int:
-        return n_img + self.extra
-
-
-TokenInfo = tuple  # tuple[Axis, ...], sorted by dim; () = no token axis
 
 
 @dataclass
@@ -428,9 +413,3 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict
     if result.stats["masks_located"]:
         _propagate_offsets(gm.graph, n1)
     return result
-
-
-def token_axes(node: fx.Node) -> tuple:
-    """The token axes of a tensor-valued node (``()`` if none)."""
-    info = node.meta.get("rasfx_tokens")
-    return info if isinstance(info, tuple) else ()
