@@ -300,9 +300,10 @@ class RASModule(torch.nn.Module):
             log.info("rasfx: capturing %s for a new input signature", type(self.model).__name__)
             t0 = time.perf_counter()
             try:
-                cc = plan_capture(self.model, kwargs, self.config.image_input, sig, self.config.kv_cache,
-                                  self.config.op_rules, self.target.contiguous_attention,
-                                  self.config.varying_inputs if self.config.hoist_invariants else None)
+                cc = plan_capture(
+                    self.model, kwargs, self.config.image_input, sig, kv_cache=self.config.kv_cache,
+                    op_rules=self.config.op_rules, contiguous_attention=self.target.contiguous_attention,
+                    varying_inputs=self.config.varying_inputs if self.config.hoist_invariants else None)
             except TooFewTokensError as e:
                 self._dense_only[sig] = str(e)
                 warnings.warn(f"rasfx: {e}; this input signature runs dense", RASWarning, stacklevel=3)

@@ -185,11 +185,14 @@ def _candidate(desc: dict) -> str:
 
 
 def plan_capture(
-    model: torch.nn.Module, kwargs: dict, image_input: str | None, signature, kv_cache: bool = True,
+    model: torch.nn.Module, kwargs: dict, image_input: str | None, signature, *, kv_cache: bool = True,
     op_rules: dict | None = None, contiguous_attention: bool = False, varying_inputs: tuple | None = None,
 ) -> PlannedCapture:
-    """Capture ``model`` for one input signature. ``varying_inputs``: names of the inputs that
-    change at every step besides the image input (None: no step-invariant hoisting)."""
+    """Capture ``model`` for one input signature (``kwargs``: a call's keyword arguments;
+    ``image_input``: ``TransformConfig.image_input``). ``kv_cache``, ``op_rules``: the
+    ``TransformConfig`` fields; ``contiguous_attention``: the execution target's cache layout
+    (``target.ExecutionTarget``); ``varying_inputs``: names of the inputs that change at every
+    step besides the image input (None: no step-invariant hoisting)."""
     t0 = time.perf_counter()
     image_key = find_image_input(kwargs, image_input)
     cap = Capture.from_program(export(model, kwargs), signature)
