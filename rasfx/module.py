@@ -32,7 +32,8 @@ class RASModule(torch.nn.Module):
     ``forward`` has the model's signature and return structure. ``set_active`` chooses the
     image tokens of the next forwards; ``reset`` starts a new image (the next forward is
     dense); ``release`` frees the memory rasfx holds. Weights are the model's own (shared,
-    never copied); ``state_dict()`` is the model's.
+    never copied); ``state_dict()`` is the model's. ``target`` (an ``ExecutionTarget``): how
+    its graphs run (mode, fused variants, cache layout), decided once from the config.
 
     Lifetime of the state (docs/reliability.md): per input signature, the capture, its graph
     variants, CUDA graphs / compiled functions and each slot's caches are made once and kept
