@@ -23,9 +23,10 @@ from .passes.token_analysis import model_line
 
 aten = torch.ops.aten
 
-# Graph variants of one capture: dense; one index set for all rows; per-row index sets; and the
-# same two with the kernel fusion pass.
-VARIANTS = ("dense", "shared", "rowwise", "fused", "fused_shared", "fused_rowwise")
+# Graph variants of one capture: dense; one index set for all rows; per-row index sets; the
+# same two with the kernel fusion pass; and the two across the ranks of a context-parallel group.
+VARIANTS = ("dense", "shared", "rowwise", "fused", "fused_shared", "fused_rowwise", "parallel_shared",
+            "parallel_rowwise")
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -100,17 +101,19 @@ class CompiledCapture:
 
 def build_variant(cc: CompiledCapture, name: str) -> Variant:
     """``dense`` | ``shared`` | ``rowwise``; a ``fused_`` prefix adds the kernel fusion pass
-    (``fused`` alone means ``fused_shared``)."""
+    (``fused`` alone means ``fused_shared``), a ``parallel_`` prefix the row exchange of
+    context parallelism (``passes/exchange_active_rows.py``)."""
     t0 = time.perf_counter()
     if name not in VARIANTS:
         raise UsageError(f"unknown graph variant {name!r}; one of {VARIANTS}")
-    base = {"fused": "shared"}.get(name, name.removeprefix("fused_"))
+    base = {"fused": "shared"}.get(name, name.removeprefix("fused_").removeprefix("parallel_"))
     gm = copy_graph_module(cc.capture.graph_module)
     ctx = RewriteContext(gm, cc.plan, cc.num_tokens, base, contiguous_attention=cc.contiguous_attention)
-    if name == "rowwise":
+    if name in ("rowwise", "parallel_rowwise"):
         _check_rowwise(cc)
-    state = VariantState(gm, ctx, fused=name != base, invariant_inputs=cc.invariant_inputs,
-                         dynamic_positions=cc.dynamic_positions)
+    parallel = name.startswith("parallel_")
+    state = VariantState(gm, ctx, fused=name != base and not parallel, invariant_inputs=cc.invariant_inputs,
+                         dynamic_positions=cc.dynamic_positions, extra={"parallel": parallel})
     counters = run_passes(gm, compiler.VARIANT_PASSES, state)  # read at call time: a pass added to the list runs
     hoisted = state.hoisted
     cc.timings[f"build_{name}"] = time.perf_counter() - t0

@@ -108,6 +108,7 @@ class RASModule(torch.nn.Module):
         # (forward's function, its inspect.Signature): checks the kwargs of a call
         self._forward_signature: Optional[tuple[Any, inspect.Signature]] = None
         self.runner = GraphRunner(self.config.mode)
+        self.parallel = None  # a rasfx.parallel.ParallelRuntime: context parallelism across its ranks
 
     # ------------------------------------------------------------------ copy and pickle
     def __getstate__(self):
@@ -115,7 +116,7 @@ class RASModule(torch.nn.Module):
         not copied (a copy captures again on its first forward, with its own caches)."""
         state = dict(self.__dict__)
         for name in ("_captures", "_slots", "_slot_name", "_lock", "_resolvers", "_dense_only", "_structure",
-                     "_forward_signature", "runner"):
+                     "_forward_signature", "runner", "parallel"):
             state.pop(name, None)
         return state
 
@@ -267,6 +268,10 @@ class RASModule(torch.nn.Module):
         dense = index is None
         if index is not None:
             self._check_index_for(cc, slot, index)
+        if self.parallel is not None:  # context parallelism: this rank's share of the tokens (rasfx/parallel)
+            name, index = self.parallel.shard(cc, index)
+            variant = self._variant(cc, name)
+        elif index is not None:
             name = "shared" if index.dim() == 1 else "rowwise"
             variant = self._variant(cc, f"fused_{name}" if self._fuse(cc) else name)
         else:
@@ -287,10 +292,11 @@ class RASModule(torch.nn.Module):
             graph_args = [*graph_inputs, *buffers.caches] if index is None else [*graph_inputs, index, *buffers.caches]
             if variant.hoisted is not None:
                 graph_args += _hoisted_values(buffers, variant.hoisted, flat)
-            dynamic = [i for i in cc.dynamic_positions if i not in variant.unused] + ([] if dense else [len(flat)])
+            dynamic = [i for i in cc.dynamic_positions if i not in variant.unused] + ([] if index is None else [len(flat)])
             key = (self._slot_name, variant.name, sig, None if index is None else tuple(index.shape))
             slot.filled = False  # until the step completes: an exception leaves some caches half written
-            flat_out = self.runner.run(variant, graph_args, dynamic, key)
+            with self.parallel.running(variant) if self.parallel is not None else contextlib.nullcontext():
+                flat_out = self.runner.run(variant, graph_args, dynamic, key)
         slot.last_dense = dense
         slot.filled = True
         slot.forwards += 1

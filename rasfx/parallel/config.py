@@ -1,0 +1,67 @@
+"""``rasfx.ParallelConfig``: how one transformed model runs across the ranks of a process group."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+from ..errors import ConfigError
+
+__all__ = ["ParallelConfig", "BACKENDS"]
+
+#: Process-group backends rasfx's own group may use (``None``: the default group's).
+BACKENDS = ("gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Context parallelism with region-adaptive sampling: every rank of the group holds the whole
+    model and makes the same pipeline call (same latents, same seed); each forward computes an
+    equal share of the tokens on each rank (docs/parallel.md).
+
+    Attributes:
+        timeout_s: seconds a collective of rasfx's process group may wait for the other ranks.
+            A rank that raises stops taking part; the others raise ``rasfx.ParallelError`` when
+            this expires instead of hanging, and the next pipeline call forms the group again.
+            Keep it above the slowest step (the first step of a new resolution exports and
+            compiles: minutes on a large model).
+        join_timeout_s: seconds the rendezvous at the start of every pipeline run waits for the
+            other ranks (it may wait for a rank still timing out in a collective of the last
+            run). ``None``: ``2 * timeout_s + 30``.
+        backend: backend of rasfx's process group, one of :data:`BACKENDS`; ``None`` (default):
+            the default group's (``nccl`` under ``torchrun`` on GPUs, ``gloo`` on CPUs).
+        ranks: global ranks that share the tokens (every other rank must not call the
+            pipeline with this config); ``None`` (default): every rank of the default group.
+    """
+
+    timeout_s: float = 600.0
+    join_timeout_s: Optional[float] = None
+    backend: Optional[str] = None
+    ranks: Optional[tuple[int, ...]] = None
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "join_timeout_s"):
+            value = getattr(self, name)
+            if value is None and name == "join_timeout_s":
+                continue
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"ParallelConfig.{name} must be a positive number of seconds, got {value!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ConfigError(f"ParallelConfig.backend must be one of {BACKENDS} or None (the default group's), "
+                              f"got {self.backend!r}")
+        if self.ranks is not None:
+            ranks = self.ranks
+            if isinstance(ranks, (str, bytes)) or not isinstance(ranks, (tuple, list)) or not ranks or not all(
+                    isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0 for r in ranks):
+                raise ConfigError(f"ParallelConfig.ranks must be a non-empty tuple of global ranks (ints >= 0) or "
+                                  f"None (every rank), got {ranks!r}")
+            if len(set(ranks)) != len(ranks):
+                raise ConfigError(f"ParallelConfig.ranks lists a rank twice: {tuple(ranks)}")
+            object.__setattr__(self, "ranks", tuple(sorted(int(r) for r in ranks)))
+
+    @property
+    def rendezvous_timeout_s(self) -> float:
+        """What the rendezvous at the start of a run waits (``join_timeout_s`` or its default)."""
+        return float(self.join_timeout_s) if self.join_timeout_s is not None else 2.0 * self.timeout_s + 30.0
