@@ -157,8 +157,8 @@ VARIANT_PASSES: tuple[Pass, ...] = (
     Pass("resize_token_shapes", lambda s: passes.resize_token_shapes(s.ctx), counter="resized_args"),
     Pass("insert_cache_sites", lambda s: passes.insert_cache_sites(s.ctx)),
     # context parallelism (rasfx.ParallelConfig): the parallel_* variants only
-    Pass("exchange_active_rows", lambda s: passes.exchange_active_rows(s.ctx), counter="exchanged_sites",
-         when=lambda s: s.extra.get("parallel", False)),
+    Pass("exchange_active_rows", lambda s: passes.exchange_active_rows(s.ctx, s.extra["parallel"]),
+         when=lambda s: bool(s.extra.get("parallel"))),
     Pass("finalize_context", lambda s: _finalize(s)),  # inputs first, dead code out, recompile
     Pass("fuse_kernels", lambda s: passes.fuse_kernels(s.gm), when=lambda s: s.fused),
     Pass("hoist_invariants", _hoist, when=lambda s: s.invariant_inputs is not None),

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 STEPS = 6
+TEXT_TOKENS = 5  # conditioning tokens of every tiny pipeline
 
 
 def build(name: str):
@@ -41,7 +42,7 @@ def build(name: str):
         pipe = StableDiffusion3Pipeline(transformer=randomize_(tr, 0), scheduler=FlowMatchEulerDiscreteScheduler(),
                                         vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                                         tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-        kw = dict(prompt_embeds=torch.randn(1, 5, 16), negative_prompt_embeds=torch.randn(1, 5, 16),
+        kw = dict(prompt_embeds=torch.randn(1, TEXT_TOKENS, 16), negative_prompt_embeds=torch.randn(1, TEXT_TOKENS, 16),
                   pooled_prompt_embeds=torch.randn(1, 8), negative_pooled_prompt_embeds=torch.randn(1, 8),
                   height=64, width=64, guidance_scale=3.0)
     elif name == "flux":  # 64 px: packed 16 x 16 = 256 image tokens, 5 text tokens
@@ -50,9 +51,9 @@ def build(name: str):
                                     pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
         pipe = FluxPipeline(transformer=randomize_(tr, 0), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-        kw = dict(prompt_embeds=torch.randn(1, 5, 16), pooled_prompt_embeds=torch.randn(1, 8), height=64, width=64,
-                  guidance_scale=3.0)
-    else:  # wan: 96 px, 5 frames: 2 latent frames of 12 x 12 patches = 288 tokens, cross-attention to text
+        kw = dict(prompt_embeds=torch.randn(1, TEXT_TOKENS, 16), pooled_prompt_embeds=torch.randn(1, 8), height=64,
+                  width=64, guidance_scale=3.0)
+    else:  # wan: 192 px, 5 frames: 2 latent frames of 12 x 12 patches = 288 tokens, cross-attention to text
         tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
                                    out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1,
                                    rope_max_seq_len=32)
@@ -62,8 +63,9 @@ def build(name: str):
         sched = UniPCMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)
         pipe = WanPipeline(transformer=randomize_(tr, 0), scheduler=sched, vae=wan_vae, text_encoder=None,
                            tokenizer=None)
-        kw = dict(prompt_embeds=torch.randn(1, 5, 16), negative_prompt_embeds=torch.randn(1, 5, 16), height=96,
-                  width=96, num_frames=5, guidance_scale=3.0)
+        kw = dict(prompt_embeds=torch.randn(1, TEXT_TOKENS, 16),
+                  negative_prompt_embeds=torch.randn(1, TEXT_TOKENS, 16), height=192, width=192, num_frames=5,
+                  guidance_scale=3.0)
     pipe.set_progress_bar_config(disable=True)
     return pipe, kw
 
@@ -103,20 +105,22 @@ def stats_of(pipe) -> dict:
     return out
 
 
-def worker(rank: int, world: int, port: int, out: str, models: list, failure: bool) -> None:
+def worker(rank: int, world: int, port: int, out: str, models: list) -> None:
+    """Every model: the one-process references, then the 3-rank group (ratio 1, ratio 0.5, a failing
+    rank, the run after it), then the 2-rank group of ranks 0 and 1 (ratio 1, ratio 0.5; rank 2 sits
+    it out). The groups are formed in the same order on every rank."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     result: dict = {"rank": rank, "world": world, "models": {}}
     try:
         import rasfx
-        from rasfx.parallel.exchange import current  # noqa: F401  (the ops are registered)
 
-        parallel = rasfx.ParallelConfig(timeout_s=3.0, join_timeout_s=30.0)
+        groups = {world: None, 2: (0, 1)}  # ParallelConfig.ranks of each group size
         for name in models:
             t0 = time.perf_counter()
             pipe, kw = build(name)
-            ras = rasfx.transform(pipe.transformer)  # one capture, shared by the runs below
+            ras = rasfx.transform(pipe.transformer)  # one capture per process, shared by every run below
 
             def transform(model, ras=ras):
                 return ras
@@ -126,27 +130,30 @@ def worker(rank: int, world: int, port: int, out: str, models: list, failure: bo
             with rasfx.enabled(pipe, rasfx.RASConfig(ratio=0.5), transform=transform):
                 one = generate(pipe, kw)
                 rec["one_process"] = stats_of(pipe)
-            rec["seconds_one_process"] = time.perf_counter() - t0
-            with rasfx.enabled(pipe, rasfx.RASConfig(ratio=1.0), transform=transform, parallel=parallel):
-                rec["ratio1"] = compare(generate(pipe, kw), plain)
-                rec["ratio1_stats"] = stats_of(pipe)
-            rasfx.enable(pipe, rasfx.RASConfig(ratio=0.5), transform=transform, parallel=parallel)
-            runtime = rasfx.pipeline._STATES[pipe].parallel
-            before = sum(runtime.comm.received.values())
-            rec["ras"] = compare(generate(pipe, kw), one)
-            rec["ras_measured_bytes"] = sum(runtime.comm.received.values()) - before
-            rec["ras_stats"] = stats_of(pipe)
-            if failure:
-                t0 = time.perf_counter()
-                try:
-                    generate(pipe, kw, fail_at=2 if rank == world - 1 else None)
-                    rec["failure"] = {"raised": None}
-                except Exception as e:
-                    rec["failure"] = {"raised": type(e).__name__, "message": str(e),
-                                      "seconds": time.perf_counter() - t0}
-                rec["after_failure"] = compare(generate(pipe, kw), one)
-                rec["after_failure_regroups"] = runtime.regroups
-            rasfx.disable(pipe)
+            for size, ranks in groups.items():
+                if rank not in (ranks or range(world)):
+                    continue
+                parallel = rasfx.ParallelConfig(timeout_s=3.0, join_timeout_s=60.0, ranks=ranks)
+                g: dict = rec.setdefault(str(size), {})
+                with rasfx.enabled(pipe, rasfx.RASConfig(ratio=1.0), transform=transform, parallel=parallel):
+                    g["ratio1"] = compare(generate(pipe, kw), plain)
+                    g["ratio1_stats"] = stats_of(pipe)
+                with rasfx.enabled(pipe, rasfx.RASConfig(ratio=0.5), transform=transform, parallel=parallel):
+                    runtime = rasfx.pipeline._STATES[pipe].parallel
+                    before = sum(runtime.comm.received.values())
+                    g["ras"] = compare(generate(pipe, kw), one)
+                    g["ras_measured_bytes"] = sum(runtime.comm.received.values()) - before
+                    g["ras_stats"] = stats_of(pipe)
+                    if size == world and name == models[0]:  # the last rank raises in the callback of step 2
+                        t1 = time.perf_counter()
+                        try:
+                            generate(pipe, kw, fail_at=2 if rank == world - 1 else None)
+                            g["failure"] = {"raised": None}
+                        except Exception as e:
+                            g["failure"] = {"raised": type(e).__name__, "message": str(e),
+                                            "seconds": time.perf_counter() - t1}
+                        g["after_failure"] = compare(generate(pipe, kw), one)
+                        g["regroups"] = runtime.regroups
             rec["seconds"] = time.perf_counter() - t0
             result["models"][name] = rec
     except Exception:

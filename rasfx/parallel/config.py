@@ -9,10 +9,15 @@ from typing import Optional
 
 from ..errors import ConfigError
 
-__all__ = ["ParallelConfig", "BACKENDS"]
+__all__ = ["ParallelConfig", "BACKENDS", "ATTENTION"]
 
 #: Process-group backends rasfx's own group may use (``None``: the default group's).
 BACKENDS = ("gloo", "nccl")
+
+#: How attention is shared: ``heads`` (all-to-all by heads, each rank caches ``1 / R`` of the
+#: heads), ``rows`` (all-gather of the active keys/values, every rank caches every head), ``auto``
+#: (``heads`` where a site allows it, else ``rows``).
+ATTENTION = ("auto", "heads", "rows")
 
 
 @dataclass(frozen=True)
@@ -34,12 +39,20 @@ class ParallelConfig:
             the default group's (``nccl`` under ``torchrun`` on GPUs, ``gloo`` on CPUs).
         ranks: global ranks that share the tokens (every other rank must not call the
             pipeline with this config); ``None`` (default): every rank of the default group.
+        attention: how each cache-aware attention is shared, one of :data:`ATTENTION`.
+            ``"heads"``: one all-to-all gives each rank the queries, keys and values of every
+            active token for ``H / R`` heads, whose K/V cache it alone holds (``1 / R`` of the
+            cache memory per rank; fewer bytes than ``rows`` from 3 ranks on); needs the heads
+            divisible by ``R`` and no attention mask. ``"rows"``: the active keys/values are
+            all-gathered and every rank holds the whole cache (any attention). ``"auto"``
+            (default): ``heads`` where a site allows it, ``rows`` elsewhere.
     """
 
     timeout_s: float = 600.0
     join_timeout_s: Optional[float] = None
     backend: Optional[str] = None
     ranks: Optional[tuple[int, ...]] = None
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "join_timeout_s"):
@@ -48,6 +61,8 @@ class ParallelConfig:
                 continue
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"ParallelConfig.{name} must be a positive number of seconds, got {value!r}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"ParallelConfig.attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ConfigError(f"ParallelConfig.backend must be one of {BACKENDS} or None (the default group's), "
                               f"got {self.backend!r}")

@@ -15,7 +15,15 @@ computes (:func:`rasfx.parallel.sharding.split_shares`).
   writes. The output cache before unpatchify is this op: the output rows are gathered once;
 * ``rasfx::cp_attention(q, k, v, k_cache, v_cache, plan, before, after, ...)``: the same
   exchange for keys and values (one collective for both), then this rank's queries attend to
-  the full caches locally.
+  the full caches locally (``ParallelConfig(attention="rows")``: every rank holds the whole
+  K/V cache);
+* ``rasfx::cp_attention_heads(...)``: attention split by heads instead (``attention="heads"``,
+  Ulysses-style): one all-to-all gives each rank the queries, keys and values of *every* rank's
+  image rows for its ``H / R`` heads; its K/V cache holds those heads only (``1 / R`` of the
+  memory); it attends with the queries of all active tokens (and of the conditioning tokens) on
+  its heads, and a second all-to-all returns each rank's rows for all heads. The conditioning
+  rows' outputs travel to every rank (their share of the bytes); their attention is not repeated
+  on every rank.
 
 The ops are ``torch.library`` custom ops (single nodes with fake kernels for ``torch.compile``);
 they take no process group: they use the :class:`Communicator` the runtime sets around the graph
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -139,6 +148,24 @@ def _exchange(caches: list[Tensor], fresh: list[Tensor], plan: Tensor, dim: int,
         write_rows_(cache, rows, positions, dim)
 
 
+def _all_to_all(chunks: list[Tensor], kind: str) -> list[Tensor]:
+    """Send ``chunks[j]`` (equal sizes, one dtype) to rank ``j``; returns what each rank sent here."""
+    comm = current()
+    send = torch.stack([c.reshape(-1) for c in chunks]).contiguous()  # [R, m]
+    recv = torch.empty_like(send)
+    try:
+        dist.all_to_all_single(recv, send, group=comm.group)
+    except Exception as e:
+        raise ParallelError(_collective_failure(comm, e)) from e
+    comm.received[kind] += (comm.world - 1) * send[0].numel() * send.element_size()
+    return list(recv.unbind(0))
+
+
+def _head_slice(x: Tensor, rank: int, world: int) -> Tensor:
+    h = x.shape[1] // world
+    return x.narrow(1, rank * h, h)
+
+
 @torch.library.custom_op("rasfx::cp_local_share", mutates_args=())
 def cp_local_share(plan: Tensor) -> Tensor:
     """This rank's share of the group plan: ``plan[rank]``."""
@@ -197,3 +224,65 @@ def _(q, k, v, k_cache, v_cache, plan, before, after, attn_mask=None, dropout_p=
         b, h, lq, d = shape
         return q.new_empty((b, lq, h, d)).transpose(1, 2)
     return q.new_empty(shape)
+
+
+@torch.library.custom_op("rasfx::cp_attention_heads", mutates_args=("k_cache", "v_cache"))
+def cp_attention_heads(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    plan: Tensor,
+    before: int,
+    after: int,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Cache-aware attention split by heads across the group. ``q``, ``k``, ``v``: ``[B, H, L, D]``
+    rows of this rank (``before`` conditioning rows, its ``s`` image rows, ``after``); ``k_cache``,
+    ``v_cache``: ``[B, H_kv / R, N + c, D]``, the heads of this rank (heads ``r * H / R ...``)."""
+    comm = current()
+    world, rank, s = comm.world, comm.rank, plan.shape[-1]
+    c = before + after
+    # 1. conditioning keys / values of this rank's heads: computed here already
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        mine = _head_slice(x, rank, world)
+        if before:
+            cache.narrow(2, 0, before).copy_(mine.narrow(2, 0, before))
+        if after:
+            cache.narrow(2, cache.shape[2] - after, after).copy_(mine.narrow(2, before + s, after))
+    # 2. image rows: rank j gets heads j of q, k, v of every rank's share
+    parts = (q, k, v)
+    shapes = [(x.shape[0], x.shape[1] // world, s, x.shape[3]) for x in parts]
+    chunks = [torch.cat([_head_slice(x, j, world).narrow(2, before, s).reshape(-1) for x in parts])
+              for j in range(world)]
+    received = _all_to_all(chunks, "attention")
+    sizes = [math.prod(shape) for shape in shapes]
+    rows = [[piece.view(shape) for piece, shape in zip(r.split(sizes), shapes)] for r in received]  # [rank][q/k/v]
+    q_img, k_img, v_img = (torch.cat([rows[i][p] for i in range(world)], dim=2) for p in range(3))
+    positions = _plan_positions(plan, before)
+    write_rows_(k_cache, k_img, positions, 2)
+    write_rows_(v_cache, v_img, positions, 2)
+    # 3. every active query (and the conditioning queries) on this rank's heads
+    q_mine = _head_slice(q, rank, world)
+    queries = torch.cat([q_mine.narrow(2, 0, before), q_img, q_mine.narrow(2, before + s, after)], dim=2)
+    kwargs = {"enable_gqa": True} if enable_gqa else {}
+    out = F.scaled_dot_product_attention(queries, k_cache, v_cache, scale=scale, **kwargs)  # [B, H/R, c + R*s, Dv]
+    # 4. back: rank j gets its rows of these heads, and the conditioning rows (every rank computes them on)
+    cond = torch.cat([out.narrow(2, 0, before), out.narrow(2, before + world * s, after)], dim=2)
+    back = _all_to_all([torch.cat([out.narrow(2, before + j * s, s).reshape(-1), cond.reshape(-1)])
+                        for j in range(world)], "attention")
+    b, h, _, dv = out.shape
+    img_size = b * h * s * dv
+    heads = [(r[:img_size].view(b, h, s, dv), r[img_size:].view(b, h, c, dv)) for r in back]
+    img = torch.cat([x for x, _ in heads], dim=1)  # [B, H, s, Dv]
+    cond_all = torch.cat([y for _, y in heads], dim=1)  # [B, H, c, Dv]
+    result = torch.cat([cond_all.narrow(2, 0, before), img, cond_all.narrow(2, before, after)], dim=2)
+    return _canonical_layout(result)
+
+
+@cp_attention_heads.register_fake
+def _(q, k, v, k_cache, v_cache, plan, before, after, scale=None, enable_gqa=False):
+    b, h, lq, _ = q.shape
+    return q.new_empty((b, lq, h, v.shape[-1])).transpose(1, 2)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -55,12 +56,14 @@ class _Group:
     retired: tuple = ()
 
     def form(self) -> None:
-        """A new group for these ranks (every member calls this, in the same order)."""
+        """A new group for these ranks (every member calls this, in the same order; a group of
+        every rank is formed by every rank, which keeps torch's group names in step)."""
         if self.group is not None:
             self.retired = (*self.retired, self.group)
             self.regroups += 1
+        subset = len(self.ranks) < dist.get_world_size()
         self.group = dist.new_group(ranks=list(self.ranks), timeout=datetime.timedelta(seconds=self.timeout_s),
-                                    backend=self.backend, use_local_synchronization=True)
+                                    backend=self.backend, use_local_synchronization=subset)
         self.broken = None
 
 
@@ -106,6 +109,7 @@ class ParallelRuntime:
             _GROUPS[key] = _Group(ranks, self.backend, float(config.timeout_s))
         self._group = _GROUPS[key]
         if self._group.group is None:
+            self._rendezvous("enable", "rasfx.enable(..., parallel=...)")  # gloo connects within timeout_s
             self._group.form()
         self.comm = Communicator(self._group.group, self.rank, self.world, float(config.timeout_s),
                                  self._posted_failure)
@@ -117,7 +121,7 @@ class ParallelRuntime:
         self._forwards = 0
         self._pending: Optional[tuple[ForwardRecord, int]] = None
         self._dense_index: dict = {}
-        self._row_bytes: dict = {}
+        self._exchange_cost: dict = {}
 
     # -------------------------------------------------------------- modules
     def attach(self, ras: Any) -> None:
@@ -163,18 +167,11 @@ class ParallelRuntime:
         key = f"run{i}"
         if self.in_run or self._group.broken is not None:
             self.store.add(f"{key}/regroup", 1)
-        if self.store.add(f"{key}/arrived", 1) == self.world:
-            self.store.set(f"{key}/go", "1")
-        timeout = self.config.rendezvous_timeout_s
         try:
-            self.store.wait([f"{key}/go"], datetime.timedelta(seconds=timeout))
-        except Exception as e:
+            self._rendezvous(key, f"pipeline run {i}")
+        except ParallelError:
             self._group.broken = f"the rendezvous of run {i} timed out"
-            raise ParallelError(
-                f"rasfx: rank {self.rank} of {self.world}: the other ranks did not start pipeline run {i} within "
-                f"{timeout:g} s (ParallelConfig.join_timeout_s). Every rank must make the same pipeline calls; a rank "
-                f"that failed outside the denoising loop must call the pipeline again too. ({type(e).__name__})"
-            ) from e
+            raise
         if self.store.add(f"{key}/regroup", 0) > 0:
             log.warning("rasfx: rank %d: a rank's last run failed or stopped early; forming the context-parallel "
                         "group again (caches and CUDA graphs are rebuilt)", self.rank)
@@ -184,6 +181,20 @@ class ParallelRuntime:
                 ras.release()  # caches may be half written, CUDA graphs hold the old group
         self.in_run = True
         return self.records
+
+    def _rendezvous(self, key: str, what: str) -> None:
+        """Wait, through the store (no collective), until every rank of the group arrived at ``key``."""
+        if self.store.add(f"{key}/arrived", 1) == self.world:
+            self.store.set(f"{key}/go", "1")
+        timeout = self.config.rendezvous_timeout_s
+        try:
+            self.store.wait([f"{key}/go"], datetime.timedelta(seconds=timeout))
+        except Exception as e:
+            raise ParallelError(
+                f"rasfx: rank {self.rank} of {self.world}: the other ranks did not reach {what} within {timeout:g} s "
+                "(ParallelConfig.join_timeout_s). Every rank must make the same rasfx.enable and pipeline calls; a "
+                f"rank that failed outside the denoising loop must call the pipeline again too. ({type(e).__name__})"
+            ) from e
 
     def finish_run(self) -> None:
         """The run reached its last step on this rank."""
@@ -211,7 +222,8 @@ class ParallelRuntime:
         counts = contiguous_counts(index, cc.num_tokens, self.world)
         record = ForwardRecord(step, dense, self.world, rows * index.shape[-1], rows * plan.shape[-1], counts, {})
         self._pending = (record, plan.shape[-1])
-        return ("parallel_rowwise" if index.dim() == 2 else "parallel_shared"), plan
+        base = "parallel_rowwise" if index.dim() == 2 else "parallel_shared"
+        return f"{base}@{self.world}:{self.config.attention}", plan
 
     @contextlib.contextmanager
     def running(self, variant: Any) -> Iterator[None]:
@@ -227,30 +239,27 @@ class ParallelRuntime:
         except BaseException as e:
             self._fail(e)
             raise
-        if pending is not None:  # each rank sends s token rows of each exchanged cache (all batch rows)
+        if pending is not None:
             record, s = pending
-            record.received = {k: (self.world - 1) * s * b for k, b in self._bytes_per_row(variant).items()}
+            record.received = {kind: (self.world - 1) * (a * s + b)
+                               for kind, (a, b) in self._exchange_bytes(variant).items()}
             self.records.append(record)
 
-    def _bytes_per_row(self, variant: Any) -> dict[str, int]:
-        """Bytes one token row of every exchanged cache holds (over the batch), by cache kind."""
+    def _exchange_bytes(self, variant: Any) -> dict[str, tuple[int, int]]:
+        """By cache kind, ``(a, b)``: a rank receives ``(R - 1) * (a * s + b)`` bytes in a forward of
+        ``variant`` with shares of ``s`` tokens (what the ops of ``rasfx.parallel.exchange`` send)."""
         key = id(variant)
-        if key not in self._row_bytes:
+        if key not in self._exchange_cost:
             specs = {c.name: c for c in variant.caches}
-            per_kind: dict[str, int] = {}
+            per_kind: dict[str, tuple[int, int]] = {}
             for node in variant.gm.graph.nodes:
-                if node.target is torch.ops.rasfx.cp_attention.default:
-                    caches = node.args[3:5]
-                elif node.target is torch.ops.rasfx.cp_cache_write_.default:
-                    caches = node.args[:1]
-                else:
-                    continue
-                for cache in caches:
-                    spec = specs[cache.name]
-                    row = torch.Size(spec.shape).numel() // spec.shape[spec.dim] * spec.dtype.itemsize
-                    per_kind[spec.kind] = per_kind.get(spec.kind, 0) + row
-            self._row_bytes[key] = (variant, per_kind)  # the variant pins the id
-        return self._row_bytes[key][1]
+                cost = _op_bytes(node, specs, self.world)
+                if cost is not None:
+                    kind, a, b = cost
+                    old = per_kind.get(kind, (0, 0))
+                    per_kind[kind] = (old[0] + a, old[1] + b)
+            self._exchange_cost[key] = (variant, per_kind)  # the variant pins the id
+        return self._exchange_cost[key][1]
 
     def _fail(self, error: BaseException) -> None:
         """This rank's forward failed: the group cannot be trusted any more; tell the others."""
@@ -270,6 +279,31 @@ class ParallelRuntime:
         if self.store.check([key]):
             return self.store.get(key).decode(errors="replace")
         return ""
+
+
+def _row_bytes(t: Any, dim: int) -> int:
+    """Bytes of one slice of ``t`` (a tensor or a ``CacheSpec``) along ``dim``."""
+    shape = list(t.shape)
+    dtype = t.dtype
+    del shape[dim]
+    return math.prod(shape) * dtype.itemsize
+
+
+def _op_bytes(node: Any, specs: dict, world: int) -> Optional[tuple[str, int, int]]:
+    """``(kind, a, b)`` of an exchange op (see ``ParallelRuntime._exchange_bytes``); None for other nodes."""
+    ops = torch.ops.rasfx
+    if node.target is ops.cp_cache_write_.default:
+        spec = specs[node.args[0].name]
+        return spec.kind, _row_bytes(spec, spec.dim), 0
+    if node.target is ops.cp_attention.default:  # the keys and values of s rows, all heads
+        k, v = (specs[c.name] for c in node.args[3:5])
+        return "attention", _row_bytes(k, k.dim) + _row_bytes(v, v.dim), 0
+    if node.target is ops.cp_attention_heads.default:  # q, k, v of s rows, then outputs of s + c rows, H/R heads
+        q, k, v = (a.meta["val"] for a in node.args[:3])
+        c = int(node.args[6]) + int(node.args[7])
+        out = _row_bytes(q, 2) // q.shape[3] * v.shape[3] // world
+        return "attention", (_row_bytes(q, 2) + _row_bytes(k, 2) + _row_bytes(v, 2)) // world + out, c * out
+    return None
 
 
 def attach(module: Any, config: ParallelConfig) -> ParallelRuntime:

@@ -1,28 +1,37 @@
 """Exchange the fresh rows of the active tokens between the ranks of a context-parallel group.
 
 Runs on the ``parallel_shared`` / ``parallel_rowwise`` variants only (``rasfx.ParallelConfig``,
-docs/parallel.md), after ``insert_cache_sites``. The variant's ``ras_index`` input becomes the
-*group plan* ``[R, s]`` (``[R, B, s]`` with per-row sets): row ``r`` lists the ``s`` image tokens
-rank ``r`` computes, equal shares of the step's active set (of every token on a dense step).
+docs/parallel.md), after ``insert_cache_sites``; ``spec`` is ``"<R>:<attention>"`` (the group's
+size and ``ParallelConfig.attention``). The variant's ``ras_index`` input becomes the *group
+plan* ``[R, s]`` (``[R, B, s]`` with per-row sets): row ``r`` lists the ``s`` image tokens rank
+``r`` computes, equal shares of the step's active set (of every token on a dense step).
 
 * every use of the index reads this rank's share instead (``rasfx::cp_local_share``): gathers,
   resized shapes and sequence indices, hence the whole token-wise region, run on ``s`` tokens;
-* each ``rasfx::ras_attention`` becomes ``rasfx::cp_attention``: the fresh keys/values of the
-  image rows of every rank are all-gathered and written into every rank's caches, the rows of
-  the conditioning tokens (computed identically by every rank) are written locally, and the
-  rank's queries attend to the full caches;
+* each ``rasfx::ras_attention`` becomes ``rasfx::cp_attention`` (``attention="rows"``): the
+  fresh keys/values of the image rows of every rank are all-gathered and written into every
+  rank's caches, the rows of the conditioning tokens (computed identically by every rank) are
+  written locally, and the rank's queries attend to the full caches; or, with ``"heads"`` (and
+  ``"auto"`` where the site allows it: ``[B, H, L, D]`` operands of one dtype, ``H`` and the
+  key/value heads divisible by ``R``, no mask, dropout or causal flag, queries laid out like the
+  keys), ``rasfx::cp_attention_heads``: an all-to-all by heads, the site's caches shrunk to the
+  rank's ``H / R`` heads (their ``CacheSpec`` replaced);
 * each ``rasfx::cache_write_`` (the output cache before unpatchify, any other token-mixing
   operand) becomes ``rasfx::cp_cache_write_``, the same exchange for one cache.
 
 Invariants: after each exchange every rank's cache holds exactly what the one-process forward
 with the whole active set writes (the same rows, computed by one rank each); cached rows of
 inactive tokens are never sent; nodes other than the index uses and the cache ops are
-unchanged, so the variant's caches are the ``shared`` / ``rowwise`` variant's. The ops find the
-process group at run time (``rasfx.parallel.exchange``), so the graph is the same on every rank.
-Counter: ``exchanged_sites`` (cache ops that exchange rows; an attention site counts once).
+unchanged, so the variant's caches are the ``shared`` / ``rowwise`` variant's but for the head-
+sharded ones. The ops find the process group at run time (``rasfx.parallel.exchange``), so the
+graph is the same on every rank. Counters: ``exchanged_sites`` (cache ops that exchange rows; an
+attention site counts once), ``head_sharded_sites`` (attention sites split by heads).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections import Counter
 
 import torch
 import torch.fx as fx
@@ -31,14 +40,18 @@ from .. import ops
 from ..errors import UnsupportedModelError
 from ..parallel import exchange  # noqa: F401  (registers the rasfx::cp_* ops)
 from .context import RewriteContext
+from .token_analysis import token_axes
 
 _RAS_ATTENTION = ("q", "k", "v", "k_cache", "v_cache", "index", "attn_mask", "dropout_p", "is_causal", "scale",
                   "enable_gqa")
 
 
-def exchange_active_rows(ctx: RewriteContext) -> int:
+def exchange_active_rows(ctx: RewriteContext, spec: str) -> Counter:
+    counts: Counter = Counter()
     if ctx.dense or ctx.index is None:
-        return 0
+        return counts
+    world_text, _, attention = spec.partition(":")
+    world = int(world_text)
     graph = ctx.gm.graph
     plan = ctx.index
     # the share is read by gathers of graph inputs, which sit among the placeholders until the
@@ -50,24 +63,61 @@ def exchange_active_rows(ctx: RewriteContext) -> int:
         share = graph.call_function(torch.ops.rasfx.cp_local_share.default, (plan,))
     share.meta["rasfx_created_by"] = "exchange_active_rows"
     plan.replace_all_uses_with(share, delete_user_cb=lambda user: user is not share)
-    exchanged = 0
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         if node.target is torch.ops.rasfx.ras_attention.default:
             a = dict(zip(_RAS_ATTENTION, node.args)) | dict(node.kwargs)
             before, after = _segments(a["index"], share, ctx.num_tokens, node)
-            args = (a["q"], a["k"], a["v"], a["k_cache"], a["v_cache"], plan, before, after, a.get("attn_mask"),
-                    a.get("dropout_p", 0.0), a.get("is_causal", False), a.get("scale"), a.get("enable_gqa", False))
-            _replace(graph, node, torch.ops.rasfx.cp_attention.default, args)
-            exchanged += 1
+            if attention != "rows" and _splits_by_heads(a, world):
+                for cache in (a["k_cache"], a["v_cache"]):
+                    _shard_heads(ctx, cache, world)
+                args = (a["q"], a["k"], a["v"], a["k_cache"], a["v_cache"], plan, before, after, a.get("scale"),
+                        a.get("enable_gqa", False))
+                _replace(graph, node, torch.ops.rasfx.cp_attention_heads.default, args)
+                counts["head_sharded_sites"] += 1
+            elif attention == "heads":
+                raise UnsupportedModelError(
+                    f"ParallelConfig(attention='heads'): the attention {node.name} cannot be split by heads across "
+                    f"{world} ranks (heads not divisible by {world}, an attention mask, or another layout); use "
+                    "attention='auto' (splits what it can, all-gathers the rest) or 'rows'")
+            else:
+                args = (a["q"], a["k"], a["v"], a["k_cache"], a["v_cache"], plan, before, after, a.get("attn_mask"),
+                        a.get("dropout_p", 0.0), a.get("is_causal", False), a.get("scale"),
+                        a.get("enable_gqa", False))
+                _replace(graph, node, torch.ops.rasfx.cp_attention.default, args)
+            counts["exchanged_sites"] += 1
         elif node.target is torch.ops.rasfx.cache_write_.default:
             cache, x, index, dim = node.args
             before, after = _segments(index, share, ctx.num_tokens, node)
             kind = cache.meta["rasfx_cache"].kind
             _replace(graph, node, torch.ops.rasfx.cp_cache_write_.default, (cache, x, plan, dim, before, after, kind))
-            exchanged += 1
-    return exchanged
+            counts["exchanged_sites"] += 1
+    return counts
+
+
+def _splits_by_heads(a: dict, world: int) -> bool:
+    """Whether a ``ras_attention`` site can run as ``cp_attention_heads`` on ``world`` ranks."""
+    if a.get("attn_mask") is not None or a.get("dropout_p", 0.0) or a.get("is_causal", False):
+        return False
+    vals = [a[x].meta.get("val") for x in ("q", "k", "v")]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in vals) or len({t.dtype for t in vals}) != 1:
+        return False
+    q, k, v = vals
+    if q.shape[1] % world or k.shape[1] % world or v.shape[1] != k.shape[1]:
+        return False
+    axes = [token_axes(a[x]) for x in ("q", "k")]
+    return all(len(ax) == 1 and ax[0].dim == 2 for ax in axes) and axes[0][0] == axes[1][0]
+
+
+def _shard_heads(ctx: RewriteContext, cache: fx.Node, world: int) -> None:
+    """The cache holds ``1 / world`` of the heads (dim 1), contiguous."""
+    spec = cache.meta["rasfx_cache"]
+    shape = list(spec.shape)
+    shape[1] //= world
+    sharded = dataclasses.replace(spec, shape=tuple(shape), stride=None)
+    ctx.caches[ctx.caches.index(spec)] = sharded
+    cache.meta["rasfx_cache"] = sharded
 
 
 def _segments(index, share: fx.Node, num_tokens: int, node: fx.Node) -> tuple[int, int]:
