@@ -49,11 +49,16 @@ def share_table(n: int, world: int) -> tuple[tuple[int, ...], ...]:
 def split_shares(index: Tensor, world: int) -> Tensor:
     """The group plan of an active index: ``[n] -> [R, s]``, ``[B, n] -> [R, B, s]`` (per batch
     row, each row cut the same way). No device synchronisation: the cut depends on ``n`` only."""
-    n = index.shape[-1]
-    table = torch.tensor(share_table(n, world), dtype=torch.long, device=index.device)  # [R, s]
+    table = _table_on(index.shape[-1], world, index.device)  # [R, s]
     if index.dim() == 1:
         return index[table]
     return index[:, table].permute(1, 0, 2).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _table_on(n: int, world: int, device: torch.device) -> Tensor:
+    """:func:`share_table` as a tensor on ``device``, made once (no host-to-device copy per forward)."""
+    return torch.tensor(share_table(n, world), dtype=torch.long, device=device)
 
 
 def contiguous_counts(index: Tensor, num_tokens: int, world: int) -> Tensor:
