@@ -105,6 +105,18 @@ def test_without_torch_distributed_the_error_says_how_to_launch():
         ParallelRuntime({"timeout_s": 1})
 
 
+def test_enable_without_torch_distributed_leaves_the_pipeline_alone():
+    if dist.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    pipe, _ = parallel_workers.build("flux")
+    with pytest.raises(UsageError, match="torchrun"):
+        rasfx.enable(pipe, rasfx.RASConfig(ratio=0.5), parallel=ParallelConfig())
+    assert not rasfx.is_enabled(pipe)
+    with pytest.raises(ArgumentTypeError, match="rasfx.ParallelConfig"):
+        rasfx.enable(pipe, rasfx.RASConfig(ratio=0.5), parallel={"timeout_s": 1})
+    assert not rasfx.is_enabled(pipe)
+
+
 @pytest.fixture(scope="module")
 def one_rank_group():
     """A 1-rank gloo group in this process (what the runtime's checks need)."""
