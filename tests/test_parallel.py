@@ -74,6 +74,34 @@ def test_a_clustered_active_set_is_balanced_where_contiguous_blocks_are_not(worl
     assert plan.shape == (world, 1024 // world) and torch.equal(plan.flatten(), index)  # imbalance 1.0
 
 
+@pytest.mark.parametrize("world", range(2, 9))
+@pytest.mark.parametrize("c", [0, 5, 512])
+def test_auto_splits_by_heads_only_where_that_keeps_the_byte_bound(world, c):
+    """Received units per rank and site (one row of 1/R of the heads), counted op by op as in
+    rasfx/parallel/exchange.py: by heads Q, K, V of every other rank's s rows, then the outputs
+    of s + c rows from every other head owner; by rows K and V of every head of s rows. The
+    bound: a RAS step <= (R s + c) / (R s_dense + c) x the dense step. Where ``auto`` splits by
+    heads the bound holds on every step; where it does not, heads would break the bound or send
+    more than rows."""
+    from rasfx.passes.exchange_active_rows import auto_splits_by_heads
+
+    def by_heads(s):
+        return (world - 1) * 3 * s + (world - 1) * (s + c)
+
+    def by_rows(s):
+        return (world - 1) * 2 * s * world
+
+    for n_dense, n in [(4096, 1024), (4096, 64), (75600, 18880), (256, 128)]:
+        s_dense, s = share_size(n_dense, world), share_size(n, world)
+        bound = (world * s + c) / (world * s_dense + c)
+        assert by_rows(s) <= bound * by_rows(s_dense)
+        heads_keep = by_heads(s) <= bound * by_heads(s_dense) * (1 + 1e-12)
+        if auto_splits_by_heads(world, c):
+            assert heads_keep, (world, c, n_dense, n)
+        else:
+            assert not heads_keep or by_rows(s) < by_heads(s), (world, c, n_dense, n)
+
+
 # ------------------------------------------------------------------------------ config and errors
 
 
@@ -309,16 +337,15 @@ def test_bytes_per_ras_step_scale_with_the_active_tokens(ranks, name):
 @pytest.mark.slow
 def test_dense_bytes_match_the_model_dimensions(ranks):
     """SD3-tiny (2 layers, 2 heads x 8, CFG batch 2, 5 text tokens, float32), every rank sending
-    s = ceil(256 / R) rows: on 3 ranks attention runs ``rows`` (K and V of every head, 2 x 2 x 16
-    x 4 bytes a row and layer); on 2 ranks ``heads`` (Q, K, V of s rows and the outputs of s + 5
-    rows, for 1 of the 2 heads). The output gather: 2 x (2 x 2 patch x 4 channels) per row."""
+    s = ceil(256 / R) rows. Attention runs ``rows`` on 2 and on 3 ranks (``auto``: 2 heads do
+    not divide by 3; on 2 ranks rows send fewer bytes than heads): K and V of every head,
+    2 x 2 x 16 x 4 bytes a row and layer. The output gather: 2 x (2 x 2 patch x 4 channels)."""
     for doc in ranks:
         for size, g in _groups(doc, "sd3"):
             dense = next(p for p in g["ras_stats"]["parallel"] if p["kind"] == "dense")
             s = math.ceil(256 / size)
             row = 2 * 16 * 4  # batch x width x float32
-            per_layer = 2 * s * row if size == 3 else (4 * s + 5) * row // size
-            assert dense["by_kind"] == {"attention": (size - 1) * 2 * per_layer, "output": (size - 1) * s * row}
+            assert dense["by_kind"] == {"attention": (size - 1) * 2 * 2 * s * row, "output": (size - 1) * s * row}
 
 
 @pytest.mark.slow

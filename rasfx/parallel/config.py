@@ -16,7 +16,7 @@ BACKENDS = ("gloo", "nccl")
 
 #: How attention is shared: ``heads`` (all-to-all by heads, each rank caches ``1 / R`` of the
 #: heads), ``rows`` (all-gather of the active keys/values, every rank caches every head), ``auto``
-#: (``heads`` where a site allows it, else ``rows``).
+#: (``heads`` where a site allows it and keeps the byte bound, else ``rows``).
 ATTENTION = ("auto", "heads", "rows")
 
 
@@ -45,7 +45,10 @@ class ParallelConfig:
             cache memory per rank; fewer bytes than ``rows`` from 3 ranks on); needs the heads
             divisible by ``R`` and no attention mask. ``"rows"``: the active keys/values are
             all-gathered and every rank holds the whole cache (any attention). ``"auto"``
-            (default): ``heads`` where a site allows it, ``rows`` elsewhere.
+            (default): ``heads`` where a site allows it and that keeps a RAS step's bytes within
+            the active share of the dense step's at no more bytes than ``rows`` (no conditioning
+            rows at the site, or 3 to 4 ranks; ``rasfx.passes.exchange_active_rows.
+            auto_splits_by_heads``), ``rows`` elsewhere.
     """
 
     timeout_s: float = 600.0

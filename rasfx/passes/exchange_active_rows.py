@@ -14,7 +14,8 @@ plan* ``[R, s]`` (``[R, B, s]`` with per-row sets): row ``r`` lists the ``s`` im
   written locally, and the rank's queries attend to the full caches; or, with ``"heads"`` (and
   ``"auto"`` where the site allows it: ``[B, H, L, D]`` operands of one dtype, ``H`` and the
   key/value heads divisible by ``R``, no mask, dropout or causal flag, queries laid out like the
-  keys), ``rasfx::cp_attention_heads``: an all-to-all by heads, the site's caches shrunk to the
+  keys) and :func:`auto_splits_by_heads` prefers it (issue #21's byte bound),
+  ``rasfx::cp_attention_heads``: an all-to-all by heads, the site's caches shrunk to the
   rank's ``H / R`` heads (their ``CacheSpec`` replaced);
 * each ``rasfx::cache_write_`` (the output cache before unpatchify, any other token-mixing
   operand) becomes ``rasfx::cp_cache_write_``, the same exchange for one cache.
@@ -69,7 +70,8 @@ def exchange_active_rows(ctx: RewriteContext, spec: str) -> Counter:
         if node.target is torch.ops.rasfx.ras_attention.default:
             a = dict(zip(_RAS_ATTENTION, node.args)) | dict(node.kwargs)
             before, after = _segments(a["index"], share, ctx.num_tokens, node)
-            if attention != "rows" and _splits_by_heads(a, world):
+            by_heads = attention == "heads" or (attention == "auto" and auto_splits_by_heads(world, before + after))
+            if by_heads and _splits_by_heads(a, world):
                 for cache in (a["k_cache"], a["v_cache"]):
                     _shard_heads(ctx, cache, world)
                 args = (a["q"], a["k"], a["v"], a["k_cache"], a["v_cache"], plan, before, after, a.get("scale"),
@@ -94,6 +96,20 @@ def exchange_active_rows(ctx: RewriteContext, spec: str) -> Counter:
             _replace(graph, node, torch.ops.rasfx.cp_cache_write_.default, (cache, x, plan, dim, before, after, kind))
             counts["exchanged_sites"] += 1
     return counts
+
+
+def auto_splits_by_heads(world: int, conditioning: int) -> bool:
+    """Whether ``attention="auto"`` splits a site with ``conditioning`` rows by heads on ``world``
+    ranks. Per rank and site a step of ``s`` rows (``s_d`` on a dense step) receives, in units of
+    one row of ``1 / R`` of the heads, ``(R - 1) (4 s + c)`` by heads (Q, K, V, outputs of the
+    image rows, outputs of the ``c`` conditioning rows) and ``(R - 1) 2 R s`` by rows (K, V,
+    every head, no conditioning row). Rows scale with the active share exactly. Heads keep a RAS
+    step within ``(R s + c) / (R s_d + c)`` of the dense step (issue #21's bound) iff
+    ``c (R - 4) (s_d - s) <= 0``, and on 2 ranks they send more than rows whenever ``c > 0``.
+    So: by heads where the site has no conditioning rows (equal bytes on 2 ranks, fewer from 3,
+    ``1 / R`` of the cache memory) or on 3 to 4 ranks; by rows elsewhere. ``attention="heads"``
+    splits every site it can (the cache memory), ``"rows"`` none."""
+    return conditioning == 0 or 3 <= world <= 4
 
 
 def _splits_by_heads(a: dict, world: int) -> bool:
