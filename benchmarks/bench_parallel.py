@@ -283,7 +283,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: Flux 28, Wan 50)")
     ap.add_argument("--images", type=int, default=1, help="timed images per setup (after one warm-up image)")
     ap.add_argument("--mode", default="auto", help="TransformConfig.mode of the rasfx setups")
-    ap.add_argument("--timeout-s", type=float, default=1800.0, help="ParallelConfig / process-group timeout")
+    ap.add_argument("--timeout-s", type=float, default=600.0,
+                    help="ParallelConfig / process-group timeout: a rank that fails stops the others after it")
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting setups after this many seconds")
     ap.add_argument("--quick", action="store_true", help="CPU / gloo: tiny Flux and Wan on 1 and 2 processes")
     ap.add_argument("--cpu", action="store_true", help="run on CPUs (gloo) even where GPUs exist")
