@@ -233,3 +233,45 @@ def test_shipped_latent_model_loads_and_samples():
     shipped.set_progress_bar_config(disable=True)
     images = shipped(["star", 0], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+
+
+# ------------------------------------------------------------------------------------- head to head
+
+
+def test_head_to_head_quick_on_a_latent_flux_pipeline(pipe, tmp_path):
+    """``quality.py --head-to-head --quick`` on a (tiny) ``LatentShapesPipeline``: the hooks go
+    through the Flux transformer's own ``enable_cache`` (on a copy, no subclass), every cache family ran or
+    says why not, both skip estimates of the combined sampler ran, and a dense run's PSNR equals
+    one recomputed here from the same noise and a dense reference sampled here."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import head_to_head
+    import h2h_methods
+    from shapes_eval import initial_noise, psnr
+
+    hooked = h2h_methods.cache_capable(pipe)  # a copy for the hooks; Flux has CacheMixin: no subclass
+    assert type(hooked.transformer) is FluxTransformer2DModel and hooked.transformer is not pipe.transformer
+    assert all(torch.equal(a, b) for a, b in zip(hooked.transformer.state_dict().values(),
+                                                 pipe.transformer.state_dict().values()))
+    out = tmp_path / "h2h"
+    head_to_head.main(["--head-to-head", "--quick", "--model", str(tmp_path / "tiny-latent"), "--out", str(out)],
+                      pipe=pipe)
+    data = json.loads((out / "head_to_head_tiny-latent.json").read_text())
+    su = data["setup"]
+    assert su["pipeline"] == "LatentShapesPipeline" and su["noise_shape"] == [CHANNELS, LATENT, LATENT]
+    assert su["classifier"].replace(os.sep, "/") == "models/shapes-dit/classifier.safetensors"
+    runs = {r["name"]: r for r in data["methods"]}
+    hooks = {r["hook"] for r in runs.values() if r["family"] == "diffusers"}
+    assert hooks | {n["name"] for n in data["not_applicable"]} == {
+        "FirstBlockCache", "TaylorSeer", "TaylorSeer lite", "MagCache", "FasterCache", "PyramidAttentionBroadcast",
+        "SeaCache", "TextKVCache"}
+    assert "FasterCache attention every 2 (attention reuse only)" in runs  # its uncond-branch FFT needs BCHW outputs
+    for estimate in ("extrapolate", "reuse"):
+        r = runs[f"RAS 0.5 + skip every 2nd, {estimate}"]
+        assert all(s["skipped_steps"] for s in r["per_seed"]) and r["compute"]["mean"] < runs["RAS 0.5"]["compute"]["mean"]
+
+    seed = su["seed_ids"][1]
+    x = initial_noise([seed * 1_000_003], (CHANNELS, LATENT, LATENT))
+    ref = pipe(["circle"], num_inference_steps=su["ref_steps"], guidance_scale=su["guidance"], latents=x).images
+    two = pipe(["circle"], num_inference_steps=2, guidance_scale=su["guidance"], latents=x).images
+    recorded = next(s for s in runs["dense 2 steps"]["per_seed"] if s["seed"] == seed)
+    assert abs(recorded["psnr"] - float(psnr(two, ref).mean())) < 1e-4

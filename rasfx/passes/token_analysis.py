@@ -14,8 +14,8 @@ is the packed sequence length (packed inputs). A graph with several token grids 
 different sizes (a U-Net) or none (a model without image tokens) is rejected.
 
 Invariants: the graph is not modified; every node gets ``node.meta["rasfx_tokens"]`` (a
-``TokenInfo`` for tensor outputs, a list of them for multi-output nodes, ``None`` for
-non-tensors) and, where int arguments vary with the resolution,
+``token_info.TokenInfo``: a tuple of axes for tensor outputs, a list of them for multi-output
+nodes, ``None`` for non-tensors; read it with ``token_info``'s functions) and, where int arguments vary with the resolution,
 ``node.meta["rasfx_ints"]`` (``{leaf position: (a, b)}`` meaning ``a * N + b``, or
 ``None`` when the variation is not linear in N).
 """
@@ -35,24 +35,9 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import TooFewTokensError, UnsupportedModelError
+from .token_info import Axis, token_axes
 
 aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class Axis:
-    """A token axis: ``dim`` of a tensor of size ``N + extra``; the image segment starts at
-    ``offset`` (``None`` = unknown)."""
-
-    dim: int
-    extra: int = 0
-    offset: Optional[int] = 0
-
-    def full_size(self, n_img: int) -> int:
-        return n_img + self.extra
-
-
-TokenInfo = tuple  # tuple[Axis, ...], sorted by dim; () = no token axis
 
 
 @dataclass
@@ -105,13 +90,13 @@ def _area_pairs(pairs, area1: int, area2: int, smallest: int = 2) -> Counter:
     return counts
 
 
-def find_token_count(pairs, variant: dict) -> tuple[int, int]:
+def find_token_count(pairs, resolutions: dict) -> tuple[int, int]:
     """(N, N_alt): the number of image tokens at the two resolutions."""
-    if variant["mode"] == "packed":
-        if variant["n"] < 2:
-            raise TooFewTokensError(f"the image is a single token ({variant['n']} in the sequence): nothing to skip")
-        return variant["n"], variant["n2"]
-    (h, w), (h2, w2) = variant["hw"], variant["hw2"]
+    if resolutions["mode"] == "packed":
+        if resolutions["n"] < 2:
+            raise TooFewTokensError(f"the image is a single token ({resolutions['n']} in the sequence): nothing to skip")
+        return resolutions["n"], resolutions["n2"]
+    (h, w), (h2, w2) = resolutions["hw"], resolutions["hw2"]
     counts = _area_pairs(pairs, h * w, h2 * w2)
     if not counts and _area_pairs(pairs, h * w, h2 * w2, smallest=1):
         raise TooFewTokensError(
@@ -125,7 +110,7 @@ def find_token_count(pairs, variant: dict) -> tuple[int, int]:
         )
     (best, freq), *rest = counts.most_common()
     grids = [pair for pair, c in rest if c >= max(3, freq // 10) and pair[0] != best[0]]
-    batch = variant.get("batch", 1)
+    batch = resolutions.get("batch", 1)
     folded = [pair for pair in grids if batch > 1 and batch * min(pair[0], best[0]) == max(pair[0], best[0])]
     if folded and len(folded) == len(grids):
         small, large = sorted((best[0], folded[0][0]))
@@ -385,10 +370,10 @@ def _pin_sources(mask: fx.Node, offsets: dict) -> int:
 # ---------------------------------------------------------------- the pass
 
 
-def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, variant: dict) -> TokenAnalysis:
+def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict) -> TokenAnalysis:
     """Annotate every node of ``gm`` with its token axes (see module docstring)."""
     pairs = align(gm.graph, gm_alt.graph)
-    n1, n2 = find_token_count(pairs, variant)
+    n1, n2 = find_token_count(pairs, resolutions)
     extras: set = set()
     for a, b in pairs.items():
         for t1, t2 in zip(_tensors(a.meta.get("val")), _tensors(b.meta.get("val"))):
@@ -428,9 +413,3 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, variant: dict) ->
     if result.stats["masks_located"]:
         _propagate_offsets(gm.graph, n1)
     return result
-
-
-def token_axes(node: fx.Node) -> tuple:
-    """The token axes of a tensor-valued node (``()`` if none)."""
-    info = node.meta.get("rasfx_tokens")
-    return info if isinstance(info, tuple) else ()
