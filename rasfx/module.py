@@ -63,7 +63,7 @@ class RASModule(torch.nn.Module):
         # cache layout when it plans a capture; forward picks the fused variants)
         self.target = ExecutionTarget.of(self.config)
         self.runner = GraphRunner(self.target.mode)
-        self.parallel = None  # a rasfx.parallel.ParallelRuntime: context parallelism across its ranks
+        self.parallel: Optional[Any] = None  # a rasfx.parallel.ParallelRuntime: context parallelism across its ranks
 
     # ------------------------------------------------------------------ copy and pickle
     def __getstate__(self):

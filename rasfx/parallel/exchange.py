@@ -267,8 +267,10 @@ def cp_attention_heads(
     # 3. every active query (and the conditioning queries) on this rank's heads
     q_mine = _head_slice(q, rank, world)
     queries = torch.cat([q_mine.narrow(2, 0, before), q_img, q_mine.narrow(2, before + s, after)], dim=2)
-    kwargs = {"enable_gqa": True} if enable_gqa else {}
-    out = F.scaled_dot_product_attention(queries, k_cache, v_cache, scale=scale, **kwargs)  # [B, H/R, c + R*s, Dv]
+    if enable_gqa:
+        out = F.scaled_dot_product_attention(queries, k_cache, v_cache, scale=scale, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(queries, k_cache, v_cache, scale=scale)  # [B, H/R, c + R*s, Dv]
     # 4. back: rank j gets its rows of these heads, and the conditioning rows (every rank computes them on)
     cond = torch.cat([out.narrow(2, 0, before), out.narrow(2, before + world * s, after)], dim=2)
     back = _all_to_all([torch.cat([out.narrow(2, before + j * s, s).reshape(-1), cond.reshape(-1)])

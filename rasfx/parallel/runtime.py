@@ -210,11 +210,12 @@ class ParallelRuntime:
         """``(variant name, group plan)`` of a forward of capture ``cc`` with the active ``index``
         (``[n]``, ``[B, n]``; ``None``: dense, every token)."""
         dense = index is None
-        if dense:
+        if index is None:
             key = (cc.num_tokens, cc.device)
             if key not in self._dense_index:
                 self._dense_index[key] = torch.arange(cc.num_tokens, device=cc.device)
             index = self._dense_index[key]
+        assert index is not None
         plan = split_shares(index, self.world)
         rows = index.shape[0] if index.dim() == 2 else 1
         step = self.step if self.step is not None else self._forwards

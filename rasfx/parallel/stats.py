@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
 __all__ = ["ForwardRecord", "ParallelStepStats", "ParallelStats", "step_stats"]
 
@@ -116,7 +116,9 @@ def step_stats(records: list[ForwardRecord]) -> list[ParallelStepStats]:
         share = sum(r.share for r in recs)
         counts = [0] * world
         for r in recs:
-            for i, c in enumerate(r.contiguous.tolist() if hasattr(r.contiguous, "tolist") else r.contiguous):
+            contiguous = r.contiguous
+            values = contiguous.tolist() if hasattr(contiguous, "tolist") else contiguous
+            for i, c in enumerate(cast("list[int]", values)):
                 counts[i] += int(c)
         kinds: dict = {}
         for r in recs:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -84,10 +85,10 @@ def exchange_active_rows(ctx: RewriteContext, spec: str) -> Counter:
                     f"{world} ranks (heads not divisible by {world}, an attention mask, or another layout); use "
                     "attention='auto' (splits what it can, all-gathers the rest) or 'rows'")
             else:
-                args = (a["q"], a["k"], a["v"], a["k_cache"], a["v_cache"], plan, before, after, a.get("attn_mask"),
-                        a.get("dropout_p", 0.0), a.get("is_causal", False), a.get("scale"),
-                        a.get("enable_gqa", False))
-                _replace(graph, node, torch.ops.rasfx.cp_attention.default, args)
+                cp_args = (a["q"], a["k"], a["v"], a["k_cache"], a["v_cache"], plan, before, after,
+                           a.get("attn_mask"), a.get("dropout_p", 0.0), a.get("is_causal", False), a.get("scale"),
+                           a.get("enable_gqa", False))
+                _replace(graph, node, torch.ops.rasfx.cp_attention.default, cp_args)
             counts["exchanged_sites"] += 1
         elif node.target is torch.ops.rasfx.cache_write_.default:
             cache, x, index, dim = node.args
@@ -143,7 +144,8 @@ def _segments(index, share: fx.Node, num_tokens: int, node: fx.Node) -> tuple[in
     if isinstance(index, fx.Node) and index.target is ops.sequence_index and index.args[0] is share:
         _, offset, num_image, total = index.args
         assert num_image == num_tokens
-        return int(offset), int(total) - int(offset) - int(num_image)
+        start, end = cast(int, offset), cast(int, total)
+        return start, end - start - cast(int, num_image)
     raise UnsupportedModelError(
         f"context parallelism: the cache op {node.name} is indexed by {index!r}, not by the active index or a "
         "sequence built from it; run this model without rasfx.ParallelConfig (please report the model)"
