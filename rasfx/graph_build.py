@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import passes
-from .capture import Capture, describe_signature, export
+from .capture import Capture, describe_signature, export_specialised
 from .second_resolution import analysis_variants, find_image_input, image_batch, resized_model
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from . import compiler
@@ -127,15 +127,20 @@ def _check_rowwise(cc: CompiledCapture) -> None:
             )
 
 
-def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str):
+def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str, varying: set, specialise: bool):
     """(exported program, variant) at a second resolution, whether the model had to be
     resized for it (``resized_model``: a model built for one input size), and the errors of
-    the attempts. Plain attempts first; resized ones only when every plain one fails."""
+    the attempts. Plain attempts first; resized ones only when every plain one fails.
+    ``specialise``: the first capture was specialised on prompt values; so is this one."""
     variants = analysis_variants(kwargs, image_key)
     errors: dict[str, list[str]] = {}  # error message -> the candidates that failed with it
+
+    def export(alt_kwargs):
+        return export_specialised(model, alt_kwargs, varying if specialise else None, specialise)[0]
+
     for alt_kwargs, desc in variants:
         try:
-            return (export(model, alt_kwargs), desc), False, errors
+            return (export(alt_kwargs), desc), False, errors
         except CaptureError as e:
             errors.setdefault(str(e), []).append(_candidate(desc))
     for alt_kwargs, desc in variants:
@@ -143,7 +148,7 @@ def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str):
             if not changed:
                 continue
             try:
-                return (export(model, alt_kwargs), desc), True, errors
+                return (export(alt_kwargs), desc), True, errors
             except CaptureError as e:
                 errors.setdefault(str(e), []).append(_candidate(desc) + " (model resized)")
     return None, False, errors
@@ -179,9 +184,16 @@ def compile_capture(
     change at every step besides the image input (None: no step-invariant hoisting)."""
     t0 = time.perf_counter()
     image_key = find_image_input(kwargs, image_input)
-    cap = Capture.from_program(export(model, kwargs), signature)
+    if varying_inputs is None:
+        from .transform import TransformConfig  # (transform imports this module)
+
+        step_inputs = {image_key, *TransformConfig().varying_inputs}
+    else:
+        step_inputs = {image_key, *varying_inputs}
+    ep, value_leaves = export_specialised(model, kwargs, step_inputs)
+    cap = Capture.from_program(ep, signature, value_leaves)
     t1 = time.perf_counter()
-    alt, resized, errors = _analysis_capture(model, kwargs, image_key)
+    alt, resized, errors = _analysis_capture(model, kwargs, image_key, step_inputs, bool(value_leaves))
     if alt is None:
         # the first error in full; the others by where they failed (each torch error once)
         tried = [f"{', '.join(descs)}: {message if i == 0 else _brief(message)}"

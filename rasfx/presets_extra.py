@@ -603,8 +603,6 @@ _KNOWN_FAILURES = {
                        "could not capture"),
     "hidream-tiny": ("its MoE routes the image tokens with bincount().cpu().numpy() (data-dependent, per token)",
                      "torch.export could not capture HiDreamImageTransformer2DModel.forward"),
-    "hunyuan-image-tiny": ("per-sample boolean-mask reordering of the text tokens (data-dependent lengths)",
-                           "torch.export could not capture HunyuanImageTransformer2DModel.forward"),
     "hunyuan-video15-tiny": ("a Python branch on torch.all(image_embeds == 0) and mask reordering of the tokens",
                              "torch.export could not capture HunyuanVideo15Transformer3DModel.forward"),
     "qwenimage21-tiny": ("img_mask drives repeat_interleave, a boolean index_put and .tolist() (data-dependent)",
