@@ -19,7 +19,7 @@ from .errors import CaptureError, UnsupportedModelError, UsageError
 from . import compiler
 from .compiler import CaptureState, VariantState, run_passes
 from .passes.context import RewriteContext
-from .passes.token_analysis import model_line
+from .passes.token_analysis import ROWS, model_line
 
 aten = torch.ops.aten
 
@@ -119,8 +119,12 @@ def build_variant(cc: CompiledCapture, name: str) -> Variant:
 
 
 def _check_rowwise(cc: CompiledCapture) -> None:
+    nodes = {n.name: n for n in cc.capture.graph_module.graph.nodes}
     for site in cc.plan.sites:
-        if site.axis.dim == 0 or site.shape[0] != cc.batch:
+        rows = nodes[site.producer].meta.get(ROWS) if site.producer in nodes else None
+        if rows is not None and rows[2]:  # one row, its batch dim selected away: a 1-D index row
+            continue
+        if site.axis.dim == 0 or site.shape[0] != (cc.batch if rows is None else rows[1] - rows[0]):
             raise UnsupportedModelError(
                 f"per-row active sets need the batch in dim 0 of every cached tensor; {site.producer} has shape "
                 f"{site.shape} (batch {cc.batch}). Use one index set [n] shared by all rows."
@@ -208,7 +212,9 @@ def compile_capture(
     gm = cap.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user_inputs = {n.name for n, (kind, _) in zip(placeholders, cap.input_sources) if kind == "user"}
-    state = CaptureState(type(model).__name__, gm, alt[0].graph_module, alt[1], kv_cache, op_rules, user_inputs)
+    batch = image_batch(kwargs[image_key])
+    state = CaptureState(type(model).__name__, gm, alt[0].graph_module, dict(alt[1], batch=batch), kv_cache, op_rules,
+                         user_inputs)
     counters = run_passes(gm, compiler.CAPTURE_PASSES, state)
     analysis, plan = state.analysis, state.plan
     if plan.counters["active_nodes"] == 0:
@@ -217,7 +223,6 @@ def compile_capture(
             f"({len(plan.conservative)} ops handled conservatively, e.g. {plan.conservative[:3]}); "
             "RAS would save nothing."
         )
-    batch = image_batch(kwargs[image_key])
     cc = CompiledCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention)
     if varying_inputs is not None:
         cc.invariant_inputs = invariant_inputs(cap, kwargs, {image_key, *varying_inputs})

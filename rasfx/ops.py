@@ -155,6 +155,13 @@ def sequence_index(index: Tensor, offset: int, num_image: int, total: int) -> Te
     return torch.cat([before, index + offset, after], dim=-1)
 
 
+def index_rows(index: Tensor, start: int, stop: int, squeezed: bool) -> Tensor:
+    """The rows of a per-row index ``[B, n]`` that a tensor of some batch rows only needs
+    (``token_analysis.annotate_rows``): ``[stop - start, n]``, or ``[n]`` for one row whose
+    batch dim was selected away."""
+    return index[start] if squeezed else index[start:stop]
+
+
 def active_count(index: Tensor) -> int:
     """n, the number of active image tokens (a shape, so no device sync)."""
     return index.shape[-1]

@@ -871,10 +871,7 @@ def _mochi_inputs(batch, h, w, g):
 
 
 _register("mochi-tiny", "MochiTransformer3DModel (asymmetric joint attention, text mask, 3D RoPE), 2 frames",
-          _mochi_model, _mochi_inputs, (8, 12), frames=_FRAMES, model_class="MochiTransformer3DModel",
-          known_failure=KnownFailure("MochiAttnProcessor2_0 keeps the valid prompt tokens with torch.nonzero, a "
-                                     "data-dependent length the token analysis cannot size",
-                                     "token analysis failed"))
+          _mochi_model, _mochi_inputs, (8, 12), frames=_FRAMES, model_class="MochiTransformer3DModel")
 
 
 # ------------------------------------------------------------------------------------ lookup

@@ -515,3 +515,53 @@ def test_a_read_of_a_per_step_input_is_named():
                                                  r"values computed from the input 'timestep', which changes at every step"):
         with torch.no_grad():
             ras(**_prompt_inputs(0))
+
+
+class PerSampleAttentionDiT(torch.nn.Module):
+    """Mochi's attention: a loop over the batch, each sample's image tokens attending with its
+    own valid text tokens (``torch.nonzero`` of its mask), padded back to one length
+    (``F.pad``) and concatenated into a batch again."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+        self.txt = torch.nn.Linear(8, C)
+        self.t_embed = torch.nn.Linear(1, 2 * C)
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+        self.head = torch.nn.Linear(C, 4 * P * P)
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, attention_mask):
+        b, _, h, w = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        n, t = x.shape[1], attention_mask.shape[1]
+        txt = self.txt(encoder_hidden_states)
+        scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
+        for blk in self.blocks:
+            seq = torch.cat([x, txt], dim=1) * (1 + scale) + shift
+            q, k, v = blk.qkv(F.layer_norm(seq, (C,))).view(b, n + t, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+            outs = []
+            for i in range(b):
+                valid = torch.nonzero(attention_mask[i]).flatten()
+                qi, ki, vi = (torch.cat([u[i:i + 1, :, :n], u[i:i + 1, :, n:][:, :, valid]], dim=2) for u in (q, k, v))
+                a = F.scaled_dot_product_attention(qi, ki, vi)
+                outs.append(F.pad(a, (0, 0, 0, n + t - a.shape[2])))
+            a = torch.cat(outs).transpose(1, 2).reshape(b, n + t, C)
+            x, txt = (seq + blk.proj(a)).split([n, t], dim=1)
+            x = x + blk.mlp(x)
+        x = self.head(x).view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+@pytest.mark.filterwarnings("ignore:.*changed on 3 consecutive forwards")
+def test_per_sample_attention_over_each_prompts_valid_tokens():
+    model = PerSampleAttentionDiT().eval()
+    ras = _check_contract(model, _prompt_inputs)
+    kw = _prompt_inputs(3)
+    with torch.no_grad():
+        want = model(**kw)
+        ras.set_active(None)
+        ras(**kw)
+        ras.set_active(torch.stack([torch.arange(0, 24, 2), torch.arange(1, 24, 2)]))  # per-row sets
+        assert _rel(ras(**kw), want) <= TOL
+    assert ras.work_counts()["exports"] == 1

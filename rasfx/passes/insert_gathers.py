@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .. import ops
 from .context import RewriteContext
-from .token_analysis import token_axes
+from .token_analysis import ROWS, token_axes
 
 
 def insert_gathers(ctx: RewriteContext) -> int:
@@ -30,7 +30,7 @@ def insert_gathers(ctx: RewriteContext) -> int:
         rank = val.dim() if hasattr(val, "dim") else producer.meta["val"].dim()
         key = (producer_name, rank if ctx.variant == "rowwise" else 0)
         if key not in memo:
-            index = ctx.token_index(axis)
+            index = ctx.token_index(axis, producer.meta.get(ROWS))
             with graph.inserting_after(producer):
                 memo[key] = graph.call_function(ops.gather_tokens, (producer, index, axis.dim, rank))
             memo[key].meta["rasfx_created_by"] = "insert_gathers"

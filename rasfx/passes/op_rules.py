@@ -206,8 +206,12 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
     if t in (aten.constant_pad_nd.default, aten.pad.default) and ins:  # any mode: only the padded dims mix
         rank, pad = _rank(args[0]), cast("list[int]", args[1])
         padded = {rank - 1 - i // 2 for i, p in enumerate(pad) if p}
-        if padded & _axis_dims(args[0]):
+        constant = t is aten.constant_pad_nd.default or (args[2] if len(args) > 2 else "constant") == "constant"
+        if padded & _axis_dims(args[0]) and (not constant or node.meta.get("rasfx_ints")):
+            # widths that follow the token count (padding to a multiple): the padding mixes
             return OpRule("opaque", set(ins), reason="padding of the token axis")
+        # constant widths (Mochi pads each prompt's attention output to one length): the padded
+        # positions are conditioning positions, never image tokens
         return OpRule("tokenwise", cheap=True)
     if is_pointwise(t) or t is aten.copy_.default:
         rank = _rank(node)

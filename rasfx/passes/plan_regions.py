@@ -81,6 +81,11 @@ def _gatherable(node: fx.Node) -> bool:
     return len(axes) == 1 and axes[0].offset is not None
 
 
+def _batchless(node: fx.Node) -> bool:
+    """A token-bearing tensor whose token axis is its first dim (no batch dim before it)."""
+    return any(a.dim == 0 for a in token_axes(node))
+
+
 def _row_gatherable(node: fx.Node) -> bool:
     """A several-axis operand (attention mask) gathered along its first token axis only."""
     axes = token_axes(node)
@@ -118,7 +123,9 @@ def plan_regions(
             _run_full(plan, node, ins, "opaque", rule.reason)
             continue
         any_active = any(plan.is_active(i) for i in passing)
-        want_active = passing and (any_active or not rule.cheap)
+        # A table without a batch dim (token axis first: RoPE positions [N, 3]) starts no region:
+        # per-row active sets cannot be laid on it; it is gathered where it meets the batch.
+        want_active = passing and (any_active or not (rule.cheap or all(_batchless(i) for i in passing)))
         can_active = (
             node.meta.get("rasfx_ints") is not None
             and _offsets_known(node)

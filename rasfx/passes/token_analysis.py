@@ -309,6 +309,15 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
                 start, length = cast(int, node.args[2]), cast(int, node.args[3])
                 end = start + length
             return Axis(ax.dim, ax.extra, _segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, size))
+    if t in (aten.constant_pad_nd.default, aten.pad.default):  # the left width shifts the segment
+        src = cast(fx.Node, node.args[0])
+        pad = cast("list[int]", node.args[1])
+        rank = node.meta["val"].dim()
+        left = pad[2 * (rank - 1 - ax.dim)] if 2 * (rank - 1 - ax.dim) < len(pad) else 0
+        src_axes = [a for a in (src.meta.get("rasfx_tokens") or ()) if a.dim == ax.dim]
+        if src_axes and src_axes[0].offset is not None:
+            return Axis(ax.dim, ax.extra, src_axes[0].offset + left)
+        return Axis(ax.dim, ax.extra, None)
     # token-wise ops keep the segment: take it from an input axis with the same extra
     offs = {a.offset for _, a in ins if a.extra == ax.extra}
     if len(offs) == 1:
@@ -427,6 +436,8 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, variant: dict) ->
     result.stats["masks_located"] = _locate_masks(gm.graph)
     if result.stats["masks_located"]:
         _propagate_offsets(gm.graph, n1)
+    if variant.get("batch"):
+        result.stats["row_subsets"] = annotate_rows(gm.graph, variant["batch"])
     return result
 
 
@@ -434,3 +445,63 @@ def token_axes(node: fx.Node) -> tuple:
     """The token axes of a tensor-valued node (``()`` if none)."""
     info = node.meta.get("rasfx_tokens")
     return info if isinstance(info, tuple) else ()
+
+
+# ---------------------------------------------------------------- rows of the batch
+
+ROWS = "rasfx_rows"  # (start, stop, squeezed): the batch rows a tensor holds, when not all of them
+
+
+def annotate_rows(graph: fx.Graph, batch: int) -> int:
+    """A per-sample loop over the batch (``x[i]``, ``x[i:i + 1]``, Mochi's attention of each
+    prompt over its own valid text tokens) makes tensors that hold some rows of the batch
+    only. Each such token-bearing node gets ``meta["rasfx_rows"] = (start, stop, squeezed)``
+    (``squeezed``: the batch dim was selected away), so that per-row active sets use those
+    rows of the index; tensors of the whole batch get none. Returns the number of nodes marked."""
+    marked = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or not _has_token_axes(node):
+            continue
+        rows = _rows_of(node, batch)
+        if rows is not None:
+            node.meta[ROWS] = rows
+            marked += 1
+    return marked
+
+
+def _has_token_axes(node: fx.Node) -> bool:
+    info = node.meta.get("rasfx_tokens")
+    return bool(info) if isinstance(info, tuple) else isinstance(info, list) and any(bool(e) for e in info)
+
+
+def _rows_of(node: fx.Node, batch: int):
+    t, args = node.target, node.args
+    src = args[0] if args and isinstance(args[0], fx.Node) else None
+    if t in (aten.slice.Tensor, aten.select.int) and src is not None and (args[1] if len(args) > 1 else 0) == 0:
+        val = src.meta.get("val")
+        before = src.meta.get(ROWS)
+        if not isinstance(val, torch.Tensor) or val.dim() == 0 or (before is None and int(val.shape[0]) != batch):
+            return None
+        if before is not None and before[2]:
+            return before  # dim 0 is no longer the batch
+        base, size = (before[0], before[1] - before[0]) if before else (0, batch)
+        if t is aten.select.int:
+            i = cast(int, args[2]) % size
+            return (base + i, base + i + 1, True)
+        start = cast(int, args[2]) if len(args) > 2 and args[2] is not None else 0
+        end = cast(int, args[3]) if len(args) > 3 and args[3] is not None else size
+        start, end = max(0, start + size if start < 0 else start), min(size, end + size if end < 0 else end)
+        if len(args) > 4 and args[4] != 1:
+            return None
+        rows = (base + start, base + end, False)
+        return None if rows == (0, batch, False) else rows
+    if t in (aten.cat.default, aten.concat.default, aten.stack.default) and args:
+        dim = cast(int, args[1] if len(args) > 1 else node.kwargs.get("dim", 0))
+        parts = [p.meta.get(ROWS) for p in cast("list[fx.Node]", args[0])]
+        if dim == 0 and parts and all(p is not None and p[2] == (t is aten.stack.default) for p in parts):
+            if all(a[1] == b[0] for a, b in zip(parts, parts[1:])):
+                rows = (parts[0][0], parts[-1][1], False)
+                return None if rows == (0, batch, False) else rows
+            return None
+    found = {i.meta[ROWS] for i in node.all_input_nodes if ROWS in i.meta}
+    return found.pop() if len(found) == 1 else None
