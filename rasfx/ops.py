@@ -142,10 +142,13 @@ def gather_tokens(x: Tensor, index: Tensor, dim: int, rank: int) -> Tensor:
     return torch.gather(x, dim, _expand_rowwise_index(index, x, dim))
 
 
-def sequence_index(index: Tensor, offset: int, num_image: int, total: int) -> Tensor:
+def sequence_index(index: Tensor, offset: int | tuple, num_image: int, total: int) -> Tensor:
     """Index of the active positions in a sequence that holds the image segment at
     ``[offset, offset + num_image)`` among ``total`` positions (conditioning tokens are
     always active)."""
+    if isinstance(offset, (tuple, list)):  # one offset per batch row: a per-row index [B, m]
+        return torch.stack([sequence_index(index if index.dim() == 1 else index[b], o, num_image, total)
+                            for b, o in enumerate(offset)])
     before = torch.arange(offset, device=index.device, dtype=index.dtype)
     after = torch.arange(offset + num_image, total, device=index.device, dtype=index.dtype)
     if index.dim() == 2:

@@ -572,10 +572,7 @@ def _lumina2_inputs(batch, h, w, g):
 
 
 _register("lumina2-tiny", "Lumina2Transformer2DModel (unified text+image sequence, refiners, 3-axis RoPE, GQA)",
-          _lumina2_model, _lumina2_inputs, (8, 12), max_hw=128, model_class="Lumina2Transformer2DModel",
-          known_failure=KnownFailure("its forward reads the per-sample text lengths from the mask "
-                                     "(attention_mask.sum(1).tolist()) into a Python set, which torch.export "
-                                     "cannot trace", "unhashable type: non-nested SymInt"))
+          _lumina2_model, _lumina2_inputs, (8, 12), max_hw=128, model_class="Lumina2Transformer2DModel")
 
 
 # ---------------------------------------------------------------------------- PixArt-Alpha

@@ -5,7 +5,8 @@ Rewrites every edge ``F value -> A consumer`` of the plan into
 (value, consumer rank) is shared by all consumers. Positional tables and RoPE
 frequencies are gathered the same way when they meet active tensors; sequences that
 concatenate conditioning and image tokens are gathered with an index that keeps every
-conditioning position.
+conditioning position. A gather reads its value after the in-place writes into it
+that come before its first consumer (a sequence built by ``joint[i, a:b] = x[i]``).
 
 Invariants: only edges listed in the plan change; the dense variant has no gathers.
 Counter: ``gathers`` (gather nodes inserted).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from .. import ops
 from .context import RewriteContext
+from .op_rules import mutated_storages, storage_root
 from .token_analysis import ROWS, token_axes
 
 
@@ -23,16 +25,36 @@ def insert_gathers(ctx: RewriteContext) -> int:
         return 0
     graph = ctx.gm.graph
     memo = {}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    writes = mutated_storages(graph)
+    first_use: dict = {}  # gather key -> its earliest consumer
+    for producer_name, consumer_name in ctx.plan.gathers:
+        key = _key(ctx, producer_name, consumer_name)
+        consumer = ctx.nodes[consumer_name]
+        if key not in first_use or order[consumer] < order[first_use[key]]:
+            first_use[key] = consumer
     for producer_name, consumer_name in ctx.plan.gathers:
         producer, consumer = ctx.nodes[producer_name], ctx.nodes[consumer_name]
         axis = token_axes(producer)[0]  # an attention mask's query axis (its key axis stays full)
-        val = consumer.meta.get("val")
-        rank = val.dim() if hasattr(val, "dim") else producer.meta["val"].dim()
-        key = (producer_name, rank if ctx.variant == "rowwise" else 0)
+        rank = _rank(consumer, producer)
+        key = _key(ctx, producer_name, consumer_name)
         if key not in memo:
             index = ctx.token_index(axis, producer.meta.get(ROWS))
-            with graph.inserting_after(producer):
+            before = order[first_use[key]]
+            written = [w for w in writes.get(storage_root(producer), ()) if order[producer] < order[w] < before]
+            with graph.inserting_after(written[-1] if written else producer):
                 memo[key] = graph.call_function(ops.gather_tokens, (producer, index, axis.dim, rank))
             memo[key].meta["rasfx_created_by"] = "insert_gathers"
         consumer.replace_input_with(producer, memo[key])
     return len(memo)
+
+
+def _rank(consumer, producer) -> int:
+    val = consumer.meta.get("val")
+    return val.dim() if hasattr(val, "dim") else producer.meta["val"].dim()
+
+
+def _key(ctx: RewriteContext, producer_name: str, consumer_name: str) -> tuple:
+    """Gathers are shared per (value, consumer rank in the rowwise variant)."""
+    rank = _rank(ctx.nodes[consumer_name], ctx.nodes[producer_name])
+    return (producer_name, rank if ctx.variant == "rowwise" else 0)

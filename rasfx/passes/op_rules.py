@@ -90,6 +90,35 @@ def mutated_input(node: fx.Node):
     return None
 
 
+def _returns_view(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def storage_root(node: fx.Node) -> fx.Node:
+    """The node whose storage ``node`` views, through view ops and their getitems (itself
+    when it is no view)."""
+    while True:
+        src = node.args[0] if node.target is operator.getitem and node.args else node
+        if not isinstance(src, fx.Node) or not _returns_view(src) or not src.args or not isinstance(src.args[0], fx.Node):
+            return node
+        node = src.args[0]
+
+
+def mutated_storages(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """The storages the in-place ops of ``graph`` write (``x[i, :L] = v`` is a ``copy_`` into a
+    view of ``x``): root node (``storage_root``) -> the writes, in graph order."""
+    roots: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or not schema.is_mutable:
+            continue
+        for arg, value in zip(schema.arguments, node.args):
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node):
+                roots.setdefault(storage_root(value), []).append(node)
+    return roots
+
+
 def _rank(node) -> int:
     val = node.meta.get("val")
     return val.dim() if isinstance(val, torch.Tensor) else 0

@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from ..errors import UnsupportedModelError
 from .op_rules import SDPA_OPS, classify, mutated_input
-from .token_analysis import Axis, model_line, token_axes
+from .token_analysis import _NEW_TENSOR, Axis, model_line, token_axes
 
 aten = torch.ops.aten
 
@@ -102,6 +102,8 @@ def plan_regions(
     plan = Plan()
     for node in gm.graph.nodes:
         ins = [i for i in node.all_input_nodes if _has_axes(i)]
+        if node.target in _NEW_TENSOR:  # reads its input's dtype and device only: a source
+            ins = []
         if node.op == "placeholder" or node.op == "get_attr":
             plan.mode[node.name] = "F" if _has_axes(node) else "-"
             continue
