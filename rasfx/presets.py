@@ -755,11 +755,7 @@ def _cogvideox_inputs(rope: bool):
 
 _register("cogvideox-tiny", "CogVideoXTransformer3DModel, 2B style (3D sincos positions), [B, F, C, H, W], 2 frames",
           _cogvideox(False), _cogvideox_inputs(False), (8, 12), frames=_FRAMES,
-          model_class="CogVideoXTransformer3DModel",
-          known_failure=KnownFailure("CogVideoXPatchEmbed builds its sincos table with .data[...].copy_() at any "
-                                     "size but sample_size, which torch.export cannot capture (a fake tensor "
-                                     "constant); the token analysis needs a second size (cogvideox-rope-tiny "
-                                     "works)", "could not capture the model at a second resolution"))
+          model_class="CogVideoXTransformer3DModel")
 _register("cogvideox-rope-tiny", "CogVideoXTransformer3DModel, 5B style (3D RoPE (cos, sin) passed in), 2 frames",
           _cogvideox(True), _cogvideox_inputs(True), (8, 12), frames=_FRAMES,
           model_class="CogVideoXTransformer3DModel")

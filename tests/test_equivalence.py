@@ -65,7 +65,7 @@ PASSING = [
     "easyanimate-tiny", "longcat-image-tiny", "ovis-image-tiny", "bria-fibo-tiny", "prx-tiny", "chronoedit-tiny",
     "wan-vace-tiny", "motif-video-tiny", "anyflow-tiny", "helios-tiny", "joyimage-edit-tiny", "ltx2-tiny",
     "consisid-tiny", "cogvideox15-tiny", "qwenimage-tiny", "nucleusmoe-image-tiny", "longcat-audio-tiny",
-    "hunyuan-image-tiny", "mochi-tiny", "lumina2-tiny",
+    "hunyuan-image-tiny", "mochi-tiny", "lumina2-tiny", "cogvideox-tiny",
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
@@ -171,7 +171,7 @@ SINGLE_TOKEN_BUGS: dict = {}
 # Presets rasfx cannot capture by design (torch.export limits; their reasons are the package's
 # ``Preset.known_failure``, shown by ``rasfx presets``): a clear rasfx error is expected. Known bugs
 # also carry a ``known_failure`` (so that ``rasfx presets`` marks them) but are tested above.
-_SLOW_TO_FAIL = {"cogvideox-tiny"}
+_SLOW_TO_FAIL: set = set()
 UNSUPPORTED = {name: (None, name in _SLOW_TO_FAIL, p.known_failure.reason)
                for name, p in PRESETS.items() if p.known_failure is not None and name not in KNOWN_BUGS}
 

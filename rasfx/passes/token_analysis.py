@@ -344,8 +344,12 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
         if src_axes and src_axes[0].offset is not None:
             return Axis(ax.dim, ax.extra, _shift(src_axes[0].offset, left))
         return Axis(ax.dim, ax.extra, None)
-    # token-wise ops keep the segment: take it from an input axis with the same extra
+    # token-wise ops keep the segment: take it from an input axis with the same extra. They
+    # align their operands position by position, so an operand of unknown offset (a table of
+    # [text, image] positions, CogVideoX's sin-cos buffer) has the other operands' segment.
     offs = {a.offset for _, a in ins if a.extra == ax.extra}
+    if len(offs) == 2 and None in offs:
+        offs.discard(None)
     if len(offs) == 1:
         return Axis(ax.dim, ax.extra, offs.pop())
     return Axis(ax.dim, ax.extra, None)

@@ -1,10 +1,13 @@
-"""Constructs of sequences built row by row, checked against the RAS contract of
-``tests/test_constructs.py``."""
+"""More DiT constructs (joint sequences and tables over [text, image]), each in a small
+self-written model checked against the RAS contract of ``tests/test_constructs.py``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+import rasfx
+from rasfx import capture
 
 from test_constructs import C, P, TOL, _Block, _check_contract, _prompt_inputs, _rel
 
@@ -68,3 +71,58 @@ def test_a_joint_sequence_built_row_by_row():
         ras(**kw)
         ras.set_active(torch.stack([torch.arange(0, 24, 2), torch.arange(1, 24, 2)]))  # per-row sets
         assert _rel(ras(**kw), want) <= TOL
+
+
+class JointTableDiT(torch.nn.Module):
+    """CogVideoX 2B's positions: a sin-cos table over [text, image] (T + N rows) kept as a buffer
+    for the size the model was built for (``sample_height``, ``sample_width``) and rebuilt at
+    any other size through ``.data[...].copy_()`` (which ``torch.export`` cannot capture), added
+    to the joint sequence after the text and image embeddings are concatenated."""
+
+    def __init__(self, sample_height: int = 8, sample_width: int = 12, text_len: int = 6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.sample_height, self.sample_width, self.text_len = sample_height, sample_width, text_len
+        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+        self.txt = torch.nn.Linear(8, C)
+        self.register_buffer("pos_embedding", self._table(sample_height, sample_width), persistent=False)
+        self.t_embed = torch.nn.Linear(1, 2 * C)
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+        self.head = torch.nn.Linear(C, 4 * P * P)
+
+    def _table(self, height: int, width: int) -> torch.Tensor:
+        n = (height // P) * (width // P)
+        freqs = torch.exp(-torch.arange(C // 2) / (C // 2) * 4.0)
+        pos = torch.arange(n, dtype=torch.float32)[:, None] * freqs
+        table = torch.cat([pos.sin(), pos.cos()], dim=1)
+        joint = table.new_zeros(1, self.text_len + n, C, requires_grad=False)
+        joint.data[:, self.text_len:].copy_(table)
+        return joint
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep):
+        b, _, h, w = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        n, t = x.shape[1], encoder_hidden_states.shape[1]
+        pos = self.pos_embedding if (h, w) == (self.sample_height, self.sample_width) else self._table(h, w)
+        seq = torch.cat([self.txt(encoder_hidden_states), x], dim=1) + pos
+        scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
+        for blk in self.blocks:
+            seq = seq + blk.attention(seq * (1 + scale) + shift)
+            seq = seq + blk.mlp(seq)
+        x = self.head(seq[:, t:]).view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+def _table_inputs(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(2, 4, 8, 12, generator=g),
+            "encoder_hidden_states": torch.randn(2, 6, 8, generator=g), "timestep": torch.rand(2, generator=g)}
+
+
+def test_a_table_over_text_and_image_rebuilt_only_at_other_sizes():
+    model = JointTableDiT().eval()
+    with pytest.raises(rasfx.CaptureError):
+        capture.export(model, dict(_table_inputs(0), hidden_states=torch.randn(2, 4, 16, 12)))  # not at another size
+    ras = _check_contract(model, _table_inputs)
+    assert ras.captures()[0].timings.get("analysis_model_resized")
+    assert model.pos_embedding.shape == (1, 6 + 24, C) and model.sample_height == 8  # restored
