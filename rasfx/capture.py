@@ -125,9 +125,11 @@ def export_specialised(model: torch.nn.Module, kwargs: dict, varying: Optional[I
                 return plain, ()
     try:
         table = record(model, kwargs)
-    except Exception:  # the model itself fails on these inputs: the export's error says where
+    except Exception as e:  # the model itself fails on these inputs: the export's error says where
         if first is not None:
             raise first from None
+        if specialise:  # inputs rasfx made (another resolution): a candidate that failed
+            raise CaptureError(f"{type(model).__name__} fails on these inputs: {type(e).__name__}: {e}") from e
         raise
     if not table:
         if plain is not None:
