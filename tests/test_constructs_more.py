@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import rasfx
 from rasfx import capture
 
-from test_constructs import C, P, TOL, _Block, _check_contract, _prompt_inputs, _rel
+from test_constructs import C, HEADS, P, TOL, _Block, _check_contract, _prompt_inputs, _rel
 
 
 class RowJoinDiT(torch.nn.Module):
@@ -102,7 +103,7 @@ class JointTableDiT(torch.nn.Module):
     def forward(self, hidden_states, encoder_hidden_states, timestep):
         b, _, h, w = hidden_states.shape
         x = self.embed(hidden_states).flatten(2).transpose(1, 2)
-        n, t = x.shape[1], encoder_hidden_states.shape[1]
+        t = encoder_hidden_states.shape[1]
         pos = self.pos_embedding if (h, w) == (self.sample_height, self.sample_width) else self._table(h, w)
         seq = torch.cat([self.txt(encoder_hidden_states), x], dim=1) + pos
         scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
@@ -126,3 +127,75 @@ def test_a_table_over_text_and_image_rebuilt_only_at_other_sizes():
     ras = _check_contract(model, _table_inputs)
     assert ras.captures()[0].timings.get("analysis_model_resized")
     assert model.pos_embedding.shape == (1, 6 + 24, C) and model.sample_height == 8  # restored
+
+
+class EmbeddingRopeDiT(torch.nn.Module):
+    """Allegro's rotary embedding: the pipeline passes cos / sin tables per grid axis (one row
+    per grid row / column) and each token's row and column as ids ``[1, N]`` (no batch),
+    looked up with ``F.embedding(ids, cos)[:, None]`` and broadcast over the batch and heads
+    of the queries and keys, one half of the head dim per axis. ``ids_per_row``: the ids come
+    as ``[B, N]`` (every row the same) and the model keeps the first row, as Flux does with
+    ``img_ids[0]``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+        self.t_embed = torch.nn.Linear(1, 2 * C)
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+        self.head = torch.nn.Linear(C, 4 * P * P)
+
+    @staticmethod
+    def _rope_1d(u, ids, cos, sin):
+        c, s = F.embedding(ids, cos)[:, None], F.embedding(ids, sin)[:, None]
+        u1, u2 = u.chunk(2, dim=-1)
+        return u * c + torch.cat([-u2, u1], dim=-1) * s
+
+    def _rope(self, u, tables, ids):
+        uh, uw = u.chunk(2, dim=-1)
+        return torch.cat([self._rope_1d(uh, ids[0], *tables[0]), self._rope_1d(uw, ids[1], *tables[1])], dim=-1)
+
+    def forward(self, hidden_states, timestep, rope):
+        tables, ids = rope
+        b, _, h, w = hidden_states.shape
+        if ids[0].shape[0] == b > 1:  # per-row ids: the first row is the table of every row
+            ids = tuple(i[0][None] for i in ids)
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        n = x.shape[1]
+        scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
+        for blk in self.blocks:
+            y = F.layer_norm(x, (C,)) * (1 + scale) + shift
+            q, k, v = blk.qkv(y).view(b, n, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+            q, k = self._rope(q, tables, ids), self._rope(k, tables, ids)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C)
+            x = x + blk.proj(a)
+            x = x + blk.mlp(x)
+        x = self.head(x).view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+def _rope_inputs(seed: int, h: int = 8, w: int = 12, ids_per_row: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    d = C // HEADS // 2
+
+    def table(length):
+        angles = torch.arange(length, dtype=torch.float32)[:, None] * torch.exp(-torch.arange(d) / d * 4.0)
+        return angles.cos(), angles.sin()
+
+    rows, cols = torch.meshgrid(torch.arange(h // P), torch.arange(w // P), indexing="ij")
+    return {"hidden_states": torch.randn(2, 4, h, w, generator=g), "timestep": torch.rand(2, generator=g),
+            "rope": ((table(h // P), table(w // P)), tuple(u.reshape(1, -1).expand(2 if ids_per_row else 1, -1)
+                                                          for u in (rows, cols)))}
+
+
+@pytest.mark.parametrize("ids_per_row", [False, True], ids=["ids-1xN", "ids-BxN-first-row"])
+def test_rope_positions_looked_up_by_embedding(ids_per_row):
+    model = EmbeddingRopeDiT().eval()
+    ras = _check_contract(model, lambda seed: _rope_inputs(seed, ids_per_row=ids_per_row))
+    kw = _rope_inputs(3, ids_per_row=ids_per_row)
+    with torch.no_grad():
+        want = model(**kw)
+        ras.set_active(None)
+        ras(**kw)
+        ras.set_active(torch.stack([torch.arange(0, 24, 2), torch.arange(1, 24, 2)]))  # per-row sets
+        assert _rel(ras(**kw), want) <= TOL

@@ -66,20 +66,13 @@ PASSING = [
     "wan-vace-tiny", "motif-video-tiny", "anyflow-tiny", "helios-tiny", "joyimage-edit-tiny", "ltx2-tiny",
     "consisid-tiny", "cogvideox15-tiny", "qwenimage-tiny", "nucleusmoe-image-tiny", "longcat-audio-tiny",
     "hunyuan-image-tiny", "mochi-tiny", "lumina2-tiny", "cogvideox-tiny",
-    "bria-fibo2-tiny", "hunyuan-video15-tiny",
+    "bria-fibo2-tiny", "hunyuan-video15-tiny", "allegro-tiny",
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
 KNOWN_BUGS = {
     # -- second-resolution capture (second_resolution.analysis_variants / _resize_token_tables, raised by
     #    graph_build.compile_capture): the resolution-dependent inputs are not resized with the image
-    "allegro-tiny": (
-        RuntimeError, True,
-        "captured since the wider second-resolution guess resizes its per-axis RoPE tables and grid ids; a RAS "
-        "step then fails in rasfx::ras_attention's cache write (ops.write_rows_: 'Index tensor must have the same "
-        "number of dimensions as self tensor'): its attention's K/V layout is not the one insert_cache_sites "
-        "assumed",
-    ),
     "stable-audio-tiny": (
         UnsupportedModelError, True,
         "captured since the analysis also tries other input layouts (1-D audio [B, C, L]); the token region then ends "

@@ -14,10 +14,14 @@ Counter: ``gathers`` (gather nodes inserted).
 
 from __future__ import annotations
 
+import torch
+
 from .. import ops
 from .context import RewriteContext
 from .op_rules import mutated_storages, storage_root
 from .token_analysis import ROWS, token_axes
+
+aten = torch.ops.aten
 
 
 def insert_gathers(ctx: RewriteContext) -> int:
@@ -50,8 +54,14 @@ def insert_gathers(ctx: RewriteContext) -> int:
 
 
 def _rank(consumer, producer) -> int:
+    """Rank of the frame the gathered value broadcasts in: the consumer's, but an embedding
+    lookup's indices are one dim short of its output (Allegro's RoPE positions [1, N])."""
     val = consumer.meta.get("val")
-    return val.dim() if hasattr(val, "dim") else producer.meta["val"].dim()
+    if not hasattr(val, "dim"):
+        return producer.meta["val"].dim()
+    if consumer.target is aten.embedding.default and len(consumer.args) > 1 and consumer.args[1] is producer:
+        return val.dim() - 1
+    return val.dim()
 
 
 def _key(ctx: RewriteContext, producer_name: str, consumer_name: str) -> tuple:

@@ -557,14 +557,33 @@ def annotate_rows(graph: fx.Graph, batch: int) -> int:
     (``squeezed``: the batch dim was selected away), so that per-row active sets use those
     rows of the index; tensors of the whole batch get none. Returns the number of nodes marked."""
     marked = 0
+    shared = _single_row_sources(graph, batch)
     for node in graph.nodes:
         if node.op != "call_function" or not _has_token_axes(node):
+            continue
+        if node.args and node.args[0] in shared and node.target in (aten.slice.Tensor, aten.select.int):
             continue
         rows = _rows_of(node, batch)
         if rows is not None:
             node.meta[ROWS] = rows
             marked += 1
     return marked
+
+
+def _single_row_sources(graph: fx.Graph, batch: int) -> set:
+    """Whole-batch tensors of which the graph takes one row only (Flux's ``img_ids[0]``: a
+    table shared by every row, not a loop over the batch): their rows are not marked."""
+    taken: dict = {}
+    for node in graph.nodes:
+        if node.target not in (aten.slice.Tensor, aten.select.int) or not node.args:
+            continue
+        src = node.args[0]
+        val = src.meta.get("val") if isinstance(src, fx.Node) else None
+        if (not isinstance(val, torch.Tensor) or val.dim() == 0 or int(val.shape[0]) != batch or ROWS in src.meta
+                or (node.args[1] if len(node.args) > 1 else 0) != 0):
+            continue
+        taken.setdefault(src, set()).add(tuple(node.args[2:4]))
+    return {src for src, rows in taken.items() if len(rows) == 1} if batch > 1 else set()
 
 
 def _has_token_axes(node: fx.Node) -> bool:
