@@ -199,3 +199,47 @@ def test_rope_positions_looked_up_by_embedding(ids_per_row):
         ras(**kw)
         ras.set_active(torch.stack([torch.arange(0, 24, 2), torch.arange(1, 24, 2)]))  # per-row sets
         assert _rel(ras(**kw), want) <= TOL
+
+
+class GlobalTokenAudioDiT(torch.nn.Module):
+    """Stable Audio's layout: latents ``[B, C, L]`` with a size-1 ``Conv1d`` before and after the
+    transformer (``conv(x) + x``), a global token (the projected ``global_hidden_states``
+    [B, 1, D] plus the timestep embedding) prepended to the sequence, a rotary table over [global token, latents] (L + 1 rows) passed in, and the
+    global token dropped at the end (``[:, :, 1:]``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.post = torch.nn.Conv1d(4, 4, 1, bias=False), torch.nn.Conv1d(4, 4, 1, bias=False)
+        self.proj_in, self.proj_out = torch.nn.Linear(4, C), torch.nn.Linear(C, 4)
+        self.t_embed, self.global_proj = torch.nn.Linear(1, C), torch.nn.Linear(8, C)
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+
+    def forward(self, hidden_states, global_hidden_states, timestep, rotary):
+        cos, sin = rotary  # [L + 1, head_dim]
+        b, _, length = hidden_states.shape
+        x = self.proj_in((self.pre(hidden_states) + hidden_states).transpose(1, 2))
+        seq = torch.cat([self.global_proj(global_hidden_states) + self.t_embed(timestep.view(b, 1, 1)), x], dim=1)
+        for blk in self.blocks:
+            q, k, v = blk.qkv(F.layer_norm(seq, (C,))).view(b, length + 1, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+            q, k = (torch.cat([-u[..., C // HEADS // 2:], u[..., : C // HEADS // 2]], dim=-1) * sin + u * cos
+                    for u in (q, k))
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length + 1, C)
+            seq = seq + blk.proj(a)
+            seq = seq + blk.mlp(seq)
+        x = self.proj_out(seq).transpose(1, 2)[:, :, 1:]
+        return self.post(x) + x
+
+
+def _audio_inputs(seed: int, length: int = 24) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    d = C // HEADS
+    angles = torch.arange(length + 1, dtype=torch.float32)[:, None] * torch.exp(-torch.arange(d) / d * 4.0)
+    return {"hidden_states": torch.randn(2, 4, length, generator=g), "global_hidden_states": torch.randn(2, 1, 8),
+            "timestep": torch.rand(2, generator=g), "rotary": (angles.cos(), angles.sin())}
+
+
+def test_a_global_token_and_pointwise_convs_around_1d_latents():
+    model = GlobalTokenAudioDiT().eval()
+    ras = _check_contract(model, _audio_inputs)
+    assert ras.captures()[0].analysis.stats["tables_located"] >= 1

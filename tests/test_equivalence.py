@@ -67,41 +67,26 @@ PASSING = [
     "consisid-tiny", "cogvideox15-tiny", "qwenimage-tiny", "nucleusmoe-image-tiny", "longcat-audio-tiny",
     "hunyuan-image-tiny", "mochi-tiny", "lumina2-tiny", "cogvideox-tiny",
     "bria-fibo2-tiny", "hunyuan-video15-tiny", "allegro-tiny",
+    "stable-audio-tiny", "stable-audio3-tiny", "krea2-tiny",
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
 KNOWN_BUGS = {
     # -- second-resolution capture (second_resolution.analysis_variants / _resize_token_tables, raised by
     #    graph_build.compile_capture): the resolution-dependent inputs are not resized with the image
-    "stable-audio-tiny": (
-        UnsupportedModelError, True,
-        "captured since the analysis also tries other input layouts (1-D audio [B, C, L]); the token region then ends "
-        "before the output (a tail that reads this step's modulation, warned at capture) and token_map() "
-        "cannot be derived",
-    ),
     "kandinsky5-tiny": (
         UnsupportedModelError, True,
-        "captured since the analysis also tries other input layouts (channels-last [B, F, H, W, C]); the token region then ends "
-        "before the output (a tail that reads this step's modulation, warned at capture) and token_map() "
-        "cannot be derived",
+        "captured (channels-last [B, F, H, W, C] input layout), but the output layer modulates the tokens in their grid "
+        "shape [B, F, H, W, C] (Kandinsky5OutLayer, transformer_kandinsky.py:415-416): a token axis spread over three "
+        "dims is not followed, so the region ends before the timestep-modulated head and token_map() cannot be "
+        "derived ('the output tail mixes in mul_...')",
     ),
     "kandinsky6-tiny": (
         UnsupportedModelError, True,
-        "captured since the analysis also tries other input layouts (channels-last [B, F, H, W, C]); the token region then ends "
-        "before the output (a tail that reads this step's modulation, warned at capture) and token_map() "
-        "cannot be derived",
-    ),
-    "stable-audio3-tiny": (
-        UnsupportedModelError, True,
-        "captured since the analysis also tries other input layouts (1-D audio [B, C, L]); the token region then ends "
-        "before the output (a tail that reads this step's modulation, warned at capture) and token_map() "
-        "cannot be derived",
-    ),
-    "krea2-tiny": (
-        UnsupportedModelError, True,
-        "captured since the wider second-resolution guess resizes its float [T + N, 3] position table; the "
-        "token region then ends before the output (the tail reads this step's modulation: a conservative choice "
-        "warned at capture) and token_map() cannot be derived",
+        "captured (channels-last [B, F, H, W, C] input layout), but the output layer modulates the tokens in their grid "
+        "shape [B, F, H, W, C] (Kandinsky6OutLayer, as Kandinsky 5's): a token axis spread over three "
+        "dims is not followed, so the region ends before the timestep-modulated head and token_map() cannot be "
+        "derived ('the output tail mixes in mul_...')",
     ),
     "glm-image-tiny": (
         CaptureError, True,

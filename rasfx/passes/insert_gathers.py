@@ -46,7 +46,11 @@ def insert_gathers(ctx: RewriteContext) -> int:
             index = ctx.token_index(axis, producer.meta.get(ROWS))
             before = order[first_use[key]]
             written = [w for w in writes.get(storage_root(producer), ()) if order[producer] < order[w] < before]
-            with graph.inserting_after(written[-1] if written else producer):
+            # after the producer and its writes; a graph input's gather goes before its first consumer
+            # (the index arithmetic follows the inputs)
+            place = (graph.inserting_before(first_use[key]) if producer.op == "placeholder"
+                     else graph.inserting_after(written[-1] if written else producer))
+            with place:
                 memo[key] = graph.call_function(ops.gather_tokens, (producer, index, axis.dim, rank))
             memo[key].meta["rasfx_created_by"] = "insert_gathers"
         consumer.replace_input_with(producer, memo[key])

@@ -277,6 +277,8 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
         if any(repeats[lead + d] != 1 for d in _axis_dims(src)):
             return OpRule("opaque", set(ins), reason="repeat along the token axis")
         return OpRule("tokenwise", cheap=True)
+    if t in _POINTWISE_CONVS and ins and _pointwise_conv(node):
+        return OpRule("tokenwise")
     if t in MATMUL_OPS:
         contracted = _contracted(node)
         if not contracted:
@@ -289,6 +291,23 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
             return OpRule("mixing", full, reason="contraction over the token axis")
         return OpRule("tokenwise")
     return OpRule("opaque", set(ins), reason=f"unknown op {t}")
+
+
+_POINTWISE_CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+
+
+def _pointwise_conv(node: fx.Node) -> bool:
+    """A convolution with a kernel of size 1, stride 1 and no padding over tokens in its
+    spatial dims (Stable Audio's pre/post-processing Conv1d on [B, C, L]): a linear map of
+    each position's channels."""
+    x, weight = node.args[0], node.args[1]
+    if not isinstance(weight, fx.Node) or weight.meta.get("rasfx_tokens") or not isinstance(x, fx.Node):
+        return False
+    args = list(node.args) + [None] * 7
+    stride, padding = args[3] or [1], args[4] or [0]  # (any dilation of a size-1 kernel reads one position)
+    kernel = tuple(weight.meta["val"].shape[2:])
+    return (all(k == 1 for k in kernel) and all(s == 1 for s in stride) and all(p == 0 for p in padding)
+            and all(d >= 2 for d in _axis_dims(x)))
 
 
 def _attention_rule(node: fx.Node, ins: list, kv_cache: bool) -> OpRule:

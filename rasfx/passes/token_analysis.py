@@ -463,6 +463,23 @@ def _row_slice(node: fx.Node, dim: int):
             return None
 
 
+def _locate_tables(graph: fx.Graph) -> int:
+    """A table over the joint sequence (RoPE cos / sin of [global token, image], Stable Audio)
+    of unknown segment, combined position by position with a located tensor: the table has
+    that tensor's segment. Pins it on the table's sources; returns the number pinned."""
+    pinned = 0
+    for node in graph.nodes:
+        if node.target not in _IN_PLACE_OF_POSITION:
+            continue
+        for ax in token_axes(node):
+            if ax.offset is None or isinstance(ax.offset, tuple):
+                continue
+            for i in node.all_input_nodes:
+                if any(a.offset is None and a.extra == ax.extra for a in token_axes(i)):
+                    pinned += _pin_sources(i, {ax.extra: ax.offset})
+    return pinned
+
+
 def _pin_sources(mask: fx.Node, offsets: dict) -> int:
     """Pin ``offsets`` ({extra: offset}) on the sources of ``mask`` whose axes of that extra
     are unlocated, walking back through position-keeping ops only."""
@@ -533,6 +550,9 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, variant: dict) ->
         _propagate_offsets(gm.graph, n1)
     result.stats["masks_located"] = _locate_masks(gm.graph)
     if result.stats["masks_located"]:
+        _propagate_offsets(gm.graph, n1)
+    result.stats["tables_located"] = _locate_tables(gm.graph)
+    if result.stats["tables_located"]:
         _propagate_offsets(gm.graph, n1)
     if variant.get("batch"):
         result.stats["row_subsets"] = annotate_rows(gm.graph, variant["batch"])
