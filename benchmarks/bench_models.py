@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import rasfx  # noqa: E402
 from rasfx.runtime import GraphRunner  # noqa: E402
+from rasfx.target import ExecutionTarget, contiguous_attention_caches, fusion_pays_off  # noqa: E402
 
 RATIOS = (1.0, 0.75, 0.5, 0.25, 0.125)
 
@@ -310,8 +311,8 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
             ras.reset(captures=ras.config.hoist_invariants != hoist)
             ras.config.hoist_invariants = hoist
             ras.runner = GraphRunner(mode)
-            if variant == "producer-layout":
-                ras.runner.contiguous_attention_caches = False
+            ras.target = ExecutionTarget(mode, ras.target.fuse,
+                                         contiguous_attention_caches(mode) and variant != "producer-layout")
             mode = f"{mode}@{variant}" if variant else mode
             t = time.perf_counter()
             ras(**kw)
@@ -352,19 +353,17 @@ def run_model(name, scale, dev, dt, modes, iters, ratios, log, schedule_ratios=(
                 progress(res)
                 log(f"  {name} {mode} original model on {n} image tokens (r={r}'s count): {ms:.2f} ms "
                     f"(RAS step {row['steps'][str(r)]['ms']:.2f} ms)")
-            from rasfx.passes.fuse_kernels import profitable
-
-            if fusion and profitable(dev):
+            if fusion and fusion_pays_off(dev):
                 # the same steps with the Triton gather/scatter GeMM fusion (off by default)
                 row["fused"] = {}
-                ras.config.fuse = True
+                ras.target = ExecutionTarget(ras.target.mode, True, ras.target.contiguous_attention)
                 for r in (0.5, 0.25):
                     n = active_count(r, n_img)
                     idx = torch.randperm(n_img, generator=g)[:n].sort().values.to(dev)
                     ras.set_active(idx, check=False)
                     row["fused"][str(r)] = time_call(lambda: ras(**kw), dev, iters)[0]
                     log(f"  {name} {mode} r={r} with fusion: {row['fused'][str(r)]:.2f} ms")
-                ras.config.fuse = False
+                ras.target = ExecutionTarget(ras.target.mode, False, ras.target.contiguous_attention)
             # whole 28-step schedules at ratio 0.25 and 0.5 (transformer calls only)
             row["schedules"] = {}
             for r in schedule_ratios:

@@ -187,6 +187,7 @@ def run_session(pipe, row, kwargs_for, n_images, dev, progress, use_stats):
             st = rasfx.stats(pipe)
             img.update({k: getattr(st, k, None) for k in STAT_FIELDS})
             img["ras_steps"], img["steps"] = len(st.ras_steps), len(st.steps)
+            img["skipped_steps"], img["flops_fraction"] = len(st.skipped_steps), st.flops_fraction
         if dev.type == "cuda":
             img["held_gib"] = _gib(torch.cuda.memory_allocated())
             row["peak_gib"] = _gib(torch.cuda.max_memory_allocated())
@@ -195,7 +196,8 @@ def run_session(pipe, row, kwargs_for, n_images, dev, progress, use_stats):
         row["first_s"] = row["images"][0]["time_s"]
         row["median_rest_s"] = statistics.median(rest) if rest else None
         progress()
-        extra = " ".join(f"{k}={img[k]}" for k in ("mode", "exports", "graph_captures", "compiles", "ras_steps")
+        extra = " ".join(f"{k}={img[k]}" for k in ("mode", "exports", "graph_captures", "compiles", "ras_steps",
+                                                   "skipped_steps")
                          if img.get(k) is not None)
         print(f"  {row['model']} {row['setup']} image {i} {kw['height']}x{kw['width']}: {img['time_s']:.3f} s "
               f"{extra} dynamo_graphs={img['dynamo_graphs']}", flush=True)
@@ -211,7 +213,7 @@ def run_setup(pipe, row, kwargs_for, n_images, dev, progress, compile_mode):
             pipe.transformer = torch.compile(original, mode=compile_mode)
         elif mode in RAS_MODES:
             tc = None if mode == "default" else rasfx.TransformConfig(mode=mode)
-            rasfx.enable(pipe, rasfx.RASConfig(ratio=ratio), transform_config=tc)
+            rasfx.enable(pipe, rasfx.RASConfig(ratio=ratio, **row.get("ras_fields", {})), transform_config=tc)
         run_session(pipe, row, kwargs_for, n_images, dev, progress, use_stats=mode in RAS_MODES)
     except Exception as e:  # keep the other setups' numbers
         row["error"] = f"{type(e).__name__}: {e}"
@@ -289,7 +291,7 @@ def parse_models(spec, modes, ratios):
             raise SystemExit(f"unknown model {name!r} (known: {', '.join(GUIDANCE)})")
         m = rest[0].replace("compile+cuda_graph", "compile&cuda_graph").split("+") if rest and rest[0] else modes
         m = [x.replace("&", "+") for x in m]
-        r = [float(x) for x in rest[1].split("+")] if len(rest) > 1 else ratios
+        r = [ratio_spec(x) for x in rest[1].split("+")] if len(rest) > 1 else ratios
         bad = [x for x in m if x not in MODES]
         if bad:
             raise SystemExit(f"unknown setup(s) {bad} (known: {', '.join(MODES)})")
@@ -297,11 +299,30 @@ def parse_models(spec, modes, ratios):
     return out
 
 
+def ratio_spec(token):
+    """``R`` or ``R@FIELD=V@FIELD=V`` (more RASConfig fields, e.g. ``0.25@skip_every=2``) -> (R, {FIELD: V})."""
+    ratio, *fields = token.split("@")
+    extra = {}
+    for f in fields:
+        key, sep, value = f.partition("=")
+        if not sep or key not in rasfx.RASConfig.__dataclass_fields__:
+            raise SystemExit(f"bad ratio entry {token!r}: use R or R@FIELD=VALUE with a RASConfig field")
+        for cast in (int, float, str):
+            try:
+                extra[key] = cast(value)
+                break
+            except ValueError:
+                continue
+    rasfx.RASConfig(ratio=float(ratio), **extra)  # refuse a bad combination before any model is built
+    return float(ratio), extra
+
+
 def setups(modes, ratios):
-    """[(setup name, mode, ratio)] in the order given: each rasfx mode at every ratio."""
+    """[(setup name, mode, (ratio, more RASConfig fields))] in the order given: each rasfx mode at every ratio."""
     out = []
     for m in modes:
-        out += [(m, m, None)] if m in DENSE else [(f"{m} r={r:g}", m, r) for r in ratios]
+        out += [(m, m, None)] if m in DENSE else [
+            (f"{m} r={r:g}" + "".join(f" {k}={v}" for k, v in extra.items()), m, (r, extra)) for r, extra in ratios]
     return out
 
 
@@ -315,7 +336,9 @@ def main(argv=None):
                          "(torch.compile of the transformer), and the rasfx modes default (no TransformConfig: what rasfx "
                          "picks; each image's 'mode' records what ran), "
                          "eager, cuda_graph, compile+cuda_graph (each at every --ratios)")
-    ap.add_argument("--ratios", default="1,0.5,0.25", help="comma list of RASConfig ratios for the rasfx modes")
+    ap.add_argument("--ratios", default="1,0.5,0.25",
+                    help="comma list of RASConfig ratios for the rasfx modes; R@FIELD=V adds RASConfig fields "
+                         "(e.g. 0.25@skip_every=2@skip_estimate=extrapolate: token and step sparsity)")
     ap.add_argument("--images", type=int, default=5, help="pipeline calls per setup (a session); image 1 pays setup")
     ap.add_argument("--steps", type=int, default=28, help="num_inference_steps of every call")
     ap.add_argument("--scale", default="real", choices=["real", "tiny"],
@@ -339,7 +362,7 @@ def main(argv=None):
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     import diffusers
 
-    ratios = [float(r) for r in args.ratios.split(",")]
+    ratios = [ratio_spec(r) for r in args.ratios.split(",")]
     plan = parse_models(args.models, args.modes.split(","), ratios)
     doc = {"card": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "diffusers": diffusers.__version__, "dtype": str(dt).replace("torch.", ""), "scale": args.scale,
@@ -364,10 +387,10 @@ def main(argv=None):
         todo = [(s, m, r, "", None) for s, m, r in setups(modes, model_ratios)]
         if k == first_sd3 and args.batch_case:  # once, with the first sd3 entry of --models
             todo += [("dense-eager x4", "dense-eager", None, "batch4", None),
-                     ("cuda_graph r=0.25 x4", "cuda_graph", 0.25, "batch4", None)]
+                     ("cuda_graph r=0.25 x4", "cuda_graph", (0.25, {}), "batch4", None)]
         if k == first_sd3 and args.switch_case:
             a, b = SIZE[args.scale]["sd3"], SWITCH_ALT[args.scale]
-            todo.append(("switch cuda_graph r=0.25", "cuda_graph", 0.25, "switch", [a, b, a, b, a]))
+            todo.append(("switch cuda_graph r=0.25", "cuda_graph", (0.25, {}), "switch", [a, b, a, b, a]))
         if over():
             doc["skipped"] += [f"{name} {s[0]}" for s in todo]
             save()
@@ -391,7 +414,9 @@ def main(argv=None):
                 continue
             batch = 4 if group == "batch4" else 1
             n_images = len(sizes) if sizes else args.images
+            ratio, fields = ratio if ratio is not None else (None, {})
             row = {"model": name, "label": doc["models"][name]["label"], "setup": setup, "mode": mode, "ratio": ratio,
+                   "ras_fields": fields,
                    "group": group, "images_per_call": batch, "images": []}
             doc["rows"].append(row)
 

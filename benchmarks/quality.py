@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Quality of region-adaptive sampling (RAS) on the shipped shapes DiT, against dense sampling.
+"""Quality of region-adaptive sampling (RAS) on either shipped shapes DiT, against dense sampling.
 
     python3 benchmarks/quality.py --out OUT/quality                 # GPU: the full benchmark, ~2 min
+    python3 benchmarks/quality.py --model models/shapes-latent-dit --out OUT/quality-latent
+                                                                    # the latent model (AutoencoderKL + Flux DiT)
     python3 benchmarks/quality.py --out /tmp/q --quick              # CPU: a tiny run (tests)
     python3 benchmarks/quality.py --from-json OUT/quality/quality.json --doc docs/quality.md
                                                                     # re-render tables/plot, splice into the doc
@@ -29,7 +31,9 @@ Measures (every run starts from the same initial noise as the reference):
 
 GPU runs use bfloat16 by default (the speed setting of the paper and of ``bench_models.py``);
 the bf16-vs-fp32 difference of the dense reference is measured and reported as the precision
-floor. Eager mode, large batches (``--batch`` images per pipeline call; classifier-free guidance
+floor. ``--model`` is either model folder (``shapes_pipeline.load_pipeline`` reads it); both are
+judged by the same evaluation classifier (``--classifier``, default
+``models/shapes-dit/classifier.safetensors``, trained on the shapes images). Eager mode, large batches (``--batch`` images per pipeline call; classifier-free guidance
 doubles the transformer batch).
 
 Writes ``OUT/quality.json`` (schema ``rasfx-quality/1``), ``OUT/quality.md`` (tables),
@@ -57,33 +61,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (ROOT, os.path.join(ROOT, "examples")):
+for _p in (ROOT, os.path.join(ROOT, "examples"), os.path.join(ROOT, "benchmarks")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from ras_ablations import ABLATIONS, TRANSFORM_ABLATIONS  # noqa: E402  (benchmarks/ras_ablations.py)
 from shapes_eval import (  # noqa: E402  (examples/shapes_eval.py)
     ReusedTransform, panel_figure, computed_on_subject, initial_noise, jsonable, psnr, ssim, subject_mask,
 )
 
 SCHEMA = "rasfx-quality/1"
 DEFAULT_MODEL = os.path.join(ROOT, "models", "shapes-dit")
+DEFAULT_CLASSIFIER = os.path.join(DEFAULT_MODEL, "classifier.safetensors")
 BEGIN_MARK = "<!-- quality.py results: begin -->"
 END_MARK = "<!-- quality.py results: end -->"
-
-#: (name, RASConfig overrides, what it tests). The first entry is the default configuration.
-ABLATIONS: list[tuple[str, str, dict, str]] = [
-    ("default", "default", {}, "static schedule, std metric (low std computed), dense resets, starvation k=0.1"),
-    ("dynamic", "dynamic schedule", {"schedule": "dynamic"}, "paper's progressively reduced ratio (same mean)"),
-    ("l2", "metric L2 (low norm computed)", {"metric": "l2"}, "rasfx ranks every metric alike: low score computed"),
-    ("l2-high", "metric L2 (high norm computed)", {"metric": "l2", "high_ratio": 0.0}, "the paper's L2 variant (Table 4)"),
-    ("random", "metric random", {"metric": "random"}, "uniformly random ranking each step"),
-    ("no-reset", "no error reset", {"reset_steps": ()}, "no dense steps after the warm-up"),
-    ("no-starvation", "no starvation prevention", {"starvation_scale": 0.0}, "k=0: rank by the metric alone"),
-    ("inverted", "inverted (high std computed)", {"high_ratio": 0.0}, "high-std tokens computed instead of low-std ones"),
-    ("no-kv-cache", "no K/V cache", {}, "attention over the active (and conditioning) tokens only; TransformConfig(kv_cache=False)"),
-]
-#: ablations that change the compiler, not the sampler: their rasfx.TransformConfig options
-TRANSFORM_ABLATIONS = {"no-kv-cache": {"kv_cache": False}}
 
 DIST_DEFAULT = "dense:28,ras:28:0.25,dense:12,ras:14:0.25,dense:7,ras:28:0.5,dense:17"
 
@@ -113,7 +104,10 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="output folder (quality.json, quality.md, pareto.png, samples.png)")
     p.add_argument("--quick", action="store_true", help="tiny CPU run for tests (1 image, 1-4 steps)")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="models/shapes-dit (default) or models/shapes-latent-dit")
+    p.add_argument("--classifier", default=DEFAULT_CLASSIFIER,
+                   help="the evaluation classifier (default: models/shapes-dit/classifier.safetensors; it judges "
+                        "the images of either model)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                    help="auto: bfloat16 on CUDA, float32 on CPU")
@@ -177,7 +171,9 @@ class Bench:
         self.dense_step_s: Optional[float] = None
         self.ras_overhead = 0.35  # share of a dense step a RAS step costs regardless of its ratio (learned)
         self.skipped: list[dict] = []
-        self.num_tokens = (pipe.transformer.config.sample_size // pipe.transformer.config.patch_size) ** 2
+        _, h, w = pipe.noise_shape(1)[1:]
+        patch = int(getattr(pipe.transformer.config, "patch_size", 1) or 1)
+        self.num_tokens = (h // patch) * (w // patch)  # pixel model: 32 x 32 patches; latent model: 16 x 16
 
     # -------------------------------------------------------------- budget
     def left(self) -> float:
@@ -311,7 +307,7 @@ def run_benchmark(args, pipe=None, transform=None) -> dict:
     import rasfx
     from shapes_classifier import frechet_distance, load_classifier
     from shapes_data import generate_shapes, make_generator
-    from shapes_pipeline import ShapesPipeline
+    from h2h_methods import check_classifier, load_pipeline  # benchmarks/h2h_methods.py
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.dtype == "auto":
@@ -320,18 +316,17 @@ def run_benchmark(args, pipe=None, transform=None) -> dict:
         dtype = getattr(torch, args.dtype)
     t_load = time.perf_counter()
     if pipe is None:
-        pipe = ShapesPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+        pipe = load_pipeline(args.model, device, dtype)
     else:
         device, dtype = pipe.transformer.device, pipe.transformer.dtype
     pipe.set_progress_bar_config(disable=True)
-    clf = load_classifier(os.path.join(args.model, "classifier.safetensors"), device)
+    clf = load_classifier(check_classifier(args.classifier), device)
     load_s = time.perf_counter() - t_load
     bench = Bench(args, pipe, device, dtype, transform)
     RASConfig = bench.RASConfig
     from rasfx import TransformConfig
     ncls = pipe.class_embeddings.num_classes
-    cfgm = pipe.transformer.config
-    shape = (cfgm.in_channels, cfgm.sample_size, cfgm.sample_size)
+    shape = tuple(pipe.noise_shape(1)[1:])  # (3, 64, 64) pixels or (C, 16, 16) latents
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"rasfx quality benchmark on {name} ({device}), {str(dtype).replace('torch.', '')}, torch {torch.__version__}, "
           f"diffusers {diffusers.__version__}; budget {args.budget_s:g} s", flush=True)
@@ -340,6 +335,7 @@ def run_benchmark(args, pipe=None, transform=None) -> dict:
         schema=SCHEMA,
         setup=dict(device=str(device), device_name=name, dtype=str(dtype).replace("torch.", ""), torch=torch.__version__,
                    diffusers=diffusers.__version__, rasfx=rasfx.__version__, model=os.path.relpath(args.model, ROOT),
+                   pipeline=type(pipe).__name__, classifier=os.path.relpath(os.path.abspath(args.classifier), ROOT),
                    batch=args.batch, fid_images=args.fid_images, ref_steps=args.ref_steps, guidance=args.guidance,
                    seed=args.seed, quick=bool(args.quick), budget_s=args.budget_s, num_tokens=bench.num_tokens,
                    mode="eager", ras_steps=_ints(args.ras_steps), ratios=_floats(args.ratios),
@@ -456,7 +452,7 @@ def run_benchmark(args, pipe=None, transform=None) -> dict:
         est = bench.dense_step_s * args.ref_steps * (n_pf / batch) * 4 + 3  # fp32: ~4x slower than bf16 (guess)
         if bench.fits("precision floor (fp32 reference)", est):
             t = time.perf_counter()
-            pipe32 = ShapesPipeline.from_pretrained(args.model, torch_dtype=torch.float32).to(device)
+            pipe32 = load_pipeline(args.model, device, torch.float32)
             pipe32.set_progress_bar_config(disable=True)
             ref32, s32, _ = bench.run([labels[:n_pf]], [latents[:n_pf].float()], args.ref_steps, pipe=pipe32)
             m = _image_metrics(ref[:n_pf], ref32, labels[:n_pf], clf)
@@ -893,12 +889,11 @@ def _unjson(x):
 
 
 def main(argv: Optional[Sequence[str]] = None, pipe=None, transform=None) -> dict:
-    """Command line entry; ``pipe`` (a loaded ``ShapesPipeline``) and ``transform`` (a shared
+    """Command line entry; ``pipe`` (a loaded ``ShapesPipeline`` or ``LatentShapesPipeline``) and ``transform`` (a shared
     ``shapes_eval.ReusedTransform``) let tests reuse one model and its captured graphs."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--head-to-head" in argv:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import head_to_head
+        import head_to_head  # benchmarks/head_to_head.py
 
         return head_to_head.main(argv, pipe=pipe, transform=transform)
     args = _parse(argv)

@@ -244,7 +244,7 @@ def _split_params(inner: str) -> list[str]:
 NOTES = {
     "RASModule.forward": "The wrapped model's forward: same arguments, same return structure. Dense when no "
                          "active set is given or the caches are empty (first call, new input signature).",
-    "RASModule.captures": "The captured input signatures (one `CompiledCapture` each, least recently used first; at "
+    "RASModule.captures": "The captured input signatures (one `PlannedCapture` each, least recently used first; at "
                           "most `TransformConfig.max_captures`). `rasfx.explain(ras)` explains the latest.",
     "RASModule.num_image_tokens": "Image tokens `N` of the current capture (`None` before the first forward).",
     "RASModule.last_forward_dense": "Whether the last forward of the current slot computed every image token.",
@@ -705,7 +705,7 @@ def render_models() -> str:
         "smaller grid.", "",
         "Your own DiT needs no entry here: [Bring your own DiT](byo-dit.md) shows how to check one.", "",
     ]
-    from rasfx.presets_extra import NOT_COVERED
+    from rasfx.presets import NOT_COVERED
 
     lines += [
         "## diffusers classes without a preset", "",

@@ -8,7 +8,8 @@ What it does:
 
 1. loads the shipped pipeline (``models/shapes-dit``: a 10.4 M-parameter diffusers
    ``SD3Transformer2DModel`` in pixel space, 64x64 RGB, 1024 image tokens) with
-   ``ShapesPipeline.from_pretrained``;
+   ``shapes_pipeline.load_pipeline``; ``--model models/shapes-latent-dit`` runs the latent model
+   (``AutoencoderKL`` + ``FluxTransformer2DModel``, 256 latent tokens) the same way;
 2. warms up: RAS's one-time graph capture (``torch.export``) and the first call of every
    configuration, timed and reported apart;
 3. times ``--rounds`` interleaved rounds of the same job (one image per class, 28 Euler steps,
@@ -53,7 +54,7 @@ __all__ = ["main", "ReusedTransform"]
 
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder (default: models/shapes-dit)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder: models/shapes-dit (default) or models/shapes-latent-dit")
     p.add_argument("--steps", type=int, default=28, help="Euler steps (default 28)")
     p.add_argument("--ratios", default="0.5,0.25", help="RAS ratios, comma separated (default 0.5,0.25)")
     p.add_argument("--classes", default=DEFAULT_CLASSES, help=f"class names or ids, one image each (default {DEFAULT_CLASSES})")
@@ -145,7 +146,7 @@ class Job:
 
 
 def main(argv: Optional[Sequence[str]] = None, pipe=None, transform: Optional[ReusedTransform] = None) -> dict:
-    """Command line entry; ``pipe`` (a loaded ``ShapesPipeline``) and ``transform`` (a shared
+    """Command line entry; ``pipe`` (a loaded ``ShapesPipeline`` or ``LatentShapesPipeline``) and ``transform`` (a shared
     :class:`ReusedTransform`) let tests reuse one model and its captured graphs."""
     args = _parse(argv)
     t_start = time.perf_counter()
@@ -156,22 +157,21 @@ def main(argv: Optional[Sequence[str]] = None, pipe=None, transform: Optional[Re
 
     diffusers.utils.logging.set_verbosity_error()  # no loader chatter; the demo prints what matters
     import rasfx
-    from shapes_pipeline import ShapesPipeline
+    from shapes_pipeline import load_pipeline
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     t0 = time.perf_counter()
     if pipe is None:
-        pipe = ShapesPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(device)
+        pipe = load_pipeline(args.model, device=device, dtype=getattr(torch, args.dtype))
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
     args.dtype = str(dtype).replace("torch.", "")
     load_s = time.perf_counter() - t0
     names = pipe.class_embeddings.class_names
     labels = pipe.labels_to_tensor([int(c) if c.isdigit() else c for c in (c.strip() for c in args.classes.split(",")) if c])
     label_names = [names[i] for i in labels.tolist()]
-    cfg = pipe.transformer.config
     seeds = [args.seed + i for i in range(len(labels))]
-    latents = initial_noise(seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size)).to(device, dtype)
+    latents = initial_noise(seeds, tuple(pipe.noise_shape(1)[1:])).to(device, dtype)
     mode_note = ("CUDA GPU: RAS runs in rasfx's default fast mode (TransformConfig(mode='auto') = CUDA graphs); "
                  "the plain pipeline runs eager PyTorch" if device.type == "cuda" else
                  "CPU: RAS and the plain pipeline both run eager PyTorch (CUDA graphs need a CUDA GPU)")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from shapes_eval import Scale, jsonable, panel_figure, pixel_map, subject_mask
+from shapes_eval import Scale, jsonable, mask_on_grid, panel_figure, pixel_map, subject_mask
 
 CAPTIONS = {
     "comparison": (
@@ -45,7 +45,10 @@ def heatmap_rows(jobs: list, plain_images: torch.Tensor) -> dict[str, Any]:
         computed, std = pixel_map(job.stats, "computed"), pixel_map(job.stats, "std")
         if computed is not None and std is not None and computed.shape[0] == plain_images.shape[0]:
             maps[job.name] = dict(computed=computed, std=std)
-    return dict(maps=maps, mask=subject_mask(plain_images))
+    mask = subject_mask(plain_images)  # (B, H, W) image pixels
+    if maps:  # on the maps' grid (latent pixels: 16x16 for the latent model)
+        mask = mask_on_grid(mask, tuple(next(iter(maps.values()))["computed"].shape[-2:]))
+    return dict(maps=maps, mask=mask)
 
 
 def _speed_title(run: dict) -> str:
@@ -148,9 +151,9 @@ def where_text(res: dict) -> str:
                      f"({c['images']} images, shape = {100 * c['subject_share']:.0f}% of the pixels)")
     if found and found[0]["computed"]["subject"] < found[0]["computed"]["background"]:
         lines.append("  RAS computed the background more often than the shape here, the opposite of the paper's "
-                     "premise (low noise std on the main subject). A likely reason: in pixel space the channel std "
-                     "of the predicted noise (noise - image) follows the colour saturation of the image, high on "
-                     "the saturated shapes and low on the muted backgrounds (see noise_std.png).")
+                     "premise (low noise std on the main subject): on both shipped models (pixels and latents) the "
+                     "channel std of the predicted noise is higher on the shapes than on their smooth backgrounds "
+                     "(see noise_std.png; measured in docs/how-ras-works.md, benchmarks/noise_std_premise.py).")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["psnr", "ssim", "initial_noise", "subject_mask", "computed_on_subject", "ReusedTransform",
+__all__ = ["psnr", "ssim", "initial_noise", "subject_mask", "mask_on_grid", "computed_on_subject", "ReusedTransform",
            "jsonable", "panel_figure", "Scale"]
 
 #: SSIM window: Gaussian, sigma 1.5, 11 taps (torchmetrics takes int(3.5 sigma + 0.5) taps each side)
@@ -132,16 +132,32 @@ def pixel_map(stats, which: str = "computed") -> Optional[torch.Tensor]:
     return values.to(torch.float64).cpu()[:, stats.token_grid.to(torch.long).cpu()]
 
 
+def mask_on_grid(mask: torch.Tensor, grid: tuple[int, ...]) -> Optional[torch.Tensor]:
+    """(B, H, W) bool image-pixel mask -> (B, h, w) bool on a coarser grid (a latent grid or a
+    token grid) that divides it: a cell is in the mask when at least half of its pixels are.
+    ``None`` when ``grid`` does not divide (H, W)."""
+    h, w = mask.shape[-2:]
+    if len(grid) != 2 or h % grid[0] or w % grid[1]:
+        return None
+    if (h, w) == tuple(grid):
+        return mask.bool()
+    share = torch.nn.functional.avg_pool2d(mask.float()[:, None], (h // grid[0], w // grid[1]))[:, 0]
+    return share >= 0.5
+
+
 def computed_on_subject(stats, mask: torch.Tensor) -> Optional[dict]:
     """Mean number of steps that computed a pixel, on the subject and on the background.
 
     ``stats``: a ``rasfx.stats`` run whose latent rows are the images of ``mask`` ((R, H, W) bool,
-    pixel space, as this model's latents). Images whose mask is empty or full are left out.
+    image pixels; brought to the latent grid by ``mask_on_grid``). Images whose mask is empty or
+    full are left out.
     """
     per_pixel = pixel_map(stats, "computed")
-    if per_pixel is None or tuple(per_pixel.shape) != tuple(mask.shape):
+    if per_pixel is None:
         return None
-    m = mask.cpu()
+    m = mask_on_grid(mask.cpu(), tuple(per_pixel.shape[1:]))
+    if m is None or m.shape[0] != per_pixel.shape[0]:
+        return None
     fg, bg = m.sum((1, 2)), (~m).sum((1, 2))
     ok = (fg > 0) & (bg > 0)
     if not bool(ok.any()):

@@ -39,7 +39,14 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Tra
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["ClassEmbeddings", "ShapesPipeline", "load_shapes_pipeline"]
+__all__ = [
+    "ClassConditionalFlowPipeline",
+    "ClassEmbeddings",
+    "ShapesPipeline",
+    "images_to_output",
+    "load_pipeline",
+    "load_shapes_pipeline",
+]
 
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
 CLASSES_FILE = "classes.json"
@@ -125,7 +132,150 @@ class ClassEmbeddings:
         return cls(encoder=enc, pooled=pooled, class_names=names, extra=meta)
 
 
-class ShapesPipeline(DiffusionPipeline):
+def images_to_output(images: torch.Tensor, output_type: str):
+    """(B, 3, H, W) images in [-1, 1] -> "pt" (B, 3, H, W) in [0, 1], "np" (B, H, W, 3) numpy in
+    [0, 1] or "pil" (list of PIL images)."""
+    images = (images.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
+    if output_type == "pt":
+        return images
+    arr = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    if output_type == "np":
+        return arr
+    if output_type == "pil":
+        return DiffusionPipeline.numpy_to_pil(arr)
+    raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
+
+
+class ClassConditionalFlowPipeline(DiffusionPipeline):
+    """The sampling loop both shapes pipelines share (``ShapesPipeline``, ``LatentShapesPipeline``):
+    class labels -> rows of ``class_embeddings``, initial noise, ``scheduler.set_timesteps``, then
+    per step one transformer call on the batch ``[uncond, cond]`` (2B), guidance and
+    ``scheduler.step``. A subclass says how noise becomes the scheduler's latents and the model's
+    extra inputs (``_prepare``), how one transformer call is made (``_predict``) and how the final
+    latents become the output (``_postprocess``).
+    """
+
+    class_embeddings: ClassEmbeddings | None
+
+    def noise_shape(self, batch: int) -> tuple[int, ...]:
+        """Shape of the initial noise (and of ``latents=``) for ``batch`` images."""
+        raise NotImplementedError
+
+    def _prepare(self, noise: torch.Tensor, enc: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Initial noise -> (the latents the scheduler integrates, extra transformer kwargs)."""
+        return noise, {}
+
+    def _predict(self, model_input: torch.Tensor, t: torch.Tensor, enc: torch.Tensor, pooled: torch.Tensor,
+                 extra: dict[str, Any]) -> torch.Tensor:
+        """One transformer call at scheduler timestep ``t`` -> the velocity, shaped like ``model_input``."""
+        raise NotImplementedError
+
+    def _postprocess(self, latents: torch.Tensor, output_type: str):
+        raise NotImplementedError
+
+    def labels_to_tensor(self, class_labels: LabelLike) -> torch.Tensor:
+        """int / str / list of them / tensor -> (B,) int64 CPU tensor of class ids."""
+        if self.class_embeddings is None:
+            raise RuntimeError(f"{type(self).__name__} has no class_embeddings; pass them or use from_pretrained")
+        if isinstance(class_labels, torch.Tensor):
+            items = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (int, str)):
+            items = [class_labels]
+        else:
+            items = list(class_labels)
+        return torch.tensor([self.class_embeddings.label_of(i) for i in items], dtype=torch.long)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: LabelLike,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 4.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        num_images_per_label: int = 1,
+        sigmas: list[float] | None = None,
+        output_type: str = "pt",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[ClassConditionalFlowPipeline, int, torch.Tensor, dict], dict] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Sample images.
+
+        Args:
+            class_labels: class ids and/or captions naming a shape ("a red striped star");
+                B = len(class_labels) * num_images_per_label.
+            num_inference_steps: Euler steps of the flow-matching scheduler.
+            guidance_scale: classifier-free guidance weight; <= 1 disables guidance (batch B, not 2B).
+            generator: for the initial noise (as in diffusers: CPU generators give the same noise
+                on every device).
+            latents: optional initial noise of shape ``noise_shape(B)``; replaces the generator's.
+                ``ShapesPipeline``: (B, 3, 64, 64) pixels; ``LatentShapesPipeline``: (B, C, 16, 16)
+                latents, unpacked.
+            sigmas: optional custom sigma schedule passed to ``scheduler.set_timesteps``.
+            output_type: "pt" -> (B, 3, H, W) float in [0, 1]; "np" -> (B, H, W, 3) numpy in [0, 1];
+                "pil" -> list of PIL images; "latent" -> the final sample in the layout of ``latents``
+                (``ShapesPipeline``: the raw (B, 3, H, W) sample in [-1, 1]; ``LatentShapesPipeline``:
+                the (B, C, h, w) latents, not decoded).
+            joint_attention_kwargs: forwarded to the transformer (attention processors).
+            callback_on_step_end: ``fn(pipe, step_index, timestep, {"latents": x}) -> dict`` with
+                the latents the scheduler integrates (``LatentShapesPipeline``: packed (B, h * w, C),
+                FluxPipeline's convention); a returned "latents" replaces them (diffusers' convention).
+        """
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        labels = self.labels_to_tensor(class_labels).repeat_interleave(int(num_images_per_label))  # (B,)
+        batch = labels.shape[0]
+        do_cfg = guidance_scale > 1.0
+
+        # Conditioning: (B, T, D) tokens and (B, P) pooled vectors; [uncond, cond] for guidance (2B).
+        enc, pooled = self.class_embeddings.lookup(labels, device, dtype)
+        if do_cfg:
+            null = torch.full_like(labels, self.class_embeddings.null_index)
+            enc_u, pooled_u = self.class_embeddings.lookup(null, device, dtype)
+            enc, pooled = torch.cat([enc_u, enc]), torch.cat([pooled_u, pooled])
+
+        # Initial noise x_1 ~ N(0, I), then the scheduler's layout and the model's extra inputs.
+        shape = self.noise_shape(batch)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            latents = latents.to(device=device, dtype=dtype)
+        latents, extra = self._prepare(latents, enc)
+
+        # Timesteps as StableDiffusion3Pipeline / FluxPipeline with a fixed shift: t = sigma * 1000.
+        if sigmas is not None:
+            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B or B, ...)
+                velocity = self._predict(  # predicted velocity (noise - x0), same shape as model_input
+                    model_input, t, enc, pooled, {**extra, "joint_attention_kwargs": joint_attention_kwargs}
+                )
+                if do_cfg:
+                    v_uncond, v_cond = velocity.chunk(2)
+                    velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                    latents = out.pop("latents", latents)
+                progress_bar.update()
+
+        images = self._postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+class ShapesPipeline(ClassConditionalFlowPipeline):
     """Class-conditional rectified-flow sampler for the shapes DiT, with classifier-free guidance.
 
     Construct from parts, ``ShapesPipeline(transformer, scheduler, class_embeddings=...)``, or from a
@@ -177,121 +327,26 @@ class ShapesPipeline(DiffusionPipeline):
             self.class_embeddings.save(folder)
 
     # ------------------------------------------------------------------ sampling
-    def labels_to_tensor(self, class_labels: LabelLike) -> torch.Tensor:
-        """int / str / list of them / tensor -> (B,) int64 CPU tensor of class ids."""
-        if self.class_embeddings is None:
-            raise RuntimeError("ShapesPipeline has no class_embeddings; pass them or use from_pretrained")
-        if isinstance(class_labels, torch.Tensor):
-            items = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (int, str)):
-            items = [class_labels]
-        else:
-            items = list(class_labels)
-        return torch.tensor([self.class_embeddings.label_of(i) for i in items], dtype=torch.long)
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: LabelLike,
-        num_inference_steps: int = 28,
-        guidance_scale: float = 4.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        num_images_per_label: int = 1,
-        sigmas: list[float] | None = None,
-        output_type: str = "pt",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable[[ShapesPipeline, int, torch.Tensor, dict], dict] | None = None,
-    ) -> ImagePipelineOutput | tuple:
-        """Sample images.
-
-        Args:
-            class_labels: class ids and/or captions naming a shape ("a red striped star");
-                B = len(class_labels) * num_images_per_label.
-            num_inference_steps: Euler steps of the flow-matching scheduler.
-            guidance_scale: classifier-free guidance weight; <= 1 disables guidance (batch B, not 2B).
-            generator: for the initial noise (as in diffusers: CPU generators give the same noise
-                on every device).
-            latents: optional initial noise (B, 3, 64, 64); replaces the generator's.
-            sigmas: optional custom sigma schedule passed to ``scheduler.set_timesteps``.
-            output_type: "pt" -> (B, 3, H, W) float in [0, 1]; "np" -> (B, H, W, 3) numpy in [0, 1];
-                "pil" -> list of PIL images; "latent" -> the raw (B, 3, H, W) sample in [-1, 1].
-            joint_attention_kwargs: forwarded to the transformer (attention processors).
-            callback_on_step_end: ``fn(pipe, step_index, timestep, {"latents": x}) -> dict``;
-                a returned "latents" replaces the current sample (diffusers' convention).
-        """
-        device = self._execution_device
-        dtype = self.transformer.dtype
+    def noise_shape(self, batch: int) -> tuple[int, ...]:
+        """(B, 3, H, W): the model denoises pixels."""
         cfg = self.transformer.config
-        labels = self.labels_to_tensor(class_labels).repeat_interleave(int(num_images_per_label))  # (B,)
-        batch = labels.shape[0]
-        do_cfg = guidance_scale > 1.0
+        return (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
-        # Conditioning: (B, T, D) tokens and (B, P) pooled vectors; [uncond, cond] for guidance (2B).
-        enc, pooled = self.class_embeddings.lookup(labels, device, dtype)
-        if do_cfg:
-            null = torch.full_like(labels, self.class_embeddings.null_index)
-            enc_u, pooled_u = self.class_embeddings.lookup(null, device, dtype)
-            enc, pooled = torch.cat([enc_u, enc]), torch.cat([pooled_u, pooled])
+    def _predict(self, model_input, t, enc, pooled, extra):
+        # SD3's convention (StableDiffusion3Pipeline): timestep = t = sigma * 1000.
+        return self.transformer(
+            hidden_states=model_input,
+            timestep=t.expand(model_input.shape[0]),
+            encoder_hidden_states=enc,
+            pooled_projections=pooled,
+            return_dict=False,
+            **extra,
+        )[0]
 
-        # Initial noise x_1 ~ N(0, I): (B, 3, H, W) in pixel space.
-        shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            latents = latents.to(device=device, dtype=dtype)
-
-        # Timesteps exactly as StableDiffusion3Pipeline (retrieve_timesteps): t = sigma * 1000.
-        if sigmas is not None:
-            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B or B, 3, H, W)
-                timestep = t.expand(model_input.shape[0])
-                velocity = self.transformer(
-                    hidden_states=model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=enc,
-                    pooled_projections=pooled,
-                    joint_attention_kwargs=joint_attention_kwargs,
-                    return_dict=False,
-                )[0]  # predicted velocity (noise - x0), same shape as model_input
-                if do_cfg:
-                    v_uncond, v_cond = velocity.chunk(2)
-                    velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
-                    latents = out.pop("latents", latents)
-                progress_bar.update()
-
-        images = self._postprocess(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
-
-    @staticmethod
-    def _postprocess(sample: torch.Tensor, output_type: str):
+    def _postprocess(self, sample: torch.Tensor, output_type: str):
         if output_type == "latent":
             return sample
-        images = (sample.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
-        if output_type == "pt":
-            return images
-        arr = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-        if output_type == "np":
-            return arr
-        if output_type == "pil":
-            return DiffusionPipeline.numpy_to_pil(arr)
-        raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
+        return images_to_output(sample, output_type)
 
 
 def load_shapes_pipeline(
@@ -302,3 +357,23 @@ def load_shapes_pipeline(
     """``ShapesPipeline.from_pretrained(folder, torch_dtype=dtype)`` moved to ``device``."""
     pipe = ShapesPipeline.from_pretrained(folder, torch_dtype=dtype)
     return pipe.to(device)
+
+
+def load_pipeline(
+    folder: str | os.PathLike = "models/shapes-dit",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Load either shipped model folder: a ``LatentShapesPipeline`` where the folder's
+    ``model_index.json`` names it (``models/shapes-latent-dit``), else a ``ShapesPipeline``
+    (``models/shapes-dit``, which has no ``model_index.json``)."""
+    index = os.path.join(os.fspath(folder), "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            class_name = json.load(f).get("_class_name")
+        if class_name == "LatentShapesPipeline":
+            from latent_pipeline import load_latent_pipeline  # examples/ is on sys.path with this module
+
+            return load_latent_pipeline(folder, device=device, dtype=dtype)
+        raise ValueError(f"{index}: unknown pipeline class {class_name!r}; expected LatentShapesPipeline")
+    return load_shapes_pipeline(folder, device=device, dtype=dtype)

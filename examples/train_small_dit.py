@@ -47,6 +47,7 @@ import os
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from shapes_classifier import ShapesClassifier, classifier_loss, frechet_distance, save_classifier
 from shapes_data import CLASS_NAMES, NUM_CLASSES, generate_shapes, make_generator, save_image_grid
-from shapes_pipeline import ClassEmbeddings, load_shapes_pipeline
+from shapes_pipeline import ClassEmbeddings, load_pipeline
 
 try:
     from tqdm.auto import tqdm
@@ -68,15 +69,28 @@ except ImportError:  # pragma: no cover
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="outputs/shapes-dit", help="output model folder")
-    p.add_argument("--pack-dir", default=None, help="also write shapes-dit.tar.partNN here")
     p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of the whole run")
-    p.add_argument("--max-steps", type=int, default=0, help="DiT step limit (0: clock only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     # model
     p.add_argument("--num-layers", type=int, default=8)
     p.add_argument("--num-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
+    # classifier
+    p.add_argument("--clf-minutes", type=float, default=0.75)
+    p.add_argument("--clf-max-steps", type=int, default=0)
+    p.add_argument("--clf-batch-size", type=int, default=256)
+    p.add_argument("--clf-test-size", type=int, default=10000)
+    p.add_argument("--reserve-minutes", type=float, default=0.9, help="kept for saving + evaluation")
+    add_common_args(p, pack_name="shapes-dit")
+    return p.parse_args(argv)
+
+
+def add_common_args(p: argparse.ArgumentParser, pack_name: str) -> None:
+    """The arguments both trainers share: run, conditioning table, the flow-matching loop
+    (``train_flow_model``) and the evaluation (``evaluate``)."""
+    p.add_argument("--pack-dir", default=None, help=f"also write {pack_name}.tar.partNN here")
+    p.add_argument("--max-steps", type=int, default=0, help="DiT step limit (0: clock only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
     p.add_argument("--cond-dim", type=int, default=64, help="joint_attention_dim = pooled_projection_dim")
     p.add_argument("--cond-tokens", type=int, default=8, help="encoder tokens per class")
     # optimisation
@@ -91,19 +105,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--t-sampling", choices=["logit-normal", "uniform"], default="logit-normal")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the blocks")
     p.add_argument("--log-every", type=int, default=25)
-    # classifier
-    p.add_argument("--clf-minutes", type=float, default=0.75)
-    p.add_argument("--clf-max-steps", type=int, default=0)
-    p.add_argument("--clf-batch-size", type=int, default=256)
-    p.add_argument("--clf-test-size", type=int, default=10000)
     # evaluation / samples
-    p.add_argument("--reserve-minutes", type=float, default=0.9, help="kept for saving + evaluation")
     p.add_argument("--num-inference-steps", type=int, default=28)
     p.add_argument("--guidance-scale", type=float, default=4.0, help="for samples.png")
     p.add_argument("--eval-guidance", default="1.0,2.0,4.0", help="guidance scales for metrics")
     p.add_argument("--eval-per-class", type=int, default=50)
     p.add_argument("--grid-per-class", type=int, default=8)
-    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -163,7 +170,9 @@ def lr_factor(step: int, progress: float, args) -> float:
     return warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * q)))
 
 
-def plot_loss_png(rows: list[dict], path: str, width: int = 640, height: int = 360) -> None:
+def plot_loss_png(
+    rows: list[dict], path: str, width: int = 640, height: int = 360, title: str = "flow-matching MSE"
+) -> None:
     """Loss curve (raw log points and a centred moving average, log-y) as a PNG, with PIL only."""
     from PIL import Image, ImageDraw
 
@@ -195,30 +204,41 @@ def plot_loss_png(rows: list[dict], path: str, width: int = 640, height: int = 3
         d.line([x, y1, x, y1 + 4], fill="black")
         d.text((x - 12, y1 + 8), f"{int(s)}", fill="black")
     d.text(((x0 + x1) // 2 - 20, height - 16), "step", fill="black")
-    d.text((x0 + 6, y0 + 4), "flow-matching MSE (log scale); grey: log points, blue: moving average", fill="black")
+    d.text((x0 + 6, y0 + 4), f"{title} (log scale); grey: log points, blue: moving average", fill="black")
     d.line([xy(s, v) for s, v in zip(steps, loss)], fill=(170, 170, 170), width=1)
     d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 200), width=2)
     im.save(path)
 
 
-def pack_folder(folder: str, pack_dir: str, part_bytes: int = 15 * 2**20) -> list[str]:
-    """tar ``folder`` (as shapes-dit/...) and split it into <= part_bytes files in ``pack_dir``."""
+def pack_folder(folder: str, pack_dir: str, part_bytes: int = 15 * 2**20, name: str = "shapes-dit") -> list[str]:
+    """tar ``folder`` (as ``name``/...) and split it into <= part_bytes files ``name``.tar.partNN in
+    ``pack_dir`` (unpack: ``cat name.tar.part* | tar x``)."""
     os.makedirs(pack_dir, exist_ok=True)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add(folder, arcname="shapes-dit")
+        tar.add(folder, arcname=name)
     data = buf.getvalue()
-    for name in os.listdir(pack_dir):
-        if name.startswith("shapes-dit.tar.part"):
-            os.remove(os.path.join(pack_dir, name))
+    for old in os.listdir(pack_dir):
+        if old.startswith(f"{name}.tar.part"):
+            os.remove(os.path.join(pack_dir, old))
     paths = []
     for i in range(0, len(data), part_bytes):
-        path = os.path.join(pack_dir, f"shapes-dit.tar.part{i // part_bytes:02d}")
+        path = os.path.join(pack_dir, f"{name}.tar.part{i // part_bytes:02d}")
         with open(path + ".tmp", "wb") as f:
             f.write(data[i : i + part_bytes])
         os.replace(path + ".tmp", path)
         paths.append(path)
     return paths
+
+
+def loop_progress(step: int, max_steps: int, t0: float, budget_s: float) -> float | None:
+    """Progress in [0, 1] of a step- and/or time-boxed loop started at ``t0`` (the larger of step
+    and clock progress); None once it is done: ``max_steps`` (0: no limit) reached, or the budget
+    spent after at least one step."""
+    elapsed = time.perf_counter() - t0
+    if (max_steps and step >= max_steps) or (step > 0 and elapsed >= budget_s):
+        return None
+    return max(step / max_steps if max_steps else 0.0, elapsed / max(budget_s, 1e-6))
 
 
 class Clock:
@@ -240,6 +260,34 @@ def train_dit(args, device, clock: Clock, log) -> tuple[nn.Module, ClassConditio
     torch.manual_seed(args.seed)
     model = build_transformer(args).to(device)
     cond = ClassConditioner(NUM_CLASSES, args.cond_tokens, args.cond_dim, args.cond_dim).to(device)
+
+    def make_batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = generate_shapes(args.batch_size, generator=gen, with_captions=False)
+        return batch.images, batch.labels  # (B, 3, 64, 64) in [-1, 1], (B,)
+
+    def predict(model, x_t, t, enc, pooled) -> torch.Tensor:
+        return model(
+            hidden_states=x_t, encoder_hidden_states=enc, pooled_projections=pooled, timestep=t * 1000.0, return_dict=False
+        )[0]
+
+    # Time left for the DiT = budget - classifier - reserve (evaluation, saving).
+    budget = clock.left() - args.clf_minutes * 60.0 - args.reserve_minutes * 60.0
+    return train_flow_model(args, device, budget, log, model, cond, list(model.transformer_blocks), make_batch, predict)
+
+
+def train_flow_model(
+    args, device, budget_s: float, log, model: nn.Module, cond: ClassConditioner, blocks: list[nn.Module],
+    make_batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]],
+    predict: Callable[..., torch.Tensor],
+) -> tuple[nn.Module, ClassConditioner, list[dict], dict]:
+    """The rectified-flow training loop of both trainers (this one and ``train_latent_dit.py``).
+
+    ``make_batch(generator)`` gives clean samples x0 (B, ...) and class labels (B,);
+    ``predict(model, x_t, t, enc, pooled)`` the velocity for flow times ``t`` in (0, 1) (the model's
+    timestep convention is the caller's). ``blocks`` are compiled one by one (``--compile``).
+    Optimiser, LR schedule, label dropout, EMA and logging follow ``args`` (see ``parse_args``).
+    Returns the EMA model and conditioner, the loss log rows and run statistics.
+    """
     n_params = sum(p.numel() for p in model.parameters())
     log(f"transformer: {n_params / 1e6:.2f} M parameters; conditioner {sum(p.numel() for p in cond.parameters())}")
 
@@ -259,35 +307,35 @@ def train_dit(args, device, clock: Clock, log) -> tuple[nn.Module, ClassConditio
         fused=device.type == "cuda",
     )
 
+    if device.type == "cuda":
+        # cuDNN's fused attention fails in backward on these shapes (torch 2.11, H100: "mha_graph.execute
+        # ... is_good()", before that an illegal memory access); flash / memory-efficient SDPA do not.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if use_compile:
-        for block in model.transformer_blocks:  # regional compilation: 2 distinct block graphs
+        for block in blocks:  # regional compilation: one graph per distinct block type
             block.compile(dynamic=False)
         log("torch.compile: transformer blocks")
 
     amp = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
     gen = make_generator(args.seed + 1, device)  # data + noise + times + label dropout
-    # Time left for the DiT = budget - classifier - reserve (evaluation, saving).
-    dit_budget = clock.left() - args.clf_minutes * 60.0 - args.reserve_minutes * 60.0
     t_start = time.perf_counter()
     rows: list[dict] = []
     step, compile_s = 0, 0.0
     bar = tqdm(total=args.max_steps or None, desc="DiT", mininterval=10.0, file=sys.stdout) if tqdm else None
     while True:
-        elapsed = time.perf_counter() - t_start
-        progress = max(step / args.max_steps if args.max_steps else 0.0, elapsed / max(dit_budget, 1e-6))
-        if (args.max_steps and step >= args.max_steps) or (step > 0 and elapsed >= dit_budget):
+        progress = loop_progress(step, args.max_steps, t_start, budget_s)
+        if progress is None:
             break
         for grp in opt.param_groups:
             grp["lr"] = args.lr * lr_factor(step, progress, args)
 
-        batch = generate_shapes(args.batch_size, generator=gen, with_captions=False)
-        x0 = batch.images  # (B, 3, 64, 64) in [-1, 1]
+        x0, labels = make_batch(gen)
         drop = torch.rand(args.batch_size, generator=gen, device=device) < args.label_dropout
-        labels = torch.where(drop, torch.full_like(batch.labels, NUM_CLASSES), batch.labels)  # (B,)
+        labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)  # (B,)
         noise = torch.randn(x0.shape, generator=gen, device=device)
         t = sample_t(args.batch_size, args.t_sampling, gen, device)  # (B,)
-        tb = t.view(-1, 1, 1, 1)
+        tb = t.view(-1, *([1] * (x0.dim() - 1)))
         x_t = (1.0 - tb) * x0 + tb * noise
         target = noise - x0  # velocity
 
@@ -295,21 +343,18 @@ def train_dit(args, device, clock: Clock, log) -> tuple[nn.Module, ClassConditio
         try:
             with torch.autocast(**amp):
                 enc, pooled = cond(labels)  # (B, T, D), (B, P)
-                pred = model(
-                    hidden_states=x_t,
-                    encoder_hidden_states=enc,
-                    pooled_projections=pooled,
-                    timestep=t * 1000.0,
-                    return_dict=False,
-                )[0]
+                pred = predict(model, x_t, t, enc, pooled)
             loss = F.mse_loss(pred.float(), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         except Exception as exc:  # torch.compile trouble on the first step: fall back to eager
             if not (use_compile and step == 0):
                 raise
+            if isinstance(exc, torch.AcceleratorError):  # the CUDA context is lost: nothing to fall back to
+                raise RuntimeError("torch.compile'd blocks failed on the device and the CUDA context is "
+                                   "lost; rerun with --compile off") from exc
             log(f"torch.compile failed ({type(exc).__name__}: {exc}); continuing in eager mode")
-            for block in model.transformer_blocks:
+            for block in blocks:
                 block._compiled_call_impl = None
             use_compile = False
             opt.zero_grad(set_to_none=True)
@@ -380,11 +425,17 @@ def save_dit(args, out: str, ema_model, ema_cond: ClassConditioner, rows, stats)
             "default_guidance_scale": args.guidance_scale,
         },
     ).save(out)
-    with open(os.path.join(out, "loss.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "time_s", "loss", "grad_norm", "lr"])
+    write_loss_csv(rows, os.path.join(out, "loss.csv"))
+    plot_loss_png(rows, os.path.join(out, "loss.png"))
+
+
+def write_loss_csv(rows: list[dict], path: str) -> None:
+    """The loss log rows (dicts with the same keys) as CSV."""
+    fields = list(rows[0]) if rows else ["step", "time_s", "loss", "grad_norm", "lr"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    plot_loss_png(rows, os.path.join(out, "loss.png"))
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -400,10 +451,9 @@ def train_classifier(args, device, log) -> tuple[ShapesClassifier, dict]:
     step, loss = 0, torch.tensor(float("nan"))
     amp = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
     while True:
-        elapsed = time.perf_counter() - t0
-        if (args.clf_max_steps and step >= args.clf_max_steps) or (step > 0 and elapsed >= budget):
+        progress = loop_progress(step, args.clf_max_steps, t0, budget)
+        if progress is None:
             break
-        progress = max(step / args.clf_max_steps if args.clf_max_steps else 0.0, elapsed / budget)
         for g in opt.param_groups:
             g["lr"] = 2e-3 * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
         batch = generate_shapes(args.clf_batch_size, generator=gen, with_captions=False)
@@ -444,7 +494,9 @@ def train_classifier(args, device, log) -> tuple[ShapesClassifier, dict]:
 
 @torch.no_grad()
 def evaluate(args, out: str, device, clf: ShapesClassifier, clock: Clock, log) -> dict:
-    pipe = load_shapes_pipeline(out, device=device, dtype=torch.float32)  # also tests the saved folder
+    """Samples grid, data grid and per-guidance class accuracy / FD of the model saved in ``out``
+    (either pipeline, see ``load_pipeline``), in float32."""
+    pipe = load_pipeline(out, device=device, dtype=torch.float32)  # also tests the saved folder
     pipe.set_progress_bar_config(disable=True)
     metrics: dict = {"eval_dtype": "float32", "num_inference_steps": args.num_inference_steps}
 
@@ -456,8 +508,7 @@ def evaluate(args, out: str, device, clf: ShapesClassifier, clock: Clock, log) -
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         generator=torch.Generator().manual_seed(args.seed),
-        output_type="latent",
-    ).images
+    ).images * 2 - 1  # (B, 3, 64, 64) in [-1, 1]
     metrics["grid_seconds"] = round(time.perf_counter() - t0, 2)
     save_image_grid(imgs, os.path.join(out, "samples.png"), nrow=args.grid_per_class)
     real = generate_shapes(len(labels), generator=make_generator(args.seed + 7), labels=labels)
@@ -485,8 +536,7 @@ def evaluate(args, out: str, device, clf: ShapesClassifier, clock: Clock, log) -
             num_inference_steps=args.num_inference_steps,
             guidance_scale=gscale,
             generator=torch.Generator().manual_seed(args.seed + 100),
-            output_type="latent",
-        ).images.float()
+        ).images * 2 - 1  # (B, 3, 64, 64) in [-1, 1], clamped
         dt = time.perf_counter() - t0
         pred, feats = clf.predict(x)
         acc = float((pred.cpu() == eval_labels).float().mean())
@@ -500,16 +550,21 @@ def evaluate(args, out: str, device, clf: ShapesClassifier, clock: Clock, log) -
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def start_run(args) -> tuple[Clock, torch.device, str]:
+    """Start the clock, pick the device (TF32 on CUDA), create ``args.out``; -> (clock, device, card name)."""
     clock = Clock(args.minutes)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(args.out, exist_ok=True)
+    return clock, device, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    clock, device, card = start_run(args)
     out = args.out
-    os.makedirs(out, exist_ok=True)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
     def log(msg: str) -> None:
         print(f"[{clock.elapsed():7.1f}s] {msg}", flush=True)

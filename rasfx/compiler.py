@@ -73,7 +73,7 @@ class CaptureState:
     model_name: str
     gm: fx.GraphModule
     gm_alt: fx.GraphModule
-    variant: dict  # the second resolution (second_resolution.analysis_variants)
+    resolutions: dict  # the two resolutions (the description of a second_resolution_candidates entry)
     kv_cache: bool
     op_rules: Optional[dict]
     user_inputs: set
@@ -88,7 +88,7 @@ def _strip_asserts(s: CaptureState) -> int:
 
 def _analyze_tokens(s: CaptureState) -> None:
     try:
-        s.analysis = passes.analyze_tokens(s.gm, s.gm_alt, s.variant)
+        s.analysis = passes.analyze_tokens(s.gm, s.gm_alt, s.resolutions)
     except (UnsupportedModelError, CaptureError):
         raise
     except Exception as e:  # e.g. shapes that stay symbolic in the captured graph

@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from .passes import op_rules
-from .passes.token_analysis import Axis
+from .passes.token_info import Axis, first_output_axes
 
 __all__ = ["CONV_OPS", "CostedNode", "FlopEstimate", "FlopModel", "cost_category", "node_flops"]
 
@@ -119,14 +119,6 @@ def _flops(t: Any, a: Any, node: fx.Node) -> int:
     return 0
 
 
-def output_axes(node: fx.Node) -> tuple[Axis, ...]:
-    """Token axes of the node's (first) output, from the token analysis (empty: none)."""
-    info = node.meta.get("rasfx_tokens")
-    if isinstance(info, list):
-        info = info[0] if info else None
-    return tuple(info) if info else ()
-
-
 @dataclass(frozen=True)
 class CostedNode:
     """One node the model counts: its dense FLOPs and the token axes they scale with when
@@ -167,7 +159,7 @@ class FlopEstimate:
 
 
 class FlopModel:
-    """The counted nodes of one capture (a ``CompiledCapture``).
+    """The counted nodes of one capture (a ``PlannedCapture``).
 
     ``hoisted``: the step-invariant prologue of the graph variant that runs (its nodes count
     once per prompt); ``planned=False`` ignores the region plan (every node at full cost: the
@@ -191,10 +183,10 @@ class FlopModel:
                 continue
             axes: tuple[Axis, ...] = ()
             if planned and plan.mode.get(node.name) == "A":
-                axes = output_axes(node)
+                axes = first_output_axes(node)
                 key = node.args[1] if node.target in attention and len(node.args) > 1 else None
                 if isinstance(key, fx.Node) and plan.mode.get(key.name) == "A" and (key.name, node.name) not in cached:
-                    axes += output_axes(key)  # keys computed on the active tokens only (kv_cache=False)
+                    axes += first_output_axes(key)  # keys computed on the active tokens only (kv_cache=False)
             nodes.append(CostedNode(node.name, category, dense, axes, node.name in once))
         self.nodes = nodes
 

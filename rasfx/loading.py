@@ -522,7 +522,7 @@ def _load_config(spec: str, opts: LoadOptions) -> LoadedModel:
 # ===================================================================================== capture
 
 #: captures of presets kept for repeated in-process calls (tests, notebooks):
-#: (spec, options) -> (LoadedModel, CompiledCapture). A preset is deterministic in its options.
+#: (spec, options) -> (LoadedModel, PlannedCapture). A preset is deterministic in its options.
 _CAPTURES: OrderedDict[tuple, tuple] = OrderedDict()
 _MAX_CAPTURES = 4
 
@@ -530,12 +530,8 @@ _MAX_CAPTURES = 4
 def capture_model(spec: str, *, height: int | None = None, width: int | None = None, batch: int = 1,
                   seed: int = 0, meta: bool = False, frames: int | None = None, text_tokens: int | None = None,
                   image_input: str | None = None, kv_cache: bool = True) -> tuple[LoadedModel, Any]:
-    """``load_model`` + capture (the forward is not run): ``(LoadedModel, CompiledCapture)``.
+    """``load_model`` + capture (the forward is not run): ``(LoadedModel, PlannedCapture)``.
     Captures of presets are kept for repeated in-process calls."""
-    from .capture import input_signature
-    from .graph_build import compile_capture
-    from .transform import TransformConfig, transform
-
     key = (spec, height, width, batch, seed, meta, frames, text_tokens, image_input, kv_cache)
     hit = _CAPTURES.get(key)
     if hit is not None:
@@ -543,12 +539,23 @@ def capture_model(spec: str, *, height: int | None = None, width: int | None = N
         return hit
     loaded = load_model(spec, height=height, width=width, batch=batch, seed=seed, meta=meta, frames=frames,
                         text_tokens=text_tokens)
-    transform(loaded.model)  # rasfx.transform's model checks (U-Net, already transformed)
-    kwargs = dict(loaded.inputs)
-    cc = compile_capture(loaded.model, kwargs, image_input, input_signature(loaded.model, kwargs), kv_cache=kv_cache,
-                         varying_inputs=TransformConfig().varying_inputs)  # the graphs as the runtime builds them
+    cc = plan_model(loaded.model, loaded.inputs, image_input=image_input, kv_cache=kv_cache)
     if loaded.cacheable:
         _CAPTURES[key] = (loaded, cc)
         while len(_CAPTURES) > _MAX_CAPTURES:
             _CAPTURES.popitem(last=False)
     return loaded, cc
+
+
+def plan_model(model: Any, inputs: dict, *, image_input: str | None = None, kv_cache: bool = True) -> Any:
+    """The ``PlannedCapture`` of ``model`` for ``inputs`` (its forward's keyword arguments),
+    with ``rasfx.transform``'s model checks (U-Net, already transformed) and the graphs as the
+    runtime builds them by default (the forward is not run)."""
+    from .capture import input_signature
+    from .planned_capture import plan_capture
+    from .transform import TransformConfig, transform
+
+    transform(model)
+    kwargs = dict(inputs)
+    return plan_capture(model, kwargs, image_input, input_signature(model, kwargs), kv_cache=kv_cache,
+                        varying_inputs=TransformConfig().varying_inputs)

@@ -210,7 +210,7 @@ def build_seconds(work: dict) -> float:
 
 def step_flops_share(capture: Any, num_tokens: int) -> Callable[[int], float]:
     """``share(active)``: the estimated share of the dense FLOPs of a forward with ``active``
-    image tokens, from the FLOP model of ``capture`` (a ``CompiledCapture``; the prologue of
+    image tokens, from the FLOP model of ``capture`` (a ``PlannedCapture``; the prologue of
     the graph variant a RAS step runs counts once per prompt), or the token share without one."""
     if capture is None or not num_tokens:
         return lambda active: active / num_tokens if num_tokens else 1.0

@@ -18,13 +18,14 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, cast
+from typing import Any, Callable, NamedTuple, Optional, cast
 
 import torch
 
 from .errors import ConfigError, RASWarning
-from .graph_build import copy_graph_module
+from .planned_capture import copy_graph_module
 from .compiler import lower
+from .target import MODES, contiguous_attention_caches
 
 log = logging.getLogger("rasfx")
 
@@ -33,8 +34,15 @@ log = logging.getLogger("rasfx")
 #: ``Counter`` holds int values only.
 WorkCounts = dict[str, float]
 
-#: ``auto``: CUDA graphs for CUDA tensors, eager otherwise (the default).
-MODES = ("auto", "eager", "compile", "cuda_graph", "compile+cuda_graph")
+
+class GraphKey(NamedTuple):
+    """What one CUDA graph / compiled shape is for: the cache slot whose caches it reads in
+    place, the graph variant, the input signature and the active index's shape (None: dense)."""
+
+    slot: str
+    variant: str
+    signature: Any
+    index_shape: Optional[tuple]
 
 
 @dataclass
@@ -66,12 +74,10 @@ class GraphRunner:
         # Work done, cumulative over the runner's life (counts and seconds); never reset, so a
         # caller can take differences (``rasfx.stats`` reports them per pipeline run).
         self.work = cast(WorkCounts, Counter())
-        # Memory layout of the attention caches: the producer's (a dense fill is a plain copy)
-        # or contiguous. Under inductor a contiguous cache is written in place, a permuted one
-        # was measured to be copied whole each step (for SDPA and as a mutated input); A/B in
-        # benchmarks/bench_models.py (mode suffix "@producer-layout"). Read when a signature is
-        # captured and fixed for that capture (CompiledCapture.contiguous_attention).
-        self.contiguous_attention_caches = "compile" in mode
+        # The attention-cache layout of this mode (target.contiguous_attention_caches), for
+        # callers; the runner does not use it: the module's ExecutionTarget decided the layout
+        # when the model was transformed, and the compiler fixed it per capture.
+        self.contiguous_attention_caches = contiguous_attention_caches(mode)
 
     @property
     def stats(self) -> dict:
@@ -102,10 +108,10 @@ class GraphRunner:
     def drop_signature(self, signature, variants) -> None:
         """Forget what was captured or compiled for one input signature (its capture was
         evicted; ``variants``: its graph variants)."""
-        for key in [k for k in self._graphs if k[2] == signature]:
+        for key in [k for k in self._graphs if k.signature == signature]:
             del self._graphs[key]
-        self._no_graph = {k for k in self._no_graph if k[2] != signature}
-        self._compiled_keys = {k for k in self._compiled_keys if k[1] != signature}
+        self._no_graph = {k for k in self._no_graph if k.signature != signature}
+        self._compiled_keys = {k for k in self._compiled_keys if k[1] != signature}  # (variant, signature, shape)
         for v in variants:
             self._compiled.pop(id(v), None)
 
@@ -133,15 +139,17 @@ class GraphRunner:
                 warnings.warn(f"rasfx: TransformConfig(mode={self.mode!r}) runs {mode}: {fallback}", RASWarning,
                               stacklevel=4)
 
-    def run(self, variant, args: list, dynamic: list[int], key: tuple):
-        """Run ``variant.gm(*args)``. ``dynamic``: positions of inputs whose values change
-        between calls (user inputs, index); all others (weights, caches) keep their
-        storage, which lets a captured CUDA graph read them in place. ``key``: (slot, variant
-        name, signature, index shape). Returned tensors are never the graph's own buffers."""
+    def run(self, variant, args: list, dynamic: list[int], key: GraphKey | tuple):
+        """Run ``variant.gm(*args)`` (``args``: ``variant.call_args(...)``). ``dynamic``:
+        positions of inputs whose values change between calls (user inputs, index); all others
+        (weights, caches) keep their storage, which lets a captured CUDA graph read them in
+        place. ``key``: a ``GraphKey`` (slot, variant name, signature, index shape). Returned
+        tensors are never the graph's own buffers."""
+        key = GraphKey(*key)
         fn = self._fn(variant)
-        if "compile" in self.mode and key[1:] not in self._compiled_keys:  # key[0]: the cache slot
+        if "compile" in self.mode and key[1:] not in self._compiled_keys:  # a compiled shape serves every slot
             fn = self._announce_compile(fn, variant, key)
-        graph = variant.name if key[-1] is None else f"{variant.name} {list(key[-1])}"
+        graph = variant.name if key.index_shape is None else f"{variant.name} {list(key.index_shape)}"
         plain = "compile" if "compile" in self.mode else "eager"
         wants_graph = self.mode == "auto" or "cuda_graph" in self.mode
         cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
@@ -183,7 +191,7 @@ class GraphRunner:
         which takes tens of seconds on a real model; say so, and how long it took."""
         self._compiled_keys.add(key[1:])
         self.work["compiled_shapes"] += 1
-        shape = "all tokens" if key[-1] is None else f"active index {list(key[-1])}"
+        shape = "all tokens" if key.index_shape is None else f"active index {list(key.index_shape)}"
         log.info("rasfx: compiling the %s graph for %s (first use of this shape; later steps and images reuse it)",
                  variant.name, shape)
 

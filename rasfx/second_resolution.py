@@ -1,7 +1,7 @@
 """A second resolution of a call's inputs, for the token analysis (``passes.token_analysis``).
 
 The token analysis compares two captures of one forward: this module finds the image input
-of a call and builds candidate inputs at another size (``analysis_variants``): the image input
+of a call and builds candidate inputs at another size (``second_resolution_candidates``): the image input
 resized, and with it every input that carries per-token data (position tables, masks over a
 joint text + image sequence, grid sizes passed as ints or tuples), first with narrow guesses,
 then wider ones and other input layouts. ``resized_model`` makes a model built for one input
@@ -145,7 +145,7 @@ def _resize_everything(kwargs: dict, new: dict, image_key: str, counts, sides) -
     return out
 
 
-def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
+def second_resolution_candidates(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
     """Candidate inputs at another resolution, each with a description
     {"mode": "grid"|"packed", sizes before/after}. Tried in order until one captures."""
     x = kwargs[image_key]
@@ -154,7 +154,7 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
         x = samples[0]
         if not all(u.shape == x.shape for u in samples) or x.dim() < 3:
             return []  # per-sample sizes that differ, or packed samples: not analysed
-    variants = []
+    candidates = []
     # Masks over a joint sequence are T + N long (T: a conditioning input's length).
     lengths = sorted({int(v.shape[1]) for k, v in kwargs.items()
                       if k != image_key and isinstance(v, torch.Tensor) and v.dim() == 3})
@@ -174,7 +174,7 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
                               else type(kwargs[image_key])(_resized(u, sizes) for u in samples))
             desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2), "batch": image_batch(kwargs[image_key]),
                                     "lengths": tuple(lengths)}
-            variants.append((new, desc))
+            candidates.append((new, desc))
             # Inputs that carry a per-token table (e.g. RoPE cos/sin passed in by the pipeline)
             # must follow the resolution: a second candidate resizes non-feature dims that
             # equal the token count of a usual patch size.
@@ -189,8 +189,8 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             joint = [pair for n, n2 in counts for pair in _joint(n, n2, lengths)]
             resized = _resize_token_tables(kwargs, new, image_key, counts, joint)
             if any(resized[k] is not new[k] for k in new):
-                variants.append((resized, dict(desc, resized=True)))
-            if len(variants) <= 6:  # the first few sizes only: each failed candidate costs an export
+                candidates.append((resized, dict(desc, resized=True)))
+            if len(candidates) <= 6:  # the first few sizes only: each failed candidate costs an export
                 sides = [((h // p, w // p), (h2 // p, w2 // p)) for p in (1, 2, 4, 8)
                          if not (h % p or w % p or h2 % p or w2 % p)]
                 # a temporal patch (CogVideoX 1.5: 2 frames a token) halves the frames
@@ -200,11 +200,11 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
                 joint_all = [pair for a, b in counts for pair in _joint(a, b, all_lengths)]
                 wider = _resize_everything(kwargs, new, image_key, counts + joint_all + temporal, sides)
                 if any(wider[k] is not resized[k] for k in new):
-                    variants.append((wider, dict(desc, resized="every per-token input")))
+                    candidates.append((wider, dict(desc, resized="every per-token input")))
     elif x.dim() == 3:
         n = x.shape[1]
-        variants += _grid_int_variants(kwargs, image_key, n, lengths)
-        variants += _grid_tuple_variants(kwargs, image_key, n, lengths)
+        candidates += _grid_int_candidates(kwargs, image_key, n, lengths)
+        candidates += _grid_tuple_candidates(kwargs, image_key, n, lengths)
         for n2 in (n + max(4, n // 2), max(1, n - max(4, n // 3)), 2 * n):
             if n2 == n or n2 <= 1:
                 continue
@@ -212,17 +212,17 @@ def analysis_variants(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
             new[image_key] = _resized(x, {1: n2})
             desc = {"mode": "packed", "n": n, "n2": n2}
             # Per-token inputs (position ids) follow the sequence length; feature dims (last)
-            # never do. If a conditioning length equals N by chance, the plain variant helps.
+            # never do. If a conditioning length equals N by chance, the plain candidate helps.
             resized = _resize_token_tables(kwargs, new, image_key, [(n, n2)], _joint(n, n2, lengths))
-            variants.append((resized, dict(desc, resized=True)))
+            candidates.append((resized, dict(desc, resized=True)))
             if any(resized[k] is not new[k] for k in new):
-                variants.append((new, desc))
+                candidates.append((new, desc))
             wider = _resize_everything(kwargs, new, image_key, [(n, n2), *_joint(n, n2, all_lengths)], [])
             if any(wider[k] is not resized[k] for k in new):
-                variants.append((wider, dict(desc, resized="every per-token input")))
+                candidates.append((wider, dict(desc, resized="every per-token input")))
     if samples is None:
-        variants += _other_layouts(kwargs, image_key, x, all_lengths)
-    return variants
+        candidates += _other_layouts(kwargs, image_key, x, all_lengths)
+    return candidates
 
 
 def _other_layouts(kwargs: dict, image_key: str, x: torch.Tensor, lengths) -> list[tuple[dict, dict]]:
@@ -270,7 +270,7 @@ _SIZE_NAMES = ("img_size", "image_size", "input_size", "sample_size", "grid", "r
 def resized_model(model: torch.nn.Module, desc: dict, x: Any) -> Iterator[bool]:
     """For the analysis capture of a model built for one input size (the reference DiT: a
     patch embedding asserting ``img_size``, a position table built in ``__init__``): within
-    the context, the model looks built for the variant's size ``desc``. Parameters and
+    the context, the model looks built for the candidate's size ``desc``. Parameters and
     buffers with a non-feature dim equal to a token count get random tables of the new
     count (not the weights of linear, conv and norm layers); attributes named for a size
     (``img_size``, ``grid_size``, ``num_patches``, ... see ``_SIZE_NAMES``) that equal the input
@@ -337,7 +337,7 @@ def _joint(n: int, n2: int, lengths) -> list[tuple[int, int]]:
     return [(n + t, n2 + t) for t in sorted(lengths) if t != n]
 
 
-def _grid_int_variants(kwargs: dict, image_key: str, n: int, lengths) -> list[tuple[dict, dict]]:
+def _grid_int_candidates(kwargs: dict, image_key: str, n: int, lengths) -> list[tuple[dict, dict]]:
     """Packed tokens whose grid is also passed as ints (LTX: ``num_frames``, ``height``,
     ``width`` with F * H * W = N, for its RoPE coordinates): the second resolution must change
     the ints with the sequence, so the last of them grows or shrinks with N."""
@@ -363,7 +363,7 @@ def _grid_int_variants(kwargs: dict, image_key: str, n: int, lengths) -> list[tu
     return []
 
 
-def _grid_tuple_variants(kwargs: dict, image_key: str, n: int, lengths) -> list[tuple[dict, dict]]:
+def _grid_tuple_candidates(kwargs: dict, image_key: str, n: int, lengths) -> list[tuple[dict, dict]]:
     """Packed tokens whose grid is passed as tuples of ints, per sample (QwenImage's
     ``img_shapes=[[(1, h, w)]] * B``, for its RoPE): the second resolution changes the grid's
     last side in every such tuple, and every per-token input with it (``_resize_everything``)."""

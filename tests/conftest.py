@@ -41,3 +41,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The tiny SD3 and its transforms shared by the tests of one module (test_module, test_active_index,
+# test_caches, test_runtime): a capture costs 1-3 s per input signature, so they are built once per
+# module and every test that reuses one starts with ``reset()``.
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    from reference_ras import make_sd3_tiny
+
+    return make_sd3_tiny(0)
+
+
+@pytest.fixture(scope="module")
+def ras(sd3):
+    """One transformed SD3 shared by the tests of a module (its captures are reused)."""
+    import rasfx
+
+    return rasfx.transform(sd3, rasfx.TransformConfig(max_captures=32))
+
+
+@pytest.fixture(scope="module")
+def ras_other():
+    """A transformed SD3 with other weights (for the isolation tests)."""
+    import rasfx
+    from reference_ras import make_sd3_tiny
+
+    return rasfx.transform(make_sd3_tiny(1))

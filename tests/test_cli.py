@@ -166,9 +166,9 @@ def test_python_m_entry_point_bad_model():
 def test_presets_command(capsys, monkeypatch):
     """Lists every preset, marks those rasfx cannot transform with the reason (from the
     package's list, which the sweep below checks against the real error), captures nothing."""
-    import rasfx.graph_build
+    import rasfx.planned_capture
 
-    monkeypatch.setattr(rasfx.graph_build, "compile_capture", lambda *a, **k: pytest.fail("presets captured"))
+    monkeypatch.setattr(rasfx.planned_capture, "plan_capture", lambda *a, **k: pytest.fail("presets captured"))
     rc, out, _ = run(["presets"], capsys)
     assert rc == 0
     for name in PRESETS:

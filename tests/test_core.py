@@ -280,7 +280,7 @@ def test_unsupported_models_get_clear_errors():
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_fusion_pass_keeps_results(kind, sd3, flux):
     """The fused graph (gather/scatter GeMMs) computes what the unfused one does."""
-    from rasfx.graph_build import build_variant
+    from rasfx.planned_capture import build_variant
 
     model = sd3 if kind == "sd3" else flux
     kw = dict(sd3_inputs(2, 8, 12, seed=0) if kind == "sd3" else flux_inputs(2, 4, 6, seed=0), return_dict=False)

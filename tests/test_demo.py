@@ -256,31 +256,64 @@ def test_quality_quick_schema_and_doc_splice(tmp_path, shared):
 
 def test_quality_head_to_head_quick(tmp_path, shared):
     """``quality.py --head-to-head --quick``: dense with fewer steps, RAS, diffusers' cache hooks and
-    the combined sampler on the shipped model, each at its measured compute, with a winners table."""
+    the combined sampler on the shipped model over 2 seeds, each at its measured compute, with
+    t-intervals, a winners table with verdicts, the Pareto plot, the doc splice and the budget guard."""
     pipe, tf = shared
     q = _load_quality()
     out = tmp_path / "h2h"
     q.main(["--head-to-head", "--quick", "--out", str(out)], pipe=pipe, transform=tf)
 
-    data = json.loads((out / "head_to_head.json").read_text())
-    assert data["schema"] == "rasfx-head-to-head/1" and data["quick"] is True and data["steps"] == 6
-    runs = {r["name"]: r for r in data["runs"]}
-    assert {r["family"] for r in data["runs"]} == {"dense", "RAS", "diffusers", "combined"}
-    assert [runs[f"dense {k} steps"]["compute"] for k in (2, 3, 4, 6)] == [2, 3, 4, 6]
-    for r in data["runs"]:
-        assert 0 < r["compute"] <= 6 and 0 < r["psnr"] < 100 and -1 <= r["ssim"] <= 1
+    data = json.loads((out / "head_to_head_shapes-dit.json").read_text())
+    su = data["setup"]
+    assert data["schema"] == "rasfx-head-to-head/2" and su["quick"] is True and su["steps"] == 3
+    assert su["seeds"] == 2 and len(set(su["seed_ids"])) == 2 and su["noise_shape"] == [3, 64, 64]
+    runs = {r["name"]: r for r in data["methods"]}
+    assert {r["family"] for r in runs.values()} == {"dense", "RAS", "combined", "diffusers"}
+    assert [runs[f"dense {k} steps"]["compute"]["mean"] for k in (1, 2, 3)] == [1, 2, 3]
+    t1 = 12.706  # two-sided 95 % Student t, 1 degree of freedom
+    for r in runs.values():
+        assert [s["seed"] for s in r["per_seed"]] == su["seed_ids"]
+        assert 0 < r["compute"]["mean"] <= 3 + 1e-9 and abs(r["compute_share"] - r["compute"]["mean"] / 3) < 1e-12
+        for key in ("psnr", "ssim", "class_acc"):
+            iv, vals = r[key], [s[key] for s in r["per_seed"]]
+            assert iv["n"] == 2 and iv["low"] <= iv["mean"] <= iv["high"]
+            assert math.isclose(iv["mean"], sum(vals) / 2, abs_tol=1e-12)
+            assert math.isclose(iv["high"] - iv["mean"], t1 * abs(vals[0] - vals[1]) / 2, rel_tol=1e-3, abs_tol=1e-9)
+        assert 0 < r["psnr"]["mean"] < 100 and -1 <= r["ssim"]["mean"] <= 1 and 0 <= r["class_acc"]["mean"] <= 1
+        assert r["fd"] is None  # one image per seed: no covariance
     # skipping every 2nd RAS-kind step saves compute over RAS alone at the same ratio
-    both = runs["RAS 0.5 + skip every 2nd, extrapolated"]
-    assert both["skipped_steps"] and both["compute"] < runs["RAS 0.5"]["compute"]
-    assert runs["dense 6 steps"]["psnr"] > runs["dense 2 steps"]["psnr"]  # the reference is dense: more steps, closer
-    hooks = [r for r in data["runs"] if r["family"] == "diffusers"]
-    assert len(hooks) + len(data["not_applicable"]) == 4 and hooks  # each hook ran or says why not
-    assert all(r["compute"] < 6 for r in hooks)  # the caches saved linear-layer work
-    assert [w["budget_share"] for w in data["winners"]] == [0.25, 0.4, 0.5, 0.6]
+    both = runs["RAS 0.5 + skip every 2nd, extrapolate"]
+    assert all(s["skipped_steps"] for s in both["per_seed"]) and both["compute"]["mean"] < runs["RAS 0.5"]["compute"]["mean"]
+    assert "RAS 0.5 (metric random)" in runs  # the default ablation variant
+    # every diffusers cache family ran or says why not; the ones that ran are priced by their linear-layer work
+    hooks = [r for r in runs.values() if r["family"] == "diffusers"]
+    named = {r["hook"] for r in hooks} | {n["name"] for n in data["not_applicable"]}
+    assert named == {"FirstBlockCache", "TaylorSeer", "TaylorSeer lite", "MagCache", "FasterCache",
+                     "PyramidAttentionBroadcast", "SeaCache", "TextKVCache"}
+    assert any(r["compute"]["mean"] < 3 - 1e-6 for r in hooks)
+    assert [w["budget_share"] for w in data["winners"]] == [0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6]
     for w in data["winners"]:
-        fitting = [r for r in data["runs"] if r["compute"] <= w["budget"] + 1e-9]
-        assert (w["winner"] is None) == (not fitting)
+        fitting = [r for r in runs.values() if r["compute"]["mean"] <= w["budget"] + 1e-9]
+        best = [w[f] for f in ("dense", "RAS", "combined", "diffusers") if w[f] is not None]
+        assert (not fitting) == (not best)
         if fitting:
-            assert w[w["winner"]]["psnr"] == max(r["psnr"] for r in fitting)
-    md = (out / "head_to_head.md").read_text()
-    assert "Best PSNR of each family" in md and "RAS 0.5 + skip every 2nd" in md
+            assert max(b["psnr"]["mean"] for b in best) == max(r["psnr"]["mean"] for r in fitting)
+            assert w["verdict"].endswith("wins (outside CI)") or w["verdict"].startswith(("tie within CI", w["leader"]))
+    assert set(data["target"]) == {"budgets", "combined_wins", "met"} and data["target"]["budgets"] == 8
+    md = (out / "head_to_head_shapes-dit.md").read_text()
+    assert "t-interval" in md and "verdict" in md and "RAS 0.5 + skip every 2nd" in md and "**Target**" in md
+    assert (out / "head_to_head_shapes-dit.png").is_file() == (data["files"]["plot"] == "head_to_head_shapes-dit.png")
+
+    # Re-render from the JSON and splice into a doc between this model's marker lines.
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "doc.md"
+    doc.write_text("# Doc\n\n<!-- head_to_head.py shapes-dit: begin -->\nold\n<!-- head_to_head.py shapes-dit: end -->\n")
+    q.main(["--head-to-head", "--from-json", str(out / "head_to_head_shapes-dit.json"), "--doc", str(doc)])
+    text = doc.read_text()
+    assert "old" not in text and "**Target**" in text and (tmp_path / "docs" / "quality" / "head_to_head_shapes-dit.json").is_file()
+
+    # The budget guard: after the references nothing fits; the JSON says what was skipped.
+    cut = tmp_path / "cut"
+    q.main(["--head-to-head", "--quick", "--seeds", "1", "--budget-s", "0.5", "--out", str(cut)], pipe=pipe, transform=tf)
+    data = json.loads((cut / "head_to_head_shapes-dit.json").read_text())
+    assert data["methods"] == [] and "dense 1 steps" in data["skipped"] and data["setup"]["seeds"] == 1

@@ -60,7 +60,7 @@ PASSING = [
     "sd3-tiny", "sd35-tiny", "flux-tiny", "pixart-tiny", "pixart-alpha-tiny", "dit-tiny",
     "lumina-next-tiny", "sana-tiny", "hunyuan-dit-tiny", "auraflow-tiny", "cogview4-tiny", "cogview3plus-tiny",
     "wan-tiny", "hunyuan-video-tiny", "cogvideox-rope-tiny", "chroma-tiny", "ltx-tiny",
-    # rasfx.presets_extra*
+    # rasfx.presets.extra*
     "cosmos-tiny", "skyreels-v2-tiny", "skyreels-v2-df-tiny", "bria-tiny", "flux2-tiny", "sana-video-tiny",
     "easyanimate-tiny", "longcat-image-tiny", "ovis-image-tiny", "bria-fibo-tiny", "prx-tiny", "chronoedit-tiny",
     "wan-vace-tiny", "motif-video-tiny", "anyflow-tiny", "helios-tiny", "joyimage-edit-tiny", "ltx2-tiny",
@@ -72,8 +72,8 @@ PASSING = [
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
 KNOWN_BUGS = {
-    # -- second-resolution capture (second_resolution.analysis_variants / _resize_token_tables, raised by
-    #    graph_build.compile_capture): the resolution-dependent inputs are not resized with the image
+    # -- second-resolution capture (second_resolution.second_resolution_candidates / _resize_token_tables, raised by
+    #    planned_capture.plan_capture): the resolution-dependent inputs are not resized with the image
     "kandinsky5-tiny": (
         UnsupportedModelError, True,
         "captured (channels-last [B, F, H, W, C] input layout), but the output layer modulates the tokens in their grid "
@@ -103,25 +103,25 @@ KNOWN_BUGS = {
     "wan-animate-tiny": (
         CaptureError, True,
         "second-resolution capture: pose_hidden_states [B, C, T, H, W] is a second input on the image grid; "
-        "analysis_variants resizes only the image input (and per-token tables), so hidden_states[:, :, 1:] + "
+        "second_resolution_candidates resizes only the image input (and per-token tables), so hidden_states[:, :, 1:] + "
         "pose_hidden_states (transformer_wan_animate.py:1223) broadcasts grids of different sizes",
     ),
     "joyimage-edit-plus-tiny": (
         CaptureError, True,
         "second-resolution capture: the image input is pre-patchified [B, P, C, pt, ph, pw] (tokens in dim 1, "
-        "patch pixels last); analysis_variants takes the last two dims (2, 2) for H, W and resizes the patch, so "
+        "patch pixels last); second_resolution_candidates takes the last two dims (2, 2) for H, W and resizes the patch, so "
         "the patch embedding's LayerNorm rejects it. Also: shape_list is a nested python list of (t, h, w)",
     ),
     # -- token analysis
     "ernie-image-tiny": (
         UnsupportedModelError, False,
-        "dense and shared partial sets pass; per-row sets are refused by graph_build._check_rowwise: the residual "
+        "dense and shared partial sets pass; per-row sets are refused by planned_capture._check_rowwise: the residual "
         "stream is sequence-first [S, B, D] (transformer_ernie_image.py:384-389, back to batch-first only inside "
         "attention at :272-274), so the cached tensors have the batch in dim 1",
     ),
     "ace-step-tiny": (
         UnsupportedModelError, False,
-        "graph_build.compile_capture: 'no op of the graph can run on a subset of the image tokens': the packed "
+        "planned_capture.plan_capture: 'no op of the graph can run on a subset of the image tokens': the packed "
         "input [B, L, C] is patchified by a strided Conv1d (ace_step_transformer.py:506-510, unpatchified by a "
         "ConvTranspose1d at :521-525), so the tokens are L / 2 while the packed analysis mode takes dim 1 of the "
         "input (L) as the token count; no token region is found",
@@ -411,7 +411,7 @@ def test_preset_contract(name):
 # ------------------------------------------------------------------------------ equivalence
 
 
-_CORE = PASSING[: PASSING.index("ltx-tiny") + 1]  # rasfx.presets; the rest come from rasfx.presets_extra*
+_CORE = PASSING[: PASSING.index("ltx-tiny") + 1]  # rasfx.presets.image, .video; the rest come from rasfx.presets.extra*
 
 
 @pytest.mark.parametrize("name", _params(_CORE))

@@ -9,7 +9,7 @@ import torch.utils._pytree as pytree
 import rasfx
 from rasfx import passes
 from rasfx.capture import bind_inputs
-from rasfx.graph_build import copy_graph_module
+from rasfx.planned_capture import copy_graph_module
 from rasfx.presets import get_preset
 
 aten = torch.ops.aten

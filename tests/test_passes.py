@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import rasfx
 from rasfx import passes
 from rasfx.capture import export, input_signature
-from rasfx.second_resolution import analysis_variants
-from rasfx.graph_build import build_variant, compile_capture, copy_graph_module
+from rasfx.second_resolution import second_resolution_candidates
+from rasfx.planned_capture import build_variant, plan_capture, copy_graph_module
 
 T, C, P = 3, 16, 2  # text tokens, width, patch size
 
@@ -52,7 +52,7 @@ def analysed():
     gm = export(model, kw).graph_module
     n_asserts = sum(1 for n in gm.graph.nodes if "assert" in str(n.target))
     removed = passes.strip_asserts(gm)
-    alt_kw, desc = analysis_variants(kw, "hidden_states")[0]
+    alt_kw, desc = second_resolution_candidates(kw, "hidden_states")[0]
     gm_alt = export(model, alt_kw).graph_module
     passes.strip_asserts(gm_alt)
     analysis = passes.analyze_tokens(gm, gm_alt, desc)
@@ -93,7 +93,7 @@ def test_plan_regions_modes_and_sites(analysed):
 
 def test_rewrite_pass_counters_and_result():
     model, kw = JointDiT().eval(), inputs()
-    cc = compile_capture(model, kw, None, input_signature(model, kw))
+    cc = plan_capture(model, kw, None, input_signature(model, kw))
     shared = cc.variant("shared")
     assert shared.counters["gathers"] == 1  # the embedded image tokens, before the concat
     assert shared.counters["resized_args"] >= 2  # reshape of the joint sequence, view of qkv
@@ -139,7 +139,7 @@ def test_copy_graph_module_is_independent(analysed):
 
 def test_build_variant_rejects_unknown_names():
     model, kw = JointDiT().eval(), inputs()
-    cc = compile_capture(model, kw, None, input_signature(model, kw))
+    cc = plan_capture(model, kw, None, input_signature(model, kw))
     with pytest.raises(ValueError, match="unknown graph variant"):
         build_variant(cc, "sparse")
 
@@ -334,7 +334,7 @@ def test_packed_tokens_with_grid_ints_change_the_ints_with_the_sequence():
     (Chroma) follows N too."""
     kw = {"hidden_states": torch.randn(1, 2 * 8 * 12, 8), "encoder_hidden_states": torch.randn(1, 7, 16),
           "num_frames": 2, "height": 8, "width": 12, "attention_mask": torch.ones(1, 7 + 192)}
-    alt, desc = analysis_variants(kw, "hidden_states")[0]
+    alt, desc = second_resolution_candidates(kw, "hidden_states")[0]
     assert desc["grid_ints"] == ["num_frames", "height", "width"]
     assert alt["num_frames"] * alt["height"] * alt["width"] == alt["hidden_states"].shape[1] == desc["n2"] != 192
     assert alt["attention_mask"].shape == (1, 7 + desc["n2"])
@@ -452,14 +452,14 @@ def test_projection_written_into_the_cache_only_in_the_caches_layout():
     contiguous attention caches (compiled runners) the projection's layout is not the cache's,
     so the dense variant copies instead. The capture fixes the layout its variants assume, and
     the module allocates the caches by the capture, not by the runner's current setting."""
-    from rasfx.graph_build import compile_capture
+    from rasfx.planned_capture import plan_capture
     from rasfx.module import input_signature
     from rasfx.presets import get_preset
 
     p = get_preset("pixart-tiny")
     model, kw = p.build(0), p.inputs(1)
     for contiguous, written in ((False, 2), (True, 0)):
-        cc = compile_capture(model, kw, None, input_signature(model, kw), contiguous_attention=contiguous)
+        cc = plan_capture(model, kw, None, input_signature(model, kw), contiguous_attention=contiguous)
         assert cc.variant("dense").counters["linear_into_cache"] == written
     ras = rasfx.transform(model)
     with torch.no_grad():

@@ -9,7 +9,7 @@ dual attention, RMS qk-norm) and the tiny Flux model (``make_flux_tiny``) of
   ``max|got - want| / max|want| <= 1e-5`` (the metric of ``tests/test_equivalence.py``);
 * a **partial** step must equal ``HandRAS(model)`` (the hand-written RAS oracle), driven in
   lock-step with the same active sets and the same inputs: ``||got - want|| / ||want|| <= 1e-5``
-  (the metric and bound ``tests/test_core.py`` / ``tests/test_reliability.py`` use for this
+  (the metric and bound ``tests/test_core.py`` / ``tests/test_fuzz.py`` use for this
   comparison); a partial step whose active set covers every token must also equal the model;
 * every output ``ras`` returned stays what it was when returned (invariant, checked after every
   rule): an output must never alias a cache or a graph buffer that a later forward rewrites.

@@ -110,7 +110,7 @@ def explain(model, inputs: dict | None = None, *, ratio: float = 0.25, stage: st
     stage of the compiler.
 
     ``model`` may be a ``torch.nn.Module`` (with ``inputs``), a ``RASModule`` (``inputs``
-    optional: its most recent capture is used), a ``CompiledCapture``, or a string as
+    optional: its most recent capture is used), a ``PlannedCapture``, or a string as
     ``rasfx inspect`` takes it: a preset name (``"sd3-tiny"``), a diffusers model folder or
     ``config.json``, or ``"package.module:factory"`` (``load_options``: ``height``,
     ``width``, ``batch``, ``seed``, ``meta``, ``frames``, ``text_tokens``). The forward is not run.
@@ -122,8 +122,8 @@ def explain(model, inputs: dict | None = None, *, ratio: float = 0.25, stage: st
     plans attention over the active tokens only (``TransformConfig.kv_cache``; a
     ``RASModule`` uses its own config).
     """
-    from ..capture import bind_inputs, input_signature
-    from ..graph_build import CompiledCapture, compile_capture
+    from ..capture import bind_inputs
+    from ..planned_capture import PlannedCapture
     from ..module import RASModule
 
     if stage not in STAGES:
@@ -144,7 +144,7 @@ def explain(model, inputs: dict | None = None, *, ratio: float = 0.25, stage: st
     if load_options:
         raise ArgumentTypeError(f"explain() got options {sorted(load_options)} that only apply to a MODEL string")
 
-    if isinstance(model, CompiledCapture):
+    if isinstance(model, PlannedCapture):
         cc = model
         model_class = name or "model"
         return Explanation(cc, stage=stage, variant=variant, ratio=ratio, module=module, op=op, model_name=name,
@@ -169,12 +169,9 @@ def explain(model, inputs: dict | None = None, *, ratio: float = 0.25, stage: st
                                     f"got {type(model).__name__}")
     if inputs is None or not isinstance(inputs, dict):
         raise ExplainError("explain(model, inputs): inputs must be the dict of keyword arguments of one forward")
-    from ..transform import TransformConfig, transform
+    from ..loading import plan_model
 
-    transform(model)  # the same model checks as rasfx.transform (U-Nets, already transformed, ...)
-    kwargs = dict(inputs)
-    cc = compile_capture(model, kwargs, image_input, input_signature(model, kwargs), kv_cache=kv_cache,
-                         varying_inputs=TransformConfig().varying_inputs)  # the graphs as the runtime builds them
+    cc = plan_model(model, inputs, image_input=image_input, kv_cache=kv_cache)
     return Explanation(cc, stage=stage, variant=variant, ratio=ratio, module=module, op=op,
                        model_name=name or type(model).__name__, model_class=type(model).__name__, source=source,
-                       inputs=describe_inputs(kwargs), notes=notes)
+                       inputs=describe_inputs(dict(inputs)), notes=notes)

@@ -21,8 +21,9 @@ from . import render
 from .diff import StageDiff
 from .graph_dot import dot_source, render_svg
 from .schema import SCHEMA
+from ..passes.token_info import per_output_axes
 from .views import (
-    PER_VARIANT, VARIANT_STAGES, NodeView, _arg_leaves, _axes_list, _block_of, _category, _compress, _dtype_str, _infer_pass, _itemsize,
+    PER_VARIANT, VARIANT_STAGES, NodeView, _arg_leaves, _block_of, _category, _compress, _dtype_str, created_by as pass_of, _itemsize,
     _json_default, _module_matches, _op_matches, _pass_rank, _strip_model_prefix, _tensors_of, op_name,
 )
 
@@ -91,7 +92,7 @@ class Explanation:
         if self.stage == "fused":
             return cc.variant("fused")
         if self.stage == "lowered":
-            from ..graph_build import Variant, copy_graph_module
+            from ..planned_capture import GraphVariant, copy_graph_module
             from ..compiler import lower
 
             # compiled runners allocate contiguous attention caches, which the dense variant's
@@ -100,7 +101,7 @@ class Explanation:
                 cc = dataclasses.replace(cc, contiguous_attention=True, variants={}, timings={})
             base = cc.variant(self.variant_name)
             gm = copy_graph_module(base.gm)
-            return Variant(base.name, gm, base.caches, base.counters + lower(gm))
+            return GraphVariant(base.name, gm, base.caches, base.counters + lower(gm))
         return cc.variant(self.variant_name)
 
     @property
@@ -163,13 +164,13 @@ class Explanation:
                     role = "hoisted"  # a value of the step-invariant prologue
             category = _category(node, role)
             shapes, dtypes = self._shapes(node)
-            tokens = _axes_list(node.meta.get("rasfx_tokens")) if annotated else None
+            tokens = per_output_axes(node) if annotated else None
             mode = cc.plan.mode.get(node.name) if annotated and not new else None
             note = ""
             created_by = None
             module = module_of_captured.get(node.name, "")
             if new:
-                created_by = _infer_pass(node)
+                created_by = pass_of(node)
                 mode, tokens, shapes, dtypes, module, note = self._new_node_facts(
                     node, role, shapes, dtypes, tokens, sites_by_producer, module_of_captured, val_owner)
             elif annotated and node.op == "output":
@@ -233,7 +234,7 @@ class Explanation:
             return ("-", tokens, shapes, dtypes, "", "")
         if t is _ops.gather_tokens:
             producer = node.args[0]
-            axes = _axes_list(producer.meta.get("rasfx_tokens")) or [()]
+            axes = per_output_axes(producer) or [()]
             ps, pd = self._shapes(producer)
             consumer = users[0].name if users else ""
             return ("A", axes[:1], ps[:1] if ps else None, pd[:1] if pd else None,
@@ -245,7 +246,7 @@ class Explanation:
                     f"writes the fresh rows of {producer.name} into {cache.name}")
         if t is torch.ops.rasfx.ras_attention.default:
             replaced = val_owner.get(id(node.meta.get("val")))
-            return ("A", _axes_list(node.meta.get("rasfx_tokens")), shapes, dtypes,
+            return ("A", per_output_axes(node), shapes, dtypes,
                     module_of.get(replaced, "") if replaced else "",
                     f"replaces {replaced}: active queries, cached keys/values" if replaced
                     else "active queries, cached keys/values")

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .. import ops as _ops
 from ..flops import cost_category
-from ..compiler import CAPTURE_PASSES, PASS_ORDER as COMPILER_ORDER
+from ..compiler import CAPTURE_PASSES, CREATED_BY, PASS_ORDER as COMPILER_ORDER
 from ..passes import op_rules
 
 CAPTURE_ORDER = tuple(p.name for p in CAPTURE_PASSES)
@@ -119,17 +118,6 @@ def _tensors_of(val) -> list | None:
         return [val]
     if isinstance(val, (list, tuple)) and val and any(isinstance(v, torch.Tensor) for v in val):
         return [v if isinstance(v, torch.Tensor) else None for v in val]
-    return None
-
-
-def _axes_list(info) -> list | None:
-    """meta["rasfx_tokens"] as a list (one entry per tensor output)."""
-    if info is None:
-        return None
-    if isinstance(info, tuple):
-        return [info]
-    if isinstance(info, list):
-        return [tuple(e) if e is not None else None for e in info]
     return None
 
 
@@ -266,28 +254,14 @@ def _pass_rank(name: str):
     return (PASS_ORDER.index(name) if name in PASS_ORDER else len(PASS_ORDER), name)
 
 
-def _infer_pass(node: fx.Node) -> str:
-    """The pass that added ``node`` to a variant (its ``rasfx_created_by``, or inferred for
-    the nodes the rewrite context adds)."""
-    cb = node.meta.get("rasfx_created_by")
-    if cb:
-        return str(cb)
-    if node.op == "placeholder":
-        if "rasfx_cache" in node.meta:
-            return "insert_cache_sites"
-        return "variant inputs"
-    t = node.target
-    if t is _ops.active_count or t in (operator.mul, operator.add):
-        return "resize_token_shapes"
-    if t is _ops.sequence_index:
-        if any(u.target is _ops.gather_tokens for u in node.users):
-            return "insert_gathers"
-        return "insert_cache_sites"
-    if t is _ops.gather_tokens:
-        return "insert_gathers"
-    if t in (torch.ops.rasfx.cache_write_.default, torch.ops.rasfx.ras_attention.default):
-        return "insert_cache_sites"
-    return "unknown pass"
+def created_by(node: fx.Node) -> str:
+    """The pass that added ``node`` to a variant: what ``compiler.run_passes`` (or the pass
+    itself) stamped into its metadata; a graph input no pass claims is one of the variant's
+    inputs."""
+    stamp = node.meta.get(CREATED_BY)
+    if stamp:
+        return str(stamp)
+    return "variant inputs" if node.op == "placeholder" else "unknown pass"
 
 
 def shape_list(shape, dtype) -> str:

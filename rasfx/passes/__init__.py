@@ -12,13 +12,13 @@ from .hoist_invariants import Hoisted, hoist_invariants
 from .insert_cache_sites import insert_cache_sites
 from .insert_gathers import insert_gathers
 from .lower_cache_ops import lower_cache_ops
-from .plan_regions import Plan, Site, plan_regions
+from .plan_regions import RegionPlan, Site, plan_regions
 from .resize_token_shapes import resize_token_shapes
 from .strip_asserts import strip_asserts
 from .token_analysis import Axis, TokenAnalysis, analyze_tokens, token_axes
 
 __all__ = [
-    "Axis", "Hoisted", "Plan", "Site", "TokenAnalysis", "analyze_tokens", "fuse_kernels", "hoist_invariants",
+    "Axis", "Hoisted", "RegionPlan", "Site", "TokenAnalysis", "analyze_tokens", "fuse_kernels", "hoist_invariants",
     "insert_cache_sites", "insert_gathers", "lower_cache_ops", "plan_regions", "resize_token_shapes", "strip_asserts",
     "token_axes",
 ]

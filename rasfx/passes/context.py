@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from .plan_regions import Plan
+from .plan_regions import RegionPlan
 from .token_analysis import Axis
 
 
@@ -33,8 +33,8 @@ class CacheSpec:
 
     def allocate(self, contiguous_attention: bool = False) -> torch.Tensor:
         """An uninitialised cache in the producer's layout (a dense step's fill is a plain
-        copy); ``contiguous_attention``: attention caches contiguous instead (the runtime
-        decides, see ``GraphRunner.contiguous_attention_caches``)."""
+        copy); ``contiguous_attention``: attention caches contiguous instead (the execution
+        target decides, see ``target.ExecutionTarget``)."""
         if self.stride is not None and not (contiguous_attention and self.kind == "attention"):
             return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)
@@ -43,7 +43,7 @@ class CacheSpec:
 @dataclass
 class RewriteContext:
     gm: fx.GraphModule
-    plan: Plan
+    plan: RegionPlan
     num_tokens: int
     variant: str  # "dense" | "shared" | "rowwise"
     contiguous_attention: bool = False  # attention caches are allocated contiguous (CacheSpec.allocate)
@@ -99,7 +99,7 @@ class RewriteContext:
 
     def token_index(self, axis: Axis, rows: tuple | None = None) -> fx.Node:
         """Index of the active positions along a token axis (image-only or concatenated) of a
-        tensor that holds ``rows`` of the batch (``token_analysis.ROWS``; None: every row)."""
+        tensor that holds ``rows`` of the batch (``batch_rows.ROWS``; None: every row)."""
         assert self.index is not None
         index = self.index
         if rows is not None and self.variant == "rowwise":

@@ -25,7 +25,7 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
-from .. import kernels, ops
+from .. import ops
 
 aten = torch.ops.aten
 
@@ -90,8 +90,3 @@ def fuse_kernels(gm: fx.GraphModule, min_features: int = 256) -> Counter:
     graph.lint()
     gm.recompile()
     return counts
-
-
-def profitable(device: torch.device) -> bool:
-    """Fusion pays off where the Triton kernels run (CUDA with Triton)."""
-    return device.type == "cuda" and kernels.triton_available()

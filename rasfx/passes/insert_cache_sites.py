@@ -29,7 +29,7 @@ from collections import Counter
 import torch
 
 from .context import RewriteContext
-from .token_analysis import ROWS
+from .batch_rows import ROWS
 
 aten = torch.ops.aten
 

@@ -19,7 +19,8 @@ import torch
 from .. import ops
 from .context import RewriteContext
 from .op_rules import mutated_storages, storage_root
-from .token_analysis import ROWS, token_axes
+from .batch_rows import ROWS
+from .token_info import token_axes
 
 aten = torch.ops.aten
 

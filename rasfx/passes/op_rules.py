@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import ArgumentTypeError
-from .token_analysis import token_axes
+from .token_info import all_token_axes, token_axes
 
 aten = torch.ops.aten
 
@@ -124,13 +124,7 @@ def _rank(node) -> int:
     return val.dim() if isinstance(val, torch.Tensor) else 0
 
 
-def _out_axes(node: fx.Node) -> list:
-    info = node.meta.get("rasfx_tokens")
-    if isinstance(info, tuple):
-        return list(info)
-    if isinstance(info, list):
-        return [a for elem in info if elem for a in elem]
-    return []
+
 
 
 def _axis_dims(node) -> set:
@@ -192,7 +186,7 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
                 )
             return rule
     ins = [i for i in node.all_input_nodes if token_axes(i)]
-    out_axes = _out_axes(node)
+    out_axes = all_token_axes(node)
     # fx types every argument as any ``Argument``; the ATen schema of the op says which is
     # a node and which an int (the casts below)
     args = node.args

@@ -30,7 +30,8 @@ import torch.fx as fx
 
 from ..errors import UnsupportedModelError
 from .op_rules import SDPA_OPS, classify, mutated_input
-from .token_analysis import _NEW_TENSOR, Axis, model_line, token_axes
+from .token_analysis import _NEW_TENSOR, model_line
+from .token_info import Axis, has_token_axes, offsets_known, token_axes
 
 aten = torch.ops.aten
 
@@ -49,7 +50,7 @@ class Site:
 
 
 @dataclass
-class Plan:
+class RegionPlan:
     mode: dict = field(default_factory=dict)  # node name -> "A" | "F" | "-"
     gathers: list = field(default_factory=list)  # (producer, consumer)
     sites: list = field(default_factory=list)  # [Site]
@@ -58,22 +59,7 @@ class Plan:
 
     def is_active(self, node: fx.Node) -> bool:
         """True when ``node``'s value is an active-only tensor (carries a token axis)."""
-        return self.mode.get(node.name) == "A" and _has_axes(node)
-
-
-def _has_axes(node: fx.Node) -> bool:
-    info = node.meta.get("rasfx_tokens")
-    if isinstance(info, tuple):
-        return bool(info)
-    if isinstance(info, list):
-        return any(bool(e) for e in info)
-    return False
-
-
-def _offsets_known(node: fx.Node) -> bool:
-    info = node.meta.get("rasfx_tokens")
-    elems = info if isinstance(info, list) else [info]
-    return all(a.offset is not None for e in elems if e for a in e)
+        return self.mode.get(node.name) == "A" and has_token_axes(node)
 
 
 def _gatherable(node: fx.Node) -> bool:
@@ -94,18 +80,18 @@ def _row_gatherable(node: fx.Node) -> bool:
 
 def plan_regions(
     gm: fx.GraphModule, kv_cache: bool = True, op_rules: dict | None = None, user_inputs: set | None = None
-) -> Plan:
+) -> RegionPlan:
     """Plan every node (see module docstring). ``kv_cache=False``: attention reads the
     active keys/values only (an ablation; not RAS). ``op_rules``: user rules consulted first
     (``TransformConfig.op_rules``). ``user_inputs``: names of the placeholders that are the
     call's inputs (the rest are weights); None counts every placeholder as an input."""
-    plan = Plan()
+    plan = RegionPlan()
     for node in gm.graph.nodes:
-        ins = [i for i in node.all_input_nodes if _has_axes(i)]
+        ins = [i for i in node.all_input_nodes if has_token_axes(i)]
         if node.target in _NEW_TENSOR:  # reads its input's dtype and device only: a source
             ins = []
         if node.op == "placeholder" or node.op == "get_attr":
-            plan.mode[node.name] = "F" if _has_axes(node) else "-"
+            plan.mode[node.name] = "F" if has_token_axes(node) else "-"
             continue
         if node.op == "output":
             for i in ins:
@@ -113,7 +99,7 @@ def plan_regions(
                     _add_site(plan, i, node, "output", "graph output")
             continue
         if not ins:
-            plan.mode[node.name] = "F" if _has_axes(node) else "-"
+            plan.mode[node.name] = "F" if has_token_axes(node) else "-"
             continue
         rule = classify(node, kv_cache, op_rules)
         target = mutated_input(node)
@@ -130,10 +116,10 @@ def plan_regions(
         want_active = passing and (any_active or not (rule.cheap or all(_batchless(i) for i in passing)))
         can_active = (
             node.meta.get("rasfx_ints") is not None
-            and _offsets_known(node)
+            and offsets_known(node)
             and all(plan.is_active(i) or _gatherable(i) for i in passing)
             and all(not plan.is_active(i) and _row_gatherable(i) for i in rule.rows)
-            and (_has_axes(node) or rule.kind == "tokenwise")
+            and (has_token_axes(node) or rule.kind == "tokenwise")
         )
         if want_active and can_active:
             plan.mode[node.name] = "A"
@@ -161,7 +147,7 @@ def plan_regions(
     return plan
 
 
-def _plan_mutation(plan: Plan, node: fx.Node, ins, rule, target: fx.Node) -> None:
+def _plan_mutation(plan: RegionPlan, node: fx.Node, ins, rule, target: fx.Node) -> None:
     """An in-place op runs in the form of the tensor it writes to: rewriting that operand
     (gather, cache) would send the write to a copy and lose it."""
     if plan.is_active(target):
@@ -181,7 +167,7 @@ def _plan_mutation(plan: Plan, node: fx.Node, ins, rule, target: fx.Node) -> Non
     _run_full(plan, node, ins, "opaque", rule.reason or "in-place op on a full-length tensor")
 
 
-def _mark_output_sites(gm: fx.GraphModule, plan: Plan) -> None:
+def _mark_output_sites(gm: fx.GraphModule, plan: RegionPlan) -> None:
     """A site after which no node runs active ends the region: it feeds the output
     (unpatchify and the like). Those are ``output`` sites, not conservative choices."""
     feeds_active: dict = {}
@@ -195,7 +181,7 @@ def _mark_output_sites(gm: fx.GraphModule, plan: Plan) -> None:
     plan.conservative = [c for c in plan.conservative if c[0] not in ends]
 
 
-def _check_tail(gm: fx.GraphModule, plan: Plan, user_inputs: set | None) -> None:
+def _check_tail(gm: fx.GraphModule, plan: RegionPlan, user_inputs: set | None) -> None:
     """The token-bearing nodes between the token region and the graph output (the tail) run
     at full length on every step. When they only re-lay out the cached rows (unpatchify), an
     inactive token's output is its cached one. A tail node that also reads a value computed
@@ -220,7 +206,7 @@ def _check_tail(gm: fx.GraphModule, plan: Plan, user_inputs: set | None) -> None
             tail.add(node.name)
             todo.extend(node.all_input_nodes)
     carries = {n.name for n in gm.graph.nodes if n.name in tail
-               and (_has_axes(n) or any(_has_axes(i) for i in n.all_input_nodes))}
+               and (has_token_axes(n) or any(has_token_axes(i) for i in n.all_input_nodes))}
     for node in gm.graph.nodes:
         if node.name not in carries or node.op == "placeholder":
             continue
@@ -234,8 +220,8 @@ def _check_tail(gm: fx.GraphModule, plan: Plan, user_inputs: set | None) -> None
             ))
 
 
-def _run_full(plan: Plan, node: fx.Node, ins, kind: str, reason: str, record: bool = True) -> None:
-    plan.mode[node.name] = "F" if _has_axes(node) else "-"
+def _run_full(plan: RegionPlan, node: fx.Node, ins, kind: str, reason: str, record: bool = True) -> None:
+    plan.mode[node.name] = "F" if has_token_axes(node) else "-"
     active = [i for i in ins if plan.is_active(i)]
     for i in active:
         _add_site(plan, i, node, kind, reason)
@@ -243,7 +229,7 @@ def _run_full(plan: Plan, node: fx.Node, ins, kind: str, reason: str, record: bo
         plan.conservative.append((node.name, str(node.target), reason))
 
 
-def _add_site(plan: Plan, producer: fx.Node, consumer: fx.Node, kind: str, reason: str) -> None:
+def _add_site(plan: RegionPlan, producer: fx.Node, consumer: fx.Node, kind: str, reason: str) -> None:
     axes = token_axes(producer)
     val = producer.meta["val"]
     # Keep the producer's memory layout (e.g. [B, S, H, D] permuted to [B, H, S, D]):

@@ -14,8 +14,8 @@ is the packed sequence length (packed inputs). A graph with several token grids 
 different sizes (a U-Net) or none (a model without image tokens) is rejected.
 
 Invariants: the graph is not modified; every node gets ``node.meta["rasfx_tokens"]`` (a
-``TokenInfo`` for tensor outputs, a list of them for multi-output nodes, ``None`` for
-non-tensors) and, where int arguments vary with the resolution,
+``token_info.TokenInfo``: a tuple of axes for tensor outputs, a list of them for multi-output
+nodes, ``None`` for non-tensors; read it with ``token_info``'s functions) and, where int arguments vary with the resolution,
 ``node.meta["rasfx_ints"]`` (``{leaf position: (a, b)}`` meaning ``a * N + b``, or
 ``None`` when the variation is not linear in N).
 """
@@ -35,25 +35,10 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import TooFewTokensError, UnsupportedModelError
+from .batch_rows import annotate_rows
+from .token_info import Axis, token_axes
 
 aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class Axis:
-    """A token axis: ``dim`` of a tensor of size ``N + extra``; the image segment starts at
-    ``offset`` (``None`` = unknown; a tuple: one offset per batch row, as in a joint sequence
-    whose rows hold prompts of different lengths before the image, Lumina 2)."""
-
-    dim: int
-    extra: int = 0
-    offset: Optional[int | tuple] = 0
-
-    def full_size(self, n_img: int) -> int:
-        return n_img + self.extra
-
-
-TokenInfo = tuple  # tuple[Axis, ...], sorted by dim; () = no token axis
 
 
 @dataclass
@@ -106,13 +91,13 @@ def _area_pairs(pairs, area1: int, area2: int, smallest: int = 2) -> Counter:
     return counts
 
 
-def find_token_count(pairs, variant: dict) -> tuple[int, int]:
+def find_token_count(pairs, resolutions: dict) -> tuple[int, int]:
     """(N, N_alt): the number of image tokens at the two resolutions."""
-    if variant["mode"] == "packed":
-        if variant["n"] < 2:
-            raise TooFewTokensError(f"the image is a single token ({variant['n']} in the sequence): nothing to skip")
-        return variant["n"], variant["n2"]
-    (h, w), (h2, w2) = variant["hw"], variant["hw2"]
+    if resolutions["mode"] == "packed":
+        if resolutions["n"] < 2:
+            raise TooFewTokensError(f"the image is a single token ({resolutions['n']} in the sequence): nothing to skip")
+        return resolutions["n"], resolutions["n2"]
+    (h, w), (h2, w2) = resolutions["hw"], resolutions["hw2"]
     counts = _area_pairs(pairs, h * w, h2 * w2)
     if not counts and _area_pairs(pairs, h * w, h2 * w2, smallest=1):
         raise TooFewTokensError(
@@ -126,7 +111,7 @@ def find_token_count(pairs, variant: dict) -> tuple[int, int]:
         )
     (best, freq), *rest = counts.most_common()
     grids = [pair for pair, c in rest if c >= max(3, freq // 10) and pair[0] != best[0]]
-    batch = variant.get("batch", 1)
+    batch = resolutions.get("batch", 1)
     folded = [pair for pair in grids if batch > 1 and batch * min(pair[0], best[0]) == max(pair[0], best[0])]
     if folded and len(folded) == len(grids):
         small, large = sorted((best[0], folded[0][0]))
@@ -506,10 +491,10 @@ def _pin_sources(mask: fx.Node, offsets: dict) -> int:
 # ---------------------------------------------------------------- the pass
 
 
-def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, variant: dict) -> TokenAnalysis:
+def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict) -> TokenAnalysis:
     """Annotate every node of ``gm`` with its token axes (see module docstring)."""
     pairs = align(gm.graph, gm_alt.graph)
-    n1, n2 = find_token_count(pairs, variant)
+    n1, n2 = find_token_count(pairs, resolutions)
     extras: set = set()
     for a, b in pairs.items():
         for t1, t2 in zip(_tensors(a.meta.get("val")), _tensors(b.meta.get("val"))):
@@ -554,91 +539,6 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, variant: dict) ->
     result.stats["tables_located"] = _locate_tables(gm.graph)
     if result.stats["tables_located"]:
         _propagate_offsets(gm.graph, n1)
-    if variant.get("batch"):
-        result.stats["row_subsets"] = annotate_rows(gm.graph, variant["batch"])
+    if resolutions.get("batch"):
+        result.stats["row_subsets"] = annotate_rows(gm.graph, resolutions["batch"])
     return result
-
-
-def token_axes(node: fx.Node) -> tuple:
-    """The token axes of a tensor-valued node (``()`` if none)."""
-    info = node.meta.get("rasfx_tokens")
-    return info if isinstance(info, tuple) else ()
-
-
-# ---------------------------------------------------------------- rows of the batch
-
-ROWS = "rasfx_rows"  # (start, stop, squeezed): the batch rows a tensor holds, when not all of them
-
-
-def annotate_rows(graph: fx.Graph, batch: int) -> int:
-    """A per-sample loop over the batch (``x[i]``, ``x[i:i + 1]``, Mochi's attention of each
-    prompt over its own valid text tokens) makes tensors that hold some rows of the batch
-    only. Each such token-bearing node gets ``meta["rasfx_rows"] = (start, stop, squeezed)``
-    (``squeezed``: the batch dim was selected away), so that per-row active sets use those
-    rows of the index; tensors of the whole batch get none. Returns the number of nodes marked."""
-    marked = 0
-    shared = _single_row_sources(graph, batch)
-    for node in graph.nodes:
-        if node.op != "call_function" or not _has_token_axes(node):
-            continue
-        if node.args and node.args[0] in shared and node.target in (aten.slice.Tensor, aten.select.int):
-            continue
-        rows = _rows_of(node, batch)
-        if rows is not None:
-            node.meta[ROWS] = rows
-            marked += 1
-    return marked
-
-
-def _single_row_sources(graph: fx.Graph, batch: int) -> set:
-    """Whole-batch tensors of which the graph takes one row only (Flux's ``img_ids[0]``: a
-    table shared by every row, not a loop over the batch): their rows are not marked."""
-    taken: dict = {}
-    for node in graph.nodes:
-        if node.target not in (aten.slice.Tensor, aten.select.int) or not node.args:
-            continue
-        src = node.args[0]
-        val = src.meta.get("val") if isinstance(src, fx.Node) else None
-        if (not isinstance(val, torch.Tensor) or val.dim() == 0 or int(val.shape[0]) != batch or ROWS in src.meta
-                or (node.args[1] if len(node.args) > 1 else 0) != 0):
-            continue
-        taken.setdefault(src, set()).add(tuple(node.args[2:4]))
-    return {src for src, rows in taken.items() if len(rows) == 1} if batch > 1 else set()
-
-
-def _has_token_axes(node: fx.Node) -> bool:
-    info = node.meta.get("rasfx_tokens")
-    return bool(info) if isinstance(info, tuple) else isinstance(info, list) and any(bool(e) for e in info)
-
-
-def _rows_of(node: fx.Node, batch: int):
-    t, args = node.target, node.args
-    src = args[0] if args and isinstance(args[0], fx.Node) else None
-    if t in (aten.slice.Tensor, aten.select.int) and src is not None and (args[1] if len(args) > 1 else 0) == 0:
-        val = src.meta.get("val")
-        before = src.meta.get(ROWS)
-        if not isinstance(val, torch.Tensor) or val.dim() == 0 or (before is None and int(val.shape[0]) != batch):
-            return None
-        if before is not None and before[2]:
-            return before  # dim 0 is no longer the batch
-        base, size = (before[0], before[1] - before[0]) if before else (0, batch)
-        if t is aten.select.int:
-            i = cast(int, args[2]) % size
-            return (base + i, base + i + 1, True)
-        start = cast(int, args[2]) if len(args) > 2 and args[2] is not None else 0
-        end = cast(int, args[3]) if len(args) > 3 and args[3] is not None else size
-        start, end = max(0, start + size if start < 0 else start), min(size, end + size if end < 0 else end)
-        if len(args) > 4 and args[4] != 1:
-            return None
-        rows = (base + start, base + end, False)
-        return None if rows == (0, batch, False) else rows
-    if t in (aten.cat.default, aten.concat.default, aten.stack.default) and args:
-        dim = cast(int, args[1] if len(args) > 1 else node.kwargs.get("dim", 0))
-        parts = [p.meta.get(ROWS) for p in cast("list[fx.Node]", args[0])]
-        if dim == 0 and parts and all(p is not None and p[2] == (t is aten.stack.default) for p in parts):
-            if all(a[1] == b[0] for a, b in zip(parts, parts[1:])):
-                rows = (parts[0][0], parts[-1][1], False)
-                return None if rows == (0, batch, False) else rows
-            return None
-    found = {i.meta[ROWS] for i in node.all_input_nodes if ROWS in i.meta}
-    return found.pop() if len(found) == 1 else None

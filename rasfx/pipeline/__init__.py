@@ -95,7 +95,7 @@ import torch
 
 from ..config import RASConfig
 from ..errors import ArgumentTypeError, RASWarning, UsageError
-from ..module import refuse_foreign_hooks
+from ..model_structure import refuse_foreign_hooks
 from ..run_stats import RunStats
 from .contract import check_ras_module
 from .controller import PipelineController, TransformerHook

@@ -83,7 +83,7 @@ class Run:
         self.ran_before = ran_before  # what the runners ran so far: (graph, mode) -> calls
         self.ran: Optional[Counter] = None  # ... during this run, once it finished
         self.original_forwards = 0  # transformer calls that ran the model's own forward
-        self.capture: Any = None  # the CompiledCapture the plan was built from (for the FLOP model)
+        self.capture: Any = None  # the PlannedCapture the plan was built from (for the FLOP model)
         self.run_timer: Optional[StepTimer] = None  # first transformer call -> last scheduler step
         self.forward_timers: list[StepTimer] = []  # one per transformer call
         self._reset_step()

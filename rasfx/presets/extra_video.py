@@ -1,11 +1,11 @@
-"""Tiny presets of the newer diffusers video DiT classes (see :mod:`rasfx.presets_extra`)."""
+"""Tiny presets of the newer diffusers video DiT classes (see :mod:`rasfx.presets.extra`)."""
 
 from __future__ import annotations
 
 import torch
 
-from .presets import _FRAMES, _flow_timestep, _padded_text, _randn, _register, _token_mask
-from .presets_extra import _with_zero_condition
+from .inputs import _FRAMES, _flow_timestep, _padded_text, _randn, _token_mask, _with_zero_condition
+from .registry import _register
 
 # ---------------------------------------------------------------------------- ChronoEdit
 

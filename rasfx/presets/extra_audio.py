@@ -1,4 +1,4 @@
-"""Tiny presets of the diffusers audio DiT classes (see :mod:`rasfx.presets_extra`).
+"""Tiny presets of the diffusers audio DiT classes (see :mod:`rasfx.presets.extra`).
 
 The audio latents are one sequence of frames; ``height * width`` of :meth:`Preset.inputs` is
 its length (as for ``stable-audio-tiny``).
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .presets import _flow_timestep, _padded_text, _randn, _register, _token_mask
+from .inputs import _flow_timestep, _padded_text, _randn, _token_mask
+from .registry import _register
 
 # ---------------------------------------------------------------------------- ACE-Step
 

@@ -1,11 +1,11 @@
-"""Tiny presets of the newer diffusers image DiT classes (see :mod:`rasfx.presets_extra`)."""
+"""Tiny presets of the newer diffusers image DiT classes (see :mod:`rasfx.presets.extra`)."""
 
 from __future__ import annotations
 
 import torch
 
-from .presets import _flow_timestep, _padded_text, _randn, _register, _token_mask
-from .presets_extra import _latent_ids, _pack_2x2
+from .inputs import _flow_timestep, _latent_ids, _pack_2x2, _padded_text, _randn, _token_mask
+from .registry import _register
 
 # ---------------------------------------------------------------------------- LongCat-Image
 

@@ -1,4 +1,6 @@
-"""More tiny presets: the diffusers DiT classes that :mod:`rasfx.presets` does not cover.
+"""More tiny presets: diffusers DiT classes beyond :mod:`rasfx.presets.image` and
+:mod:`rasfx.presets.video` (the newer ones are in ``extra_image``, ``extra_video``, ``extra_audio``);
+the classes without a preset (``NOT_COVERED``) and the presets rasfx cannot transform yet.
 
 Same conventions as :mod:`rasfx.presets` (toy sizes, every parameter re-randomised, forward
 keyword arguments built the way the class's diffusers pipeline builds them); the presets
@@ -7,9 +9,16 @@ register themselves in :data:`rasfx.presets.PRESETS` when :mod:`rasfx.presets` i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
+
+from .inputs import (
+    _FRAMES, _VAE_SCALE, _flow_timestep, _int_timestep, _latent_ids, _pack_2x2, _padded_text, _randn, _token_mask,
+    _with_zero_condition,
+)
+from .registry import _REGISTRY, KnownFailure, _register
 
 __all__ = ["NOT_COVERED"]
 
@@ -33,10 +42,6 @@ NOT_COVERED: dict[str, str] = {
     "TransformerTemporalModel": "a U-Net component (AnimateDiff / video U-Nets)",
     "Transformer2DModel": "the legacy U-Net/DiT block; DiT and PixArt have their own classes and presets",
 }
-
-from .presets import (
-    _FRAMES, _VAE_SCALE, _flow_timestep, _int_timestep, _padded_text, _randn, _register, _token_mask,
-)
 
 # ---------------------------------------------------------------------------- Allegro
 
@@ -199,21 +204,6 @@ _register("latte-tiny", "LatteTransformer3DModel (alternating spatial [B*F, HW] 
 
 
 # ---------------------------------------------------------------------------- Bria
-
-
-def _latent_ids(h: int, w: int) -> torch.Tensor:
-    """``_prepare_latent_image_ids`` of the Flux-family pipelines: [h*w, 3] = (0, row, col)."""
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1] = ids[..., 1] + torch.arange(h)[:, None]
-    ids[..., 2] = ids[..., 2] + torch.arange(w)[None, :]
-    return ids.reshape(h * w, 3)
-
-
-def _pack_2x2(x: torch.Tensor) -> torch.Tensor:
-    """``_pack_latents`` of the Flux-family pipelines: [B, C, 2h, 2w] -> [B, h*w, 4C]."""
-    b, c, hh, ww = x.shape
-    h, w = hh // 2, ww // 2
-    return x.view(b, c, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * 4)
 
 
 def _bria_model():
@@ -420,15 +410,6 @@ _register("easyanimate-tiny", "EasyAnimateTransformer3DModel (MMDiT joint text+v
 # ---------------------------------------------------------------------------- Kandinsky 5
 
 
-def _with_zero_condition(latents: torch.Tensor, dim: int) -> torch.Tensor:
-    """Latents of a text-to-video call of an image-to-video model: ``cat(latents, zero
-    condition latents, a zero mask channel)`` on the channel axis ``dim`` (Kandinsky 5/6,
-    HunyuanVideo 1.5, Motif-Video)."""
-    mask_shape = list(latents.shape)
-    mask_shape[dim] = 1
-    return torch.cat([latents, torch.zeros_like(latents), latents.new_zeros(mask_shape)], dim=dim)
-
-
 def _kandinsky5_model():
     from diffusers import Kandinsky5Transformer3DModel
 
@@ -576,9 +557,6 @@ _register("cogvideox15-tiny", "CogVideoXTransformer3DModel, 1.5 style (temporal 
           model_class="CogVideoXTransformer3DModel")
 
 
-from . import presets_extra_image  # noqa: E402,F401  (registers the newer image classes)
-from . import presets_extra_video  # noqa: E402,F401  (registers the newer video classes)
-from . import presets_extra_audio  # noqa: E402,F401  (registers the audio classes)
 
 
 # Why rasfx cannot transform these presets yet (``rasfx presets`` prints the reason; tests/test_cli.py
@@ -611,13 +589,8 @@ _KNOWN_FAILURES = {
 }
 
 
-def _mark_known_failures() -> None:
-    from dataclasses import replace
-
-    from .presets import _REGISTRY, KnownFailure
-
+def mark_known_failures() -> None:
+    """Set ``known_failure`` on the presets of ``_KNOWN_FAILURES`` (called once every family
+    module has registered its presets)."""
     for name, (reason, error) in _KNOWN_FAILURES.items():
         _REGISTRY[name] = replace(_REGISTRY[name], known_failure=KnownFailure(reason, error))
-
-
-_mark_known_failures()

@@ -1,4 +1,8 @@
-"""Build the runnable graph variants of one capture (dense / shared / rowwise)."""
+"""One input signature, captured and planned: ``plan_capture`` exports the model (at the call's
+resolution and at a second one), runs the capture passes (token analysis, region plan) and
+returns a ``PlannedCapture``, which builds its runnable graph variants (dense / shared /
+rowwise, fused or not) on first use. Nothing here is compiled: ``runtime.py`` runs the
+variants eagerly, under ``torch.compile`` or as CUDA graphs."""
 
 from __future__ import annotations
 
@@ -14,12 +18,13 @@ import torch.utils._pytree as pytree
 
 from . import passes
 from .capture import Capture, describe_signature, export_specialised
-from .second_resolution import analysis_variants, find_image_input, image_batch, resized_model
+from .second_resolution import find_image_input, image_batch, resized_model, second_resolution_candidates
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from . import compiler
 from .compiler import CaptureState, VariantState, run_passes
 from .passes.context import RewriteContext
-from .passes.token_analysis import ROWS, model_line
+from .passes.batch_rows import ROWS
+from .passes.token_analysis import model_line
 
 aten = torch.ops.aten
 
@@ -36,7 +41,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 @dataclass
-class Variant:
+class GraphVariant:
     name: str
     gm: fx.GraphModule
     caches: list
@@ -44,28 +49,37 @@ class Variant:
     hoisted: "passes.Hoisted | None" = None  # the step-invariant prologue (hoist_invariants)
     unused: frozenset = frozenset()  # graph-input positions the graph no longer reads (hoisted away)
 
-    def call_args(self, flat: list, index, caches: list) -> list:
-        """``gm``'s arguments: the capture's inputs, the active index (``None`` in ``dense``),
-        the caches, and the hoisted values, computed here by the prologue (the runtime
-        computes them once per prompt instead, ``RASModule``)."""
-        args = [*flat, *caches] if index is None else [*flat, index, *caches]
+    def call_args(self, flat: list, active_index: torch.Tensor | None, caches: list,
+                  hoisted_values: list | None = None) -> list:
+        """``gm``'s arguments, in the order of its graph inputs: the capture's inputs (``flat``),
+        the active index (the ``ras_index`` input the rewrite context adds; ``None`` in
+        ``dense``, which has none), the slot's caches (``ras_cache_*``), and the hoisted
+        values: ``hoisted_values`` (the runtime computes them once per prompt, ``RASModule``),
+        else computed here by the prologue."""
+        if (active_index is None) != (self.name == "dense"):
+            raise UsageError(f"the {self.name} graph takes {'no' if self.name == 'dense' else 'an'} active index")
+        args = [*flat, *caches] if active_index is None else [*flat, active_index, *caches]
         if self.hoisted is not None:
-            args += self.hoisted.prologue(*[flat[i] for i in self.hoisted.inputs])
+            if hoisted_values is None:
+                hoisted_values = self.hoisted.prologue(*[flat[i] for i in self.hoisted.inputs])
+            args += hoisted_values
         return args
 
 
 @dataclass
-class CompiledCapture:
+class PlannedCapture:
     """Everything rasfx knows about one input signature."""
 
     capture: Capture
     analysis: passes.TokenAnalysis
-    plan: passes.Plan
+    plan: passes.RegionPlan
     image_key: str
     batch: int
     counters: Counter = field(default_factory=Counter)
     variants: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)  # seconds per stage (export, analysis, build_<variant>)
+    # which image token produced each element of the first output (RASModule.token_map, made on first use)
+    token_map: torch.Tensor | None = None
     # Attention caches allocated contiguous instead of in the producer's layout (the runner's
     # choice, fixed per capture: the dense variant may write producers into the caches through
     # views that assume the layout).
@@ -88,7 +102,7 @@ class CompiledCapture:
     def num_tokens(self) -> int:
         return self.analysis.num_tokens
 
-    def variant(self, name: str) -> Variant:
+    def variant(self, name: str) -> GraphVariant:
         if name not in self.variants:
             self.variants[name] = build_variant(self, name)
             ref = self.variants.get("dense")
@@ -98,7 +112,7 @@ class CompiledCapture:
         return self.variants[name]
 
 
-def build_variant(cc: CompiledCapture, name: str) -> Variant:
+def build_variant(cc: PlannedCapture, name: str) -> GraphVariant:
     """``dense`` | ``shared`` | ``rowwise``; a ``fused_`` prefix adds the kernel fusion pass
     (``fused`` alone means ``fused_shared``)."""
     t0 = time.perf_counter()
@@ -115,10 +129,10 @@ def build_variant(cc: CompiledCapture, name: str) -> Variant:
     hoisted = state.hoisted
     cc.timings[f"build_{name}"] = time.perf_counter() - t0
     unused = frozenset(i for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder") if not p.users)
-    return Variant(name, gm, ctx.caches, counters, hoisted, unused)
+    return GraphVariant(name, gm, ctx.caches, counters, hoisted, unused)
 
 
-def _check_rowwise(cc: CompiledCapture) -> None:
+def _check_rowwise(cc: PlannedCapture) -> None:
     nodes = {n.name: n for n in cc.capture.graph_module.graph.nodes}
     for site in cc.plan.sites:
         rows = nodes[site.producer].meta.get(ROWS) if site.producer in nodes else None
@@ -132,22 +146,22 @@ def _check_rowwise(cc: CompiledCapture) -> None:
 
 
 def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str, varying: set, specialise: bool):
-    """(exported program, variant) at a second resolution, whether the model had to be
-    resized for it (``resized_model``: a model built for one input size), and the errors of
+    """(exported program, description of the two resolutions) at a second resolution, whether
+    the model had to be resized for it (``resized_model``: a model built for one input size), and the errors of
     the attempts. Plain attempts first; resized ones only when every plain one fails.
     ``specialise``: the first capture was specialised on prompt values; so is this one."""
-    variants = analysis_variants(kwargs, image_key)
+    candidates = second_resolution_candidates(kwargs, image_key)
     errors: dict[str, list[str]] = {}  # error message -> the candidates that failed with it
 
     def export(alt_kwargs):
         return export_specialised(model, alt_kwargs, varying if specialise else None, specialise)[0]
 
-    for alt_kwargs, desc in variants:
+    for alt_kwargs, desc in candidates:
         try:
             return (export(alt_kwargs), desc), False, errors
         except CaptureError as e:
             errors.setdefault(str(e), []).append(_candidate(desc))
-    for alt_kwargs, desc in variants:
+    for alt_kwargs, desc in candidates:
         with resized_model(model, desc, kwargs[image_key]) as changed:
             if not changed:
                 continue
@@ -180,12 +194,15 @@ def _candidate(desc: dict) -> str:
     return size + (f" with {resized} resized" if isinstance(resized, str) else " with resized inputs" if resized else "")
 
 
-def compile_capture(
-    model: torch.nn.Module, kwargs: dict, image_input: str | None, signature, kv_cache: bool = True,
+def plan_capture(
+    model: torch.nn.Module, kwargs: dict, image_input: str | None, signature, *, kv_cache: bool = True,
     op_rules: dict | None = None, contiguous_attention: bool = False, varying_inputs: tuple | None = None,
-) -> CompiledCapture:
-    """Capture ``model`` for one input signature. ``varying_inputs``: names of the inputs that
-    change at every step besides the image input (None: no step-invariant hoisting)."""
+) -> PlannedCapture:
+    """Capture ``model`` for one input signature (``kwargs``: a call's keyword arguments;
+    ``image_input``: ``TransformConfig.image_input``). ``kv_cache``, ``op_rules``: the
+    ``TransformConfig`` fields; ``contiguous_attention``: the execution target's cache layout
+    (``target.ExecutionTarget``); ``varying_inputs``: names of the inputs that change at every
+    step besides the image input (None: no step-invariant hoisting)."""
     t0 = time.perf_counter()
     image_key = find_image_input(kwargs, image_input)
     if varying_inputs is None:
@@ -223,7 +240,7 @@ def compile_capture(
             f"({len(plan.conservative)} ops handled conservatively, e.g. {plan.conservative[:3]}); "
             "RAS would save nothing."
         )
-    cc = CompiledCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention)
+    cc = PlannedCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention)
     if varying_inputs is not None:
         cc.invariant_inputs = invariant_inputs(cap, kwargs, {image_key, *varying_inputs})
     cc.timings.update(export=t1 - t0, export_alt=t2 - t1, analysis=time.perf_counter() - t2)
@@ -232,7 +249,7 @@ def compile_capture(
     return cc
 
 
-def conservative_report(model: torch.nn.Module, cc: CompiledCapture, limit: int = 4) -> str | None:
+def conservative_report(model: torch.nn.Module, cc: PlannedCapture, limit: int = 4) -> str | None:
     """One paragraph naming the ops the planner ran conservatively (op, module path, model
     line, reason), for a warning when the model is transformed; None when there are none."""
     cons = cc.plan.conservative
