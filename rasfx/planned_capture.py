@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 
 from . import passes
 from .capture import Capture, describe_signature, export_specialised
+from .prompt_values import STEP_INPUTS
 from .second_resolution import find_image_input, image_batch, resized_model, second_resolution_candidates
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from . import compiler
@@ -205,12 +206,7 @@ def plan_capture(
     step besides the image input (None: no step-invariant hoisting)."""
     t0 = time.perf_counter()
     image_key = find_image_input(kwargs, image_input)
-    if varying_inputs is None:
-        from .transform import TransformConfig  # (transform imports this module)
-
-        step_inputs = {image_key, *TransformConfig().varying_inputs}
-    else:
-        step_inputs = {image_key, *varying_inputs}
+    step_inputs = {image_key, *(STEP_INPUTS if varying_inputs is None else varying_inputs)}
     ep, value_leaves = export_specialised(model, kwargs, step_inputs)
     cap = Capture.from_program(ep, signature, value_leaves)
     t1 = time.perf_counter()

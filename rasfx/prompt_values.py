@@ -30,6 +30,9 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
 from torch.overrides import TorchFunctionMode
 
 T = torch.Tensor
+# The forward arguments that change at every denoising step besides the image input (the
+# default of ``TransformConfig.varying_inputs``): values read from them are never specialised.
+STEP_INPUTS = ("timestep", "timesteps", "t", "sigma", "sigmas")
 # Python reads of tensor values, and ops whose output size depends on values, each named as the
 # model writes it (for errors). Their result is recorded eagerly and replayed as a constant.
 _READS: dict[Callable, str] = {
