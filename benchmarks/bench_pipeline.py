@@ -99,13 +99,16 @@ def _scheduler(name):
     return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
 
 
-def build_pipeline(name, scale, dev, dt):
+def build_pipeline(name, scale, dev, dt, overrides=None):
     """(pipe, text tokens, text dim, pooled dim): the transformer of bench_models.MODELS[name]
-    with weights re-drawn from N(0, 0.02) on ``dev``, inside the model's diffusers pipeline."""
+    with weights re-drawn from N(0, 0.02) on ``dev``, inside the model's diffusers pipeline.
+    ``overrides``: transformer config entries replaced (another geometry: Wan 14B)."""
     import diffusers
 
     with torch.device(dev):
         model, kw, _, _ = bench_models.MODELS[name](scale, dev, dt)
+        if overrides:
+            model = type(model)(**{**{k: v for k, v in model.config.items() if not k.startswith("_")}, **overrides})
     txt, dim = kw["encoder_hidden_states"].shape[1:]
     pooled = kw["pooled_projections"].shape[-1] if "pooled_projections" in kw else None
     del kw

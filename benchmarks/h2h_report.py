@@ -1,6 +1,7 @@
 """Statistics, verdicts and rendering of ``head_to_head.py``: t-intervals over seeds, the best
 method of each family within a compute budget with a paired verdict, the markdown, the Pareto
-plot, and splicing the markdown into a doc between marker lines.
+plot, and splicing the markdown into a doc between marker lines. The markdown table, the
+matplotlib import and the doc splice serve ``quality_report.py`` too.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def fmt_ci(iv: Optional[dict], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(iv['mean'])} ± {fmt.format((iv['high'] - iv['low']) / 2)}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table."""
     return ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"] + [
         "| " + " | ".join(r) + " |" for r in rows]
 
@@ -173,7 +175,7 @@ def render_markdown(res: dict, plot: Optional[str] = None) -> str:
         rows.append([m["family"], m["name"], fmt_ci(m["compute"]), f"{m['compute_share']:.2f}", fmt_ci(m["psnr"]),
                      fmt_ci(m["ssim"], "{:.3f}"), fmt_ci(m["class_acc"], "{:.3f}"), fmt_ci(m["fd"], "{:.3f}"),
                      fmt_ci(m["seconds"], "{:.3f}")])
-    L += _table(["family", "method", "compute (dense steps)", "share", "PSNR dB", "SSIM", "class acc.", "FD ↓",
+    L += md_table(["family", "method", "compute (dense steps)", "share", "PSNR dB", "SSIM", "class acc.", "FD ↓",
                  "seconds / seed"], rows) + [""]
     ref = res.get("reference") or {}
     if ref:
@@ -193,7 +195,7 @@ def render_markdown(res: dict, plot: Optional[str] = None) -> str:
           "family with the best mean PSNR wins when the paired per-seed differences to every other family, "
           "in PSNR and in SSIM, have t-intervals above 0; otherwise the families it does not beat tie with "
           "it. Target: the combined sampler beats both RAS and the best diffusers cache that way.", ""]
-    L += _table(["budget (share of dense)", *GROUPS, "verdict", "combined beats RAS and caches"], rows) + [""]
+    L += md_table(["budget (share of dense)", *GROUPS, "verdict", "combined beats RAS and caches"], rows) + [""]
     tg = res.get("target")
     if tg:
         L += [f"**Target** (combined beats RAS alone and the best diffusers cache outside the CI in at least half "
@@ -217,6 +219,19 @@ def render_markdown(res: dict, plot: Optional[str] = None) -> str:
 # Pareto plot
 
 
+def agg_pyplot():
+    """``matplotlib.pyplot`` on the Agg backend; None (with a message) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # not installed here
+        print(f"no plot: matplotlib is not available ({type(e).__name__}: {e})", flush=True)
+        return None
+    return plt
+
+
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The (compute, quality) points no cheaper-or-equal point beats, by compute."""
     out: list[tuple[float, float]] = []
@@ -229,13 +244,8 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def plot_pareto(res: dict, path: str) -> Optional[str]:
     """PSNR and SSIM against compute share, one marker per family (a colour per diffusers hook),
     interval error bars, the frontier; None (with a message) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as e:  # not installed here
-        print(f"no plot: matplotlib is not available ({type(e).__name__}: {e})", flush=True)
+    plt = agg_pyplot()
+    if plt is None:
         return None
     style = {"dense": ("o", "black"), "RAS": ("s", "tab:blue"), "combined": ("*", "tab:red")}
     hook_colours = ["tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
@@ -266,8 +276,15 @@ def plot_pareto(res: dict, path: str) -> Optional[str]:
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=7)
     su = res["setup"]
-    fig.suptitle(f"Head to head on {su['model']}: {su['seeds']} seeds × {su['images']} images, {su['device_name']}"
-                 + (" (quick CPU run)" if su["quick"] else ""), fontsize=11)
+    return save_figure(fig, path, f"Head to head on {su['model']}: {su['seeds']} seeds × {su['images']} images, "
+                                  f"{su['device_name']}" + (" (quick CPU run)" if su["quick"] else ""))
+
+
+def save_figure(fig, path: str, title: str) -> str:
+    """``fig`` with ``title`` laid out, written to ``path`` (110 dpi) and closed -> ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -278,28 +295,50 @@ def plot_pareto(res: dict, path: str) -> Optional[str]:
 # Doc
 
 
-def splice_doc(res: dict, src_dir: str, files: dict, doc: str) -> None:
-    """Put the rendered results between this model's marker lines of ``doc``; the plot and the
-    JSON are copied to <doc dir>/quality/ and linked."""
-    model = res["setup"]["model"]
+def doc_text(doc: str, begin: str, end: str) -> str:
+    """The text of ``doc``; SystemExit, naming the marker lines to add, where it lacks them."""
     text = open(doc).read()
-    begin, end = begin_mark(model), end_mark(model)
     if begin not in text or end not in text:
         raise SystemExit(f"{doc}: no marker lines {begin!r} / {end!r}; add them where the results go")
+    return text
+
+
+def copy_beside_doc(src_dir: str, names: dict[str, Optional[str]], doc: str,
+                    required: Sequence[str] = ()) -> tuple[str, dict[str, str]]:
+    """Copy the files ``names`` ({key: file name in ``src_dir``}) to <doc dir>/quality/ -> (that
+    folder, {key: the link from the doc}); a missing file is left out unless its key is ``required``."""
     pic_dir = os.path.join(os.path.dirname(os.path.abspath(doc)), "quality")
     os.makedirs(pic_dir, exist_ok=True)
     links = {}
-    for key in ("plot", "json"):
-        name = files.get(key)
-        if name and os.path.isfile(os.path.join(src_dir, name)):
-            if os.path.abspath(os.path.join(src_dir, name)) != os.path.abspath(os.path.join(pic_dir, name)):
-                shutil.copyfile(os.path.join(src_dir, name), os.path.join(pic_dir, name))
-            links[key] = f"quality/{name}"
-    block = render_markdown(res, links.get("plot"))
-    if "json" in links:
-        block += f"\nAll numbers: [{links['json']}]({links['json']}).\n"
+    for key, name in names.items():
+        if not name:
+            continue
+        src, dst = os.path.join(src_dir, name), os.path.join(pic_dir, name)
+        if key not in required and not os.path.isfile(src):
+            continue
+        if os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copyfile(src, dst)
+        links[key] = f"quality/{name}"
+    return pic_dir, links
+
+
+def splice_between(doc: str, text: str, begin: str, end: str, block: str) -> None:
+    """Write ``text`` to ``doc`` with ``block`` in place of what stood between the marker lines."""
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     with open(doc, "w") as f:
         f.write(head + begin + "\n" + block + end + tail)
+
+
+def splice_doc(res: dict, src_dir: str, files: dict, doc: str) -> None:
+    """Put the rendered results between this model's marker lines of ``doc``; the plot and the
+    JSON are copied to <doc dir>/quality/ and linked."""
+    model = res["setup"]["model"]
+    begin, end = begin_mark(model), end_mark(model)
+    text = doc_text(doc, begin, end)
+    pic_dir, links = copy_beside_doc(src_dir, {key: files.get(key) for key in ("plot", "json")}, doc)
+    block = render_markdown(res, links.get("plot"))
+    if "json" in links:
+        block += f"\nAll numbers: [{links['json']}]({links['json']}).\n"
+    splice_between(doc, text, begin, end, block)
     print(f"spliced the {model} results into {doc} (plot and JSON in {pic_dir})")

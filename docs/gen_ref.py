@@ -460,6 +460,13 @@ def render_api() -> str:
              f"`rasfx.config.SCHEDULES` = `{config_mod.SCHEDULES!r}`; "
              f"`rasfx.config.ESTIMATES` = `{config_mod.ESTIMATES!r}`.", "")
 
+    page.h(2, "Several GPUs: rasfx.ParallelConfig", "parallel")
+    parallel_mod = importlib.import_module("rasfx.parallel")
+    page.add(md_doc(parallel_mod.__doc__), "")
+    _dataclass(page, "rasfx.ParallelConfig", rasfx.ParallelConfig)
+    _dataclass(page, "rasfx.parallel.ParallelStats", parallel_mod.ParallelStats, described_fields=False)
+    _dataclass(page, "rasfx.parallel.ParallelStepStats", parallel_mod.ParallelStepStats, described_fields=False)
+
     page.h(2, "Run statistics and heatmaps", "stats")
     page.add(md_doc(sys.modules["rasfx.run_stats"].__doc__), "")
     _dataclass(page, "rasfx.RunStats", rasfx.RunStats, described_fields=False)
@@ -474,7 +481,7 @@ def render_api() -> str:
     page.code("\n".join(_error_tree()), "text")
     for cls in (rasfx.RasfxError, rasfx.UnsupportedModelError, rasfx.CaptureError, rasfx.TooFewTokensError,
                 rasfx.InvalidIndexError,
-                rasfx.ConfigError, explain_mod.ExplainError,
+                rasfx.ConfigError, rasfx.ParallelError, explain_mod.ExplainError,
                 explain_mod.ToolMissingError, rasfx.RASWarning):
         qual = f"rasfx.{cls.__name__}" if getattr(rasfx, cls.__name__, None) is cls else f"rasfx.explain.{cls.__name__}"
         page.add(f"- **`{qual}`**: {md_doc(cls.__doc__)}")

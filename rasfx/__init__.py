@@ -21,7 +21,7 @@ _EXPORTS = {
     "ArgumentTypeError": "errors", "CaptureError": "errors", "ConfigError": "errors", "InvalidIndexError": "errors",
     "RasfxError": "errors", "RASWarning": "errors", "TooFewTokensError": "errors",
     "UnsupportedModelError": "errors", "UsageError": "errors",
-    "RASConfig": "config",
+    "RASConfig": "config", "ParallelConfig": "parallel.config", "ParallelError": "errors",
     "Explanation": "explain", "explain": "explain",
     "RASModule": "module", "RASModuleProtocol": "pipeline.contract",
     "OpRule": "passes.op_rules",
@@ -33,7 +33,8 @@ _EXPORTS = {
 }
 __all__ = [  # the names of _EXPORTS
     "ArgumentTypeError", "CaptureError", "ConfigError", "disable", "enable", "enabled", "explain", "Explanation",
-    "heatmap_figure", "heatmap_image", "InvalidIndexError", "is_enabled", "OpRule", "RASConfig", "RasfxError",
+    "heatmap_figure", "heatmap_image", "InvalidIndexError", "is_enabled", "OpRule", "ParallelConfig",
+    "ParallelError", "RASConfig", "RasfxError",
     "RASModule", "RASModuleProtocol", "RASWarning", "release", "RunStats", "save_heatmap", "stats", "StepStats",
     "TooFewTokensError", "transform", "TransformConfig", "UnsupportedModelError", "UsageError",
 ]
@@ -70,11 +71,12 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .config import RASConfig
     from .errors import (
-        ArgumentTypeError, CaptureError, ConfigError, InvalidIndexError, RasfxError, RASWarning, TooFewTokensError,
-        UnsupportedModelError, UsageError,
+        ArgumentTypeError, CaptureError, ConfigError, InvalidIndexError, ParallelError, RasfxError, RASWarning,
+        TooFewTokensError, UnsupportedModelError, UsageError,
     )
     from .explain import Explanation, explain
     from .module import RASModule
+    from .parallel.config import ParallelConfig
     from .passes.op_rules import OpRule
     from .pipeline import disable, enable, enabled, is_enabled, release, stats
     from .pipeline.contract import RASModuleProtocol

@@ -6,8 +6,9 @@ A model is compiled in three stages, each a list of passes run by ``run_passes``
   (``capture.py``): strip the shape asserts, find the token axes, plan the active region.
   They annotate the graph; only ``strip_asserts`` changes it.
 * ``VARIANT_PASSES``, once per graph variant (dense / shared / rowwise, fused or not), on a
-  copy of the captured graph: gathers, resized shape arguments, cache sites, the rewrite
-  context's clean-up, the optional kernel fusion, the per-prompt prologue.
+  copy of the captured graph: gathers, resized shape arguments, cache sites, the row exchange of
+  the context-parallel variants, the rewrite context's clean-up, the optional kernel fusion, the
+  per-prompt prologue.
 * ``LOWERING_PASSES``, on a copy of a variant right before ``torch.compile``.
 
 ``run_passes`` records each pass's counter and stamps every node a pass creates with
@@ -155,6 +156,9 @@ VARIANT_PASSES: tuple[Pass, ...] = (
     Pass("insert_gathers", lambda s: passes.insert_gathers(s.ctx), counter="gathers"),
     Pass("resize_token_shapes", lambda s: passes.resize_token_shapes(s.ctx), counter="resized_args"),
     Pass("insert_cache_sites", lambda s: passes.insert_cache_sites(s.ctx)),
+    # context parallelism (rasfx.ParallelConfig): the parallel_* variants only
+    Pass("exchange_active_rows", lambda s: passes.exchange_active_rows(s.ctx, s.extra["parallel"]),
+         when=lambda s: bool(s.extra.get("parallel"))),
     Pass("finalize_context", lambda s: _finalize(s)),  # inputs first, dead code out, recompile
     Pass("fuse_kernels", lambda s: passes.fuse_kernels(s.gm), when=lambda s: s.fused),
     Pass("hoist_invariants", _hoist, when=lambda s: s.invariant_inputs is not None),

@@ -45,6 +45,12 @@ class ExplainError(RasfxError, ValueError):
     matches nothing)."""
 
 
+class ParallelError(RasfxError, RuntimeError):
+    """Context parallelism (``rasfx.ParallelConfig``) failed: a collective timed out or failed
+    because another rank stopped, or the ranks disagree; every rank raises one, and the next
+    pipeline call forms the process group again (see docs/parallel.md)."""
+
+
 class ToolMissingError(RasfxError, RuntimeError):
     """An external tool (Graphviz ``dot``) or an optional package (matplotlib) is needed and
     missing; the message says how to install it."""

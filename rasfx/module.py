@@ -67,6 +67,7 @@ class RASModule(torch.nn.Module):
         # cache layout when it plans a capture; forward picks the fused variants)
         self.target = ExecutionTarget.of(self.config)
         self.runner = GraphRunner(self.target.mode)
+        self.parallel = None  # a rasfx.parallel.ParallelRuntime: context parallelism across its ranks
 
     # ------------------------------------------------------------------ copy and pickle
     def __getstate__(self):
@@ -74,7 +75,7 @@ class RASModule(torch.nn.Module):
         not copied (a copy captures again on its first forward, with its own caches)."""
         state = dict(self.__dict__)
         for name in ("_captures", "_slots", "_slot_name", "_lock", "_resolvers", "_dense_only", "_structure",
-                     "_forward_signature", "target", "runner", "_value_leaves", "_value_memo"):
+                     "_forward_signature", "target", "runner", "parallel", "_value_leaves", "_value_memo"):
             state.pop(name, None)
         return state
 
@@ -230,6 +231,10 @@ class RASModule(torch.nn.Module):
         dense = index is None
         if index is not None:
             self._check_index_for(cc, slot, index)
+        if self.parallel is not None:  # context parallelism: this rank's share of the tokens (rasfx/parallel)
+            name, index = self.parallel.shard(cc, index)
+            variant = self._variant(cc, name)
+        elif index is not None:
             name = "shared" if index.dim() == 1 else "rowwise"
             variant = self._variant(cc, f"fused_{name}" if self.target.fuses(cc.device) else name)
         else:
@@ -250,11 +255,13 @@ class RASModule(torch.nn.Module):
             graph_args = variant.call_args(
                 graph_inputs, active_index=index, caches=buffers.caches,
                 hoisted_values=None if variant.hoisted is None else hoisted_values(buffers, variant.hoisted, flat))
-            dynamic = [i for i in cc.dynamic_positions if i not in variant.unused] + ([] if dense else [len(flat)])
+            # the index input (with context parallelism the group plan, dense steps too) is dynamic
+            dynamic = [i for i in cc.dynamic_positions if i not in variant.unused] + ([] if index is None else [len(flat)])
             key = GraphKey(slot=self._slot_name, variant=variant.name, signature=sig,
                            index_shape=None if index is None else tuple(index.shape))
             slot.filled = False  # until the step completes: an exception leaves some caches half written
-            flat_out = self.runner.run(variant, graph_args, dynamic, key)
+            with self.parallel.running(variant) if self.parallel is not None else contextlib.nullcontext():
+                flat_out = self.runner.run(variant, graph_args, dynamic, key)
         slot.last_dense = dense
         slot.filled = True
         slot.forwards += 1

@@ -29,9 +29,10 @@ from .passes.token_analysis import model_line
 
 aten = torch.ops.aten
 
-# Graph variants of one capture: dense; one index set for all rows; per-row index sets; and the
-# same two with the kernel fusion pass.
-VARIANTS = ("dense", "shared", "rowwise", "fused", "fused_shared", "fused_rowwise")
+# Graph variants of one capture: dense; one index set for all rows; per-row index sets; the
+# same two with the kernel fusion pass; and the two across the ranks of a context-parallel group.
+VARIANTS = ("dense", "shared", "rowwise", "fused", "fused_shared", "fused_rowwise", "parallel_shared",
+            "parallel_rowwise")
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -108,24 +109,28 @@ class PlannedCapture:
             self.variants[name] = build_variant(self, name)
             ref = self.variants.get("dense")
             got = self.variants[name]
-            if ref is not None and [(c.shape, c.dtype) for c in ref.caches] != [(c.shape, c.dtype) for c in got.caches]:
+            if ref is not None and "@" not in name and (  # a parallel variant may hold 1/R of the heads
+                    [(c.shape, c.dtype) for c in ref.caches] != [(c.shape, c.dtype) for c in got.caches]):
                 raise AssertionError("graph variants disagree on their caches")
         return self.variants[name]
 
 
 def build_variant(cc: PlannedCapture, name: str) -> GraphVariant:
     """``dense`` | ``shared`` | ``rowwise``; a ``fused_`` prefix adds the kernel fusion pass
-    (``fused`` alone means ``fused_shared``)."""
+    (``fused`` alone means ``fused_shared``), a ``parallel_`` prefix the row exchange of
+    context parallelism for ``@<ranks>:<attention>`` (``passes/exchange_active_rows.py``:
+    ``parallel_shared@4:heads``)."""
     t0 = time.perf_counter()
-    if name not in VARIANTS:
-        raise UsageError(f"unknown graph variant {name!r}; one of {VARIANTS}")
-    base = {"fused": "shared"}.get(name, name.removeprefix("fused_"))
+    kind, _, parallel = name.partition("@")
+    if kind not in VARIANTS or bool(parallel) != kind.startswith("parallel_"):
+        raise UsageError(f"unknown graph variant {name!r}; one of {VARIANTS} (parallel ones with @<ranks>:<attention>)")
+    base = {"fused": "shared"}.get(kind, kind.removeprefix("fused_").removeprefix("parallel_"))
     gm = copy_graph_module(cc.capture.graph_module)
     ctx = RewriteContext(gm, cc.plan, cc.num_tokens, base, contiguous_attention=cc.contiguous_attention)
-    if name == "rowwise":
+    if kind in ("rowwise", "parallel_rowwise"):
         _check_rowwise(cc)
-    state = VariantState(gm, ctx, fused=name != base, invariant_inputs=cc.invariant_inputs,
-                         dynamic_positions=cc.dynamic_positions)
+    state = VariantState(gm, ctx, fused=kind != base and not parallel, invariant_inputs=cc.invariant_inputs,
+                         dynamic_positions=cc.dynamic_positions, extra={"parallel": parallel})
     counters = run_passes(gm, compiler.VARIANT_PASSES, state)  # read at call time: a pass added to the list runs
     hoisted = state.hoisted
     cc.timings[f"build_{name}"] = time.perf_counter() - t0

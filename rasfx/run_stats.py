@@ -78,6 +78,9 @@ class RunStats:
     ``compile_s``): all zero on an image whose input signature was seen before.
     ``run_time_s``: the denoising loop (first transformer call to the end of the last scheduler
     step; 0 while the run is in progress); ``transformer_time_s``: the transformer calls in it.
+    ``parallel``: with context parallelism (``rasfx.enable(..., parallel=rasfx.ParallelConfig())``)
+    a ``rasfx.parallel.ParallelStats``: per step the tokens per rank, the imbalance (and what
+    contiguous sharding of the same active set would give) and the bytes received; else None.
     """
 
     config: Any
@@ -96,6 +99,7 @@ class RunStats:
     work: dict = field(default_factory=dict)
     run_time_s: float = 0.0
     transformer_time_s: float = 0.0
+    parallel: Any = None
 
     @property
     def exports(self) -> int:
@@ -188,6 +192,8 @@ class RunStats:
             f"tokens, ~{s.flops_fraction:.3f} FLOPs, {1e3 * s.wall_time_s:8.2f} ms"
             for s in self.steps
         ]
+        if self.parallel is not None:
+            lines.append(self.parallel.summary())
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

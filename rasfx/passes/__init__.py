@@ -1,12 +1,13 @@
 """The compiler passes of rasfx, in pipeline order.
 
 capture -> strip_asserts -> analyze_tokens -> plan_regions ->
-insert_gathers -> resize_token_shapes -> insert_cache_sites -> fuse_kernels (optional) ->
-hoist_invariants
+insert_gathers -> resize_token_shapes -> insert_cache_sites -> exchange_active_rows (context-parallel
+variants only) -> fuse_kernels (optional) -> hoist_invariants
 
 lower_cache_ops runs on a copy of a variant right before ``torch.compile``.
 """
 
+from .exchange_active_rows import exchange_active_rows
 from .fuse_kernels import fuse_kernels
 from .hoist_invariants import Hoisted, hoist_invariants
 from .insert_cache_sites import insert_cache_sites
@@ -18,7 +19,8 @@ from .strip_asserts import strip_asserts
 from .token_analysis import Axis, TokenAnalysis, analyze_tokens, token_axes
 
 __all__ = [
-    "Axis", "Hoisted", "RegionPlan", "Site", "TokenAnalysis", "analyze_tokens", "fuse_kernels", "hoist_invariants",
+    "Axis", "Hoisted", "RegionPlan", "Site", "TokenAnalysis", "analyze_tokens", "exchange_active_rows", "fuse_kernels",
+    "hoist_invariants",
     "insert_cache_sites", "insert_gathers", "lower_cache_ops", "plan_regions", "resize_token_shapes", "strip_asserts",
     "token_axes",
 ]

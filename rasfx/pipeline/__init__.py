@@ -132,6 +132,7 @@ def enable(
     *,
     transform_config: Any = None,
     transform: Optional[Callable] = None,
+    parallel: Any = None,
 ) -> Any:
     """Attach region-adaptive sampling to a diffusers pipeline; returns ``pipe``.
 
@@ -141,6 +142,9 @@ def enable(
     module with the members of ``rasfx.RASModuleProtocol`` (checked here: ``ArgumentTypeError``
     names the missing ones). The pipeline's objects stay the same; only instance attributes
     are added (all removed again by :func:`disable`).
+    ``parallel``: a ``rasfx.ParallelConfig``: run the transformer across the ranks of a
+    ``torch.distributed`` group, the tokens of every step shared equally (context parallelism;
+    every rank makes the same pipeline calls; docs/parallel.md). Every rank calls ``enable``.
     """
     config = RASConfig() if config is None else config
     if not isinstance(config, RASConfig):
@@ -170,7 +174,18 @@ def enable(
         )
     make = _resolve_transform(transform, transform_config)
     hooks = [TransformerHook(n, m, check_ras_module(make(m), f"pipe.{n}")) for n, m in models]
-    state = PipelineController(pipe, config, hooks)
+    runtime = None
+    if parallel is not None:  # context parallelism (rasfx/parallel): forms rasfx's process group
+        from ..parallel.runtime import ParallelRuntime
+
+        runtime = ParallelRuntime(parallel)
+        try:
+            for hook in hooks:
+                runtime.attach(hook.ras)
+        except BaseException:
+            runtime.close()
+            raise
+    state = PipelineController(pipe, config, hooks, runtime)
     state.install(pipe)
     _STATES[pipe] = state
     return pipe
@@ -214,9 +229,10 @@ def enabled(
     *,
     transform_config: Any = None,
     transform: Optional[Callable] = None,
+    parallel: Any = None,
 ) -> Iterator[Any]:
     """``with rasfx.enabled(pipe, cfg): ...`` enables RAS for the block and disables it after."""
-    enable(pipe, config, transform_config=transform_config, transform=transform)
+    enable(pipe, config, transform_config=transform_config, transform=transform, parallel=parallel)
     try:
         yield pipe
     finally:

@@ -52,11 +52,13 @@ class TransformerHook:
 
 class PipelineController:
     """The per-pipeline state of ``rasfx.enable`` and the run state machine (see the module
-    docstring). ``hooks``: one :class:`TransformerHook` per transformer."""
+    docstring). ``hooks``: one :class:`TransformerHook` per transformer; ``parallel``: a
+    ``rasfx.parallel.ParallelRuntime`` (context parallelism) or None."""
 
-    def __init__(self, pipe: Any, config: RASConfig, hooks: list[TransformerHook]) -> None:
+    def __init__(self, pipe: Any, config: RASConfig, hooks: list[TransformerHook], parallel: Any = None) -> None:
         self.config = config
         self.hooks = hooks
+        self.parallel = parallel
         self.pipe_ref = weakref.ref(pipe)
         self.scheduler = pipe.scheduler
         self.patches: list[Patch] = []
@@ -98,6 +100,8 @@ class PipelineController:
         runs: the pipeline is as before ``install``."""
         for p in reversed(self.patches):
             p.restore()
+        if self.parallel is not None:
+            self.parallel.close()
         self.release_modules()
         self.patches = []
         self.run = self.last_run = None
@@ -165,8 +169,10 @@ class PipelineController:
             for hook in self.hooks:
                 hook.ras.reset()
             self.run = None
+            records = self.parallel.begin_run() if self.parallel is not None else None  # a rendezvous of the ranks
             # may raise: explicit reset steps outside the run
             run = self.run = Run(self.config, n, self.work_counts(), self.ran_counts())
+            run.parallel_records = records
         return run
 
     def follow_scheduler(self) -> None:
@@ -239,7 +245,9 @@ class PipelineController:
     def _compute(self, run: Run, step: int, hook: TransformerHook, slot: str, args: tuple, kwargs: dict) -> Any:
         # A custom transform without a runner wraps the model eagerly.
         eager = run.mode in ("eager", "custom transform")
-        if run.bypass(step, eager):
+        if self.parallel is not None:  # context parallelism: every step runs rasfx's graphs, dense ones too
+            self.parallel.step = step
+        elif run.bypass(step, eager):
             run.original_forwards += 1
             return hook.original_forward(*args, **kwargs)
 
@@ -324,6 +332,8 @@ class PipelineController:
         run.records.append((step, dense, active, run.timer or StepTimer(torch.device("cpu")), skipped))
         run.advance()
         if run.step >= run.num_steps:
+            if self.parallel is not None:
+                self.parallel.finish_run()
             self.end_run()
         return out
 
@@ -362,8 +372,10 @@ class PipelineController:
 
     def build_stats(self, run: Run) -> RunStats:
         """``RunStats`` of ``run`` (finished, or in progress: what it did so far)."""
+        parallel = None if self.parallel is None else self.parallel.stats(run.parallel_records or [])
         return build_stats(run, self.config, pixel_scale=self.pixel_scale, work_now=self.work_counts(),
-                           ran_now=self.ran_counts(), fallbacks=self.fallbacks(), unpack=self.original_unpack)
+                           ran_now=self.ran_counts(), fallbacks=self.fallbacks(), unpack=self.original_unpack,
+                           parallel=parallel)
 
 
 def _batch_of(args: tuple, kwargs: dict) -> Optional[int]:

@@ -20,10 +20,11 @@ from .run import Run
 
 
 def build_stats(run: Run, config: RASConfig, *, pixel_scale: int, work_now: dict, ran_now: Counter,
-                fallbacks: dict[str, str], unpack: Optional[Callable[..., Any]]) -> RunStats:
+                fallbacks: dict[str, str], unpack: Optional[Callable[..., Any]], parallel: Any = None) -> RunStats:
     """``work_now`` / ``ran_now``: rasfx's work and the runners' calls so far (used while the run
     is in progress); ``fallbacks``: graph -> why it ran in another mode; ``unpack``: the
-    pipeline class's own ``_unpack_latents`` (lays packed latents out on the image grid)."""
+    pipeline class's own ``_unpack_latents`` (lays packed latents out on the image grid);
+    ``parallel``: the run's ``rasfx.parallel.ParallelStats`` (context parallelism) or None."""
     n = run.num_tokens or 0
     share = step_flops_share(run.capture, n)
     steps, discarded = [], 0
@@ -48,13 +49,13 @@ def build_stats(run: Run, config: RASConfig, *, pixel_scale: int, work_now: dict
                    pixel_scale=pixel_scale, notes=list(run.notes) + mode_notes, mode=mode, modes=modes,
                    work=work, run_time_s=run.run_timer.seconds() if run.finished and run.run_timer else 0.0,
                    transformer_time_s=sum(t.seconds() for t in run.forward_timers),
-                   flops_source="graph" if run.capture is not None else "token share")
+                   flops_source="graph" if run.capture is not None else "token share", parallel=parallel)
     if discarded:
         out.notes.append(f"{discarded} skipped steps were computed and their noise replaced by the estimate "
                          "(RASConfig.skip_sync=False decides on the device: no time saved)")
     if run.fallback is not None:
         out.notes.append(f"ran dense: {run.fallback}")
-    if run.all_dense:
+    if run.all_dense and parallel is None:
         out.notes.append("every step dense by configuration: the transformer ran unmodified")
     sampler = run.sampler
     if sampler is not None and sampler.computed is not None:

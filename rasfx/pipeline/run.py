@@ -86,6 +86,7 @@ class Run:
         self.capture: Any = None  # the PlannedCapture the plan was built from (for the FLOP model)
         self.run_timer: Optional[StepTimer] = None  # first transformer call -> last scheduler step
         self.forward_timers: list[StepTimer] = []  # one per transformer call
+        self.parallel_records: Optional[list] = None  # context parallelism: this run's forwards (rasfx.parallel)
         self._reset_step()
 
     def advance(self) -> None:
