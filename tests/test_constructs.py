@@ -49,6 +49,28 @@ class _Block(torch.nn.Module):
         return self.proj(a.transpose(1, 2).reshape(b, n, C))
 
 
+def _tiny_dit_layers(m: torch.nn.Module) -> None:
+    """The layers most construct models share (seeded): a patch embedding, a text projection,
+    a timestep modulation (scale, shift), two blocks and a head."""
+    torch.manual_seed(0)
+    m.embed = torch.nn.Conv2d(4, C, P, stride=P)
+    m.txt = torch.nn.Linear(8, C)
+    m.t_embed = torch.nn.Linear(1, 2 * C)
+    m.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+    m.head = torch.nn.Linear(C, 4 * P * P)
+
+
+def _assert_per_row_sets_exact(ras: rasfx.RASModule, model: torch.nn.Module, kw: dict) -> None:
+    """Per-row active sets (even tokens in row 0, odd ones in row 1) after a dense forward on the
+    same inputs reproduce the model's output."""
+    with torch.no_grad():
+        want = model(**kw)
+        ras.set_active(None)
+        ras(**kw)
+        ras.set_active(torch.stack([torch.arange(0, 24, 2), torch.arange(1, 24, 2)]))
+        assert _rel(ras(**kw), want) <= TOL
+
+
 class AutocastDiT(torch.nn.Module):
     """The original Wan 2.1 code's habit: residual adds, the modulation and the output head in
     ``autocast(float32)`` regions (CUDA autocast around CPU tensors: a disabled region, as on a
@@ -147,12 +169,7 @@ class JointMaskDiT(torch.nn.Module):
 
     def __init__(self, image_first: bool, built_inside: bool):
         super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
-        self.txt = torch.nn.Linear(8, C)
-        self.t_embed = torch.nn.Linear(1, 2 * C)
-        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
-        self.head = torch.nn.Linear(C, 4 * P * P)
+        _tiny_dit_layers(self)
         self.image_first, self.built_inside = image_first, built_inside
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, attention_mask):
@@ -434,12 +451,7 @@ class PromptReadDiT(torch.nn.Module):
 
     def __init__(self, step_read: bool = False):
         super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
-        self.txt = torch.nn.Linear(8, C)
-        self.t_embed = torch.nn.Linear(1, 2 * C)
-        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
-        self.head = torch.nn.Linear(C, 4 * P * P)
+        _tiny_dit_layers(self)
         self.step_read = step_read
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, attention_mask):
@@ -524,12 +536,7 @@ class PerSampleAttentionDiT(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
-        self.txt = torch.nn.Linear(8, C)
-        self.t_embed = torch.nn.Linear(1, 2 * C)
-        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
-        self.head = torch.nn.Linear(C, 4 * P * P)
+        _tiny_dit_layers(self)
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, attention_mask):
         b, _, h, w = hidden_states.shape
@@ -557,11 +564,5 @@ class PerSampleAttentionDiT(torch.nn.Module):
 def test_per_sample_attention_over_each_prompts_valid_tokens():
     model = PerSampleAttentionDiT().eval()
     ras = _check_contract(model, _prompt_inputs)
-    kw = _prompt_inputs(3)
-    with torch.no_grad():
-        want = model(**kw)
-        ras.set_active(None)
-        ras(**kw)
-        ras.set_active(torch.stack([torch.arange(0, 24, 2), torch.arange(1, 24, 2)]))  # per-row sets
-        assert _rel(ras(**kw), want) <= TOL
+    _assert_per_row_sets_exact(ras, model, _prompt_inputs(3))
     assert ras.work_counts()["exports"] == 1

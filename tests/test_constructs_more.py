@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import rasfx
 from rasfx import capture
 
-from test_constructs import C, HEADS, P, TOL, _Block, _check_contract, _prompt_inputs, _rel
+from test_constructs import (C, HEADS, P, _assert_per_row_sets_exact, _Block, _check_contract, _prompt_inputs,
+                             _tiny_dit_layers)
 
 
 class RowJoinDiT(torch.nn.Module):
@@ -22,14 +23,9 @@ class RowJoinDiT(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
-        self.txt = torch.nn.Linear(8, C)
+        _tiny_dit_layers(self)
         self.txt_pos = torch.nn.Parameter(torch.randn(16, C))
         self.refiner = _Block()
-        self.t_embed = torch.nn.Linear(1, 2 * C)
-        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
-        self.head = torch.nn.Linear(C, 4 * P * P)
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, attention_mask):
         b, _, h, w = hidden_states.shape
@@ -65,13 +61,7 @@ def test_a_joint_sequence_built_row_by_row():
     cc = ras.captures()[0]
     assert cc.analysis.stats["row_writes_located"] >= 1
     assert cc.plan.counters["gathers"] >= 1  # the blocks over the joint sequence run on the active tokens
-    kw = _prompt_inputs(3)
-    with torch.no_grad():
-        want = model(**kw)
-        ras.set_active(None)
-        ras(**kw)
-        ras.set_active(torch.stack([torch.arange(0, 24, 2), torch.arange(1, 24, 2)]))  # per-row sets
-        assert _rel(ras(**kw), want) <= TOL
+    _assert_per_row_sets_exact(ras, model, _prompt_inputs(3))
 
 
 class JointTableDiT(torch.nn.Module):
@@ -139,11 +129,7 @@ class EmbeddingRopeDiT(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
-        self.t_embed = torch.nn.Linear(1, 2 * C)
-        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
-        self.head = torch.nn.Linear(C, 4 * P * P)
+        _tiny_dit_layers(self)
 
     @staticmethod
     def _rope_1d(u, ids, cos, sin):
@@ -192,13 +178,7 @@ def _rope_inputs(seed: int, h: int = 8, w: int = 12, ids_per_row: bool = False) 
 def test_rope_positions_looked_up_by_embedding(ids_per_row):
     model = EmbeddingRopeDiT().eval()
     ras = _check_contract(model, lambda seed: _rope_inputs(seed, ids_per_row=ids_per_row))
-    kw = _rope_inputs(3, ids_per_row=ids_per_row)
-    with torch.no_grad():
-        want = model(**kw)
-        ras.set_active(None)
-        ras(**kw)
-        ras.set_active(torch.stack([torch.arange(0, 24, 2), torch.arange(1, 24, 2)]))  # per-row sets
-        assert _rel(ras(**kw), want) <= TOL
+    _assert_per_row_sets_exact(ras, model, _rope_inputs(3, ids_per_row=ids_per_row))
 
 
 class GlobalTokenAudioDiT(torch.nn.Module):
