@@ -651,7 +651,8 @@ def render_models() -> str:
     tree = ast.parse(src)
     passing = ast.literal_eval(_literal_names(tree, "PASSING"))
     known = _reasons(_literal_names(tree, "KNOWN_BUGS"))
-    unsupported = {n: p.known_failure.reason for n, p in PRESETS.items() if p.known_failure is not None}
+    unsupported = {n: p.known_failure.reason for n, p in PRESETS.items()
+                   if p.known_failure is not None and n not in known}
     try:
         single = _reasons(_literal_names(tree, "SINGLE_TOKEN_BUGS"))
     except SystemExit:
@@ -697,7 +698,7 @@ def render_models() -> str:
         "rasfx raises a clear error instead of running.", "",
         "## Constructs of DiT code outside diffusers", "",
         "Research code bases write DiTs in ways diffusers' classes do not. Each construct below is "
-        "reproduced by a small model in `tests/test_constructs.py`, written the way such code writes "
+        "reproduced by a small model in `tests/test_constructs*.py`, written the way such code writes "
         "it, and checked the same way (dense and partial equivalence, cached outputs of inactive "
         "tokens, no conservative op without a warning):", "",
         "| model in the test | construct |", "| --- | --- |",
@@ -723,10 +724,11 @@ def render_models() -> str:
 
 
 def _construct_rows() -> list[str]:
-    """One row per model class of tests/test_constructs.py: its name and docstring."""
-    tree = ast.parse((ROOT / "tests" / "test_constructs.py").read_text())
+    """One row per model class of tests/test_constructs*.py: its name and docstring."""
     rows = []
-    for node in tree.body:
+    nodes = [node for path in sorted((ROOT / "tests").glob("test_constructs*.py"))
+             for node in ast.parse(path.read_text()).body]
+    for node in nodes:
         doc = ast.get_docstring(node) if isinstance(node, ast.ClassDef) else None
         if doc and not node.name.startswith("_"):
             rows.append(f"| `{node.name}` | {' '.join(doc.split()).replace('|', '/')} |")

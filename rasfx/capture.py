@@ -12,12 +12,13 @@ import contextlib
 import inspect
 import logging
 import os
+import sys
 import sysconfig
 import threading
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -25,19 +26,26 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from .errors import CaptureError
+from .prompt_values import ReadsReplay, placeholder_leaves, record
 
 log = logging.getLogger("rasfx")
 
 
 class _KwargsModule(torch.nn.Module):
-    """Calls the model with keyword arguments only; export sees a plain kwargs signature."""
+    """Calls the model with keyword arguments only; export sees a plain kwargs signature.
+    ``reads``: replays the forward's reads of tensor values (``prompt_values``)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, reads: Optional[ReadsReplay] = None):
         super().__init__()
         self.model = model
+        self.reads = reads
 
     def forward(self, **kwargs):
-        return self.model(**kwargs)
+        if self.reads is None:
+            return self.model(**kwargs)
+        self.reads.leaves = placeholder_leaves(kwargs)
+        with self.reads:
+            return self.model(**kwargs)
 
 
 def bind_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -92,9 +100,71 @@ _DATA_DEPENDENT = ("data-dependent", "GuardOnDataDependentSymNode", "item()", "t
 
 def export(model: torch.nn.Module, kwargs: dict) -> ExportedProgram:
     """Non-strict ``torch.export`` of ``model(**kwargs)``; clear error when it fails."""
-    wrapper = _KwargsModule(model)
+    return export_specialised(model, kwargs)[0]
+
+
+def export_specialised(model: torch.nn.Module, kwargs: dict, varying: Optional[Iterable[str]] = None,
+                       specialise: bool = False) -> tuple[ExportedProgram, tuple[int, ...]]:
+    """``export``, and where it fails on the forward's reads of tensor values (``.tolist()``,
+    ``nonzero``, a boolean mask index...) and ``varying`` (the inputs that change at every
+    step) is given: the forward exported again with the values it reads from the other inputs
+    as constants (``rasfx.prompt_values``). Returns the program and the positions of the input
+    leaves those values were computed from (``()``: none; the capture must be keyed on their
+    values). ``specialise``: skip the plain attempt (a second capture of a specialised model)."""
+    first: Optional[Exception] = None
+    plain: Optional[ExportedProgram] = None
+    if not specialise:
+        try:
+            plain = _export(model, kwargs, None)
+        except CaptureError as e:
+            if varying is None:
+                raise
+            first = e
+        else:  # sizes computed from values (``nonzero`` on the prompt mask) are specialised too
+            if varying is None or not _data_dependent_sizes(plain):
+                return plain, ()
+    try:
+        table = record(model, kwargs)
+    except Exception as e:  # the model itself fails on these inputs: the export's error says where
+        if first is not None:
+            raise first from None
+        if specialise:  # inputs rasfx made (another resolution): a candidate that failed
+            raise CaptureError(f"{type(model).__name__} fails on these inputs: {type(e).__name__}: {e}") from e
+        raise
+    if not table:
+        if plain is not None:
+            return plain, ()
+        if first is not None:
+            raise first
+    reads = ReadsReplay(table, {}, varying or ())
+    try:
+        ep = _export(model, kwargs, reads)
+    except CaptureError as e:
+        if plain is not None and not reads.blocked:
+            return plain, ()
+        if reads.blocked:
+            raise CaptureError(
+                f"{e.args[0]}\nData-dependent reads rasfx could not specialise (only values computed from inputs "
+                "that stay the same between steps, such as the prompt's masks, can be): "
+                + "; ".join(dict.fromkeys(reads.blocked))
+            ) from e.__cause__
+        raise
+    if plain is not None and _data_dependent_sizes(ep):
+        return plain, ()
+    return ep, tuple(sorted(reads.keyed))
+
+
+def _data_dependent_sizes(ep: ExportedProgram) -> bool:
+    """Whether a size in the graph is computed from tensor values (an unbacked symbol)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return any(free_unbacked_symbols(n.meta.get("val")) for n in ep.graph.nodes if "val" in n.meta)
+
+
+def _export(model: torch.nn.Module, kwargs: dict, reads: Optional[ReadsReplay]) -> ExportedProgram:
+    wrapper = _KwargsModule(model, reads)
     with EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad(), _quiet_logs(), _restore_export_flag(), \
-            _attributes_restored(model):
+            _attributes_restored(model), _stderr_of_this_thread_dropped():
         warnings.simplefilter("ignore")
         try:
             return _inline_wrappers(torch.export.export(wrapper, (), kwargs, strict=False))
@@ -204,9 +274,12 @@ class Capture:
     in_spec: Any
     signature: tuple
     extra: dict = field(default_factory=dict)
+    # positions (in the flat input leaves) of the inputs whose values the graph was specialised
+    # on (``rasfx.prompt_values``): the capture is valid for those values only
+    value_leaves: tuple = ()
 
     @classmethod
-    def from_program(cls, ep: ExportedProgram, signature: tuple) -> "Capture":
+    def from_program(cls, ep: ExportedProgram, signature: tuple, value_leaves: tuple = ()) -> "Capture":
         sources: list[tuple[str, Any]] = []
         user_pos = 0
         for spec in ep.graph_signature.input_specs:
@@ -235,6 +308,7 @@ class Capture:
             out_spec=ep.call_spec.out_spec,
             in_spec=ep.call_spec.in_spec,
             signature=signature,
+            value_leaves=tuple(value_leaves),
         )
 
     def input_resolver(self, model: torch.nn.Module) -> Callable[[list], list]:
@@ -263,6 +337,31 @@ class Capture:
 def capture(model: torch.nn.Module, kwargs: dict) -> Capture:
     sig = input_signature(model, kwargs)
     return Capture.from_program(export(model, kwargs), sig)
+
+
+class _DropThread:
+    """A stream that drops what one thread writes and passes the rest on."""
+
+    def __init__(self, stream, thread: int):
+        self.stream, self.thread = stream, thread
+
+    def write(self, text):
+        return len(text) if threading.get_ident() == self.thread else self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _stderr_of_this_thread_dropped():
+    # A failed export prints its partial graph (the whole model) to stderr; the error we raise
+    # says where it failed.
+    stream = sys.stderr
+    sys.stderr = _DropThread(stream, threading.get_ident())
+    try:
+        yield
+    finally:
+        sys.stderr = stream
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .capture import bind_inputs, input_signature
+from .prompt_values import value_key
 from .errors import CaptureError, InvalidIndexError, RASWarning, TooFewTokensError, UnsupportedModelError, UsageError
 from .planned_capture import PlannedCapture, conservative_report, plan_capture
 from .model_structure import ModelStructure
@@ -56,6 +57,9 @@ class RASModule(torch.nn.Module):
         self._lock = threading.RLock()
         self._resolvers: dict = {}
         self._dense_only: dict[Any, str] = {}  # signature -> why it runs the plain model
+        # signature -> input leaves whose values its captures are specialised on (prompt_values)
+        self._value_leaves: dict[Any, tuple] = {}
+        self._value_memo: dict = {}  # value_key's memo: the same mask tensor is not read again
         self._structure = ModelStructure()
         # (forward's function, its inspect.Signature): checks the kwargs of a call
         self._forward_signature: Optional[tuple[Any, inspect.Signature]] = None
@@ -71,7 +75,7 @@ class RASModule(torch.nn.Module):
         not copied (a copy captures again on its first forward, with its own caches)."""
         state = dict(self.__dict__)
         for name in ("_captures", "_slots", "_slot_name", "_lock", "_resolvers", "_dense_only", "_structure",
-                     "_forward_signature", "target", "runner", "parallel"):
+                     "_forward_signature", "target", "runner", "parallel", "_value_leaves", "_value_memo"):
             state.pop(name, None)
         return state
 
@@ -121,6 +125,8 @@ class RASModule(torch.nn.Module):
                 self._captures.clear()
                 self._resolvers.clear()
                 self._dense_only.clear()
+                self._value_leaves.clear()
+                self._value_memo.clear()
 
     def release(self) -> None:
         """Free the memory rasfx holds besides the model: every cache, step-invariant value,
@@ -189,7 +195,7 @@ class RASModule(torch.nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
         kwargs = self._bind(args, kwargs)
-        sig = input_signature(self.model, kwargs)
+        sig = self._signature(kwargs)
         with self._lock:
             changed = self._structure.changed(self.model, full=not self._slot.filled)
             if changed and (self._captures or self._dense_only):
@@ -201,6 +207,8 @@ class RASModule(torch.nn.Module):
                 )
                 self.reset(captures=True)
             cc = self._get_capture(sig, kwargs)
+            if cc is not None:
+                sig = cc.capture.signature  # keyed on prompt values on its first capture (_get_capture)
         slot = self._slot
         if cc is None:  # this signature runs the plain model (see _get_capture)
             slot.signature, slot.index, slot.filled = sig, None, False
@@ -299,8 +307,18 @@ class RASModule(torch.nn.Module):
             raise TypeError(f"{type(self.model).__name__}.forward(): {e}") from None
         return dict(kwargs)
 
+    def _signature(self, kwargs: dict) -> tuple:
+        """The call's input signature; for inputs whose values earlier captures of it were
+        specialised on (``rasfx.prompt_values``: a prompt mask read into Python), with a key
+        of those values: another prompt is another signature."""
+        sig = input_signature(self.model, kwargs)
+        leaves = self._value_leaves.get(sig)
+        return sig if leaves is None else (*sig, value_key(kwargs, leaves, self._value_memo))
+
     def _get_capture(self, sig, kwargs) -> Optional[PlannedCapture]:
-        """The capture of ``sig``, made on first use; None for a signature that runs dense."""
+        """The capture of ``sig``, made on first use; None for a signature that runs dense.
+        A capture specialised on prompt values is stored under ``sig`` keyed on them (its
+        ``capture.signature``)."""
         if sig in self._dense_only:
             return None
         cc = self._captures.get(sig)
@@ -326,6 +344,11 @@ class RASModule(torch.nn.Module):
             finally:
                 self._work["exports"] += 1
                 self._work["export_s"] += time.perf_counter() - t0
+            if cc.capture.value_leaves:
+                base = input_signature(self.model, kwargs)
+                leaves = tuple(sorted({*self._value_leaves.get(base, ()), *cc.capture.value_leaves}))
+                self._value_leaves[base] = leaves
+                sig = cc.capture.signature = (*base, value_key(kwargs, leaves, self._value_memo))
             self._captures[sig] = cc
             report = conservative_report(self.model, cc)
             if report is not None:

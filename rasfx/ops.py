@@ -142,10 +142,13 @@ def gather_tokens(x: Tensor, index: Tensor, dim: int, rank: int) -> Tensor:
     return torch.gather(x, dim, _expand_rowwise_index(index, x, dim))
 
 
-def sequence_index(index: Tensor, offset: int, num_image: int, total: int) -> Tensor:
+def sequence_index(index: Tensor, offset: int | tuple, num_image: int, total: int) -> Tensor:
     """Index of the active positions in a sequence that holds the image segment at
     ``[offset, offset + num_image)`` among ``total`` positions (conditioning tokens are
     always active)."""
+    if isinstance(offset, (tuple, list)):  # one offset per batch row: a per-row index [B, m]
+        return torch.stack([sequence_index(index if index.dim() == 1 else index[b], o, num_image, total)
+                            for b, o in enumerate(offset)])
     before = torch.arange(offset, device=index.device, dtype=index.dtype)
     after = torch.arange(offset + num_image, total, device=index.device, dtype=index.dtype)
     if index.dim() == 2:
@@ -153,6 +156,13 @@ def sequence_index(index: Tensor, offset: int, num_image: int, total: int) -> Te
         before = before.expand(b, -1)
         after = after.expand(b, -1)
     return torch.cat([before, index + offset, after], dim=-1)
+
+
+def index_rows(index: Tensor, start: int, stop: int, squeezed: bool) -> Tensor:
+    """The rows of a per-row index ``[B, n]`` that a tensor of some batch rows only needs
+    (``token_analysis.annotate_rows``): ``[stop - start, n]``, or ``[n]`` for one row whose
+    batch dim was selected away."""
+    return index[start] if squeezed else index[start:stop]
 
 
 def active_count(index: Tensor) -> int:

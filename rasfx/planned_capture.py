@@ -17,12 +17,14 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import passes
-from .capture import Capture, describe_signature, export
+from .capture import Capture, describe_signature, export_specialised
+from .prompt_values import STEP_INPUTS
 from .second_resolution import find_image_input, image_batch, resized_model, second_resolution_candidates
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from . import compiler
 from .compiler import CaptureState, VariantState, run_passes
 from .passes.context import RewriteContext
+from .passes.batch_rows import ROWS
 from .passes.token_analysis import model_line
 
 aten = torch.ops.aten
@@ -137,23 +139,32 @@ def build_variant(cc: PlannedCapture, name: str) -> GraphVariant:
 
 
 def _check_rowwise(cc: PlannedCapture) -> None:
+    nodes = {n.name: n for n in cc.capture.graph_module.graph.nodes}
     for site in cc.plan.sites:
-        if site.axis.dim == 0 or site.shape[0] != cc.batch:
+        rows = nodes[site.producer].meta.get(ROWS) if site.producer in nodes else None
+        if rows is not None and rows[2]:  # one row, its batch dim selected away: a 1-D index row
+            continue
+        if site.axis.dim == 0 or site.shape[0] != (cc.batch if rows is None else rows[1] - rows[0]):
             raise UnsupportedModelError(
                 f"per-row active sets need the batch in dim 0 of every cached tensor; {site.producer} has shape "
                 f"{site.shape} (batch {cc.batch}). Use one index set [n] shared by all rows."
             )
 
 
-def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str):
+def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str, varying: set, specialise: bool):
     """(exported program, description of the two resolutions) at a second resolution, whether
     the model had to be resized for it (``resized_model``: a model built for one input size), and the errors of
-    the attempts. Plain attempts first; resized ones only when every plain one fails."""
+    the attempts. Plain attempts first; resized ones only when every plain one fails.
+    ``specialise``: the first capture was specialised on prompt values; so is this one."""
     candidates = second_resolution_candidates(kwargs, image_key)
     errors: dict[str, list[str]] = {}  # error message -> the candidates that failed with it
+
+    def export(alt_kwargs):
+        return export_specialised(model, alt_kwargs, varying if specialise else None, specialise)[0]
+
     for alt_kwargs, desc in candidates:
         try:
-            return (export(model, alt_kwargs), desc), False, errors
+            return (export(alt_kwargs), desc), False, errors
         except CaptureError as e:
             errors.setdefault(str(e), []).append(_candidate(desc))
     for alt_kwargs, desc in candidates:
@@ -161,7 +172,7 @@ def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str):
             if not changed:
                 continue
             try:
-                return (export(model, alt_kwargs), desc), True, errors
+                return (export(alt_kwargs), desc), True, errors
             except CaptureError as e:
                 errors.setdefault(str(e), []).append(_candidate(desc) + " (model resized)")
     return None, False, errors
@@ -200,9 +211,11 @@ def plan_capture(
     step besides the image input (None: no step-invariant hoisting)."""
     t0 = time.perf_counter()
     image_key = find_image_input(kwargs, image_input)
-    cap = Capture.from_program(export(model, kwargs), signature)
+    step_inputs = {image_key, *(STEP_INPUTS if varying_inputs is None else varying_inputs)}
+    ep, value_leaves = export_specialised(model, kwargs, step_inputs)
+    cap = Capture.from_program(ep, signature, value_leaves)
     t1 = time.perf_counter()
-    alt, resized, errors = _analysis_capture(model, kwargs, image_key)
+    alt, resized, errors = _analysis_capture(model, kwargs, image_key, step_inputs, bool(value_leaves))
     if alt is None:
         # the first error in full; the others by where they failed (each torch error once)
         tried = [f"{', '.join(descs)}: {message if i == 0 else _brief(message)}"
@@ -217,7 +230,9 @@ def plan_capture(
     gm = cap.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user_inputs = {n.name for n, (kind, _) in zip(placeholders, cap.input_sources) if kind == "user"}
-    state = CaptureState(type(model).__name__, gm, alt[0].graph_module, alt[1], kv_cache, op_rules, user_inputs)
+    batch = image_batch(kwargs[image_key])
+    state = CaptureState(type(model).__name__, gm, alt[0].graph_module, dict(alt[1], batch=batch), kv_cache, op_rules,
+                         user_inputs)
     counters = run_passes(gm, compiler.CAPTURE_PASSES, state)
     analysis, plan = state.analysis, state.plan
     if plan.counters["active_nodes"] == 0:
@@ -226,7 +241,6 @@ def plan_capture(
             f"({len(plan.conservative)} ops handled conservatively, e.g. {plan.conservative[:3]}); "
             "RAS would save nothing."
         )
-    batch = image_batch(kwargs[image_key])
     cc = PlannedCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention)
     if varying_inputs is not None:
         cc.invariant_inputs = invariant_inputs(cap, kwargs, {image_key, *varying_inputs})

@@ -172,7 +172,8 @@ def second_resolution_candidates(kwargs: dict, image_key: str) -> list[tuple[dic
             sizes = {x.dim() - 2: h2, x.dim() - 1: w2}
             new[image_key] = (_resized(x, sizes) if samples is None
                               else type(kwargs[image_key])(_resized(u, sizes) for u in samples))
-            desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2), "batch": image_batch(kwargs[image_key])}
+            desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2), "batch": image_batch(kwargs[image_key]),
+                                    "lengths": tuple(lengths)}
             candidates.append((new, desc))
             # Inputs that carry a per-token table (e.g. RoPE cos/sin passed in by the pipeline)
             # must follow the resolution: a second candidate resizes non-feature dims that
@@ -273,10 +274,13 @@ def resized_model(model: torch.nn.Module, desc: dict, x: Any) -> Iterator[bool]:
     buffers with a non-feature dim equal to a token count get random tables of the new
     count (not the weights of linear, conv and norm layers); attributes named for a size
     (``img_size``, ``grid_size``, ``num_patches``, ... see ``_SIZE_NAMES``) that equal the input
-    size, a patch grid or a token count get the new values. Everything is restored on
+    size, a patch grid or a token count get the new values, and so do int attributes named
+    for a side (``sample_height``, ``sample_width``) equal to that side of the input. Tables over
+    a conditioning sequence and the tokens (T + N rows) count too. Everything is restored on
     exit. Yields whether anything changed."""
     tuples: dict = {}
     counts: dict = {}
+    sides: dict = {}  # a word of an attribute's name -> (input side, new side): CogVideoX's sample_height
     if desc["mode"] == "grid":
         (h, w), (h2, w2) = desc["hw"], desc["hw2"]
         per_sample = isinstance(x, (list, tuple))
@@ -287,6 +291,11 @@ def resized_model(model: torch.nn.Module, desc: dict, x: Any) -> Iterator[bool]:
                 tuples.setdefault((h // p, w // p), (h2 // p, w2 // p))
                 for f in frames:
                     counts.setdefault(f * (h // p) * (w // p), f * (h2 // p) * (w2 // p))
+        # a table over [text, image] (CogVideoX's joint sin-cos positions, T + N rows)
+        for n, n2 in list(counts.items()):
+            for a, b in _joint(n, n2, desc.get("lengths", ())):
+                counts.setdefault(a, b)
+        sides = {"height": (h, h2), "width": (w, w2)}
     else:
         counts[desc["n"]] = desc["n2"]
     counts = {a: b for a, b in counts.items() if a > 1}
@@ -304,10 +313,13 @@ def resized_model(model: torch.nn.Module, desc: dict, x: Any) -> Iterator[bool]:
                         table[name] = torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
                         undo.append((table, name, t))
             for name, value in list(vars(mod).items()) if not isinstance(mod, _LAYERS) else ():
-                if name.startswith("_") or not any(k in name for k in _SIZE_NAMES):
+                side = next((pair for word, pair in sides.items() if word in name), None)
+                if name.startswith("_") or not (side or any(k in name for k in _SIZE_NAMES)):
                     continue
                 new_value = None
-                if isinstance(value, tuple) and value in tuples:
+                if side is not None:
+                    new_value = side[1] if type(value) is int and value == side[0] else None
+                elif isinstance(value, tuple) and value in tuples:
                     new_value = tuples[value]
                 elif type(value) is int and value in counts:
                     new_value = counts[value]

@@ -16,36 +16,44 @@ aten = torch.ops.aten
 
 
 def derive_token_map(cc: PlannedCapture) -> torch.Tensor:
-    """Run the graph tail after the output cache on a tensor of token ids."""
+    """Run the graph tail after the output caches on tensors of token ids."""
     variant = cc.variant("shared")
     outs = [c for c in variant.caches if c.kind == "output"]
     if not outs:
         raise UnsupportedModelError("the model output does not come from image tokens; no token map")
-    errors = []
-    for spec in outs:  # the output site that feeds the first output
-        try:
-            return _probe_tail(cc, variant, spec)
-        except (RuntimeError, UnsupportedModelError) as e:
-            errors.append(str(e))
-    raise UnsupportedModelError("; ".join(errors))
+    return _probe_tail(cc, variant, outs)
 
 
-def _probe_tail(cc: PlannedCapture, variant, spec) -> torch.Tensor:
-    graph = variant.gm.graph
-    start = next(n for n in graph.nodes if n.op == "placeholder" and n.name == spec.name)
-    tail: dict[fx.Node, Any] = {}
+def _site_ids(cc: PlannedCapture, spec) -> torch.Tensor:
+    """Token ids along the token axis of the output cache ``spec`` (-1: conditioning positions)."""
     shape = [1] * len(spec.shape)
     shape[spec.dim] = spec.shape[spec.dim]
     n_img = cc.num_tokens
-    ids = torch.arange(spec.shape[spec.dim], dtype=torch.float64)
-    ids = torch.where(ids < n_img, ids, torch.full_like(ids, -1.0))  # conditioning positions -> -1
-    # image segment of a concatenated output axis starts at its offset
     site = next(s for s in cc.plan.sites if s.producer == spec.producer)
-    if site.axis.extra:
-        pos = torch.arange(spec.shape[spec.dim], dtype=torch.float64) - site.axis.offset
+    offsets = site.axis.offset if isinstance(site.axis.offset, tuple) else (site.axis.offset or 0,)
+    if len(offsets) > 1 or site.axis.extra:  # image segment of a concatenated axis starts at its offset
+        if len(offsets) > 1:
+            raise UnsupportedModelError(f"token map: the output cache {spec.name} holds its image segment at another "
+                                        "offset in each row")
+        pos = torch.arange(spec.shape[spec.dim], dtype=torch.float64) - offsets[0]
         ids = torch.where((pos >= 0) & (pos < n_img), pos, torch.full_like(pos, -1.0))
-    tail[start] = ids.view(shape).expand(spec.shape).contiguous()
-    env = tail
+    else:
+        ids = torch.arange(spec.shape[spec.dim], dtype=torch.float64)
+        ids = torch.where(ids < n_img, ids, torch.full_like(ids, -1.0))
+    return ids.view(shape).expand(spec.shape).contiguous()
+
+
+def _probe_tail(cc: PlannedCapture, variant, outs: list) -> torch.Tensor:
+    """Every output cache holds its token ids; the ops after them that read only such ids are
+    run (a model whose tail joins several caches, Lumina 2's per-sample output rows stacked);
+    an op that mixes ids with other values is left out, and an error only if the first output
+    needs it."""
+    graph = variant.gm.graph
+    env: dict[fx.Node, Any] = {}
+    for spec in outs:
+        start = next(n for n in graph.nodes if n.op == "placeholder" and n.name == spec.name)
+        env[start] = _site_ids(cc, spec)
+    mixed: list[fx.Node] = []
     for node in graph.nodes:
         if node in env or node.op != "call_function":
             continue
@@ -54,7 +62,8 @@ def _probe_tail(cc: PlannedCapture, variant, spec) -> torch.Tensor:
         if node.target is torch.ops.rasfx.cache_write_.default:
             continue
         if any(a not in env for a in node.all_input_nodes):
-            raise UnsupportedModelError(f"token map: the output tail mixes in {node.name}; cannot derive the token map")
+            mixed.append(node)
+            continue
         args, kwargs = pytree.tree_map_only(fx.Node, lambda a: env[a], (node.args, node.kwargs))
         if node.target in (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout):
             env[node] = args[0]
@@ -65,8 +74,17 @@ def _probe_tail(cc: PlannedCapture, variant, spec) -> torch.Tensor:
     first = cc.capture.user_output_positions[0]
     node = flat[first]
     if node not in env:
+        ancestors, todo = set(), [node]
+        while todo:
+            n = todo.pop()
+            if n not in ancestors:
+                ancestors.add(n)
+                todo.extend(n.all_input_nodes)
+        mixed = [n for n in mixed if n in ancestors]
+        if mixed:
+            raise UnsupportedModelError(f"token map: the output tail mixes in {mixed[0].name}; cannot derive the token map")
         raise UnsupportedModelError("token map: the first output is not derived from the image tokens")
     result = env[node]
     if not torch.equal(result, result.round()):
         raise UnsupportedModelError("token map: the output tail is not a pure data movement")
-    return result.round().to(torch.int64).to(spec.device)
+    return result.round().to(torch.int64).to(outs[0].device)

@@ -9,6 +9,7 @@ import torch
 
 from .errors import ConfigError, UnsupportedModelError
 from .module import RASModule
+from .prompt_values import STEP_INPUTS
 from .runtime import MODES
 
 
@@ -61,7 +62,7 @@ class TransformConfig:
     kv_cache: bool = True
     op_rules: Optional[dict] = None
     hoist_invariants: bool = True
-    varying_inputs: tuple = ("timestep", "timesteps", "t", "sigma", "sigmas")
+    varying_inputs: tuple = STEP_INPUTS
 
     def __post_init__(self):
         if self.image_input is not None and (not isinstance(self.image_input, str) or not self.image_input):

@@ -49,6 +49,28 @@ class _Block(torch.nn.Module):
         return self.proj(a.transpose(1, 2).reshape(b, n, C))
 
 
+def _tiny_dit_layers(m: torch.nn.Module) -> None:
+    """The layers most construct models share (seeded): a patch embedding, a text projection,
+    a timestep modulation (scale, shift), two blocks and a head."""
+    torch.manual_seed(0)
+    m.embed = torch.nn.Conv2d(4, C, P, stride=P)
+    m.txt = torch.nn.Linear(8, C)
+    m.t_embed = torch.nn.Linear(1, 2 * C)
+    m.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+    m.head = torch.nn.Linear(C, 4 * P * P)
+
+
+def _assert_per_row_sets_exact(ras: rasfx.RASModule, model: torch.nn.Module, kw: dict) -> None:
+    """Per-row active sets (even tokens in row 0, odd ones in row 1) after a dense forward on the
+    same inputs reproduce the model's output."""
+    with torch.no_grad():
+        want = model(**kw)
+        ras.set_active(None)
+        ras(**kw)
+        ras.set_active(torch.stack([torch.arange(0, 24, 2), torch.arange(1, 24, 2)]))
+        assert _rel(ras(**kw), want) <= TOL
+
+
 class AutocastDiT(torch.nn.Module):
     """The original Wan 2.1 code's habit: residual adds, the modulation and the output head in
     ``autocast(float32)`` regions (CUDA autocast around CPU tensors: a disabled region, as on a
@@ -147,12 +169,7 @@ class JointMaskDiT(torch.nn.Module):
 
     def __init__(self, image_first: bool, built_inside: bool):
         super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
-        self.txt = torch.nn.Linear(8, C)
-        self.t_embed = torch.nn.Linear(1, 2 * C)
-        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
-        self.head = torch.nn.Linear(C, 4 * P * P)
+        _tiny_dit_layers(self)
         self.image_first, self.built_inside = image_first, built_inside
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, attention_mask):
@@ -424,3 +441,128 @@ def test_a_table_cached_on_the_first_call_survives_the_capture():
         assert model.rope.freqs is None and not hasattr(model, "scale")  # as before the capture
         want = model(hidden_states=x)  # the plain model still runs
     assert _rel(got, want) <= TOL
+
+
+class PromptReadDiT(torch.nn.Module):
+    """Python that reads the prompt's values, as Lumina 2, Mochi and HunyuanImage do: the text
+    lengths read from the mask with ``.tolist()``, the valid text tokens moved first with a
+    boolean index (``text[mask]``, HunyuanImage), kept with ``torch.nonzero`` (Mochi), and a
+    key mask over [image, text] written with the Python lengths."""
+
+    def __init__(self, step_read: bool = False):
+        super().__init__()
+        _tiny_dit_layers(self)
+        self.step_read = step_read
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, attention_mask):
+        b, _, h, w = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        n, t = x.shape[1], attention_mask.shape[1]
+        if self.step_read and bool(timestep.max() > 0.5):  # a read of a per-step input: not specialisable
+            x = x * 2
+        lengths = attention_mask.sum(1).tolist()
+        m = attention_mask.bool()
+        txt = self.txt(encoder_hidden_states)
+        txt = torch.stack([torch.cat([u[k], u[~k]]) for u, k in zip(txt, m)])  # valid tokens first
+        first = torch.nonzero(m[0]).flatten()  # the first prompt's valid tokens, as Mochi keeps them
+        txt = txt + self.txt(encoder_hidden_states[:1, first]).mean(1, keepdim=True)
+        keys = torch.zeros(b, n + t, dtype=torch.bool)
+        for i, length in enumerate(lengths):
+            keys[i, : n + length] = True
+        mask = keys[:, None, None, :]
+        seq = torch.cat([x, txt], dim=1)
+        scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
+        for blk in self.blocks:
+            seq = seq + blk.attention(seq * (1 + scale) + shift, mask)
+            seq = seq + blk.mlp(seq)
+        x = self.head(seq[:, :n]).view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+def _prompt_inputs(seed: int, lengths=(3, 5), t: int = 6) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(2, 4, 8, 12, generator=g),
+            "encoder_hidden_states": torch.randn(2, t, 8, generator=g),
+            "timestep": torch.rand(2, generator=g),
+            "attention_mask": (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).long()}
+
+
+@pytest.mark.filterwarnings("ignore:.*changed on 3 consecutive forwards")  # new prompt tensors in every call
+def test_reads_of_prompt_values_are_specialised_per_prompt():
+    model = PromptReadDiT().eval()
+    ras = _check_contract(model, _prompt_inputs)
+    cc = ras.captures()[0]
+    assert cc.capture.value_leaves == (3,)  # the mask's values key the capture
+    assert ras.work_counts()["exports"] == 1
+
+    def run(kw):
+        with torch.no_grad():
+            got, want = ras(**kw), model(**kw)
+        assert _rel(got, want) <= TOL
+        return ras.work_counts()["exports"]
+
+    # the same prompt (new tensors, equal values) in a new image: the capture is reused
+    ras.reset()
+    assert run(_prompt_inputs(5)) == 1
+    # another prompt of the same shapes: a capture of its own, never the old one
+    ras.reset()
+    other = _prompt_inputs(6, lengths=(6, 2))
+    assert run(other) == 2
+    ras.set_active(torch.arange(0, 24, 3))
+    assert run(other) == 2  # a RAS step on the new capture: exact on unchanged inputs
+    # back to the first prompt: its capture is still there
+    ras.reset()
+    assert run(_prompt_inputs(7)) == 2
+    # a mask changed in place (same tensor object) is read again
+    ras.reset()
+    kw = _prompt_inputs(8)
+    assert run(kw) == 2
+    kw["attention_mask"][0, 4] = 1
+    assert run(kw) == 3
+
+
+def test_a_read_of_a_per_step_input_is_named():
+    ras = rasfx.transform(PromptReadDiT(step_read=True).eval())
+    with pytest.raises(rasfx.CaptureError, match=r"(?s)bool\(tensor\) at .*test_constructs.py:\d+ \(forward\) reads "
+                                                 r"values computed from the input 'timestep', which changes at every step"):
+        with torch.no_grad():
+            ras(**_prompt_inputs(0))
+
+
+class PerSampleAttentionDiT(torch.nn.Module):
+    """Mochi's attention: a loop over the batch, each sample's image tokens attending with its
+    own valid text tokens (``torch.nonzero`` of its mask), padded back to one length
+    (``F.pad``) and concatenated into a batch again."""
+
+    def __init__(self):
+        super().__init__()
+        _tiny_dit_layers(self)
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, attention_mask):
+        b, _, h, w = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        n, t = x.shape[1], attention_mask.shape[1]
+        txt = self.txt(encoder_hidden_states)
+        scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
+        for blk in self.blocks:
+            seq = torch.cat([x, txt], dim=1) * (1 + scale) + shift
+            q, k, v = blk.qkv(F.layer_norm(seq, (C,))).view(b, n + t, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+            outs = []
+            for i in range(b):
+                valid = torch.nonzero(attention_mask[i]).flatten()
+                qi, ki, vi = (torch.cat([u[i:i + 1, :, :n], u[i:i + 1, :, n:][:, :, valid]], dim=2) for u in (q, k, v))
+                a = F.scaled_dot_product_attention(qi, ki, vi)
+                outs.append(F.pad(a, (0, 0, 0, n + t - a.shape[2])))
+            a = torch.cat(outs).transpose(1, 2).reshape(b, n + t, C)
+            x, txt = (seq + blk.proj(a)).split([n, t], dim=1)
+            x = x + blk.mlp(x)
+        x = self.head(x).view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+@pytest.mark.filterwarnings("ignore:.*changed on 3 consecutive forwards")
+def test_per_sample_attention_over_each_prompts_valid_tokens():
+    model = PerSampleAttentionDiT().eval()
+    ras = _check_contract(model, _prompt_inputs)
+    _assert_per_row_sets_exact(ras, model, _prompt_inputs(3))
+    assert ras.work_counts()["exports"] == 1

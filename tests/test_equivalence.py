@@ -65,48 +65,28 @@ PASSING = [
     "easyanimate-tiny", "longcat-image-tiny", "ovis-image-tiny", "bria-fibo-tiny", "prx-tiny", "chronoedit-tiny",
     "wan-vace-tiny", "motif-video-tiny", "anyflow-tiny", "helios-tiny", "joyimage-edit-tiny", "ltx2-tiny",
     "consisid-tiny", "cogvideox15-tiny", "qwenimage-tiny", "nucleusmoe-image-tiny", "longcat-audio-tiny",
+    "hunyuan-image-tiny", "mochi-tiny", "lumina2-tiny", "cogvideox-tiny",
+    "bria-fibo2-tiny", "hunyuan-video15-tiny", "allegro-tiny",
+    "stable-audio-tiny", "stable-audio3-tiny", "krea2-tiny",
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
 KNOWN_BUGS = {
     # -- second-resolution capture (second_resolution.second_resolution_candidates / _resize_token_tables, raised by
     #    planned_capture.plan_capture): the resolution-dependent inputs are not resized with the image
-    "allegro-tiny": (
-        RuntimeError, True,
-        "captured since the wider second-resolution guess resizes its per-axis RoPE tables and grid ids; a RAS "
-        "step then fails in rasfx::ras_attention's cache write (ops.write_rows_: 'Index tensor must have the same "
-        "number of dimensions as self tensor'): its attention's K/V layout is not the one insert_cache_sites "
-        "assumed",
-    ),
-    "stable-audio-tiny": (
-        UnsupportedModelError, True,
-        "captured since the analysis also tries other input layouts (1-D audio [B, C, L]); the token region then ends "
-        "before the output (a tail that reads this step's modulation, warned at capture) and token_map() "
-        "cannot be derived",
-    ),
     "kandinsky5-tiny": (
         UnsupportedModelError, True,
-        "captured since the analysis also tries other input layouts (channels-last [B, F, H, W, C]); the token region then ends "
-        "before the output (a tail that reads this step's modulation, warned at capture) and token_map() "
-        "cannot be derived",
+        "captured (channels-last [B, F, H, W, C] input layout), but the output layer modulates the tokens in their grid "
+        "shape [B, F, H, W, C] (Kandinsky5OutLayer, transformer_kandinsky.py:415-416): a token axis spread over three "
+        "dims is not followed, so the region ends before the timestep-modulated head and token_map() cannot be "
+        "derived ('the output tail mixes in mul_...')",
     ),
     "kandinsky6-tiny": (
         UnsupportedModelError, True,
-        "captured since the analysis also tries other input layouts (channels-last [B, F, H, W, C]); the token region then ends "
-        "before the output (a tail that reads this step's modulation, warned at capture) and token_map() "
-        "cannot be derived",
-    ),
-    "stable-audio3-tiny": (
-        UnsupportedModelError, True,
-        "captured since the analysis also tries other input layouts (1-D audio [B, C, L]); the token region then ends "
-        "before the output (a tail that reads this step's modulation, warned at capture) and token_map() "
-        "cannot be derived",
-    ),
-    "krea2-tiny": (
-        UnsupportedModelError, True,
-        "captured since the wider second-resolution guess resizes its float [T + N, 3] position table; the "
-        "token region then ends before the output (the tail reads this step's modulation: a conservative choice "
-        "warned at capture) and token_map() cannot be derived",
+        "captured (channels-last [B, F, H, W, C] input layout), but the output layer modulates the tokens in their grid "
+        "shape [B, F, H, W, C] (Kandinsky6OutLayer, as Kandinsky 5's): a token axis spread over three "
+        "dims is not followed, so the region ends before the timestep-modulated head and token_map() cannot be "
+        "derived ('the output tail mixes in mul_...')",
     ),
     "glm-image-tiny": (
         CaptureError, True,
@@ -170,7 +150,7 @@ SINGLE_TOKEN_BUGS: dict = {}
 # Presets rasfx cannot capture by design (torch.export limits; their reasons are the package's
 # ``Preset.known_failure``, shown by ``rasfx presets``): a clear rasfx error is expected. Known bugs
 # also carry a ``known_failure`` (so that ``rasfx presets`` marks them) but are tested above.
-_SLOW_TO_FAIL = {"cogvideox-tiny", "mochi-tiny"}
+_SLOW_TO_FAIL: set = set()
 UNSUPPORTED = {name: (None, name in _SLOW_TO_FAIL, p.known_failure.reason)
                for name, p in PRESETS.items() if p.known_failure is not None and name not in KNOWN_BUGS}
 

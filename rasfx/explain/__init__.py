@@ -122,7 +122,7 @@ def explain(model, inputs: dict | None = None, *, ratio: float = 0.25, stage: st
     plans attention over the active tokens only (``TransformConfig.kv_cache``; a
     ``RASModule`` uses its own config).
     """
-    from ..capture import bind_inputs, input_signature
+    from ..capture import bind_inputs
     from ..planned_capture import PlannedCapture
     from ..module import RASModule
 
@@ -158,7 +158,7 @@ def explain(model, inputs: dict | None = None, *, ratio: float = 0.25, stage: st
                                    "(explain(ras, inputs)) or call it once")
         else:
             kwargs = bind_inputs(ras.model, (), dict(inputs))
-            cc = ras._get_capture(input_signature(ras.model, kwargs), kwargs)
+            cc = ras._get_capture(ras._signature(kwargs), kwargs)
         inner = ras.model
         desc = describe_inputs(inputs) if inputs is not None else []
         return Explanation(cc, stage=stage, variant=variant, ratio=ratio, module=module, op=op,

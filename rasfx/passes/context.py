@@ -97,15 +97,23 @@ class RewriteContext:
         # computed nodes go after the *last* placeholder at lint time (see finalize()).
         return self._after_inputs
 
-    def token_index(self, axis: Axis) -> fx.Node:
-        """Index of the active positions along a token axis (image-only or concatenated)."""
+    def token_index(self, axis: Axis, rows: tuple | None = None) -> fx.Node:
+        """Index of the active positions along a token axis (image-only or concatenated) of a
+        tensor that holds ``rows`` of the batch (``batch_rows.ROWS``; None: every row)."""
         assert self.index is not None
+        index = self.index
+        if rows is not None and self.variant == "rowwise":
+            if ("rows", rows) not in self._seq_index:
+                self._seq_index[("rows", rows)] = self._insert_top(ops.index_rows, (self.index, *rows))
+            index = self._seq_index[("rows", rows)]
+        else:
+            rows = None
         if axis.extra == 0:
-            return self.index
-        key = (axis.offset, axis.extra)
+            return index
+        key = (axis.offset, axis.extra, rows)
         if key not in self._seq_index:
             self._seq_index[key] = self._insert_top(
-                ops.sequence_index, (self.index, axis.offset, self.num_tokens, self.num_tokens + axis.extra)
+                ops.sequence_index, (index, axis.offset, self.num_tokens, self.num_tokens + axis.extra)
             )
         return self._seq_index[key]
 

@@ -17,8 +17,9 @@ conversions. The original model recomputes it at every step; rasfx computes it o
 
 What is hoisted: a call node whose inputs are all invariant, that depends on at least one
 invariant *user* input (weight-only arithmetic such as ``t(weight)`` stays: it is free or
-constant-folded by Inductor), that is pure (no mutation, no random numbers) and an ATen op
-or a getitem. The values handed over (the *boundary*) are fresh tensors computed by the
+constant-folded by Inductor), that is pure (no mutation, no random numbers), an ATen op
+or a getitem, and that reads no tensor an in-place op of the graph writes (nor a view of
+one: ``x[i, :L] = v`` writes ``x`` after its creation). The values handed over (the *boundary*) are fresh tensors computed by the
 prologue, never views of a graph input or of another value: the runtime refreshes them in
 place when an input changes, which must not write through into the user's tensors, and the
 views stay in the step graph, where they cost nothing.
@@ -39,6 +40,8 @@ from typing import cast
 
 import torch
 import torch.fx as fx
+
+from .op_rules import mutated_storages, storage_root
 
 __all__ = ["Hoisted", "hoist_invariants"]
 
@@ -85,8 +88,10 @@ def hoist_invariants(gm: fx.GraphModule, invariant_inputs: set[int], user_inputs
     inv: set[fx.Node] = {placeholders[i] for i in invariant_inputs}
     from_user: set[fx.Node] = {placeholders[i] for i in user_inputs if i in invariant_inputs}
     hoist: set[fx.Node] = set()
+    mutated = mutated_storages(graph)
+    inv -= set(mutated)
     for node in graph.nodes:
-        if node.op != "call_function" or not _pure_aten(node):
+        if node.op != "call_function" or not _pure_aten(node) or storage_root(node) in mutated:
             continue
         if all(a in inv for a in node.all_input_nodes):
             inv.add(node)

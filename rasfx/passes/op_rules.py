@@ -90,6 +90,35 @@ def mutated_input(node: fx.Node):
     return None
 
 
+def _returns_view(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def storage_root(node: fx.Node) -> fx.Node:
+    """The node whose storage ``node`` views, through view ops and their getitems (itself
+    when it is no view)."""
+    while True:
+        src = node.args[0] if node.target is operator.getitem and node.args else node
+        if not isinstance(src, fx.Node) or not _returns_view(src) or not src.args or not isinstance(src.args[0], fx.Node):
+            return node
+        node = src.args[0]
+
+
+def mutated_storages(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """The storages the in-place ops of ``graph`` write (``x[i, :L] = v`` is a ``copy_`` into a
+    view of ``x``): root node (``storage_root``) -> the writes, in graph order."""
+    roots: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or not schema.is_mutable:
+            continue
+        for arg, value in zip(schema.arguments, node.args):
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node):
+                roots.setdefault(storage_root(value), []).append(node)
+    return roots
+
+
 def _rank(node) -> int:
     val = node.meta.get("val")
     return val.dim() if isinstance(val, torch.Tensor) else 0
@@ -200,8 +229,12 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
     if t in (aten.constant_pad_nd.default, aten.pad.default) and ins:  # any mode: only the padded dims mix
         rank, pad = _rank(args[0]), cast("list[int]", args[1])
         padded = {rank - 1 - i // 2 for i, p in enumerate(pad) if p}
-        if padded & _axis_dims(args[0]):
+        constant = t is aten.constant_pad_nd.default or (args[2] if len(args) > 2 else "constant") == "constant"
+        if padded & _axis_dims(args[0]) and (not constant or node.meta.get("rasfx_ints")):
+            # widths that follow the token count (padding to a multiple): the padding mixes
             return OpRule("opaque", set(ins), reason="padding of the token axis")
+        # constant widths (Mochi pads each prompt's attention output to one length): the padded
+        # positions are conditioning positions, never image tokens
         return OpRule("tokenwise", cheap=True)
     if is_pointwise(t) or t is aten.copy_.default:
         rank = _rank(node)
@@ -238,6 +271,8 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
         if any(repeats[lead + d] != 1 for d in _axis_dims(src)):
             return OpRule("opaque", set(ins), reason="repeat along the token axis")
         return OpRule("tokenwise", cheap=True)
+    if t in _POINTWISE_CONVS and ins and _pointwise_conv(node):
+        return OpRule("tokenwise")
     if t in MATMUL_OPS:
         contracted = _contracted(node)
         if not contracted:
@@ -250,6 +285,23 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
             return OpRule("mixing", full, reason="contraction over the token axis")
         return OpRule("tokenwise")
     return OpRule("opaque", set(ins), reason=f"unknown op {t}")
+
+
+_POINTWISE_CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+
+
+def _pointwise_conv(node: fx.Node) -> bool:
+    """A convolution with a kernel of size 1, stride 1 and no padding over tokens in its
+    spatial dims (Stable Audio's pre/post-processing Conv1d on [B, C, L]): a linear map of
+    each position's channels."""
+    x, weight = node.args[0], node.args[1]
+    if not isinstance(weight, fx.Node) or weight.meta.get("rasfx_tokens") or not isinstance(x, fx.Node):
+        return False
+    args = list(node.args) + [None] * 7
+    stride, padding = args[3] or [1], args[4] or [0]  # (any dilation of a size-1 kernel reads one position)
+    kernel = tuple(weight.meta["val"].shape[2:])
+    return (all(k == 1 for k in kernel) and all(s == 1 for s in stride) and all(p == 0 for p in padding)
+            and all(d >= 2 for d in _axis_dims(x)))
 
 
 def _attention_rule(node: fx.Node, ins: list, kv_cache: bool) -> OpRule:

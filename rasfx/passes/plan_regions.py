@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from ..errors import UnsupportedModelError
 from .op_rules import SDPA_OPS, classify, mutated_input
-from .token_analysis import model_line
+from .token_analysis import _NEW_TENSOR, model_line
 from .token_info import Axis, has_token_axes, offsets_known, token_axes
 
 aten = torch.ops.aten
@@ -67,6 +67,11 @@ def _gatherable(node: fx.Node) -> bool:
     return len(axes) == 1 and axes[0].offset is not None
 
 
+def _batchless(node: fx.Node) -> bool:
+    """A token-bearing tensor whose token axis is its first dim (no batch dim before it)."""
+    return any(a.dim == 0 for a in token_axes(node))
+
+
 def _row_gatherable(node: fx.Node) -> bool:
     """A several-axis operand (attention mask) gathered along its first token axis only."""
     axes = token_axes(node)
@@ -83,6 +88,8 @@ def plan_regions(
     plan = RegionPlan()
     for node in gm.graph.nodes:
         ins = [i for i in node.all_input_nodes if has_token_axes(i)]
+        if node.target in _NEW_TENSOR:  # reads its input's dtype and device only: a source
+            ins = []
         if node.op == "placeholder" or node.op == "get_attr":
             plan.mode[node.name] = "F" if has_token_axes(node) else "-"
             continue
@@ -104,7 +111,9 @@ def plan_regions(
             _run_full(plan, node, ins, "opaque", rule.reason)
             continue
         any_active = any(plan.is_active(i) for i in passing)
-        want_active = passing and (any_active or not rule.cheap)
+        # A table without a batch dim (token axis first: RoPE positions [N, 3]) starts no region:
+        # per-row active sets cannot be laid on it; it is gathered where it meets the batch.
+        want_active = passing and (any_active or not (rule.cheap or all(_batchless(i) for i in passing)))
         can_active = (
             node.meta.get("rasfx_ints") is not None
             and offsets_known(node)

@@ -35,6 +35,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import TooFewTokensError, UnsupportedModelError
+from .batch_rows import annotate_rows
 from .token_info import Axis, token_axes
 
 aten = torch.ops.aten
@@ -210,6 +211,9 @@ def _input_axes(node: fx.Node) -> list[tuple[fx.Node, Axis]]:
 def _segment(offset, extra, n, start, end, size):
     """Image segment of [offset, offset+n) seen through a slice [start, end) of a sequence
     of ``size``: the new offset, or None when the slice does not hold the whole segment."""
+    if isinstance(offset, tuple):
+        rows = tuple(_segment(o, extra, n, start, end, size) for o in offset)
+        return None if None in rows else _per_row(rows)
     if offset is None:
         return None
     start = max(0, start + size if start < 0 else start)
@@ -217,6 +221,17 @@ def _segment(offset, extra, n, start, end, size):
     if start <= offset and end >= offset + n:
         return offset - start
     return None
+
+
+def _per_row(offsets: tuple):
+    """Per-row offsets, one int when every row has the same."""
+    return offsets[0] if len(set(offsets)) == 1 else tuple(offsets)
+
+
+def _shift(offset, by: int):
+    if offset is None:
+        return None
+    return tuple(o + by for o in offset) if isinstance(offset, tuple) else offset + by
 
 
 def _propagate_offsets(graph: fx.Graph, n1: int) -> None:
@@ -238,7 +253,7 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
     # The casts below state the ATen schema of each op (fx types every argument as any
     # ``Argument``): the tensor arguments are nodes, dims and bounds are ints.
     t = node.target
-    if not ins:  # a source: the image input, or a joint-sequence tensor located by _locate_masks
+    if not ins or t in _NEW_TENSOR:  # a source: the image input, or a tensor located by _locate_masks / _locate_row_writes
         pinned = node.meta.get(_PINNED, {}).get(ax.dim)
         return Axis(ax.dim, ax.extra, 0 if ax.extra == 0 else pinned)
     if t is operator.getitem:
@@ -263,7 +278,7 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
                 if here:
                     if found is not None or here[0].offset is None:
                         return Axis(ax.dim, ax.extra, None)
-                    found = pos + here[0].offset
+                    found = _shift(here[0].offset, pos)
                 pos += int(val.shape[ax.dim])
             return Axis(ax.dim, ax.extra, found)
     if elem is not None and t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
@@ -277,6 +292,17 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
             end = start + int(pieces[elem].shape[sdim])
             off = _segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, int(sval.shape[sdim]))
             return Axis(ax.dim, ax.extra, off)
+    if t in (aten.select.int, aten.slice.Tensor) and cast(int, node.args[1] if len(node.args) > 1 else 0) == 0:
+        src = cast(fx.Node, node.args[0])
+        per_row = [a for a in (src.meta.get("rasfx_tokens") or ()) if isinstance(a.offset, tuple) and a.extra == ax.extra]
+        if per_row and per_row[0].dim != 0:  # rows of the batch: their own offsets
+            offsets = per_row[0].offset
+            if t is aten.select.int:
+                return Axis(ax.dim, ax.extra, offsets[cast(int, node.args[2]) % len(offsets)])
+            start = cast(int, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
+            end = cast(int, node.args[3]) if len(node.args) > 3 and node.args[3] is not None else len(offsets)
+            step = cast(int, node.args[4]) if len(node.args) > 4 else 1
+            return Axis(ax.dim, ax.extra, _per_row(offsets[start:end:step]) if offsets[start:end:step] else None)
     if t in (aten.slice.Tensor, aten.narrow.default):
         src = cast(fx.Node, node.args[0])
         sval = src.meta["val"]
@@ -294,8 +320,21 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
                 start, length = cast(int, node.args[2]), cast(int, node.args[3])
                 end = start + length
             return Axis(ax.dim, ax.extra, _segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, size))
-    # token-wise ops keep the segment: take it from an input axis with the same extra
+    if t in (aten.constant_pad_nd.default, aten.pad.default):  # the left width shifts the segment
+        src = cast(fx.Node, node.args[0])
+        pad = cast("list[int]", node.args[1])
+        rank = node.meta["val"].dim()
+        left = pad[2 * (rank - 1 - ax.dim)] if 2 * (rank - 1 - ax.dim) < len(pad) else 0
+        src_axes = [a for a in (src.meta.get("rasfx_tokens") or ()) if a.dim == ax.dim]
+        if src_axes and src_axes[0].offset is not None:
+            return Axis(ax.dim, ax.extra, _shift(src_axes[0].offset, left))
+        return Axis(ax.dim, ax.extra, None)
+    # token-wise ops keep the segment: take it from an input axis with the same extra. They
+    # align their operands position by position, so an operand of unknown offset (a table of
+    # [text, image] positions, CogVideoX's sin-cos buffer) has the other operands' segment.
     offs = {a.offset for _, a in ins if a.extra == ax.extra}
+    if len(offs) == 2 and None in offs:
+        offs.discard(None)
     if len(offs) == 1:
         return Axis(ax.dim, ax.extra, offs.pop())
     return Axis(ax.dim, ax.extra, None)
@@ -344,6 +383,88 @@ def _locate_masks(graph: fx.Graph) -> int:
     return pinned
 
 
+# constructors that take a tensor for its dtype and device only: sources of their values
+_NEW_TENSOR = (aten.new_zeros.default, aten.new_ones.default, aten.new_full.default, aten.new_empty.default)
+
+
+def _locate_row_writes(graph: fx.Graph, n1: int) -> int:
+    """A joint sequence built row by row (Lumina 2: ``joint[i, L_i:L_i + N] = x[i]``, the
+    text lengths ``L_i`` read from the prompt mask): a tensor made by a constructor has no
+    located image segment, but each copy of image tokens into a slice of one of its rows says
+    where that row's segment starts. When every row gets one, the offsets are pinned on the
+    constructor (one per row, ``Axis.offset`` a tuple, when they differ). Returns the number
+    of tensors located."""
+    found: dict = {}  # (source node, token dim) -> {row: offset}
+    for node in graph.nodes:
+        if node.target is not aten.copy_.default or len(node.args) < 2:
+            continue
+        dst, src = node.args[0], node.args[1]
+        if not isinstance(dst, fx.Node) or not isinstance(src, fx.Node):
+            continue
+        src_axes = [a for a in token_axes(src) if a.extra == 0 and isinstance(a.offset, int)]
+        dst_axes = [a for a in token_axes(dst) if a.extra == 0]
+        if not src_axes or not dst_axes:
+            continue
+        where = _row_slice(dst, dst_axes[0].dim)
+        if where is not None:
+            base, dim, row, start = where
+            found.setdefault((base, dim), {})[row] = start + src_axes[0].offset
+    located = 0
+    for (base, dim), rows in found.items():
+        batch = int(base.meta["val"].shape[0])
+        if dim == 0 or sorted(rows) != list(range(batch)) or any(a.offset is not None for a in token_axes(base)):
+            continue
+        pins = base.meta.setdefault(_PINNED, {})
+        pins[dim] = _per_row(tuple(rows[r] for r in range(batch)))
+        located += 1
+    return located
+
+
+def _row_slice(node: fx.Node, dim: int):
+    """(constructor, its token dim, batch row, slice start) when ``node`` is
+    ``constructor[row, ..., start:start + N, ...]`` (selects of other dims allowed), with
+    ``dim`` the token dim of ``node``; None otherwise."""
+    start = None
+    while True:
+        t = node.target
+        if t is aten.slice.Tensor:
+            sdim = cast(int, node.args[1]) % node.args[0].meta["val"].dim()
+            if sdim != dim or start is not None:
+                return None
+            start = cast(int, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
+            node = cast(fx.Node, node.args[0])
+        elif t is aten.select.int:
+            sdim = cast(int, node.args[1]) % node.args[0].meta["val"].dim()
+            if sdim == 0:
+                base = cast(fx.Node, node.args[0])
+                sourced = base.target in _NEW_TENSOR or not any(token_axes(i) for i in base.all_input_nodes)
+                if start is None or not sourced or base.op != "call_function":
+                    return None
+                return base, dim + 1, cast(int, node.args[2]) % int(base.meta["val"].shape[0]), start
+            if sdim <= dim:
+                dim += 1
+            node = cast(fx.Node, node.args[0])
+        else:
+            return None
+
+
+def _locate_tables(graph: fx.Graph) -> int:
+    """A table over the joint sequence (RoPE cos / sin of [global token, image], Stable Audio)
+    of unknown segment, combined position by position with a located tensor: the table has
+    that tensor's segment. Pins it on the table's sources; returns the number pinned."""
+    pinned = 0
+    for node in graph.nodes:
+        if node.target not in _IN_PLACE_OF_POSITION:
+            continue
+        for ax in token_axes(node):
+            if ax.offset is None or isinstance(ax.offset, tuple):
+                continue
+            for i in node.all_input_nodes:
+                if any(a.offset is None and a.extra == ax.extra for a in token_axes(i)):
+                    pinned += _pin_sources(i, {ax.extra: ax.offset})
+    return pinned
+
+
 def _pin_sources(mask: fx.Node, offsets: dict) -> int:
     """Pin ``offsets`` ({extra: offset}) on the sources of ``mask`` whose axes of that extra
     are unlocated, walking back through position-keeping ops only."""
@@ -356,7 +477,7 @@ def _pin_sources(mask: fx.Node, offsets: dict) -> int:
         open_axes = [a for a in token_axes(node) if a.offset is None and a.extra in offsets]
         if not open_axes:
             continue
-        parents = [i for i in node.all_input_nodes if token_axes(i)]
+        parents = [i for i in node.all_input_nodes if token_axes(i)] if node.target not in _NEW_TENSOR else []
         if not parents:
             pins = node.meta.setdefault(_PINNED, {})
             for a in open_axes:
@@ -409,7 +530,15 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict
         if any(node.meta["rasfx_tokens"] if isinstance(node.meta["rasfx_tokens"], tuple) else ()):
             result.stats["token_nodes"] += 1
     _propagate_offsets(gm.graph, n1)
+    result.stats["row_writes_located"] = _locate_row_writes(gm.graph, n1)
+    if result.stats["row_writes_located"]:
+        _propagate_offsets(gm.graph, n1)
     result.stats["masks_located"] = _locate_masks(gm.graph)
     if result.stats["masks_located"]:
         _propagate_offsets(gm.graph, n1)
+    result.stats["tables_located"] = _locate_tables(gm.graph)
+    if result.stats["tables_located"]:
+        _propagate_offsets(gm.graph, n1)
+    if resolutions.get("batch"):
+        result.stats["row_subsets"] = annotate_rows(gm.graph, resolutions["batch"])
     return result

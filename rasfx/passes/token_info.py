@@ -21,11 +21,12 @@ TOKENS = "rasfx_tokens"  # the node.meta key
 @dataclass(frozen=True)
 class Axis:
     """A token axis: ``dim`` of a tensor of size ``N + extra``; the image segment starts at
-    ``offset`` (``None`` = unknown)."""
+    ``offset`` (``None`` = unknown; a tuple: one offset per batch row, as in a joint sequence
+    whose rows hold prompts of different lengths before the image, Lumina 2)."""
 
     dim: int
     extra: int = 0
-    offset: Optional[int] = 0
+    offset: Optional[int | tuple] = 0
 
     def full_size(self, n_img: int) -> int:
         return n_img + self.extra

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .inputs import _flow_timestep, _int_timestep, _padded_text, _randn, _token_mask, _VAE_SCALE
-from .registry import KnownFailure, _register
+from .registry import _register
 
 
 # ============================================================================ image models
@@ -378,10 +378,7 @@ def _lumina2_inputs(batch, h, w, g):
 
 
 _register("lumina2-tiny", "Lumina2Transformer2DModel (unified text+image sequence, refiners, 3-axis RoPE, GQA)",
-          _lumina2_model, _lumina2_inputs, (8, 12), max_hw=128, model_class="Lumina2Transformer2DModel",
-          known_failure=KnownFailure("its forward reads the per-sample text lengths from the mask "
-                                     "(attention_mask.sum(1).tolist()) into a Python set, which torch.export "
-                                     "cannot trace", "unhashable type: non-nested SymInt"))
+          _lumina2_model, _lumina2_inputs, (8, 12), max_hw=128, model_class="Lumina2Transformer2DModel")
 
 
 # ---------------------------------------------------------------------------- PixArt-Alpha

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .inputs import _FRAMES, _VAE_SCALE, _flow_timestep, _int_timestep, _padded_text, _randn, _token_mask
-from .registry import KnownFailure, _register
+from .registry import _register
 
 
 # ============================================================================ video models
@@ -93,11 +93,7 @@ def _cogvideox_inputs(rope: bool):
 
 _register("cogvideox-tiny", "CogVideoXTransformer3DModel, 2B style (3D sincos positions), [B, F, C, H, W], 2 frames",
           _cogvideox(False), _cogvideox_inputs(False), (8, 12), frames=_FRAMES,
-          model_class="CogVideoXTransformer3DModel",
-          known_failure=KnownFailure("CogVideoXPatchEmbed builds its sincos table with .data[...].copy_() at any "
-                                     "size but sample_size, which torch.export cannot capture (a fake tensor "
-                                     "constant); the token analysis needs a second size (cogvideox-rope-tiny "
-                                     "works)", "could not capture the model at a second resolution"))
+          model_class="CogVideoXTransformer3DModel")
 _register("cogvideox-rope-tiny", "CogVideoXTransformer3DModel, 5B style (3D RoPE (cos, sin) passed in), 2 frames",
           _cogvideox(True), _cogvideox_inputs(True), (8, 12), frames=_FRAMES,
           model_class="CogVideoXTransformer3DModel")
@@ -206,7 +202,4 @@ def _mochi_inputs(batch, h, w, g):
 
 
 _register("mochi-tiny", "MochiTransformer3DModel (asymmetric joint attention, text mask, 3D RoPE), 2 frames",
-          _mochi_model, _mochi_inputs, (8, 12), frames=_FRAMES, model_class="MochiTransformer3DModel",
-          known_failure=KnownFailure("MochiAttnProcessor2_0 keeps the valid prompt tokens with torch.nonzero, a "
-                                     "data-dependent length the token analysis cannot size",
-                                     "token analysis failed"))
+          _mochi_model, _mochi_inputs, (8, 12), frames=_FRAMES, model_class="MochiTransformer3DModel")

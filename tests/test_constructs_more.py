@@ -1,0 +1,225 @@
+"""More DiT constructs (joint sequences and tables over [text, image]), each in a small
+self-written model checked against the RAS contract of ``tests/test_constructs.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rasfx
+from rasfx import capture
+
+from test_constructs import (C, HEADS, P, _assert_per_row_sets_exact, _Block, _check_contract, _prompt_inputs,
+                             _tiny_dit_layers)
+
+
+class RowJoinDiT(torch.nn.Module):
+    """Lumina 2's joint sequence: the text lengths read from the prompt mask
+    (``mask.sum(1).tolist()``), a zero tensor written per sample (``joint[i, :L_i] = text[i, :L_i]``,
+    ``joint[i, L_i:L_i + N] = x[i]``), so the image starts at another offset in each row; a text
+    refiner that reads a table written in place the same way; the output is each row's image
+    slice, stacked."""
+
+    def __init__(self):
+        super().__init__()
+        _tiny_dit_layers(self)
+        self.txt_pos = torch.nn.Parameter(torch.randn(16, C))
+        self.refiner = _Block()
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, attention_mask):
+        b, _, h, w = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        n, t = x.shape[1], attention_mask.shape[1]
+        lengths = attention_mask.sum(1).tolist()
+        # text positions written in place per sample (the refiner reads them: hoisted only after the writes)
+        pos = encoder_hidden_states.new_zeros(b, t, C)
+        for i, length in enumerate(lengths):
+            pos[i, :length] = self.txt_pos[:length]
+        txt = self.txt(encoder_hidden_states) + pos
+        txt = txt + self.refiner.attention(txt, attention_mask.bool()[:, None, None, :])
+        joint = x.new_zeros(b, t + n, C)
+        keys = torch.zeros(b, t + n, dtype=torch.bool)
+        for i, length in enumerate(lengths):
+            joint[i, :length] = txt[i, :length]
+            joint[i, length:length + n] = x[i]
+            keys[i, : length + n] = True
+        scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
+        mask = keys[:, None, None, :]
+        for blk in self.blocks:
+            joint = joint + blk.attention(joint * (1 + scale) + shift, mask)
+            joint = joint + blk.mlp(joint)
+        x = torch.stack([joint[i, length:length + n] for i, length in enumerate(lengths)])
+        x = self.head(x).view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+@pytest.mark.filterwarnings("ignore:.*changed on 3 consecutive forwards")  # new prompt tensors in every call
+def test_a_joint_sequence_built_row_by_row():
+    model = RowJoinDiT().eval()
+    ras = _check_contract(model, _prompt_inputs)  # text lengths 3 and 5: the image starts at 3 and 5
+    cc = ras.captures()[0]
+    assert cc.analysis.stats["row_writes_located"] >= 1
+    assert cc.plan.counters["gathers"] >= 1  # the blocks over the joint sequence run on the active tokens
+    _assert_per_row_sets_exact(ras, model, _prompt_inputs(3))
+
+
+class JointTableDiT(torch.nn.Module):
+    """CogVideoX 2B's positions: a sin-cos table over [text, image] (T + N rows) kept as a buffer
+    for the size the model was built for (``sample_height``, ``sample_width``) and rebuilt at
+    any other size through ``.data[...].copy_()`` (which ``torch.export`` cannot capture), added
+    to the joint sequence after the text and image embeddings are concatenated."""
+
+    def __init__(self, sample_height: int = 8, sample_width: int = 12, text_len: int = 6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.sample_height, self.sample_width, self.text_len = sample_height, sample_width, text_len
+        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+        self.txt = torch.nn.Linear(8, C)
+        self.register_buffer("pos_embedding", self._table(sample_height, sample_width), persistent=False)
+        self.t_embed = torch.nn.Linear(1, 2 * C)
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+        self.head = torch.nn.Linear(C, 4 * P * P)
+
+    def _table(self, height: int, width: int) -> torch.Tensor:
+        n = (height // P) * (width // P)
+        freqs = torch.exp(-torch.arange(C // 2) / (C // 2) * 4.0)
+        pos = torch.arange(n, dtype=torch.float32)[:, None] * freqs
+        table = torch.cat([pos.sin(), pos.cos()], dim=1)
+        joint = table.new_zeros(1, self.text_len + n, C, requires_grad=False)
+        joint.data[:, self.text_len:].copy_(table)
+        return joint
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep):
+        b, _, h, w = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        t = encoder_hidden_states.shape[1]
+        pos = self.pos_embedding if (h, w) == (self.sample_height, self.sample_width) else self._table(h, w)
+        seq = torch.cat([self.txt(encoder_hidden_states), x], dim=1) + pos
+        scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
+        for blk in self.blocks:
+            seq = seq + blk.attention(seq * (1 + scale) + shift)
+            seq = seq + blk.mlp(seq)
+        x = self.head(seq[:, t:]).view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+def _table_inputs(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(2, 4, 8, 12, generator=g),
+            "encoder_hidden_states": torch.randn(2, 6, 8, generator=g), "timestep": torch.rand(2, generator=g)}
+
+
+def test_a_table_over_text_and_image_rebuilt_only_at_other_sizes():
+    model = JointTableDiT().eval()
+    with pytest.raises(rasfx.CaptureError):
+        capture.export(model, dict(_table_inputs(0), hidden_states=torch.randn(2, 4, 16, 12)))  # not at another size
+    ras = _check_contract(model, _table_inputs)
+    assert ras.captures()[0].timings.get("analysis_model_resized")
+    assert model.pos_embedding.shape == (1, 6 + 24, C) and model.sample_height == 8  # restored
+
+
+class EmbeddingRopeDiT(torch.nn.Module):
+    """Allegro's rotary embedding: the pipeline passes cos / sin tables per grid axis (one row
+    per grid row / column) and each token's row and column as ids ``[1, N]`` (no batch),
+    looked up with ``F.embedding(ids, cos)[:, None]`` and broadcast over the batch and heads
+    of the queries and keys, one half of the head dim per axis. ``ids_per_row``: the ids come
+    as ``[B, N]`` (every row the same) and the model keeps the first row, as Flux does with
+    ``img_ids[0]``."""
+
+    def __init__(self):
+        super().__init__()
+        _tiny_dit_layers(self)
+
+    @staticmethod
+    def _rope_1d(u, ids, cos, sin):
+        c, s = F.embedding(ids, cos)[:, None], F.embedding(ids, sin)[:, None]
+        u1, u2 = u.chunk(2, dim=-1)
+        return u * c + torch.cat([-u2, u1], dim=-1) * s
+
+    def _rope(self, u, tables, ids):
+        uh, uw = u.chunk(2, dim=-1)
+        return torch.cat([self._rope_1d(uh, ids[0], *tables[0]), self._rope_1d(uw, ids[1], *tables[1])], dim=-1)
+
+    def forward(self, hidden_states, timestep, rope):
+        tables, ids = rope
+        b, _, h, w = hidden_states.shape
+        if ids[0].shape[0] == b > 1:  # per-row ids: the first row is the table of every row
+            ids = tuple(i[0][None] for i in ids)
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        n = x.shape[1]
+        scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
+        for blk in self.blocks:
+            y = F.layer_norm(x, (C,)) * (1 + scale) + shift
+            q, k, v = blk.qkv(y).view(b, n, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+            q, k = self._rope(q, tables, ids), self._rope(k, tables, ids)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C)
+            x = x + blk.proj(a)
+            x = x + blk.mlp(x)
+        x = self.head(x).view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+def _rope_inputs(seed: int, h: int = 8, w: int = 12, ids_per_row: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    d = C // HEADS // 2
+
+    def table(length):
+        angles = torch.arange(length, dtype=torch.float32)[:, None] * torch.exp(-torch.arange(d) / d * 4.0)
+        return angles.cos(), angles.sin()
+
+    rows, cols = torch.meshgrid(torch.arange(h // P), torch.arange(w // P), indexing="ij")
+    return {"hidden_states": torch.randn(2, 4, h, w, generator=g), "timestep": torch.rand(2, generator=g),
+            "rope": ((table(h // P), table(w // P)), tuple(u.reshape(1, -1).expand(2 if ids_per_row else 1, -1)
+                                                          for u in (rows, cols)))}
+
+
+@pytest.mark.parametrize("ids_per_row", [False, True], ids=["ids-1xN", "ids-BxN-first-row"])
+def test_rope_positions_looked_up_by_embedding(ids_per_row):
+    model = EmbeddingRopeDiT().eval()
+    ras = _check_contract(model, lambda seed: _rope_inputs(seed, ids_per_row=ids_per_row))
+    _assert_per_row_sets_exact(ras, model, _rope_inputs(3, ids_per_row=ids_per_row))
+
+
+class GlobalTokenAudioDiT(torch.nn.Module):
+    """Stable Audio's layout: latents ``[B, C, L]`` with a size-1 ``Conv1d`` before and after the
+    transformer (``conv(x) + x``), a global token (the projected ``global_hidden_states``
+    [B, 1, D] plus the timestep embedding) prepended to the sequence, a rotary table over [global token, latents] (L + 1 rows) passed in, and the
+    global token dropped at the end (``[:, :, 1:]``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.post = torch.nn.Conv1d(4, 4, 1, bias=False), torch.nn.Conv1d(4, 4, 1, bias=False)
+        self.proj_in, self.proj_out = torch.nn.Linear(4, C), torch.nn.Linear(C, 4)
+        self.t_embed, self.global_proj = torch.nn.Linear(1, C), torch.nn.Linear(8, C)
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+
+    def forward(self, hidden_states, global_hidden_states, timestep, rotary):
+        cos, sin = rotary  # [L + 1, head_dim]
+        b, _, length = hidden_states.shape
+        x = self.proj_in((self.pre(hidden_states) + hidden_states).transpose(1, 2))
+        seq = torch.cat([self.global_proj(global_hidden_states) + self.t_embed(timestep.view(b, 1, 1)), x], dim=1)
+        for blk in self.blocks:
+            q, k, v = blk.qkv(F.layer_norm(seq, (C,))).view(b, length + 1, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+            q, k = (torch.cat([-u[..., C // HEADS // 2:], u[..., : C // HEADS // 2]], dim=-1) * sin + u * cos
+                    for u in (q, k))
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length + 1, C)
+            seq = seq + blk.proj(a)
+            seq = seq + blk.mlp(seq)
+        x = self.proj_out(seq).transpose(1, 2)[:, :, 1:]
+        return self.post(x) + x
+
+
+def _audio_inputs(seed: int, length: int = 24) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    d = C // HEADS
+    angles = torch.arange(length + 1, dtype=torch.float32)[:, None] * torch.exp(-torch.arange(d) / d * 4.0)
+    return {"hidden_states": torch.randn(2, 4, length, generator=g), "global_hidden_states": torch.randn(2, 1, 8),
+            "timestep": torch.rand(2, generator=g), "rotary": (angles.cos(), angles.sin())}
+
+
+def test_a_global_token_and_pointwise_convs_around_1d_latents():
+    model = GlobalTokenAudioDiT().eval()
+    ras = _check_contract(model, _audio_inputs)
+    assert ras.captures()[0].analysis.stats["tables_located"] >= 1
