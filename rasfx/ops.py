@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import UnsupportedModelError
+
 
 def _expand_rowwise_index(index: Tensor, like: Tensor, dim: int) -> Tensor:
     # index: [B, n] -> broadcast to like's shape with n at `dim` (batch in dim 0)
@@ -138,6 +140,11 @@ def gather_tokens(x: Tensor, index: Tensor, dim: int, rank: int) -> Tensor:
         x = x.reshape((1,) * shift + tuple(x.shape))
         dim += shift
     if x.shape[0] != index.shape[0]:
+        if x.shape[0] != 1:  # e.g. a sequence-first [S, B, D] tensor: its dim 0 is not the batch
+            raise UnsupportedModelError(
+                f"per-row active sets need the batch in dim 0 of every tensor gathered by rows; one has shape "
+                f"{tuple(x.shape)} for {index.shape[0]} rows (tokens in dim {dim}). Use one index set [n] shared by "
+                "all rows.")
         x = x.expand(index.shape[0], *x.shape[1:])
     return torch.gather(x, dim, _expand_rowwise_index(index, x, dim))
 

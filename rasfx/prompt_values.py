@@ -21,7 +21,7 @@ import hashlib
 import os
 import sys
 from collections import Counter
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, cast
 
 import torch
 import torch.utils._pytree as pytree
@@ -106,7 +106,7 @@ def _record(func, args, kwargs):
         dim = args[2] if len(args) > 2 else kwargs.get("dim")
         x = args[0]
         n = x.numel() if dim is None else x.shape[dim]
-        return torch.arange(n, device=x.device).repeat_interleave(_repeats(args, kwargs)), out
+        return torch.arange(n, device=x.device).repeat_interleave(cast(torch.Tensor, _repeats(args, kwargs))), out
     return out, out
 
 
@@ -247,14 +247,14 @@ def placeholder_leaves(kwargs: dict) -> dict:
     """At the start of the traced forward: graph placeholder node -> (leaf position, input
     name) of each tensor input (the leaves in ``input_signature``'s order)."""
     mode = get_proxy_mode()
-    out = {}
+    out: dict = {}
     if mode is None:
         return out
     for pos, (path, leaf) in enumerate(pytree.tree_flatten_with_path(kwargs)[0]):
         if isinstance(leaf, torch.Tensor):
             slot = get_proxy_slot(leaf, mode.tracer, None)
             if slot is not None:
-                out[slot.proxy.node] = (pos, path[0].key if path else "?")
+                out[slot.proxy.node] = (pos, getattr(path[0], "key", "?") if path else "?")
     return out
 
 

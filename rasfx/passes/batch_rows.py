@@ -78,7 +78,7 @@ def _rows_of(node: fx.Node, batch: int):
         return None if rows == (0, batch, False) else rows
     if t in (aten.cat.default, aten.concat.default, aten.stack.default) and args:
         dim = cast(int, args[1] if len(args) > 1 else node.kwargs.get("dim", 0))
-        parts = [p.meta.get(ROWS) for p in cast("list[fx.Node]", args[0])]
+        parts = cast("list[tuple[int, int, bool]]", [p.meta.get(ROWS) for p in cast("list[fx.Node]", args[0])])
         if dim == 0 and parts and all(p is not None and p[2] == (t is aten.stack.default) for p in parts):
             if all(a[1] == b[0] for a, b in zip(parts, parts[1:])):
                 rows = (parts[0][0], parts[-1][1], False)

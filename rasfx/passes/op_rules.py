@@ -298,7 +298,7 @@ def _pointwise_conv(node: fx.Node) -> bool:
     if not isinstance(weight, fx.Node) or weight.meta.get("rasfx_tokens") or not isinstance(x, fx.Node):
         return False
     args = list(node.args) + [None] * 7
-    stride, padding = args[3] or [1], args[4] or [0]  # (any dilation of a size-1 kernel reads one position)
+    stride, padding = cast("list[int]", args[3] or [1]), cast("list[int]", args[4] or [0])  # (any dilation of a size-1 kernel reads one position)
     kernel = tuple(weight.meta["val"].shape[2:])
     return (all(k == 1 for k in kernel) and all(s == 1 for s in stride) and all(p == 0 for p in padding)
             and all(d >= 2 for d in _axis_dims(x)))

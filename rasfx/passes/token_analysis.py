@@ -313,7 +313,7 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
             if t is aten.slice.Tensor:
                 start = cast(int, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
                 end = cast(int, node.args[3]) if len(node.args) > 3 and node.args[3] is not None else size
-                step = node.args[4] if len(node.args) > 4 else 1
+                step = cast(int, node.args[4]) if len(node.args) > 4 else 1
                 if step != 1:
                     return Axis(ax.dim, ax.extra, None)
             else:
@@ -428,13 +428,13 @@ def _row_slice(node: fx.Node, dim: int):
     while True:
         t = node.target
         if t is aten.slice.Tensor:
-            sdim = cast(int, node.args[1]) % node.args[0].meta["val"].dim()
+            sdim = cast(int, node.args[1]) % cast(fx.Node, node.args[0]).meta["val"].dim()
             if sdim != dim or start is not None:
                 return None
             start = cast(int, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
             node = cast(fx.Node, node.args[0])
         elif t is aten.select.int:
-            sdim = cast(int, node.args[1]) % node.args[0].meta["val"].dim()
+            sdim = cast(int, node.args[1]) % cast(fx.Node, node.args[0]).meta["val"].dim()
             if sdim == 0:
                 base = cast(fx.Node, node.args[0])
                 sourced = base.target in _NEW_TENSOR or not any(token_axes(i) for i in base.all_input_nodes)

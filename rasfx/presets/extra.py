@@ -575,8 +575,9 @@ _KNOWN_FAILURES = {
                       "L", _NO_REGION),
     "zimage-tiny": ("rasfx bug: tokens padded to multiples of 32 and re-split per sample inside the model leave no "
                     "op on active tokens", _NO_REGION),
-    "glm-image-tiny": ("the boolean per-token prior_token_drop indexes the tokens (a data-dependent size)",
-                       "token analysis failed"),
+    "glm-image-tiny": ("the boolean per-token prior_token_drop masks the tokens in place "
+                       "(prior_embedding[prior_token_drop] *= 0.0), which cannot run on active tokens",
+                       "in-place op aten.index_put_"),
     "framepack-tiny": ("mask-sum lengths slice the sequence per sample (data-dependent on the prompt mask)",
                        "could not capture"),
     "hidream-tiny": ("its MoE routes the image tokens with bincount().cpu().numpy() (data-dependent, per token)",
