@@ -159,7 +159,7 @@ class ClassConditionalFlowPipeline(DiffusionPipeline):
 
     def noise_shape(self, batch: int) -> tuple[int, ...]:
         """Shape of the initial noise (and of ``latents=``) for ``batch`` images."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define noise_shape (ClassConditionalFlowPipeline subclass)")
 
     def _prepare(self, noise: torch.Tensor, enc: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Initial noise -> (the latents the scheduler integrates, extra transformer kwargs)."""
@@ -168,10 +168,11 @@ class ClassConditionalFlowPipeline(DiffusionPipeline):
     def _predict(self, model_input: torch.Tensor, t: torch.Tensor, enc: torch.Tensor, pooled: torch.Tensor,
                  extra: dict[str, Any]) -> torch.Tensor:
         """One transformer call at scheduler timestep ``t`` -> the velocity, shaped like ``model_input``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _predict (ClassConditionalFlowPipeline subclass)")
 
     def _postprocess(self, latents: torch.Tensor, output_type: str):
-        raise NotImplementedError
+        """Final latents -> the pipeline output for ``output_type``."""
+        raise NotImplementedError(f"{type(self).__name__} must define _postprocess (ClassConditionalFlowPipeline subclass)")
 
     def labels_to_tensor(self, class_labels: LabelLike) -> torch.Tensor:
         """int / str / list of them / tensor -> (B,) int64 CPU tensor of class ids."""
