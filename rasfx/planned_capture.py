@@ -19,7 +19,8 @@ import torch.utils._pytree as pytree
 from . import passes
 from .capture import Capture, describe_signature, export_specialised
 from .prompt_values import STEP_INPUTS
-from .second_resolution import find_image_input, image_batch, resized_model, second_resolution_candidates
+from .second_resolution import (find_image_input, image_batch, padding_neutral_candidates, resized_model,
+                                second_resolution_candidates, token_padding)
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from . import compiler
 from .compiler import CaptureState, VariantState, run_passes
@@ -151,11 +152,13 @@ def _check_rowwise(cc: PlannedCapture) -> None:
             )
 
 
-def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str, varying: set, specialise: bool):
+def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str, varying: set, specialise: bool,
+                      gm: fx.GraphModule):
     """(exported program, description of the two resolutions) at a second resolution, whether
     the model had to be resized for it (``resized_model``: a model built for one input size), and the errors of
     the attempts. Plain attempts first; resized ones only when every plain one fails.
-    ``specialise``: the first capture was specialised on prompt values; so is this one."""
+    ``specialise``: the first capture was specialised on prompt values; so is this one. ``gm``:
+    the first capture, to tell whether the model pads its tokens (``_keep_padding``)."""
     candidates = second_resolution_candidates(kwargs, image_key)
     errors: dict[str, list[str]] = {}  # error message -> the candidates that failed with it
 
@@ -164,9 +167,11 @@ def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str, vary
 
     for alt_kwargs, desc in candidates:
         try:
-            return (export(alt_kwargs), desc), False, errors
+            alt = export(alt_kwargs), desc
         except CaptureError as e:
             errors.setdefault(str(e), []).append(_candidate(desc))
+            continue
+        return _keep_padding(gm, alt, kwargs, image_key, export), False, errors
     for alt_kwargs, desc in candidates:
         with resized_model(model, desc, kwargs[image_key]) as changed:
             if not changed:
@@ -176,6 +181,23 @@ def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str, vary
             except CaptureError as e:
                 errors.setdefault(str(e), []).append(_candidate(desc) + " (model resized)")
     return None, False, errors
+
+
+def _keep_padding(gm: fx.GraphModule, alt: tuple, kwargs: dict, image_key: str, export) -> tuple:
+    """``alt`` (program, description), or, when the model pads its image tokens to a multiple
+    ``M`` (``second_resolution.token_padding``: the padding differs between the two sizes), a
+    capture at a size whose token count differs by a multiple of ``M``, whose padding is the
+    same. ``alt`` when no such size captures."""
+    padding = token_padding(gm, alt[0].graph_module, alt[1])
+    if padding is None:
+        return alt
+    n, multiple = padding
+    for alt_kwargs, desc in padding_neutral_candidates(kwargs, image_key, n, multiple):
+        try:
+            return export(alt_kwargs), dict(desc, padded_to=multiple)
+        except CaptureError:
+            continue
+    return alt
 
 
 def invariant_inputs(capture: Capture, kwargs: dict, varying: set) -> frozenset:
@@ -215,7 +237,8 @@ def plan_capture(
     ep, value_leaves = export_specialised(model, kwargs, step_inputs)
     cap = Capture.from_program(ep, signature, value_leaves)
     t1 = time.perf_counter()
-    alt, resized, errors = _analysis_capture(model, kwargs, image_key, step_inputs, bool(value_leaves))
+    alt, resized, errors = _analysis_capture(model, kwargs, image_key, step_inputs, bool(value_leaves),
+                                             cap.graph_module)
     if alt is None:
         # the first error in full; the others by where they failed (each torch error once)
         tried = [f"{', '.join(descs)}: {message if i == 0 else _brief(message)}"

@@ -67,7 +67,7 @@ PASSING = [
     "consisid-tiny", "cogvideox15-tiny", "qwenimage-tiny", "nucleusmoe-image-tiny", "longcat-audio-tiny",
     "hunyuan-image-tiny", "mochi-tiny", "lumina2-tiny", "cogvideox-tiny",
     "bria-fibo2-tiny", "hunyuan-video15-tiny", "allegro-tiny",
-    "stable-audio-tiny", "stable-audio3-tiny", "krea2-tiny",
+    "stable-audio-tiny", "stable-audio3-tiny", "krea2-tiny", "zimage-tiny",
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
@@ -132,13 +132,6 @@ KNOWN_BUGS = {
         "[B * F, H * W, C] (latte_transformer_3d.py:208) and temporal blocks on [B * H * W, F, C] "
         "(latte_transformer_3d.py:269-270, back at :300-301): the batch (and frames) are folded into the token "
         "axis, one token set seen as two grids, taken for a U-Net",
-    ),
-    # -- inputs
-    "zimage-tiny": (
-        UnsupportedModelError, True,
-        "list inputs (x, cap_feats) are captured now, but the tokens are padded to multiples of 32 and "
-        "re-split per sample inside (transformer_z_image.py:598-615): every op after the padding reads this "
-        "step's inputs at full length, so no op runs on a subset of the image tokens",
     ),
 }
 

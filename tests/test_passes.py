@@ -238,6 +238,46 @@ def test_repeat_along_the_token_axis_is_conservative():
     assert ("repeat along the token axis" in {r for _, _, r in ras.captures()[0].plan.conservative})
 
 
+def test_pad_sequence_of_different_lengths_is_conservative():
+    """Rows of sequences of one length are stacked (token-wise); of different lengths, the
+    shorter ones are padded at their end, which rasfx does not follow: full length."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    class Ragged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, hidden_states):
+            h = self.lin(hidden_states)  # [B, N, 4]
+            rows = pad_sequence([h[0], h[1, :-2]], batch_first=True)  # N and N - 2 tokens
+            same = pad_sequence([h[0], h[1]], batch_first=True)
+            return self.lin(rows) + self.lin(same)
+
+    ras = rasfx.transform(Ragged().eval())
+    with pytest.warns(rasfx.RASWarning, match="pad_sequence of sequences of different lengths"):
+        with torch.no_grad():
+            ras(hidden_states=torch.randn(2, 16, 4))
+    cc = ras.captures()[0]
+    assert [name for name, _, _ in cc.plan.conservative] == ["pad_sequence"]
+    same = next(n for n in cc.capture.graph_module.graph.nodes if n.name == "pad_sequence_1")
+    assert cc.plan.mode[same.name] == "A"
+
+
+def test_padding_neutral_sizes_keep_the_padding():
+    """A model that pads its N tokens to a multiple of M is analysed at a size whose token
+    count differs by a multiple of M, both sides changed (one side alone scales with the area
+    like the tokens), the nearest first."""
+    from rasfx.second_resolution import padding_neutral_candidates
+
+    kw = inputs(h=8, w=12)  # N = 24 tokens of 2 x 2
+    found = [desc["hw2"] for _, desc in padding_neutral_candidates(kw, "hidden_states", 24, 32)]
+    assert found and found[0] == (20, 24)
+    for h2, w2 in found:
+        assert h2 != 8 and w2 != 12 and (h2 * w2 // 4 - 24) % 32 == 0
+    assert padding_neutral_candidates({"hidden_states": torch.randn(2, 24, 4)}, "hidden_states", 24, 32) == []
+
+
 def test_gather_of_a_broadcast_axis_stays_a_broadcast():
     """Gathering query rows of an expanded mask must not materialise n full rows."""
     from rasfx.ops import gather_tokens

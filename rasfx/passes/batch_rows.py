@@ -4,6 +4,7 @@ only; per-row active sets must use those rows of the index (``annotate_rows``)."
 
 from __future__ import annotations
 
+import operator
 from typing import cast
 
 import torch
@@ -58,6 +59,9 @@ def _has_token_axes(node: fx.Node) -> bool:
 def _rows_of(node: fx.Node, batch: int):
     t, args = node.target, node.args
     src = args[0] if args and isinstance(args[0], fx.Node) else None
+    if t is operator.getitem and src is not None and src.target is aten.unbind.int and src.args[1:2] in ((), (0,)):
+        t, src = aten.select.int, cast(fx.Node, src.args[0])  # x.unbind(0)[i] (Z-Image's unpatchify) is x[i]
+        args = (src, 0, args[1])
     if t in (aten.slice.Tensor, aten.select.int) and src is not None and (args[1] if len(args) > 1 else 0) == 0:
         val = src.meta.get("val")
         before = src.meta.get(ROWS)

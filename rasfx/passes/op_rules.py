@@ -284,6 +284,13 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
         if full:
             return OpRule("mixing", full, reason="contraction over the token axis")
         return OpRule("tokenwise")
+    if t is aten.pad_sequence.default and ins:
+        seqs = cast("list[fx.Node]", args[0])
+        if len({tuple(s.meta["val"].shape) for s in seqs}) == 1 and all(_axis_dims(s) == {0} for s in seqs):
+            # sequences of one length (Z-Image's per-sample ones, each padded to a multiple of
+            # 32 before): nothing is padded, a stack of the rows along a new batch dim
+            return OpRule("tokenwise", cheap=True)
+        return OpRule("opaque", set(ins), reason="pad_sequence of sequences of different lengths")
     return OpRule("opaque", set(ins), reason=f"unknown op {t}")
 
 

@@ -255,6 +255,10 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
     t = node.target
     if not ins or t in _NEW_TENSOR:  # a source: the image input, or a tensor located by _locate_masks / _locate_row_writes
         pinned = node.meta.get(_PINNED, {}).get(ax.dim)
+        if pinned is None and elem is not None and t in (aten.split.Tensor, aten.split_with_sizes.default):
+            src = cast(fx.Node, node.args[0])
+            sdim = cast(int, node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % src.meta["val"].dim()
+            pinned = _piece_offset(src, sdim, node.meta["val"], elem, ax.extra) if sdim == ax.dim else None
         return Axis(ax.dim, ax.extra, 0 if ax.extra == 0 else pinned)
     if t is operator.getitem:
         src = cast(fx.Node, node.args[0])
@@ -338,6 +342,48 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
     if len(offs) == 1:
         return Axis(ax.dim, ax.extra, offs.pop())
     return Axis(ax.dim, ax.extra, None)
+
+
+def _piece_offset(src: fx.Node, dim: int, pieces, elem: int, extra: int):
+    """The image segment of piece ``elem`` of a split of ``src`` along ``dim``, where ``src``
+    (no token axis: a length that sums the pieces') is a concatenation of sequences of the
+    pieces' sizes along ``dim``, seen through ops that keep the positions of ``dim`` (Z-Image
+    embeds and pads the tokens of all samples at once, ``linear(cat(x_i))``, and looks up their
+    RoPE rows at once, ``table[cat(ids_i)[:, k]]``, then ``split(seqlens)``): the piece is the
+    ``elem``-th sequence, with its segment. None when no such concatenation is found."""
+    sizes = [int(p.shape[dim]) for p in pieces]
+    todo, seen = [(src, dim)], set()
+    while todo:
+        node, d = todo.pop()
+        if node in seen or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        seen.add(node)
+        t, rank = node.target, node.meta["val"].dim()
+        if t in (aten.cat.default, aten.concat.default):
+            parts = cast("list[fx.Node]", node.args[0])
+            cat_dim = cast(int, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % rank
+            if cat_dim != d:  # features side by side (a RoPE table of several axes)
+                todo.extend((part, d) for part in parts)
+            elif [int(p.meta["val"].shape[d]) for p in parts] == sizes:
+                axes = [a for a in token_axes(parts[elem]) if a.dim == d and a.extra == extra]
+                return axes[0].offset if axes else None
+        elif t is aten.linear.default and d < rank - 1:  # each row on its own
+            todo.append((cast(fx.Node, node.args[0]), d))
+        elif t is aten.select.int:
+            sel = cast(int, node.args[1]) % (rank + 1)
+            todo.append((cast(fx.Node, node.args[0]), d + 1 if sel <= d else d))
+        elif t is aten.index.Tensor and len(cast(list, node.args[1])) == 1:  # table[ids]: a row per id
+            ids = cast("list[fx.Node]", node.args[1])[0]
+            if isinstance(ids, fx.Node) and d < ids.meta["val"].dim():
+                todo.append((ids, d))
+        elif t is not None and torch.Tag.pointwise in getattr(t, "tags", ()):  # broadcast, right-aligned
+            size = int(node.meta["val"].shape[d])
+            for arg in node.all_input_nodes:
+                val = arg.meta.get("val")
+                k = d - rank + val.dim() if isinstance(val, torch.Tensor) else -1
+                if k >= 0 and int(cast(torch.Tensor, val).shape[k]) == size:
+                    todo.append((arg, k))
+    return None
 
 
 # ---------------------------------------------------------------- attention masks
