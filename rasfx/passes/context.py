@@ -9,6 +9,7 @@ extra graph inputs that the rewrite adds after the captured ones: the active ind
 from __future__ import annotations
 
 import operator
+from typing import Optional
 from dataclasses import dataclass, field
 
 import torch
@@ -61,7 +62,6 @@ class RewriteContext:
         if self.variant != "dense":
             with self.gm.graph.inserting_after(self._last_input):
                 self.index = self.gm.graph.placeholder("ras_index")
-            self.index.meta["rasfx_created_by"] = "rewrite_context"
             self._last_input = self.index
         self._after_inputs = self._last_input
 
@@ -79,12 +79,15 @@ class RewriteContext:
         node.meta["rasfx_cache"] = self.caches[-1]
         return node
 
-    def _insert_top(self, target, args, by: str = "rewrite_context") -> fx.Node:
-        # Index arithmetic lives right after the graph inputs, computed once per forward.
+    def _insert_top(self, target, args, by: Optional[str] = None) -> fx.Node:
+        # Index arithmetic lives right after the graph inputs, computed once per forward and
+        # shared by the passes that ask for it: stamped with ``by``, else by compiler.run_passes
+        # with the pass that asked first.
         anchor = self._top_anchor()
         with self.gm.graph.inserting_after(anchor):
             node = self.gm.graph.call_function(target, args)
-        node.meta["rasfx_created_by"] = by
+        if by is not None:
+            node.meta["rasfx_created_by"] = by
         self._top = node
         return node
 
