@@ -122,7 +122,7 @@ def annotate_row_groups(graph: fx.Graph, batch: int) -> int:
     marked = 0
     for node in graph.nodes:
         size = _dim0(node)
-        if size is None or batch < 2:
+        if size is None:
             continue
         found = _groups_of(node, batch, groups)
         if found is None and size == batch:
@@ -130,7 +130,8 @@ def annotate_row_groups(graph: fx.Graph, batch: int) -> int:
         if found is None:
             continue
         groups[node] = found
-        if found[0] == 0 and found[1] > 1 and _has_token_axes(node):
+        tokens_in_dim0 = any(a.dim == 0 for a in (node.meta.get("rasfx_tokens") or ()) if not isinstance(a, tuple))
+        if found[0] == 0 and found[1] > 1 and _has_token_axes(node) and not tokens_in_dim0:  # rows, not tokens
             node.meta[ROW_GROUPS] = found[1]
             marked += 1
     return marked
