@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from .. import ops
+from .batch_rows import ROW_GROUPS, ROWS
 from .plan_regions import RegionPlan
 from .token_analysis import Axis
 
@@ -100,20 +101,32 @@ class RewriteContext:
         # computed nodes go after the *last* placeholder at lint time (see finalize()).
         return self._after_inputs
 
-    def token_index(self, axis: Axis, rows: tuple | None = None) -> fx.Node:
-        """Index of the active positions along a token axis (image-only or concatenated) of a
-        tensor that holds ``rows`` of the batch (``batch_rows.ROWS``; None: every row)."""
+    def token_index(self, axis: Axis, node: fx.Node | None = None) -> fx.Node:
+        """Index of the active positions along a token axis (image-only, concatenated or
+        folded) of ``node``'s value, for the batch rows it holds (``batch_rows.ROWS``: some rows
+        only; ``batch_rows.ROW_GROUPS``: several consecutive rows per sample)."""
         assert self.index is not None
         index = self.index
+        rows = node.meta.get(ROWS) if node is not None else None
+        groups = node.meta.get(ROW_GROUPS, 1) if node is not None and self.variant == "rowwise" else 1
         if rows is not None and self.variant == "rowwise":
             if ("rows", rows) not in self._seq_index:
                 self._seq_index[("rows", rows)] = self._insert_top(ops.index_rows, (self.index, *rows))
             index = self._seq_index[("rows", rows)]
         else:
             rows = None
+        if axis.outer > 1:
+            if ("fold", axis.outer, rows) not in self._seq_index:
+                self._seq_index[("fold", axis.outer, rows)] = self._insert_top(
+                    ops.fold_index, (index, axis.outer, self.num_tokens))
+            return self._seq_index[("fold", axis.outer, rows)]
+        if groups > 1:
+            if ("groups", groups, rows) not in self._seq_index:
+                self._seq_index[("groups", groups, rows)] = self._insert_top(ops.index_groups, (index, groups))
+            index = self._seq_index[("groups", groups, rows)]
         if axis.extra == 0:
             return index
-        key = (axis.offset, axis.extra, rows)
+        key = (axis.offset, axis.extra, rows, groups)
         if key not in self._seq_index:
             self._seq_index[key] = self._insert_top(
                 ops.sequence_index, (index, axis.offset, self.num_tokens, self.num_tokens + axis.extra)
