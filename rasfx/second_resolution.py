@@ -281,7 +281,7 @@ def token_padding(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict)
     token analysis says why)."""
     pairs = align(gm.graph, gm_alt.graph)
     try:
-        n1, n2 = find_token_count(pairs, resolutions)
+        n1, n2, _ = find_token_count(pairs, resolutions)
     except RasfxError:
         return None
     found = {0}
