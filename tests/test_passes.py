@@ -243,18 +243,14 @@ def test_pad_sequence_of_different_lengths_is_conservative():
     shorter ones are padded at their end, which rasfx does not follow: full length."""
     from torch.nn.utils.rnn import pad_sequence
 
-    class Ragged(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 4)
-
+    class Ragged(torch.nn.Linear):
         def forward(self, hidden_states):
-            h = self.lin(hidden_states)  # [B, N, 4]
+            h = super().forward(hidden_states)  # [B, N, 4]
             rows = pad_sequence([h[0], h[1, :-2]], batch_first=True)  # N and N - 2 tokens
             same = pad_sequence([h[0], h[1]], batch_first=True)
-            return self.lin(rows) + self.lin(same)
+            return super().forward(rows) + super().forward(same)
 
-    ras = rasfx.transform(Ragged().eval())
+    ras = rasfx.transform(Ragged(4, 4).eval())
     with pytest.warns(rasfx.RASWarning, match="pad_sequence of sequences of different lengths"):
         with torch.no_grad():
             ras(hidden_states=torch.randn(2, 16, 4))
