@@ -106,13 +106,19 @@ def _canonical_layout(out: Tensor) -> Tensor:
     return out.contiguous()
 
 
-@ras_attention.register_fake
-def _(q, k, v, k_cache, v_cache, index, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def attention_output_like(q: Tensor, v: Tensor) -> Tensor:
+    """An empty attention output for queries ``q`` and values ``v`` in the layout
+    ``_canonical_layout`` promises (what the fake kernels of the attention ops return)."""
     shape = (*q.shape[:-1], v.shape[-1])
     if q.dim() == 4:
         b, h, lq, d = shape
         return q.new_empty((b, lq, h, d)).transpose(1, 2)
     return q.new_empty(shape)
+
+
+@ras_attention.register_fake
+def _(q, k, v, k_cache, v_cache, index, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return attention_output_like(q, v)
 
 
 def gather_tokens(x: Tensor, index: Tensor, dim: int, rank: int) -> Tensor:
