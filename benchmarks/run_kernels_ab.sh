@@ -6,11 +6,10 @@
 # Writes OUTDIR/{before,after}_N.md (N = repetition, REPS of them, default 2) and OUTDIR/card.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-base=$1; out=$2; shift 2
-mkdir -p "$out"
+base=$1; out=$(mkdir -p "$2" && cd "$2" && pwd); shift 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/card.txt" || true
 export PYTHONUNBUFFERED=1
 for rep in $(seq 1 "${REPS:-2}"); do
-  (cd "$base" && python3 benchmarks/bench_kernels.py "$@" --out "$OLDPWD/$out/before_$rep.md") 2>&1 | tail -3
+  (cd "$base" && python3 benchmarks/bench_kernels.py "$@" --out "$out/before_$rep.md") 2>&1 | tail -3
   python3 benchmarks/bench_kernels.py "$@" --out "$out/after_$rep.md" 2>&1 | tail -3
 done
