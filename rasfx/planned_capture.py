@@ -26,6 +26,7 @@ from .compiler import CaptureState, VariantState, run_passes
 from .passes.context import RewriteContext
 from .passes.batch_rows import ROWS
 from .passes.token_analysis import model_line
+from .tokenwise_modules import Choice, TokenwiseModules, module_nodes, node_module
 
 aten = torch.ops.aten
 
@@ -50,6 +51,9 @@ class GraphVariant:
     counters: Counter
     hoisted: "passes.Hoisted | None" = None  # the step-invariant prologue (hoist_invariants)
     unused: frozenset = frozenset()  # graph-input positions the graph no longer reads (hoisted away)
+    # the modules the graph runs eagerly as one token-wise op each (``tokenwise_modules``): they
+    # may synchronise with the host, so the graph is not captured as a CUDA graph
+    host_sync: tuple = ()
 
     def call_args(self, flat: list, active_index: torch.Tensor | None, caches: list,
                   hoisted_values: list | None = None) -> list:
@@ -90,6 +94,8 @@ class PlannedCapture:
     # prompt tensors): what the graph computes from them alone is hoisted into a prologue.
     # None: hoisting off.
     invariant_inputs: frozenset | None = None
+    # the modules captured as one token-wise op each (``tokenwise_modules``), with why
+    tokenwise: list[Choice] = field(default_factory=list)
 
     @functools.cached_property
     def dynamic_positions(self) -> list[int]:
@@ -135,7 +141,8 @@ def build_variant(cc: PlannedCapture, name: str) -> GraphVariant:
     hoisted = state.hoisted
     cc.timings[f"build_{name}"] = time.perf_counter() - t0
     unused = frozenset(i for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder") if not p.users)
-    return GraphVariant(name, gm, ctx.caches, counters, hoisted, unused)
+    host_sync = tuple(dict.fromkeys(node_module(n) for n in module_nodes(gm)))
+    return GraphVariant(name, gm, ctx.caches, counters, hoisted, unused, host_sync)
 
 
 def _check_rowwise(cc: PlannedCapture) -> None:
@@ -149,6 +156,19 @@ def _check_rowwise(cc: PlannedCapture) -> None:
                 f"per-row active sets need the batch in dim 0 of every cached tensor; {site.producer} has shape "
                 f"{site.shape} (batch {cc.batch}). Use one index set [n] shared by all rows."
             )
+
+
+def _export_tokenwise(model: torch.nn.Module, kwargs: dict, varying: set, tokenwise: TokenwiseModules):
+    """``export_specialised`` with ``tokenwise``'s modules captured as one op each; after a
+    failure on a read of tensor values in a token-wise module, that module's class is chosen
+    too and the export runs again (``TokenwiseModules.choose_after``: a new class each time)."""
+    while True:
+        try:
+            with tokenwise.applied():
+                return export_specialised(model, kwargs, varying)
+        except CaptureError as e:
+            if not tokenwise.choose_after(e, kwargs):
+                raise
 
 
 def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str, varying: set, specialise: bool):
@@ -203,19 +223,25 @@ def _candidate(desc: dict) -> str:
 def plan_capture(
     model: torch.nn.Module, kwargs: dict, image_input: str | None, signature, *, kv_cache: bool = True,
     op_rules: dict | None = None, contiguous_attention: bool = False, varying_inputs: tuple | None = None,
+    tokenwise: TokenwiseModules | None = None,
 ) -> PlannedCapture:
     """Capture ``model`` for one input signature (``kwargs``: a call's keyword arguments;
     ``image_input``: ``TransformConfig.image_input``). ``kv_cache``, ``op_rules``: the
     ``TransformConfig`` fields; ``contiguous_attention``: the execution target's cache layout
     (``target.ExecutionTarget``); ``varying_inputs``: names of the inputs that change at every
-    step besides the image input (None: no step-invariant hoisting)."""
+    step besides the image input (None: no step-invariant hoisting); ``tokenwise``: the
+    modules captured as one token-wise op (``TransformConfig.tokenwise_modules``, and those
+    chosen after failed exports; None: only the latter)."""
     t0 = time.perf_counter()
     image_key = find_image_input(kwargs, image_input)
     step_inputs = {image_key, *(STEP_INPUTS if varying_inputs is None else varying_inputs)}
-    ep, value_leaves = export_specialised(model, kwargs, step_inputs)
+    tokenwise = tokenwise or TokenwiseModules(model)
+    tokenwise.prepare(kwargs)
+    ep, value_leaves = _export_tokenwise(model, kwargs, step_inputs, tokenwise)
     cap = Capture.from_program(ep, signature, value_leaves)
     t1 = time.perf_counter()
-    alt, resized, errors = _analysis_capture(model, kwargs, image_key, step_inputs, bool(value_leaves))
+    with tokenwise.applied():
+        alt, resized, errors = _analysis_capture(model, kwargs, image_key, step_inputs, bool(value_leaves))
     if alt is None:
         # the first error in full; the others by where they failed (each torch error once)
         tried = [f"{', '.join(descs)}: {message if i == 0 else _brief(message)}"
@@ -241,7 +267,8 @@ def plan_capture(
             f"({len(plan.conservative)} ops handled conservatively, e.g. {plan.conservative[:3]}); "
             "RAS would save nothing."
         )
-    cc = PlannedCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention)
+    cc = PlannedCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention,
+                        tokenwise=tokenwise.choices())
     if varying_inputs is not None:
         cc.invariant_inputs = invariant_inputs(cap, kwargs, {image_key, *varying_inputs})
     cc.timings.update(export=t1 - t0, export_alt=t2 - t1, analysis=time.perf_counter() - t2)
@@ -271,3 +298,19 @@ def conservative_report(model: torch.nn.Module, cc: PlannedCapture, limit: int =
         "TransformConfig(op_rules=...) adds a rule for an op rasfx does not know."
     )
 
+
+
+def tokenwise_report(model: torch.nn.Module, cc: PlannedCapture) -> str | None:
+    """One paragraph naming the modules chosen automatically to run as one token-wise op
+    (``tokenwise_modules``), for a warning when the model is transformed; None when none were."""
+    auto = [c for c in cc.tokenwise if not c.reason.startswith("named in")]
+    if not auto:
+        return None
+    classes = Counter(c.cls for c in auto)
+    items = [f"{n} x {cls} ({next(c for c in auto if c.cls == cls).reason})" for cls, n in classes.items()]
+    return (
+        f"{type(model).__name__}: runs {len(auto)} module(s) eagerly as one token-wise op each (checked: each "
+        "token's output depends on that token only), as torch.export could not capture their code: "
+        + "; ".join(items) + ". On a RAS step they run on the active tokens; a graph holding them is not captured "
+        "as a CUDA graph. Name them in TransformConfig(tokenwise_modules=...) to skip the failed export."
+    )
