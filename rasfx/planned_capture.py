@@ -11,6 +11,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -20,11 +21,12 @@ from . import passes
 from .capture import Capture, describe_signature, export_specialised
 from .prompt_values import STEP_INPUTS
 from .second_resolution import find_image_input, image_batch, resized_model, second_resolution_candidates
-from .errors import CaptureError, UnsupportedModelError, UsageError
+from .errors import CaptureError, TooFewTokensError, UnsupportedModelError, UsageError
 from . import compiler
 from .compiler import CaptureState, VariantState, run_passes
 from .passes.context import RewriteContext
 from .passes.batch_rows import ROWS
+from .passes.op_rules import SDPA_OPS
 from .passes.token_analysis import model_line
 from .tokenwise_modules import Choice, TokenwiseModules, module_nodes, node_module
 
@@ -171,31 +173,71 @@ def _export_tokenwise(model: torch.nn.Module, kwargs: dict, varying: set, tokenw
                 raise
 
 
-def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str, varying: set, specialise: bool):
-    """(exported program, description of the two resolutions) at a second resolution, whether
-    the model had to be resized for it (``resized_model``: a model built for one input size), and the errors of
-    the attempts. Plain attempts first; resized ones only when every plain one fails.
+def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, varying: set, specialise: bool,
+                       errors: dict, tokens: Callable[[], int | None]) -> Iterator[tuple[tuple, bool]]:
+    """Captures at a second resolution, for the token analysis, in the order to try them:
+    (exported program, description of the two resolutions) and whether the model had to be resized for it
+    (``resized_model``: a model built for one input size). The first plain attempt that
+    captures; after it (the caller asks for another when the analysis of that one found no
+    token region) or when every plain one fails, resized ones (``tokens()``: the image's token
+    count the analysis of the plain one found, if it did). The other plain sizes are not tried
+    after one captured: a model whose sequence does not follow one size follows no other.
+    ``errors`` gets the capture errors: message -> the candidates that failed with it.
     ``specialise``: the first capture was specialised on prompt values; so is this one."""
     candidates = second_resolution_candidates(kwargs, image_key)
-    errors: dict[str, list[str]] = {}  # error message -> the candidates that failed with it
 
     def export(alt_kwargs):
         return export_specialised(model, alt_kwargs, varying if specialise else None, specialise)[0]
 
     for alt_kwargs, desc in candidates:
         try:
-            return (export(alt_kwargs), desc), False, errors
+            ep = export(alt_kwargs)
         except CaptureError as e:
             errors.setdefault(str(e), []).append(_candidate(desc))
+            continue
+        yield (ep, desc), False
+        break
     for alt_kwargs, desc in candidates:
-        with resized_model(model, desc, kwargs[image_key]) as changed:
+        with resized_model(model, desc, kwargs[image_key], tokens()) as changed:
             if not changed:
                 continue
             try:
-                return (export(alt_kwargs), desc), True, errors
+                ep = export(alt_kwargs)
             except CaptureError as e:
                 errors.setdefault(str(e), []).append(_candidate(desc) + " (model resized)")
-    return None, False, errors
+                continue
+        yield (ep, desc), True
+
+
+def _run_capture_passes(model: torch.nn.Module, state: CaptureState) -> Counter:
+    """The capture passes on ``state`` (annotations of an earlier attempt dropped first); raises
+    ``UnsupportedModelError`` when no op can run on a subset of the image tokens."""
+    _drop_annotations(state.gm)
+    counters = run_passes(state.gm, compiler.CAPTURE_PASSES, state)
+    plan = state.plan
+    if plan.counters["active_nodes"] == 0:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no op of the graph can run on a subset of the image tokens "
+            f"({len(plan.conservative)} ops handled conservatively, e.g. {plan.conservative[:3]}); "
+            "RAS would save nothing."
+        )
+    return counters
+
+
+def _attends_to_tokens(gm: fx.GraphModule) -> bool:
+    """Whether an attention op's queries carry the image tokens, or the graph has no attention op.
+    When none do, the sequence the blocks attend over did not follow the image between the two
+    captures (tokens padded to a length the model fixes): a resized capture may do better."""
+    attention = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_OPS]
+    return not attention or any(isinstance(n.args[0], fx.Node) and passes.token_axes(n.args[0]) for n in attention)
+
+
+def _drop_annotations(gm: fx.GraphModule) -> None:
+    """Drop what the capture passes wrote in the nodes' meta (``rasfx_*`` keys: they only
+    annotate), so that an analysis against another second-resolution capture starts clean."""
+    for node in gm.graph.nodes:
+        for key in [k for k in node.meta if k.startswith("rasfx_")]:
+            del node.meta[key]
 
 
 def invariant_inputs(capture: Capture, kwargs: dict, varying: set) -> frozenset:
@@ -240,33 +282,52 @@ def plan_capture(
     ep, value_leaves = _export_tokenwise(model, kwargs, step_inputs, tokenwise)
     cap = Capture.from_program(ep, signature, value_leaves)
     t1 = time.perf_counter()
-    with tokenwise.applied():
-        alt, resized, errors = _analysis_capture(model, kwargs, image_key, step_inputs, bool(value_leaves))
-    if alt is None:
-        # the first error in full; the others by where they failed (each torch error once)
-        tried = [f"{', '.join(descs)}: {message if i == 0 else _brief(message)}"
-                 for i, (message, descs) in enumerate(errors.items())]
-        raise CaptureError(
-            "could not capture the model at a second resolution, which the token analysis needs to tell "
-            f"image-token axes from other dims (captured at {describe_signature(signature)}), not even with its "
-            "size-bound tables and attributes resized (a model built for one input size). Tried:\n  "
-            + "\n  ".join(tried or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] or [B,N,C])"])
-        )
-    t2 = time.perf_counter()
     gm = cap.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user_inputs = {n.name for n, (kind, _) in zip(placeholders, cap.input_sources) if kind == "user"}
     batch = image_batch(kwargs[image_key])
-    state = CaptureState(type(model).__name__, gm, alt[0].graph_module, dict(alt[1], batch=batch), kv_cache, op_rules,
-                         user_inputs)
-    counters = run_passes(gm, compiler.CAPTURE_PASSES, state)
+    errors: dict[str, list[str]] = {}
+    found: list[int] = []  # the token count an analysis found, for the resized attempts
+    failure: UnsupportedModelError | None = None  # of the first second-resolution capture that captured
+    blind = None  # the first plan whose attention does not see the image tokens: kept if no other plans
+    with tokenwise.applied():
+        for alt, resized in _analysis_captures(model, kwargs, image_key, step_inputs, bool(value_leaves), errors,
+                                               lambda: found[0] if found else None):
+            t2 = time.perf_counter()
+            state = CaptureState(type(model).__name__, gm, alt[0].graph_module, dict(alt[1], batch=batch), kv_cache,
+                                 op_rules, user_inputs)
+            try:
+                counters = _run_capture_passes(model, state)
+            except TooFewTokensError:
+                raise
+            except UnsupportedModelError as e:  # e.g. a sequence padded to a length the model fixes: try a resized one
+                failure = failure or e
+            else:
+                if _attends_to_tokens(gm):
+                    break
+                blind = blind or (alt, resized)
+            if state.analysis is not None and not found:
+                found.append(state.analysis.num_tokens)
+        else:
+            if blind is not None:
+                (alt, resized), t2 = blind, time.perf_counter()
+                state = CaptureState(type(model).__name__, gm, alt[0].graph_module, dict(alt[1], batch=batch),
+                                     kv_cache, op_rules, user_inputs)
+                counters = _run_capture_passes(model, state)
+            elif failure is not None:
+                raise failure
+            else:
+                # the first error in full; the others by where they failed (each torch error once)
+                tried = [f"{', '.join(descs)}: {message if i == 0 else _brief(message)}"
+                         for i, (message, descs) in enumerate(errors.items())]
+                raise CaptureError(
+                    "could not capture the model at a second resolution, which the token analysis needs to tell "
+                    f"image-token axes from other dims (captured at {describe_signature(signature)}), not even with "
+                    "its size-bound tables and attributes resized (a model built for one input size). Tried:\n  "
+                    + "\n  ".join(tried or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] "
+                                             "or [B,N,C])"])
+                )
     analysis, plan = state.analysis, state.plan
-    if plan.counters["active_nodes"] == 0:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: no op of the graph can run on a subset of the image tokens "
-            f"({len(plan.conservative)} ops handled conservatively, e.g. {plan.conservative[:3]}); "
-            "RAS would save nothing."
-        )
     cc = PlannedCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention,
                         tokenwise=tokenwise.choices())
     if varying_inputs is not None:

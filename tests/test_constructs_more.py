@@ -383,3 +383,40 @@ def test_hidream_moe_runs_on_the_active_tokens():
     kept = (tokens >= 0) & ~torch.isin(tokens, active)
     assert _rel(got[kept], want[kept]) <= TOL  # inactive tokens: the cached outputs
     assert _rel(got[~kept], want_nxt[~kept]) > 1e-3
+
+
+class PaddedDiT(torch.nn.Module):
+    """HiDream's habit: the tokens are padded to a length the model fixes (``max_seq``, from the
+    largest resolution it takes), the padding masked out of attention, cut off before the head.
+    At the analysis size the padded length must grow with the tokens (``resized_model``), and the
+    padding is extra tokens, always computed."""
+
+    def __init__(self, max_seq: int = 64):
+        super().__init__()
+        _tiny_dit_layers(self)
+        self.max_seq = max_seq
+
+    def forward(self, hidden_states, timestep):
+        b, _, h, w = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        n = x.shape[1]
+        padded = x.new_zeros(b, self.max_seq, C)
+        padded[:, :n] = x
+        keep = torch.zeros(b, 1, 1, self.max_seq, dtype=torch.bool)
+        keep[..., :n] = True
+        scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
+        for blk in self.blocks:
+            padded = padded + blk.attention(padded * (1 + scale) + shift, keep)
+            padded = padded + blk.mlp(F.layer_norm(padded, (C,)))
+        x = self.head(padded[:, :n]).view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+def test_tokens_padded_to_a_length_the_model_fixes():
+    model = PaddedDiT().eval()
+    ras = _check_contract(model, _moe_inputs)  # 8x12: 24 tokens padded to 64
+    _assert_per_row_sets_exact(ras, model, _moe_inputs(2))
+    cc = ras.captures()[0]
+    assert cc.timings.get("analysis_model_resized") and model.max_seq == 64  # resized for the analysis only
+    assert cc.analysis.stats["row_writes_located"] >= 1  # padded[:, :n] = x: the image segment starts at 0
+    assert {s.axis.extra for s in cc.plan.sites if s.kind == "attention"} == {64 - 24}  # the padding: extra tokens

@@ -392,8 +392,9 @@ def _locate_row_writes(graph: fx.Graph, n1: int) -> int:
     text lengths ``L_i`` read from the prompt mask): a tensor made by a constructor has no
     located image segment, but each copy of image tokens into a slice of one of its rows says
     where that row's segment starts. When every row gets one, the offsets are pinned on the
-    constructor (one per row, ``Axis.offset`` a tuple, when they differ). Returns the number
-    of tensors located."""
+    constructor (one per row, ``Axis.offset`` a tuple, when they differ). A copy into a slice
+    of every row at once (HiDream pads its tokens to a fixed length: ``out[:, :, :N] = x``)
+    pins one offset. Returns the number of tensors located."""
     found: dict = {}  # (source node, token dim) -> {row: offset}
     for node in graph.nodes:
         if node.target is not aten.copy_.default or len(node.args) < 2:
@@ -411,8 +412,14 @@ def _locate_row_writes(graph: fx.Graph, n1: int) -> int:
             found.setdefault((base, dim), {})[row] = start + src_axes[0].offset
     located = 0
     for (base, dim), rows in found.items():
+        if any(a.offset is not None for a in token_axes(base)):
+            continue
+        if list(rows) == [None]:  # every row at once
+            base.meta.setdefault(_PINNED, {})[dim] = rows[None]
+            located += 1
+            continue
         batch = int(base.meta["val"].shape[0])
-        if dim == 0 or sorted(rows) != list(range(batch)) or any(a.offset is not None for a in token_axes(base)):
+        if dim == 0 or None in rows or sorted(rows) != list(range(batch)):
             continue
         pins = base.meta.setdefault(_PINNED, {})
         pins[dim] = _per_row(tuple(rows[r] for r in range(batch)))
@@ -423,10 +430,13 @@ def _locate_row_writes(graph: fx.Graph, n1: int) -> int:
 def _row_slice(node: fx.Node, dim: int):
     """(constructor, its token dim, batch row, slice start) when ``node`` is
     ``constructor[row, ..., start:start + N, ...]`` (selects of other dims allowed), with
-    ``dim`` the token dim of ``node``; None otherwise."""
+    ``dim`` the token dim of ``node``; the row None when it is ``constructor[..., start:start + N, ...]``
+    (every row); None otherwise."""
     start = None
     while True:
         t = node.target
+        if start is not None and node.op == "call_function" and _sourced(node):
+            return node, dim, None, start
         if t is aten.slice.Tensor:
             sdim = cast(int, node.args[1]) % cast(fx.Node, node.args[0]).meta["val"].dim()
             if sdim != dim or start is not None:
@@ -437,8 +447,7 @@ def _row_slice(node: fx.Node, dim: int):
             sdim = cast(int, node.args[1]) % cast(fx.Node, node.args[0]).meta["val"].dim()
             if sdim == 0:
                 base = cast(fx.Node, node.args[0])
-                sourced = base.target in _NEW_TENSOR or not any(token_axes(i) for i in base.all_input_nodes)
-                if start is None or not sourced or base.op != "call_function":
+                if start is None or not _sourced(base) or base.op != "call_function":
                     return None
                 return base, dim + 1, cast(int, node.args[2]) % int(base.meta["val"].shape[0]), start
             if sdim <= dim:
@@ -446,6 +455,11 @@ def _row_slice(node: fx.Node, dim: int):
             node = cast(fx.Node, node.args[0])
         else:
             return None
+
+
+def _sourced(node: fx.Node) -> bool:
+    """A constructor: made from no token-bearing tensor (or from one's dtype and device only)."""
+    return node.target in _NEW_TENSOR or not any(token_axes(i) for i in node.all_input_nodes)
 
 
 def _locate_tables(graph: fx.Graph) -> int:

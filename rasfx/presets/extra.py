@@ -580,9 +580,6 @@ _KNOWN_FAILURES = {
                        "in-place op aten.index_put_"),
     "framepack-tiny": ("mask-sum lengths slice the sequence per sample (data-dependent on the prompt mask)",
                        "could not capture"),
-    "hidream-tiny": ("rasfx bug: non-square latents are padded to max_seq tokens, a length fixed by the model, so "
-                     "the sequence does not follow the image between the two captures (square sizes run; the MoE "
-                     "runs as one token-wise op)", _NO_REGION),
     "qwenimage21-tiny": ("rasfx bug: its reads of the masks are specialised now, but img_mask is not resized with the "
                          "image for the second-resolution capture (the repeat_interleave by it at "
                          "transformer_qwenimage21.py:938 then fails)", _SECOND_SIZE),
