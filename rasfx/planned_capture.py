@@ -20,12 +20,13 @@ import torch.utils._pytree as pytree
 from . import passes
 from .capture import Capture, describe_signature, export_specialised
 from .prompt_values import STEP_INPUTS
-from .second_resolution import find_image_input, image_batch, resized_model, second_resolution_candidates
+from .second_resolution import (find_image_input, image_batch, padding_neutral_candidates, resized_model,
+                                second_resolution_candidates, token_padding)
 from .errors import CaptureError, TooFewTokensError, UnsupportedModelError, UsageError
 from . import compiler
 from .compiler import CaptureState, VariantState, run_passes
 from .passes.context import RewriteContext
-from .passes.batch_rows import ROWS
+from .passes.batch_rows import ROW_GROUPS, ROWS
 from .passes.op_rules import SDPA_OPS
 from .passes.token_analysis import model_line
 from .tokenwise_modules import Choice, TokenwiseModules, module_nodes, node_module
@@ -153,7 +154,10 @@ def _check_rowwise(cc: PlannedCapture) -> None:
         rows = nodes[site.producer].meta.get(ROWS) if site.producer in nodes else None
         if rows is not None and rows[2]:  # one row, its batch dim selected away: a 1-D index row
             continue
-        if site.axis.dim == 0 or site.shape[0] != (cc.batch if rows is None else rows[1] - rows[0]):
+        if site.axis.outer == cc.batch:  # a folded axis of one block per row: a 1-D index (ops.fold_index)
+            continue
+        groups = nodes[site.producer].meta.get(ROW_GROUPS, 1) if site.producer in nodes else 1
+        if site.axis.dim == 0 or site.shape[0] != groups * (cc.batch if rows is None else rows[1] - rows[0]):
             raise UnsupportedModelError(
                 f"per-row active sets need the batch in dim 0 of every cached tensor; {site.producer} has shape "
                 f"{site.shape} (batch {cc.batch}). Use one index set [n] shared by all rows."
@@ -174,16 +178,18 @@ def _export_tokenwise(model: torch.nn.Module, kwargs: dict, varying: set, tokenw
 
 
 def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, varying: set, specialise: bool,
-                       errors: dict, tokens: Callable[[], int | None]) -> Iterator[tuple[tuple, bool]]:
+                       gm: fx.GraphModule, errors: dict, tokens: Callable[[], int | None]
+                       ) -> Iterator[tuple[tuple, bool]]:
     """Captures at a second resolution, for the token analysis, in the order to try them:
     (exported program, description of the two resolutions) and whether the model had to be resized for it
     (``resized_model``: a model built for one input size). The first plain attempt that
-    captures; after it (the caller asks for another when the analysis of that one found no
-    token region) or when every plain one fails, resized ones (``tokens()``: the image's token
-    count the analysis of the plain one found, if it did). The other plain sizes are not tried
-    after one captured: a model whose sequence does not follow one size follows no other.
-    ``errors`` gets the capture errors: message -> the candidates that failed with it.
-    ``specialise``: the first capture was specialised on prompt values; so is this one."""
+    captures (at a size whose padding is that of the first capture ``gm`` when the model pads
+    its tokens: ``_keep_padding``); after it (the caller asks for another when the analysis of
+    that one found no token region) or when every plain one fails, resized ones (``tokens()``:
+    the image's token count the analysis of the plain one found, if it did). The other plain
+    sizes are not tried after one captured: a model whose sequence does not follow one size
+    follows no other. ``errors`` gets the capture errors: message -> the candidates that failed
+    with it. ``specialise``: the first capture was specialised on prompt values; so is this one."""
     candidates = second_resolution_candidates(kwargs, image_key)
 
     def export(alt_kwargs):
@@ -191,11 +197,11 @@ def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, var
 
     for alt_kwargs, desc in candidates:
         try:
-            ep = export(alt_kwargs)
+            alt = export(alt_kwargs), desc
         except CaptureError as e:
             errors.setdefault(str(e), []).append(_candidate(desc))
             continue
-        yield (ep, desc), False
+        yield _keep_padding(gm, alt, kwargs, image_key, export), False
         break
     for alt_kwargs, desc in candidates:
         with resized_model(model, desc, kwargs[image_key], tokens()) as changed:
@@ -238,6 +244,23 @@ def _drop_annotations(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         for key in [k for k in node.meta if k.startswith("rasfx_")]:
             del node.meta[key]
+
+
+def _keep_padding(gm: fx.GraphModule, alt: tuple, kwargs: dict, image_key: str, export) -> tuple:
+    """``alt`` (program, description), or, when the model pads its image tokens to a multiple
+    ``M`` (``second_resolution.token_padding``: the padding differs between the two sizes), a
+    capture at a size whose token count differs by a multiple of ``M``, whose padding is the
+    same. ``alt`` when no such size captures."""
+    padding = token_padding(gm, alt[0].graph_module, alt[1])
+    if padding is None:
+        return alt
+    n, multiple = padding
+    for alt_kwargs, desc in padding_neutral_candidates(kwargs, image_key, n, multiple):
+        try:
+            return export(alt_kwargs), dict(desc, padded_to=multiple)
+        except CaptureError:
+            continue
+    return alt
 
 
 def invariant_inputs(capture: Capture, kwargs: dict, varying: set) -> frozenset:
@@ -291,8 +314,8 @@ def plan_capture(
     failure: UnsupportedModelError | None = None  # of the first second-resolution capture that captured
     blind = None  # the first plan whose attention does not see the image tokens: kept if no other plans
     with tokenwise.applied():
-        for alt, resized in _analysis_captures(model, kwargs, image_key, step_inputs, bool(value_leaves), errors,
-                                               lambda: found[0] if found else None):
+        for alt, resized in _analysis_captures(model, kwargs, image_key, step_inputs, bool(value_leaves), gm,
+                                               errors, lambda: found[0] if found else None):
             t2 = time.perf_counter()
             state = CaptureState(type(model).__name__, gm, alt[0].graph_module, dict(alt[1], batch=batch), kv_cache,
                                  op_rules, user_inputs)

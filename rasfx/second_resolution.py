@@ -4,8 +4,10 @@ The token analysis compares two captures of one forward: this module finds the i
 of a call and builds candidate inputs at another size (``second_resolution_candidates``): the image input
 resized, and with it every input that carries per-token data (position tables, masks over a
 joint text + image sequence, grid sizes passed as ints or tuples), first with narrow guesses,
-then wider ones and other input layouts. ``resized_model`` makes a model built for one input
-size look built for the other one during that capture.
+then wider ones and other input layouts. A model that pads its tokens to a multiple (found by
+``token_padding`` in the two captures) is analysed at a size that keeps its padding
+(``padding_neutral_candidates``). ``resized_model`` makes a model built for one input size look
+built for the other one during that capture.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import math
 from typing import Any, Iterator, cast
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .errors import CaptureError
+from .errors import CaptureError, RasfxError
+from .passes.token_analysis import align, find_token_count
 
 
 IMAGE_INPUT_NAMES = ("hidden_states", "x", "sample", "latents", "img", "image")
@@ -145,6 +149,15 @@ def _resize_everything(kwargs: dict, new: dict, image_key: str, counts, sides) -
     return out
 
 
+def _lengths(kwargs: dict, image_key: str) -> tuple[list[int], list[int]]:
+    """Conditioning lengths T (dim 1 of the other inputs): masks over a joint sequence are
+    T + N long. The first list: inputs [B, T, D]; the second, for the wider guesses, also
+    conditioning of other ranks ([B, T, 2, D] text states)."""
+    others = [v for k, v in kwargs.items() if k != image_key and isinstance(v, torch.Tensor)]
+    return (sorted({int(v.shape[1]) for v in others if v.dim() == 3}),
+            sorted({int(v.shape[1]) for v in others if v.dim() >= 3}))
+
+
 def second_resolution_candidates(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
     """Candidate inputs at another resolution, each with a description
     {"mode": "grid"|"packed", sizes before/after}. Tried in order until one captures."""
@@ -154,53 +167,14 @@ def second_resolution_candidates(kwargs: dict, image_key: str) -> list[tuple[dic
         x = samples[0]
         if not all(u.shape == x.shape for u in samples) or x.dim() < 3:
             return []  # per-sample sizes that differ, or packed samples: not analysed
-    candidates = []
-    # Masks over a joint sequence are T + N long (T: a conditioning input's length).
-    lengths = sorted({int(v.shape[1]) for k, v in kwargs.items()
-                      if k != image_key and isinstance(v, torch.Tensor) and v.dim() == 3})
-    # the wider guesses also take conditioning of other ranks ([B, T, 2, D] text states)
-    all_lengths = sorted({int(v.shape[1]) for k, v in kwargs.items()
-                          if k != image_key and isinstance(v, torch.Tensor) and v.dim() >= 3})
+    candidates: list[tuple[dict, dict]] = []
+    lengths, all_lengths = _lengths(kwargs, image_key)
     if x.dim() >= 4:
         h, w = x.shape[-2], x.shape[-1]
         deltas = [(8, 16), (-8, -16), (16, 8), (-16, -8), (8, 8), (-8, -8), (16, 16), (-16, -16), (4, 8), (-4, -8)]
         for dh, dw in deltas:
-            h2, w2 = h + dh, w + dw
-            if h2 <= 0 or w2 <= 0:
-                continue
-            new = dict(kwargs)
-            sizes = {x.dim() - 2: h2, x.dim() - 1: w2}
-            new[image_key] = (_resized(x, sizes) if samples is None
-                              else type(kwargs[image_key])(_resized(u, sizes) for u in samples))
-            desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2), "batch": image_batch(kwargs[image_key]),
-                                    "lengths": tuple(lengths)}
-            candidates.append((new, desc))
-            # Inputs that carry a per-token table (e.g. RoPE cos/sin passed in by the pipeline)
-            # must follow the resolution: a second candidate resizes non-feature dims that
-            # equal the token count of a usual patch size.
-            counts = []
-            # video latents are [B, C, F, H, W] or [B, F, C, H, W]: either dim may be the frames
-            frames = _frames(x, samples is not None)
-            for p in (1, 2, 4, 8):
-                if h % p or w % p or h2 % p or w2 % p:
-                    continue
-                for f in frames:
-                    counts.append((f * (h // p) * (w // p), f * (h2 // p) * (w2 // p)))
-            joint = [pair for n, n2 in counts for pair in _joint(n, n2, lengths)]
-            resized = _resize_token_tables(kwargs, new, image_key, counts, joint)
-            if any(resized[k] is not new[k] for k in new):
-                candidates.append((resized, dict(desc, resized=True)))
-            if len(candidates) <= 6:  # the first few sizes only: each failed candidate costs an export
-                sides = [((h // p, w // p), (h2 // p, w2 // p)) for p in (1, 2, 4, 8)
-                         if not (h % p or w % p or h2 % p or w2 % p)]
-                # a temporal patch (CogVideoX 1.5: 2 frames a token) halves the frames
-                temporal = [((f // 2) * (h // p) * (w // p), (f // 2) * (h2 // p) * (w2 // p))
-                            for f in frames if f % 2 == 0 and f > 2 for p in (1, 2, 4, 8)
-                            if not (h % p or w % p or h2 % p or w2 % p)]
-                joint_all = [pair for a, b in counts for pair in _joint(a, b, all_lengths)]
-                wider = _resize_everything(kwargs, new, image_key, counts + joint_all + temporal, sides)
-                if any(wider[k] is not resized[k] for k in new):
-                    candidates.append((wider, dict(desc, resized="every per-token input")))
+            if h + dh > 0 and w + dw > 0:
+                candidates += _grid_candidates(kwargs, image_key, (h + dh, w + dw), before=len(candidates))
     elif x.dim() == 3:
         n = x.shape[1]
         candidates += _grid_int_candidates(kwargs, image_key, n, lengths)
@@ -223,6 +197,106 @@ def second_resolution_candidates(kwargs: dict, image_key: str) -> list[tuple[dic
     if samples is None:
         candidates += _other_layouts(kwargs, image_key, x, all_lengths)
     return candidates
+
+
+def _grid_candidates(kwargs: dict, image_key: str, hw2: tuple[int, int], before: int = 0) -> list[tuple[dict, dict]]:
+    """The image input (or each per-sample tensor) resized to the grid ``hw2``: alone, then with
+    the inputs that carry a per-token table, then with every per-token input (only while
+    ``before``, the number of candidates before these, is small: each failed one costs an export)."""
+    x = kwargs[image_key]
+    samples = list(x) if isinstance(x, (list, tuple)) else None
+    if samples is not None:
+        x = samples[0]
+    lengths, all_lengths = _lengths(kwargs, image_key)
+    (h, w), (h2, w2) = x.shape[-2:], hw2
+    new = dict(kwargs)
+    sizes = {x.dim() - 2: h2, x.dim() - 1: w2}
+    new[image_key] = (_resized(x, sizes) if samples is None
+                      else type(kwargs[image_key])(_resized(u, sizes) for u in samples))
+    desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2), "batch": image_batch(kwargs[image_key]),
+                            "lengths": tuple(lengths)}
+    candidates = [(new, desc)]
+    # Inputs that carry a per-token table (e.g. RoPE cos/sin passed in by the pipeline)
+    # must follow the resolution: a second candidate resizes non-feature dims that
+    # equal the token count of a usual patch size.
+    counts = []
+    # video latents are [B, C, F, H, W] or [B, F, C, H, W]: either dim may be the frames
+    frames = _frames(x, samples is not None)
+    for p in (1, 2, 4, 8):
+        if h % p or w % p or h2 % p or w2 % p:
+            continue
+        for f in frames:
+            counts.append((f * (h // p) * (w // p), f * (h2 // p) * (w2 // p)))
+    joint = [pair for n, n2 in counts for pair in _joint(n, n2, lengths)]
+    resized = _resize_token_tables(kwargs, new, image_key, counts, joint)
+    if any(resized[k] is not new[k] for k in new):
+        candidates.append((resized, dict(desc, resized=True)))
+    if before + len(candidates) <= 6:
+        sides = [((h // p, w // p), (h2 // p, w2 // p)) for p in (1, 2, 4, 8)
+                 if not (h % p or w % p or h2 % p or w2 % p)]
+        # a temporal patch (CogVideoX 1.5: 2 frames a token) halves the frames
+        temporal = [((f // 2) * (h // p) * (w // p), (f // 2) * (h2 // p) * (w2 // p))
+                    for f in frames if f % 2 == 0 and f > 2 for p in (1, 2, 4, 8)
+                    if not (h % p or w % p or h2 % p or w2 % p)]
+        joint_all = [pair for a, b in counts for pair in _joint(a, b, all_lengths)]
+        wide = _resize_everything(kwargs, new, image_key, counts + joint_all + temporal, sides)
+        if any(wide[k] is not resized[k] for k in new):
+            candidates.append((wide, dict(desc, resized="every per-token input")))
+    return candidates
+
+
+def padding_neutral_candidates(kwargs: dict, image_key: str, n: int, multiple: int) -> list[tuple[dict, dict]]:
+    """Candidates at a grid whose token count ``N2`` differs from ``n`` by a multiple of
+    ``multiple``, for a model that pads its image tokens to a multiple of it (Z-Image pads each
+    sample to 32): the padded sequence is then ``N + c`` with the same ``c`` at both sizes, as
+    the token analysis needs. Both sides change (one side alone would scale with the area like
+    the tokens), by steps that keep the grid divisible like the original one (up to 8); the
+    nearest grids first, larger before smaller."""
+    x = kwargs[image_key]
+    x = x[0] if isinstance(x, (list, tuple)) else x
+    if x.dim() < 4:
+        return []
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    step = math.gcd(h, w, 8)
+    grids = []
+    for i, j in itertools.product(range(-4, 9), repeat=2):
+        h2, w2 = h + i * step, w + j * step
+        if i == 0 or j == 0 or h2 <= 0 or w2 <= 0 or (n * h2 * w2) % (h * w):
+            continue
+        n2 = n * h2 * w2 // (h * w)
+        if n2 != n and (n2 - n) % multiple == 0:
+            grids.append((max(abs(i), abs(j)), i < 0 or j < 0, (h2, w2)))
+    return [c for *_, hw2 in sorted(grids)[:3] for c in _grid_candidates(kwargs, image_key, hw2)]
+
+
+def token_padding(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict) -> tuple[int, int] | None:
+    """``(N, M)`` when the graph pads its image tokens to a multiple of ``M`` (Z-Image pads each
+    sample's tokens to 32 with copies of a pad token), found in the two captures ``gm`` and
+    ``gm_alt``: a dim that is ``N`` rounded up to ``M`` at both resolutions, not ``N`` at one of
+    them, and grows with ``N``. The padding then differs between the two sizes, so the padded
+    sequence is not ``N + c`` and no op after it gets a token axis; a second resolution whose
+    ``N`` differs by a multiple of ``M`` keeps ``c`` (``padding_neutral_candidates``). ``M`` is a
+    power of two, at least 8 (conservative: the multiples kernels pad to; smaller ones match by
+    chance too often). None when nothing is padded, or when the token count is not found (the
+    token analysis says why)."""
+    pairs = align(gm.graph, gm_alt.graph)
+    try:
+        n1, n2, _ = find_token_count(pairs, resolutions)
+    except RasfxError:
+        return None
+    found = {0}
+    for a, b in pairs.items():
+        for t1, t2 in zip(pytree.tree_leaves(a.meta.get("val")), pytree.tree_leaves(b.meta.get("val"))):
+            if not isinstance(t1, torch.Tensor) or not isinstance(t2, torch.Tensor) or t1.dim() != t2.dim():
+                continue
+            for s1, s2 in zip(map(int, t1.shape), map(int, t2.shape)):
+                if s1 == s2 or (s1, s2) == (n1, n2):
+                    continue
+                m = math.gcd(s1, s2) & -math.gcd(s1, s2)  # the largest power of two dividing both
+                while m >= 8 and (-(-n1 // m) * m, -(-n2 // m) * m) != (s1, s2):
+                    m //= 2
+                found.add(m if m >= 8 else 0)
+    return (n1, max(found)) if max(found) else None
 
 
 def _other_layouts(kwargs: dict, image_key: str, x: torch.Tensor, lengths) -> list[tuple[dict, dict]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 import rasfx
 from rasfx import capture
@@ -420,3 +421,76 @@ def test_tokens_padded_to_a_length_the_model_fixes():
     assert cc.timings.get("analysis_model_resized") and model.max_seq == 64  # resized for the analysis only
     assert cc.analysis.stats["row_writes_located"] >= 1  # padded[:, :n] = x: the image segment starts at 0
     assert {s.axis.extra for s in cc.plan.sites if s.kind == "attention"} == {64 - 24}  # the padding: extra tokens
+
+
+class PaddedListDiT(torch.nn.Module):
+    """Z-Image's per-sample interface: ``x`` a list of [C, 1, H, W] latents, ``cap_feats`` a list
+    of [L_i, D] prompts. Each sample's patches and prompt are padded to a multiple of 32 with
+    copies of their last row; the patches of all samples are embedded at once
+    (``linear(cat(...))``), the padding rows replaced by a learned pad token, and split back per
+    sample, and so are their positions (looked up at once in a table per grid axis); the samples
+    are stacked with ``pad_sequence``; a refiner runs over the image alone, the blocks over
+    ``[image, text]`` per row; the output is a list of per-sample latents cut from each row."""
+
+    MULTIPLE = 32
+
+    def __init__(self):
+        super().__init__()
+        _tiny_dit_layers(self)
+        self.x_embed = torch.nn.Linear(4 * P * P, C)
+        self.x_pad_token = torch.nn.Parameter(torch.randn(1, C))
+        self.pos_h, self.pos_w = torch.nn.Parameter(torch.randn(16, C // 2)), torch.nn.Parameter(torch.randn(16, C // 2))
+        self.refiner = _Block()
+
+    def pad(self, feat):
+        n = len(feat)
+        pad = -n % self.MULTIPLE
+        mask = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(pad, dtype=torch.bool)])
+        return torch.cat([feat, feat[-1:].repeat(pad, 1)]), mask
+
+    def forward(self, x, t, cap_feats):
+        patches, masks, ids, sizes = [], [], [], []
+        for image in x:
+            c, f, h, w = image.shape
+            sizes.append((f, h // P, w // P))
+            u = image.view(c, f, h // P, P, w // P, P).permute(1, 2, 4, 3, 5, 0).reshape(-1, P * P * c)
+            u, mask = self.pad(u)
+            grid = torch.stack(torch.meshgrid(torch.arange(h // P), torch.arange(w // P), indexing="ij"), -1)
+            patches.append(u)
+            masks.append(mask)
+            ids.append(torch.cat([grid.flatten(0, 1), grid.new_zeros(len(u) - len(grid.flatten(0, 1)), 2)]))
+        seqlens = [len(u) for u in patches]
+        feats = self.x_embed(torch.cat(patches))
+        feats = torch.where(torch.cat(masks).unsqueeze(-1), self.x_pad_token, feats)
+        ids = torch.cat(ids)
+        pos = torch.cat([self.pos_h[ids[:, 0]], self.pos_w[ids[:, 1]]], dim=-1)
+        img = pad_sequence(list(feats.split(seqlens)), batch_first=True)
+        img = img + pad_sequence(list(pos.split(seqlens)), batch_first=True)
+        scale, shift = self.t_embed(t.view(-1, 1, 1)).chunk(2, dim=-1)
+        img = img + self.refiner.attention(img * (1 + scale) + shift)
+        cap = [self.txt(self.pad(c)[0]) for c in cap_feats]
+        unified = pad_sequence([torch.cat([img[i][: seqlens[i]], cap[i]]) for i in range(len(x))], batch_first=True)
+        for blk in self.blocks:
+            unified = unified + blk.attention(unified * (1 + scale) + shift)
+            unified = unified + blk.mlp(unified)
+        out = []
+        for u, (f, h, w) in zip(self.head(unified).unbind(dim=0), sizes):
+            u = u[: f * h * w].view(f, h, w, P, P, 4)
+            out.append(u.permute(5, 0, 1, 3, 2, 4).reshape(4, f, h * P, w * P))
+        return out
+
+
+def _padded_list_inputs(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"x": [torch.randn(4, 1, 8, 12, generator=g) for _ in range(2)], "t": torch.rand(2, generator=g),
+            "cap_feats": [torch.randn(n, 8, generator=g) for n in (3, 5)]}
+
+
+def test_per_sample_sequences_padded_to_a_multiple():
+    model = PaddedListDiT().eval()
+    ras = _check_contract(model, _padded_list_inputs)  # 24 image tokens a sample, padded to 32
+    cc = ras.captures()[0]
+    # analysed at a second size whose padding is the same (8 rows): N + 8 at both
+    assert (cc.analysis.num_tokens, (cc.analysis.num_tokens_alt - 24) % 32) == (24, 0)
+    assert cc.plan.counters["sites_attention"] == 6  # the refiner and both blocks run on the active tokens
+    _assert_per_row_sets_exact(ras, model, _padded_list_inputs(3))

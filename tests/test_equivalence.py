@@ -67,7 +67,7 @@ PASSING = [
     "consisid-tiny", "cogvideox15-tiny", "qwenimage-tiny", "nucleusmoe-image-tiny", "longcat-audio-tiny",
     "hunyuan-image-tiny", "mochi-tiny", "lumina2-tiny", "cogvideox-tiny",
     "bria-fibo2-tiny", "hunyuan-video15-tiny", "allegro-tiny",
-    "stable-audio-tiny", "stable-audio3-tiny", "krea2-tiny", "hidream-tiny",
+    "stable-audio-tiny", "stable-audio3-tiny", "krea2-tiny", "hidream-tiny", "latte-tiny", "zimage-tiny",
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
@@ -127,20 +127,6 @@ KNOWN_BUGS = {
         "input [B, L, C] is patchified by a strided Conv1d (ace_step_transformer.py:506-510, unpatchified by a "
         "ConvTranspose1d at :521-525), so the tokens are L / 2 while the packed analysis mode takes dim 1 of the "
         "input (L) as the token count; no token region is found",
-    ),
-    "latte-tiny": (
-        UnsupportedModelError, False,
-        "token_analysis.find_token_count refuses 'several token grids (24, 48 tokens)': spatial blocks run on "
-        "[B * F, H * W, C] (latte_transformer_3d.py:208) and temporal blocks on [B * H * W, F, C] "
-        "(latte_transformer_3d.py:269-270, back at :300-301): the batch (and frames) are folded into the token "
-        "axis, one token set seen as two grids, taken for a U-Net",
-    ),
-    # -- inputs
-    "zimage-tiny": (
-        UnsupportedModelError, True,
-        "list inputs (x, cap_feats) are captured now, but the tokens are padded to multiples of 32 and "
-        "re-split per sample inside (transformer_z_image.py:598-615): every op after the padding reads this "
-        "step's inputs at full length, so no op runs on a subset of the image tokens",
     ),
 }
 

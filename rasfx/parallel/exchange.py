@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ParallelError
-from ..ops import _canonical_layout, write_rows_
+from ..ops import _canonical_layout, attention_output_like, write_rows_
 
 __all__ = ["Communicator", "using", "current"]
 
@@ -219,11 +219,7 @@ def cp_attention(
 @cp_attention.register_fake
 def _(q, k, v, k_cache, v_cache, plan, before, after, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
       enable_gqa=False):
-    shape = (*q.shape[:-1], v.shape[-1])
-    if q.dim() == 4:
-        b, h, lq, d = shape
-        return q.new_empty((b, lq, h, d)).transpose(1, 2)
-    return q.new_empty(shape)
+    return attention_output_like(q, v)
 
 
 @torch.library.custom_op("rasfx::cp_attention_heads", mutates_args=("k_cache", "v_cache"))
@@ -286,5 +282,4 @@ def cp_attention_heads(
 
 @cp_attention_heads.register_fake
 def _(q, k, v, k_cache, v_cache, plan, before, after, scale=None, enable_gqa=False):
-    b, h, lq, _ = q.shape
-    return q.new_empty((b, lq, h, v.shape[-1])).transpose(1, 2)
+    return attention_output_like(q, v)

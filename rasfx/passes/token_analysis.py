@@ -7,11 +7,17 @@ token axis. ``c > 0`` marks a sequence that concatenates the image tokens with `
 conditioning tokens; where the image segment sits (its offset) is propagated from the
 ``cat``/``slice``/``split`` nodes that build and cut such sequences. An attention mask over
 such a joint sequence, passed in or built from ``ones``/``arange``, takes the offset of the
-queries / keys it masks (counter ``masks_located``: sources located that way).
+queries / keys it masks (counter ``masks_located``: sources located that way; these locating
+steps are in ``token_segments``).
 
 ``N`` itself is found as the size that scales exactly with the image area (grid inputs) or
-is the packed sequence length (packed inputs). A graph with several token grids of
-different sizes (a U-Net) or none (a model without image tokens) is rejected.
+is the packed sequence length (packed inputs). A dim of ``k * N`` (``k`` a multiple of the
+batch) is the batch folded into the token axis (``Axis.outer = k``; Latte's temporal layout
+``[B*H*W, F, C]``), accepted where the ops that make it prove the block-major layout
+(``token_folds``). A graph with several token grids of different sizes (a U-Net), a fold
+whose layout is not proven, or no token grid (a model without image tokens) is rejected.
+Tensors whose dim 0 holds several rows per sample (``[B*F, H*W, C]``) are marked for per-row
+active sets (``batch_rows.annotate_row_groups``, counter ``row_groups``).
 
 Invariants: the graph is not modified; every node gets ``node.meta["rasfx_tokens"]`` (a
 ``token_info.TokenInfo``: a tuple of axes for tensor outputs, a list of them for multi-output
@@ -27,7 +33,7 @@ import operator
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, cast
 
 import torch
@@ -35,8 +41,10 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import TooFewTokensError, UnsupportedModelError
-from .batch_rows import annotate_rows
+from .batch_rows import annotate_row_groups, annotate_rows
+from .token_folds import fold_axis, fold_base, fold_offset, folded_error, involves_fold, unproven_fold
 from .token_info import Axis, token_axes
+from .token_segments import NEW_TENSOR, PINNED, locate_masks, locate_row_writes, locate_tables, per_row
 
 aten = torch.ops.aten
 
@@ -91,12 +99,14 @@ def _area_pairs(pairs, area1: int, area2: int, smallest: int = 2) -> Counter:
     return counts
 
 
-def find_token_count(pairs, resolutions: dict) -> tuple[int, int]:
-    """(N, N_alt): the number of image tokens at the two resolutions."""
+def find_token_count(pairs, resolutions: dict, folds: bool = True) -> tuple[int, int, frozenset]:
+    """(N, N_alt, folds): the number of image tokens at the two resolutions, and the factors
+    ``k`` of the dims that hold ``k * N`` tokens (the batch folded into the token axis,
+    ``token_folds``; ``folds=False``: such dims are refused as other token grids)."""
     if resolutions["mode"] == "packed":
         if resolutions["n"] < 2:
             raise TooFewTokensError(f"the image is a single token ({resolutions['n']} in the sequence): nothing to skip")
-        return resolutions["n"], resolutions["n2"]
+        return resolutions["n"], resolutions["n2"], frozenset()
     (h, w), (h2, w2) = resolutions["hw"], resolutions["hw2"]
     counts = _area_pairs(pairs, h * w, h2 * w2)
     if not counts and _area_pairs(pairs, h * w, h2 * w2, smallest=1):
@@ -112,17 +122,14 @@ def find_token_count(pairs, resolutions: dict) -> tuple[int, int]:
     (best, freq), *rest = counts.most_common()
     grids = [pair for pair, c in rest if c >= max(3, freq // 10) and pair[0] != best[0]]
     batch = resolutions.get("batch", 1)
+    based = fold_base([best, *grids], batch) if grids and folds else None
+    if based is not None:  # k x N: checked once the axes are located (token_folds.unproven_fold)
+        return (*based[0], based[1])
     folded = [pair for pair in grids if batch > 1 and batch * min(pair[0], best[0]) == max(pair[0], best[0])]
     if folded and len(folded) == len(grids):
         small, large = sorted((best[0], folded[0][0]))
         line = _first_line(pairs, max(best, folded[0]))
-        where = f" (first at {line!r})" if line else ""
-        raise UnsupportedModelError(
-            f"a dimension of {large} = {large // small} x {small} image tokens{where}: the model folds the batch (or "
-            "frames) into the token axis (e.g. `x.view(1, -1, heads, dim)` over a batch, or video blocks that "
-            "alternate [B*F, H*W] and [B*H*W, F] layouts). rasfx does not support folded token axes yet: keep the "
-            "batch in its own dim in that code (e.g. `x.view(B, -1, heads, dim)`)."
-        )
+        raise folded_error(large, small, f" (first at {line!r})" if line else "")
     if grids:
         sizes = ", ".join(str(p[0]) for p in [best, *grids])
         line = _first_line(pairs, grids[0])
@@ -133,7 +140,7 @@ def find_token_count(pairs, resolutions: dict) -> tuple[int, int]:
             "pooling), whose token sets do not map one-to-one; rasfx supports transformers with one image-token "
             "sequence at full resolution."
         )
-    return best
+    return (*best, frozenset())
 
 
 def _first_line(pairs, sizes: tuple[int, int]) -> str:
@@ -162,7 +169,8 @@ def model_line(node: fx.Node) -> str:
     return lines[-1].strip() if lines else node.name
 
 
-def _axes_of(t1: torch.Tensor, t2: Optional[torch.Tensor], n1: int, n2: int, extras: set) -> tuple:
+def _axes_of(t1: torch.Tensor, t2: Optional[torch.Tensor], n1: int, n2: int, extras: set,
+             folds: frozenset = frozenset()) -> tuple:
     axes = []
     for d in range(t1.dim()):
         s1 = int(t1.shape[d])
@@ -170,6 +178,8 @@ def _axes_of(t1: torch.Tensor, t2: Optional[torch.Tensor], n1: int, n2: int, ext
             s2 = int(t2.shape[d])
             if s1 >= n1 and s1 - n1 == s2 - n2 and s1 != s2:
                 axes.append(Axis(d, s1 - n1, None))
+            elif folds and (folded := fold_axis(d, s1, s2, n1, n2, folds)) is not None:
+                axes.append(folded)
         elif s1 >= n1 and (s1 - n1) in extras:
             axes.append(Axis(d, s1 - n1, None))
     return tuple(axes)
@@ -213,7 +223,7 @@ def _segment(offset, extra, n, start, end, size):
     of ``size``: the new offset, or None when the slice does not hold the whole segment."""
     if isinstance(offset, tuple):
         rows = tuple(_segment(o, extra, n, start, end, size) for o in offset)
-        return None if None in rows else _per_row(rows)
+        return None if None in rows else per_row(rows)
     if offset is None:
         return None
     start = max(0, start + size if start < 0 else start)
@@ -221,11 +231,6 @@ def _segment(offset, extra, n, start, end, size):
     if start <= offset and end >= offset + n:
         return offset - start
     return None
-
-
-def _per_row(offsets: tuple):
-    """Per-row offsets, one int when every row has the same."""
-    return offsets[0] if len(set(offsets)) == 1 else tuple(offsets)
 
 
 def _shift(offset, by: int):
@@ -253,9 +258,15 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
     # The casts below state the ATen schema of each op (fx types every argument as any
     # ``Argument``): the tensor arguments are nodes, dims and bounds are ints.
     t = node.target
-    if not ins or t in _NEW_TENSOR:  # a source: the image input, or a tensor located by _locate_masks / _locate_row_writes
-        pinned = node.meta.get(_PINNED, {}).get(ax.dim)
-        return Axis(ax.dim, ax.extra, 0 if ax.extra == 0 else pinned)
+    if involves_fold(node, ax, ins):
+        return replace(ax, offset=fold_offset(node, ax, ins, node.meta.get("rasfx_ints")))
+    if not ins or t in NEW_TENSOR:  # a source: the image input, or a tensor located by locate_masks / locate_row_writes
+        pinned = node.meta.get(PINNED, {}).get(ax.dim)
+        if pinned is None and elem is not None and t in (aten.split.Tensor, aten.split_with_sizes.default):
+            src = cast(fx.Node, node.args[0])
+            sdim = cast(int, node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % src.meta["val"].dim()
+            pinned = _piece_offset(src, sdim, node.meta["val"], elem, ax.extra) if sdim == ax.dim else None
+        return replace(ax, offset=0 if ax.extra == 0 else pinned)
     if t is operator.getitem:
         src = cast(fx.Node, node.args[0])
         infos = src.meta.get("rasfx_tokens")
@@ -263,8 +274,8 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
         if isinstance(infos, list) and isinstance(k, int) and k < len(infos) and infos[k]:
             for a in infos[k]:
                 if a.extra == ax.extra:
-                    return Axis(ax.dim, ax.extra, a.offset)
-        return Axis(ax.dim, ax.extra, None)
+                    return replace(ax, offset=a.offset)
+        return replace(ax, offset=None)
     if t in (aten.cat.default, aten.concat.default):
         tensors = cast("list[fx.Node]", node.args[0])
         cat_dim = cast(int, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
@@ -277,10 +288,10 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
                 here = [a for a in axes if a.dim == ax.dim] if isinstance(axes, tuple) else []
                 if here:
                     if found is not None or here[0].offset is None:
-                        return Axis(ax.dim, ax.extra, None)
+                        return replace(ax, offset=None)
                     found = _shift(here[0].offset, pos)
                 pos += int(val.shape[ax.dim])
-            return Axis(ax.dim, ax.extra, found)
+            return replace(ax, offset=found)
     if elem is not None and t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
         src = cast(fx.Node, node.args[0])
         sval = src.meta["val"]
@@ -291,18 +302,18 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
             start = sum(int(p.shape[sdim]) for p in pieces[:elem])
             end = start + int(pieces[elem].shape[sdim])
             off = _segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, int(sval.shape[sdim]))
-            return Axis(ax.dim, ax.extra, off)
+            return replace(ax, offset=off)
     if t in (aten.select.int, aten.slice.Tensor) and cast(int, node.args[1] if len(node.args) > 1 else 0) == 0:
         src = cast(fx.Node, node.args[0])
-        per_row = [a for a in (src.meta.get("rasfx_tokens") or ()) if isinstance(a.offset, tuple) and a.extra == ax.extra]
-        if per_row and per_row[0].dim != 0:  # rows of the batch: their own offsets
-            offsets = per_row[0].offset
+        by_row = [a for a in (src.meta.get("rasfx_tokens") or ()) if isinstance(a.offset, tuple) and a.extra == ax.extra]
+        if by_row and by_row[0].dim != 0:  # rows of the batch: their own offsets
+            offsets = by_row[0].offset
             if t is aten.select.int:
-                return Axis(ax.dim, ax.extra, offsets[cast(int, node.args[2]) % len(offsets)])
+                return replace(ax, offset=offsets[cast(int, node.args[2]) % len(offsets)])
             start = cast(int, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
             end = cast(int, node.args[3]) if len(node.args) > 3 and node.args[3] is not None else len(offsets)
             step = cast(int, node.args[4]) if len(node.args) > 4 else 1
-            return Axis(ax.dim, ax.extra, _per_row(offsets[start:end:step]) if offsets[start:end:step] else None)
+            return replace(ax, offset=per_row(offsets[start:end:step]) if offsets[start:end:step] else None)
     if t in (aten.slice.Tensor, aten.narrow.default):
         src = cast(fx.Node, node.args[0])
         sval = src.meta["val"]
@@ -315,11 +326,11 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
                 end = cast(int, node.args[3]) if len(node.args) > 3 and node.args[3] is not None else size
                 step = cast(int, node.args[4]) if len(node.args) > 4 else 1
                 if step != 1:
-                    return Axis(ax.dim, ax.extra, None)
+                    return replace(ax, offset=None)
             else:
                 start, length = cast(int, node.args[2]), cast(int, node.args[3])
                 end = start + length
-            return Axis(ax.dim, ax.extra, _segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, size))
+            return replace(ax, offset=_segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, size))
     if t in (aten.constant_pad_nd.default, aten.pad.default):  # the left width shifts the segment
         src = cast(fx.Node, node.args[0])
         pad = cast("list[int]", node.args[1])
@@ -327,179 +338,59 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
         left = pad[2 * (rank - 1 - ax.dim)] if 2 * (rank - 1 - ax.dim) < len(pad) else 0
         src_axes = [a for a in (src.meta.get("rasfx_tokens") or ()) if a.dim == ax.dim]
         if src_axes and src_axes[0].offset is not None:
-            return Axis(ax.dim, ax.extra, _shift(src_axes[0].offset, left))
-        return Axis(ax.dim, ax.extra, None)
+            return replace(ax, offset=_shift(src_axes[0].offset, left))
+        return replace(ax, offset=None)
     # token-wise ops keep the segment: take it from an input axis with the same extra. They
     # align their operands position by position, so an operand of unknown offset (a table of
     # [text, image] positions, CogVideoX's sin-cos buffer) has the other operands' segment.
-    offs = {a.offset for _, a in ins if a.extra == ax.extra}
+    offs = {a.offset for _, a in ins if a.extra == ax.extra and a.outer == 1}
     if len(offs) == 2 and None in offs:
         offs.discard(None)
     if len(offs) == 1:
-        return Axis(ax.dim, ax.extra, offs.pop())
-    return Axis(ax.dim, ax.extra, None)
+        return replace(ax, offset=offs.pop())
+    return replace(ax, offset=None)
 
 
-# ---------------------------------------------------------------- attention masks
-
-_PINNED = "rasfx_pinned_offsets"  # {dim: offset} of a source, set by _locate_masks
-_SDPA = (aten.scaled_dot_product_attention.default,)
-# ops that keep a sequence's positions in place (no reordering, no slicing along it)
-_IN_PLACE_OF_POSITION = {
-    aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.expand.default, aten.clone.default,
-    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.rsub.Scalar, aten.neg.default, aten.where.self,
-    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
-    aten.type_as.default, aten.eq.Scalar, aten.ne.Scalar, aten.ge.Tensor, aten.ge.Scalar, aten.gt.Scalar,
-    aten.lt.Tensor, aten.lt.Scalar, aten.le.Scalar, aten.logical_not.default, aten.logical_and.default,
-    aten.logical_or.default, aten.bitwise_not.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
-    aten.__and__.Tensor, aten.__or__.Tensor, aten.mul.Scalar, aten.add.Scalar,
-}
-
-
-def _locate_masks(graph: fx.Graph) -> int:
-    """An attention mask over a joint (text + image) sequence built from an input or a
-    constructor (``ones``, ``arange``) has no located image segment: nothing in its own
-    history says where the image tokens sit. Its query / key columns index the same sequence
-    as the query / key tensors, so it takes their segment offset. The offset is pinned on the
-    sources the mask is built from (through ops that keep positions in place) and the caller
-    propagates again. Returns the number of sources pinned."""
-    pinned = 0
-    for node in graph.nodes:
-        if node.target not in _SDPA or len(node.args) < 3:
-            continue
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if not isinstance(mask, fx.Node) or not token_axes(mask):
-            continue
-        q, k = node.args[0], node.args[1]
-        rank = mask.meta["val"].dim()
-        known: dict[int, set] = {}
-        for dim, partner in ((rank - 2, q), (rank - 1, k)):
-            axes = [a for a in token_axes(partner) if a.dim == partner.meta["val"].dim() - 2]
-            mine = [a for a in token_axes(mask) if a.dim == dim]
-            if axes and mine and axes[0].offset is not None and mine[0].extra == axes[0].extra:
-                known[mine[0].extra] = known.get(mine[0].extra, set()) | {axes[0].offset}
-        offsets = {extra: offs.pop() for extra, offs in known.items() if len(offs) == 1}
-        pinned += _pin_sources(mask, offsets)
-    return pinned
-
-
-# constructors that take a tensor for its dtype and device only: sources of their values
-_NEW_TENSOR = (aten.new_zeros.default, aten.new_ones.default, aten.new_full.default, aten.new_empty.default)
-
-
-def _locate_row_writes(graph: fx.Graph, n1: int) -> int:
-    """A joint sequence built row by row (Lumina 2: ``joint[i, L_i:L_i + N] = x[i]``, the
-    text lengths ``L_i`` read from the prompt mask): a tensor made by a constructor has no
-    located image segment, but each copy of image tokens into a slice of one of its rows says
-    where that row's segment starts. When every row gets one, the offsets are pinned on the
-    constructor (one per row, ``Axis.offset`` a tuple, when they differ). A copy into a slice
-    of every row at once (HiDream pads its tokens to a fixed length: ``out[:, :, :N] = x``)
-    pins one offset. Returns the number of tensors located."""
-    found: dict = {}  # (source node, token dim) -> {row: offset}
-    for node in graph.nodes:
-        if node.target is not aten.copy_.default or len(node.args) < 2:
-            continue
-        dst, src = node.args[0], node.args[1]
-        if not isinstance(dst, fx.Node) or not isinstance(src, fx.Node):
-            continue
-        src_axes = [a for a in token_axes(src) if a.extra == 0 and isinstance(a.offset, int)]
-        dst_axes = [a for a in token_axes(dst) if a.extra == 0]
-        if not src_axes or not dst_axes:
-            continue
-        where = _row_slice(dst, dst_axes[0].dim)
-        if where is not None:
-            base, dim, row, start = where
-            found.setdefault((base, dim), {})[row] = start + src_axes[0].offset
-    located = 0
-    for (base, dim), rows in found.items():
-        if any(a.offset is not None for a in token_axes(base)):
-            continue
-        if list(rows) == [None]:  # every row at once
-            base.meta.setdefault(_PINNED, {})[dim] = rows[None]
-            located += 1
-            continue
-        batch = int(base.meta["val"].shape[0])
-        if dim == 0 or None in rows or sorted(rows) != list(range(batch)):
-            continue
-        pins = base.meta.setdefault(_PINNED, {})
-        pins[dim] = _per_row(tuple(rows[r] for r in range(batch)))
-        located += 1
-    return located
-
-
-def _row_slice(node: fx.Node, dim: int):
-    """(constructor, its token dim, batch row, slice start) when ``node`` is
-    ``constructor[row, ..., start:start + N, ...]`` (selects of other dims allowed), with
-    ``dim`` the token dim of ``node``; the row None when it is ``constructor[..., start:start + N, ...]``
-    (every row); None otherwise."""
-    start = None
-    while True:
-        t = node.target
-        if start is not None and node.op == "call_function" and _sourced(node):
-            return node, dim, None, start
-        if t is aten.slice.Tensor:
-            sdim = cast(int, node.args[1]) % cast(fx.Node, node.args[0]).meta["val"].dim()
-            if sdim != dim or start is not None:
-                return None
-            start = cast(int, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
-            node = cast(fx.Node, node.args[0])
-        elif t is aten.select.int:
-            sdim = cast(int, node.args[1]) % cast(fx.Node, node.args[0]).meta["val"].dim()
-            if sdim == 0:
-                base = cast(fx.Node, node.args[0])
-                if start is None or not _sourced(base) or base.op != "call_function":
-                    return None
-                return base, dim + 1, cast(int, node.args[2]) % int(base.meta["val"].shape[0]), start
-            if sdim <= dim:
-                dim += 1
-            node = cast(fx.Node, node.args[0])
-        else:
-            return None
-
-
-def _sourced(node: fx.Node) -> bool:
-    """A constructor: made from no token-bearing tensor (or from one's dtype and device only)."""
-    return node.target in _NEW_TENSOR or not any(token_axes(i) for i in node.all_input_nodes)
-
-
-def _locate_tables(graph: fx.Graph) -> int:
-    """A table over the joint sequence (RoPE cos / sin of [global token, image], Stable Audio)
-    of unknown segment, combined position by position with a located tensor: the table has
-    that tensor's segment. Pins it on the table's sources; returns the number pinned."""
-    pinned = 0
-    for node in graph.nodes:
-        if node.target not in _IN_PLACE_OF_POSITION:
-            continue
-        for ax in token_axes(node):
-            if ax.offset is None or isinstance(ax.offset, tuple):
-                continue
-            for i in node.all_input_nodes:
-                if any(a.offset is None and a.extra == ax.extra for a in token_axes(i)):
-                    pinned += _pin_sources(i, {ax.extra: ax.offset})
-    return pinned
-
-
-def _pin_sources(mask: fx.Node, offsets: dict) -> int:
-    """Pin ``offsets`` ({extra: offset}) on the sources of ``mask`` whose axes of that extra
-    are unlocated, walking back through position-keeping ops only."""
-    count, seen, todo = 0, set(), [mask]
+def _piece_offset(src: fx.Node, dim: int, pieces, elem: int, extra: int):
+    """The image segment of piece ``elem`` of a split of ``src`` along ``dim``, where ``src``
+    (no token axis: a length that sums the pieces') is a concatenation of sequences of the
+    pieces' sizes along ``dim``, seen through ops that keep the positions of ``dim`` (Z-Image
+    embeds and pads the tokens of all samples at once, ``linear(cat(x_i))``, and looks up their
+    RoPE rows at once, ``table[cat(ids_i)[:, k]]``, then ``split(seqlens)``): the piece is the
+    ``elem``-th sequence, with its segment. None when no such concatenation is found."""
+    sizes = [int(p.shape[dim]) for p in pieces]
+    todo, seen = [(src, dim)], set()
     while todo:
-        node = todo.pop()
-        if node in seen:
+        node, d = todo.pop()
+        if node in seen or not isinstance(node.meta.get("val"), torch.Tensor):
             continue
         seen.add(node)
-        open_axes = [a for a in token_axes(node) if a.offset is None and a.extra in offsets]
-        if not open_axes:
-            continue
-        parents = [i for i in node.all_input_nodes if token_axes(i)] if node.target not in _NEW_TENSOR else []
-        if not parents:
-            pins = node.meta.setdefault(_PINNED, {})
-            for a in open_axes:
-                pins[a.dim] = offsets[a.extra]
-            count += 1
-        elif node.target in _IN_PLACE_OF_POSITION:
-            todo.extend(parents)
-    return count
+        t, rank = node.target, node.meta["val"].dim()
+        if t in (aten.cat.default, aten.concat.default):
+            parts = cast("list[fx.Node]", node.args[0])
+            cat_dim = cast(int, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % rank
+            if cat_dim != d:  # features side by side (a RoPE table of several axes)
+                todo.extend((part, d) for part in parts)
+            elif [int(p.meta["val"].shape[d]) for p in parts] == sizes:
+                axes = [a for a in token_axes(parts[elem]) if a.dim == d and a.extra == extra]
+                return axes[0].offset if axes else None
+        elif t is aten.linear.default and d < rank - 1:  # each row on its own
+            todo.append((cast(fx.Node, node.args[0]), d))
+        elif t is aten.select.int:
+            sel = cast(int, node.args[1]) % (rank + 1)
+            todo.append((cast(fx.Node, node.args[0]), d + 1 if sel <= d else d))
+        elif t is aten.index.Tensor and len(cast(list, node.args[1])) == 1:  # table[ids]: a row per id
+            ids = cast("list[fx.Node]", node.args[1])[0]
+            if isinstance(ids, fx.Node) and d < ids.meta["val"].dim():
+                todo.append((ids, d))
+        elif t is not None and torch.Tag.pointwise in getattr(t, "tags", ()):  # broadcast, right-aligned
+            size = int(node.meta["val"].shape[d])
+            for arg in node.all_input_nodes:
+                val = arg.meta.get("val")
+                k = d - rank + val.dim() if isinstance(val, torch.Tensor) else -1
+                if k >= 0 and int(cast(torch.Tensor, val).shape[k]) == size:
+                    todo.append((arg, k))
+    return None
 
 
 # ---------------------------------------------------------------- the pass
@@ -508,7 +399,7 @@ def _pin_sources(mask: fx.Node, offsets: dict) -> int:
 def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict) -> TokenAnalysis:
     """Annotate every node of ``gm`` with its token axes (see module docstring)."""
     pairs = align(gm.graph, gm_alt.graph)
-    n1, n2 = find_token_count(pairs, resolutions)
+    n1, n2, folds = find_token_count(pairs, resolutions)
     extras: set = set()
     for a, b in pairs.items():
         for t1, t2 in zip(_tensors(a.meta.get("val")), _tensors(b.meta.get("val"))):
@@ -529,7 +420,7 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict
                 continue
             if t2 is not None and t2.dim() != t1.dim():
                 t2 = None
-            infos.append(_axes_of(t1, t2, n1, n2, extras))
+            infos.append(_axes_of(t1, t2, n1, n2, extras, folds))
         if isinstance(val, torch.Tensor):
             node.meta["rasfx_tokens"] = infos[0]
         elif isinstance(val, (list, tuple)):
@@ -544,15 +435,24 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict
         if any(node.meta["rasfx_tokens"] if isinstance(node.meta["rasfx_tokens"], tuple) else ()):
             result.stats["token_nodes"] += 1
     _propagate_offsets(gm.graph, n1)
-    result.stats["row_writes_located"] = _locate_row_writes(gm.graph, n1)
+    result.stats["row_writes_located"] = locate_row_writes(gm.graph, n1)
     if result.stats["row_writes_located"]:
         _propagate_offsets(gm.graph, n1)
-    result.stats["masks_located"] = _locate_masks(gm.graph)
+    result.stats["masks_located"] = locate_masks(gm.graph)
     if result.stats["masks_located"]:
         _propagate_offsets(gm.graph, n1)
-    result.stats["tables_located"] = _locate_tables(gm.graph)
+    result.stats["tables_located"] = locate_tables(gm.graph)
     if result.stats["tables_located"]:
         _propagate_offsets(gm.graph, n1)
+    unproven, located = unproven_fold(gm.graph)
+    if unproven is not None and located:
+        node, ax = unproven
+        raise folded_error(ax.outer * n1, n1, f" (first at {node.target} at {model_line(node)!r})")
+    if unproven is not None:  # no fold proven: grids of different sizes (a U-Net?)
+        find_token_count(pairs, resolutions, folds=False)
     if resolutions.get("batch"):
         result.stats["row_subsets"] = annotate_rows(gm.graph, resolutions["batch"])
+        grouped = annotate_row_groups(gm.graph, resolutions["batch"])
+        if grouped:
+            result.stats["row_groups"] = grouped
     return result

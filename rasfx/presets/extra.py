@@ -199,7 +199,8 @@ def _latte_inputs(batch, h, w, g):
     )
 
 
-_register("latte-tiny", "LatteTransformer3DModel (alternating spatial [B*F, HW] and temporal [B*HW, F] blocks), 2 frames",
+_register("latte-tiny", "LatteTransformer3DModel (alternating spatial [B*F, HW] and temporal [B*HW, F] blocks: one "
+          "token set, the HW positions, whose active set the frames share), 2 frames",
           _latte_model, _latte_inputs, (8, 12), frames=_FRAMES, model_class="LatteTransformer3DModel")
 
 
@@ -573,8 +574,6 @@ _KNOWN_FAILURES = {
                                 "dims", _SECOND_SIZE),
     "ace-step-tiny": ("rasfx bug: a strided Conv1d patchifies packed [B, L, C] audio into L / 2 tokens; rasfx counts "
                       "L", _NO_REGION),
-    "zimage-tiny": ("rasfx bug: tokens padded to multiples of 32 and re-split per sample inside the model leave no "
-                    "op on active tokens", _NO_REGION),
     "glm-image-tiny": ("the boolean per-token prior_token_drop masks the tokens in place "
                        "(prior_embedding[prior_token_drop] *= 0.0), which cannot run on active tokens",
                        "in-place op aten.index_put_"),
