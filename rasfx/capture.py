@@ -121,6 +121,8 @@ def export_specialised(model: torch.nn.Module, kwargs: dict, varying: Optional[I
                 raise
             first = e
         else:  # sizes computed from values (``nonzero`` on the prompt mask) are specialised too
+            if _data_dependent_sizes(plain):
+                plain = _folded_export(model, kwargs) or plain
             if varying is None or not _data_dependent_sizes(plain):
                 return plain, ()
     try:
@@ -152,6 +154,27 @@ def export_specialised(model: torch.nn.Module, kwargs: dict, varying: Optional[I
     if plain is not None and _data_dependent_sizes(ep):
         return plain, ()
     return ep, tuple(sorted(reads.keyed))
+
+
+def _folded_export(model: torch.nn.Module, kwargs: dict) -> Optional[ExportedProgram]:
+    """The forward exported with small tensors built from Python numbers kept as constants
+    (fake tensors propagate a constant up to ``CONSTANT_NUMEL_LIMIT`` elements, 1 by default):
+    HiDream builds ``img_sizes = torch.tensor([h, w]).repeat(B, 1)`` from the input's shape and
+    slices its output by those values, sizes that are unknown to the trace otherwise. Those
+    values follow from the input signature alone, so the capture stays valid for it. None: still
+    data-dependent (or failed)."""
+    from torch._subclasses import fake_tensor
+
+    limit = fake_tensor.CONSTANT_NUMEL_LIMIT
+    with EXPORT_LOCK:
+        fake_tensor.CONSTANT_NUMEL_LIMIT = 4096
+        try:
+            ep = _export(model, kwargs, None)
+        except CaptureError:
+            return None
+        finally:
+            fake_tensor.CONSTANT_NUMEL_LIMIT = limit
+    return None if _data_dependent_sizes(ep) else ep
 
 
 def _data_dependent_sizes(ep: ExportedProgram) -> bool:

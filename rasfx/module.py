@@ -17,12 +17,13 @@ import torch.utils._pytree as pytree
 from .capture import bind_inputs, input_signature
 from .prompt_values import value_key
 from .errors import CaptureError, InvalidIndexError, RASWarning, TooFewTokensError, UnsupportedModelError, UsageError
-from .planned_capture import PlannedCapture, conservative_report, plan_capture
+from .planned_capture import PlannedCapture, conservative_report, plan_capture, tokenwise_report
 from .model_structure import ModelStructure
 from .runtime import GraphKey, GraphRunner, WorkCounts
 from .target import ExecutionTarget
 from .slot_state import SignatureBuffers, SlotState, check_index_values, hoisted_values, unaliased
 from .token_map import derive_token_map
+from .tokenwise_modules import TokenwiseModules
 
 log = logging.getLogger("rasfx")
 
@@ -68,6 +69,9 @@ class RASModule(torch.nn.Module):
         self.target = ExecutionTarget.of(self.config)
         self.runner = GraphRunner(self.target.mode)
         self.parallel: Optional[Any] = None  # a rasfx.parallel.ParallelRuntime: context parallelism across its ranks
+        # the modules captured as one token-wise op (TransformConfig.tokenwise_modules, and those chosen
+        # after failed exports: kept for later signatures)
+        self._tokenwise = TokenwiseModules(self.model, self.config.tokenwise_modules)
 
     # ------------------------------------------------------------------ copy and pickle
     def __getstate__(self):
@@ -75,7 +79,8 @@ class RASModule(torch.nn.Module):
         not copied (a copy captures again on its first forward, with its own caches)."""
         state = dict(self.__dict__)
         for name in ("_captures", "_slots", "_slot_name", "_lock", "_resolvers", "_dense_only", "_structure",
-                     "_forward_signature", "target", "runner", "parallel", "_value_leaves", "_value_memo"):
+                     "_forward_signature", "target", "runner", "parallel", "_value_leaves", "_value_memo",
+                     "_tokenwise"):
             state.pop(name, None)
         return state
 
@@ -329,7 +334,8 @@ class RASModule(torch.nn.Module):
                 cc = plan_capture(
                     self.model, kwargs, self.config.image_input, sig, kv_cache=self.config.kv_cache,
                     op_rules=self.config.op_rules, contiguous_attention=self.target.contiguous_attention,
-                    varying_inputs=self.config.varying_inputs if self.config.hoist_invariants else None)
+                    varying_inputs=self.config.varying_inputs if self.config.hoist_invariants else None,
+                    tokenwise=self._tokenwise)
             except TooFewTokensError as e:
                 self._dense_only[sig] = str(e)
                 warnings.warn(f"rasfx: {e}; this input signature runs dense", RASWarning, stacklevel=3)
@@ -350,9 +356,9 @@ class RASModule(torch.nn.Module):
                 self._value_leaves[base] = leaves
                 sig = cc.capture.signature = (*base, value_key(kwargs, leaves, self._value_memo))
             self._captures[sig] = cc
-            report = conservative_report(self.model, cc)
-            if report is not None:
-                warnings.warn(f"rasfx: {report}", RASWarning, stacklevel=3)
+            for report in (conservative_report(self.model, cc), tokenwise_report(self.model, cc)):
+                if report is not None:
+                    warnings.warn(f"rasfx: {report}", RASWarning, stacklevel=3)
             while len(self._captures) > self.config.max_captures:
                 old, evicted = self._captures.popitem(last=False)
                 self._resolvers.pop(old, None)

@@ -11,6 +11,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -21,12 +22,14 @@ from .capture import Capture, describe_signature, export_specialised
 from .prompt_values import STEP_INPUTS
 from .second_resolution import (find_image_input, image_batch, padding_neutral_candidates, resized_model,
                                 second_resolution_candidates, token_padding)
-from .errors import CaptureError, UnsupportedModelError, UsageError
+from .errors import CaptureError, TooFewTokensError, UnsupportedModelError, UsageError
 from . import compiler
 from .compiler import CaptureState, VariantState, run_passes
 from .passes.context import RewriteContext
 from .passes.batch_rows import ROW_GROUPS, ROWS
+from .passes.op_rules import SDPA_OPS
 from .passes.token_analysis import model_line
+from .tokenwise_modules import Choice, TokenwiseModules, module_nodes, node_module
 
 aten = torch.ops.aten
 
@@ -51,6 +54,9 @@ class GraphVariant:
     counters: Counter
     hoisted: "passes.Hoisted | None" = None  # the step-invariant prologue (hoist_invariants)
     unused: frozenset = frozenset()  # graph-input positions the graph no longer reads (hoisted away)
+    # the modules the graph runs eagerly as one token-wise op each (``tokenwise_modules``): they
+    # may synchronise with the host, so the graph is not captured as a CUDA graph
+    host_sync: tuple = ()
 
     def call_args(self, flat: list, active_index: torch.Tensor | None, caches: list,
                   hoisted_values: list | None = None) -> list:
@@ -91,6 +97,8 @@ class PlannedCapture:
     # prompt tensors): what the graph computes from them alone is hoisted into a prologue.
     # None: hoisting off.
     invariant_inputs: frozenset | None = None
+    # the modules captured as one token-wise op each (``tokenwise_modules``), with why
+    tokenwise: list[Choice] = field(default_factory=list)
 
     @functools.cached_property
     def dynamic_positions(self) -> list[int]:
@@ -136,7 +144,8 @@ def build_variant(cc: PlannedCapture, name: str) -> GraphVariant:
     hoisted = state.hoisted
     cc.timings[f"build_{name}"] = time.perf_counter() - t0
     unused = frozenset(i for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder") if not p.users)
-    return GraphVariant(name, gm, ctx.caches, counters, hoisted, unused)
+    host_sync = tuple(dict.fromkeys(node_module(n) for n in module_nodes(gm)))
+    return GraphVariant(name, gm, ctx.caches, counters, hoisted, unused, host_sync)
 
 
 def _check_rowwise(cc: PlannedCapture) -> None:
@@ -155,15 +164,33 @@ def _check_rowwise(cc: PlannedCapture) -> None:
             )
 
 
-def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str, varying: set, specialise: bool,
-                      gm: fx.GraphModule):
-    """(exported program, description of the two resolutions) at a second resolution, whether
-    the model had to be resized for it (``resized_model``: a model built for one input size), and the errors of
-    the attempts. Plain attempts first; resized ones only when every plain one fails.
-    ``specialise``: the first capture was specialised on prompt values; so is this one. ``gm``:
-    the first capture, to tell whether the model pads its tokens (``_keep_padding``)."""
+def _export_tokenwise(model: torch.nn.Module, kwargs: dict, varying: set, tokenwise: TokenwiseModules):
+    """``export_specialised`` with ``tokenwise``'s modules captured as one op each; after a
+    failure on a read of tensor values in a token-wise module, that module's class is chosen
+    too and the export runs again (``TokenwiseModules.choose_after``: a new class each time)."""
+    while True:
+        try:
+            with tokenwise.applied():
+                return export_specialised(model, kwargs, varying)
+        except CaptureError as e:
+            if not tokenwise.choose_after(e, kwargs):
+                raise
+
+
+def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, varying: set, specialise: bool,
+                       gm: fx.GraphModule, errors: dict, tokens: Callable[[], int | None]
+                       ) -> Iterator[tuple[tuple, bool]]:
+    """Captures at a second resolution, for the token analysis, in the order to try them:
+    (exported program, description of the two resolutions) and whether the model had to be resized for it
+    (``resized_model``: a model built for one input size). The first plain attempt that
+    captures (at a size whose padding is that of the first capture ``gm`` when the model pads
+    its tokens: ``_keep_padding``); after it (the caller asks for another when the analysis of
+    that one found no token region) or when every plain one fails, resized ones (``tokens()``:
+    the image's token count the analysis of the plain one found, if it did). The other plain
+    sizes are not tried after one captured: a model whose sequence does not follow one size
+    follows no other. ``errors`` gets the capture errors: message -> the candidates that failed
+    with it. ``specialise``: the first capture was specialised on prompt values; so is this one."""
     candidates = second_resolution_candidates(kwargs, image_key)
-    errors: dict[str, list[str]] = {}  # error message -> the candidates that failed with it
 
     def export(alt_kwargs):
         return export_specialised(model, alt_kwargs, varying if specialise else None, specialise)[0]
@@ -174,16 +201,49 @@ def _analysis_capture(model: torch.nn.Module, kwargs: dict, image_key: str, vary
         except CaptureError as e:
             errors.setdefault(str(e), []).append(_candidate(desc))
             continue
-        return _keep_padding(gm, alt, kwargs, image_key, export), False, errors
+        yield _keep_padding(gm, alt, kwargs, image_key, export), False
+        break
     for alt_kwargs, desc in candidates:
-        with resized_model(model, desc, kwargs[image_key]) as changed:
+        with resized_model(model, desc, kwargs[image_key], tokens()) as changed:
             if not changed:
                 continue
             try:
-                return (export(alt_kwargs), desc), True, errors
+                ep = export(alt_kwargs)
             except CaptureError as e:
                 errors.setdefault(str(e), []).append(_candidate(desc) + " (model resized)")
-    return None, False, errors
+                continue
+        yield (ep, desc), True
+
+
+def _run_capture_passes(model: torch.nn.Module, state: CaptureState) -> Counter:
+    """The capture passes on ``state`` (annotations of an earlier attempt dropped first); raises
+    ``UnsupportedModelError`` when no op can run on a subset of the image tokens."""
+    _drop_annotations(state.gm)
+    counters = run_passes(state.gm, compiler.CAPTURE_PASSES, state)
+    plan = state.plan
+    if plan.counters["active_nodes"] == 0:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no op of the graph can run on a subset of the image tokens "
+            f"({len(plan.conservative)} ops handled conservatively, e.g. {plan.conservative[:3]}); "
+            "RAS would save nothing."
+        )
+    return counters
+
+
+def _attends_to_tokens(gm: fx.GraphModule) -> bool:
+    """Whether an attention op's queries carry the image tokens, or the graph has no attention op.
+    When none do, the sequence the blocks attend over did not follow the image between the two
+    captures (tokens padded to a length the model fixes): a resized capture may do better."""
+    attention = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_OPS]
+    return not attention or any(isinstance(n.args[0], fx.Node) and passes.token_axes(n.args[0]) for n in attention)
+
+
+def _drop_annotations(gm: fx.GraphModule) -> None:
+    """Drop what the capture passes wrote in the nodes' meta (``rasfx_*`` keys: they only
+    annotate), so that an analysis against another second-resolution capture starts clean."""
+    for node in gm.graph.nodes:
+        for key in [k for k in node.meta if k.startswith("rasfx_")]:
+            del node.meta[key]
 
 
 def _keep_padding(gm: fx.GraphModule, alt: tuple, kwargs: dict, image_key: str, export) -> tuple:
@@ -228,46 +288,71 @@ def _candidate(desc: dict) -> str:
 def plan_capture(
     model: torch.nn.Module, kwargs: dict, image_input: str | None, signature, *, kv_cache: bool = True,
     op_rules: dict | None = None, contiguous_attention: bool = False, varying_inputs: tuple | None = None,
+    tokenwise: TokenwiseModules | None = None,
 ) -> PlannedCapture:
     """Capture ``model`` for one input signature (``kwargs``: a call's keyword arguments;
     ``image_input``: ``TransformConfig.image_input``). ``kv_cache``, ``op_rules``: the
     ``TransformConfig`` fields; ``contiguous_attention``: the execution target's cache layout
     (``target.ExecutionTarget``); ``varying_inputs``: names of the inputs that change at every
-    step besides the image input (None: no step-invariant hoisting)."""
+    step besides the image input (None: no step-invariant hoisting); ``tokenwise``: the
+    modules captured as one token-wise op (``TransformConfig.tokenwise_modules``, and those
+    chosen after failed exports; None: only the latter)."""
     t0 = time.perf_counter()
     image_key = find_image_input(kwargs, image_input)
     step_inputs = {image_key, *(STEP_INPUTS if varying_inputs is None else varying_inputs)}
-    ep, value_leaves = export_specialised(model, kwargs, step_inputs)
+    tokenwise = tokenwise or TokenwiseModules(model)
+    tokenwise.prepare(kwargs)
+    ep, value_leaves = _export_tokenwise(model, kwargs, step_inputs, tokenwise)
     cap = Capture.from_program(ep, signature, value_leaves)
     t1 = time.perf_counter()
-    alt, resized, errors = _analysis_capture(model, kwargs, image_key, step_inputs, bool(value_leaves),
-                                             cap.graph_module)
-    if alt is None:
-        # the first error in full; the others by where they failed (each torch error once)
-        tried = [f"{', '.join(descs)}: {message if i == 0 else _brief(message)}"
-                 for i, (message, descs) in enumerate(errors.items())]
-        raise CaptureError(
-            "could not capture the model at a second resolution, which the token analysis needs to tell "
-            f"image-token axes from other dims (captured at {describe_signature(signature)}), not even with its "
-            "size-bound tables and attributes resized (a model built for one input size). Tried:\n  "
-            + "\n  ".join(tried or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] or [B,N,C])"])
-        )
-    t2 = time.perf_counter()
     gm = cap.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user_inputs = {n.name for n, (kind, _) in zip(placeholders, cap.input_sources) if kind == "user"}
     batch = image_batch(kwargs[image_key])
-    state = CaptureState(type(model).__name__, gm, alt[0].graph_module, dict(alt[1], batch=batch), kv_cache, op_rules,
-                         user_inputs)
-    counters = run_passes(gm, compiler.CAPTURE_PASSES, state)
+    errors: dict[str, list[str]] = {}
+    found: list[int] = []  # the token count an analysis found, for the resized attempts
+    failure: UnsupportedModelError | None = None  # of the first second-resolution capture that captured
+    blind = None  # the first plan whose attention does not see the image tokens: kept if no other plans
+    with tokenwise.applied():
+        for alt, resized in _analysis_captures(model, kwargs, image_key, step_inputs, bool(value_leaves), gm,
+                                               errors, lambda: found[0] if found else None):
+            t2 = time.perf_counter()
+            state = CaptureState(type(model).__name__, gm, alt[0].graph_module, dict(alt[1], batch=batch), kv_cache,
+                                 op_rules, user_inputs)
+            try:
+                counters = _run_capture_passes(model, state)
+            except TooFewTokensError:
+                raise
+            except UnsupportedModelError as e:  # e.g. a sequence padded to a length the model fixes: try a resized one
+                failure = failure or e
+            else:
+                if _attends_to_tokens(gm):
+                    break
+                blind = blind or (alt, resized)
+            if state.analysis is not None and not found:
+                found.append(state.analysis.num_tokens)
+        else:
+            if blind is not None:
+                (alt, resized), t2 = blind, time.perf_counter()
+                state = CaptureState(type(model).__name__, gm, alt[0].graph_module, dict(alt[1], batch=batch),
+                                     kv_cache, op_rules, user_inputs)
+                counters = _run_capture_passes(model, state)
+            elif failure is not None:
+                raise failure
+            else:
+                # the first error in full; the others by where they failed (each torch error once)
+                tried = [f"{', '.join(descs)}: {message if i == 0 else _brief(message)}"
+                         for i, (message, descs) in enumerate(errors.items())]
+                raise CaptureError(
+                    "could not capture the model at a second resolution, which the token analysis needs to tell "
+                    f"image-token axes from other dims (captured at {describe_signature(signature)}), not even with "
+                    "its size-bound tables and attributes resized (a model built for one input size). Tried:\n  "
+                    + "\n  ".join(tried or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] "
+                                             "or [B,N,C])"])
+                )
     analysis, plan = state.analysis, state.plan
-    if plan.counters["active_nodes"] == 0:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: no op of the graph can run on a subset of the image tokens "
-            f"({len(plan.conservative)} ops handled conservatively, e.g. {plan.conservative[:3]}); "
-            "RAS would save nothing."
-        )
-    cc = PlannedCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention)
+    cc = PlannedCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention,
+                        tokenwise=tokenwise.choices())
     if varying_inputs is not None:
         cc.invariant_inputs = invariant_inputs(cap, kwargs, {image_key, *varying_inputs})
     cc.timings.update(export=t1 - t0, export_alt=t2 - t1, analysis=time.perf_counter() - t2)
@@ -297,3 +382,19 @@ def conservative_report(model: torch.nn.Module, cc: PlannedCapture, limit: int =
         "TransformConfig(op_rules=...) adds a rule for an op rasfx does not know."
     )
 
+
+
+def tokenwise_report(model: torch.nn.Module, cc: PlannedCapture) -> str | None:
+    """One paragraph naming the modules chosen automatically to run as one token-wise op
+    (``tokenwise_modules``), for a warning when the model is transformed; None when none were."""
+    auto = [c for c in cc.tokenwise if not c.reason.startswith("named in")]
+    if not auto:
+        return None
+    classes = Counter(c.cls for c in auto)
+    items = [f"{n} x {cls} ({next(c for c in auto if c.cls == cls).reason})" for cls, n in classes.items()]
+    return (
+        f"{type(model).__name__}: runs {len(auto)} module(s) eagerly as one token-wise op each (checked: each "
+        "token's output depends on that token only), as torch.export could not capture their code: "
+        + "; ".join(items) + ". On a RAS step they run on the active tokens; a graph holding them is not captured "
+        "as a CUDA graph. Name them in TransformConfig(tokenwise_modules=...) to skip the failed export."
+    )

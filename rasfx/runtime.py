@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple, Optional, cast
 
 import torch
 
-from .errors import ConfigError, RASWarning
+from .errors import ConfigError, RASWarning, UnsupportedModelError
 from .planned_capture import copy_graph_module
 from .compiler import lower
 from .target import MODES
@@ -149,6 +149,12 @@ class GraphRunner:
         plain = "compile" if "compile" in self.mode else "eager"
         wants_graph = self.mode == "auto" or "cuda_graph" in self.mode
         cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+        if wants_graph and cuda and key not in self._no_graph:
+            why = self.host_sync_fallback(variant)
+            if why is not None:
+                self._no_graph.add(key)
+                self._record(graph, plain, why)
+                return fn(*args)
         if not (wants_graph and cuda) or key in self._no_graph:
             fallback = None
             if wants_graph and self.mode != "auto" and not cuda:  # auto: eager is its choice off CUDA
@@ -181,6 +187,23 @@ class GraphRunner:
         self.work["replays"] += 1
         # The outputs live in the graph's memory and are overwritten by the next replay.
         return [o.clone() if isinstance(o, torch.Tensor) else o for o in entry.outputs]
+
+    def host_sync_fallback(self, variant) -> str | None:
+        """Why ``variant`` does not run as a CUDA graph in this mode: it runs modules eagerly as one
+        token-wise op each (``TransformConfig.tokenwise_modules``), which may synchronise with the
+        host (HiDream's MoE reads its routing with ``.cpu()``), and a CUDA graph cannot capture a
+        synchronisation. ``auto`` runs such a graph eagerly (or compiled); the explicit CUDA-graph
+        modes raise ``UnsupportedModelError``. None: nothing stops the capture."""
+        modules = getattr(variant, "host_sync", ())
+        if not modules:
+            return None
+        why = (f"the {variant.name} graph runs {', '.join(modules)} eagerly as one token-wise op, which may "
+               "synchronise with the host")
+        if self.mode != "auto":
+            raise UnsupportedModelError(
+                f"TransformConfig(mode={self.mode!r}) cannot replay {why} as a CUDA graph; use mode='auto' (runs "
+                "such graphs without CUDA graphs), 'eager' or 'compile'")
+        return why
 
     def _announce_compile(self, fn, variant, key) -> Callable:
         """``fn`` for the first call of a new (variant, shape): torch.compile compiles then,

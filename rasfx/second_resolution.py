@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import torch
 import torch.fx as fx
@@ -341,7 +341,7 @@ _SIZE_NAMES = ("img_size", "image_size", "input_size", "sample_size", "grid", "r
 
 
 @contextlib.contextmanager
-def resized_model(model: torch.nn.Module, desc: dict, x: Any) -> Iterator[bool]:
+def resized_model(model: torch.nn.Module, desc: dict, x: Any, tokens: int | None = None) -> Iterator[bool]:
     """For the analysis capture of a model built for one input size (the reference DiT: a
     patch embedding asserting ``img_size``, a position table built in ``__init__``): within
     the context, the model looks built for the candidate's size ``desc``. Parameters and
@@ -350,8 +350,12 @@ def resized_model(model: torch.nn.Module, desc: dict, x: Any) -> Iterator[bool]:
     (``img_size``, ``grid_size``, ``num_patches``, ... see ``_SIZE_NAMES``) that equal the input
     size, a patch grid or a token count get the new values, and so do int attributes named
     for a side (``sample_height``, ``sample_width``) equal to that side of the input. Tables over
-    a conditioning sequence and the tokens (T + N rows) count too. Everything is restored on
-    exit. Yields whether anything changed."""
+    a conditioning sequence and the tokens (T + N rows) count too. ``tokens``: the image's token
+    count ``N`` at the captured size, when a capture without resizing found it (its sequence then
+    did not follow the image): an int attribute named for a sequence length (``max_seq``) longer
+    than ``N`` is a length the tokens are padded to (HiDream pads non-square latents to
+    ``max_seq``), and grows with the tokens, so that the padding stays as many extra tokens.
+    Everything is restored on exit. Yields whether anything changed."""
     tuples: dict = {}
     counts: dict = {}
     sides: dict = {}  # a word of an attribute's name -> (input side, new side): CogVideoX's sample_height
@@ -373,6 +377,8 @@ def resized_model(model: torch.nn.Module, desc: dict, x: Any) -> Iterator[bool]:
     else:
         counts[desc["n"]] = desc["n2"]
     counts = {a: b for a, b in counts.items() if a > 1}
+    # a padded length: the tokens' count plus padding that stays the same at both sizes
+    grow = counts[tokens] - tokens if tokens in counts else None
     undo: list[tuple[dict, str, Any]] = []  # (namespace, name, original value)
     try:
         for mod in model.modules():
@@ -388,13 +394,16 @@ def resized_model(model: torch.nn.Module, desc: dict, x: Any) -> Iterator[bool]:
                         undo.append((table, name, t))
             for name, value in list(vars(mod).items()) if not isinstance(mod, _LAYERS) else ():
                 side = next((pair for word, pair in sides.items() if word in name), None)
-                if name.startswith("_") or not (side or any(k in name for k in _SIZE_NAMES)):
+                padded = grow is not None and "seq" in name and type(value) is int and value > cast(int, tokens)
+                if name.startswith("_") or not (side or padded or any(k in name for k in _SIZE_NAMES)):
                     continue
                 new_value = None
                 if side is not None:
                     new_value = side[1] if type(value) is int and value == side[0] else None
                 elif isinstance(value, tuple) and value in tuples:
                     new_value = tuples[value]
+                elif padded:
+                    new_value = value + cast(int, grow)
                 elif type(value) is int and value in counts:
                     new_value = counts[value]
                 if new_value is not None:

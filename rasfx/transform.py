@@ -53,6 +53,17 @@ class TransformConfig:
     varying_inputs: names of the forward arguments that change at every denoising step
         besides the image input; every other input is expected to stay the same between
         steps (a wrong guess costs speed, never correctness).
+    tokenwise_modules: submodules to capture as one opaque token-wise op each instead of
+        tracing their code: classes (``nn.Module`` subclasses), class names or module paths
+        (``"blocks.0.ff"``). For a module whose each token's output depends only on that token
+        but whose code ``torch.export`` cannot capture (an MoE that routes its tokens with
+        ``.cpu()``/``.numpy()``): it runs eagerly, on the active tokens only. Each is checked on
+        the first call's inputs (one tensor ``[..., N, C]`` in and out, and its output on a
+        subset of the tokens equals those tokens' output on all); one that mixes tokens is
+        refused. Besides these, a module where an export fails on a read of tensor values is
+        chosen automatically (with every module of its class) when it passes the same check.
+        A graph holding such a module is not captured as a CUDA graph (it may synchronise with
+        the host): ``mode="auto"`` runs it eagerly, the explicit CUDA-graph modes refuse it.
     """
 
     image_input: Optional[str] = None
@@ -63,6 +74,7 @@ class TransformConfig:
     op_rules: Optional[dict] = None
     hoist_invariants: bool = True
     varying_inputs: tuple = STEP_INPUTS
+    tokenwise_modules: tuple = ()
 
     def __post_init__(self):
         if self.image_input is not None and (not isinstance(self.image_input, str) or not self.image_input):
@@ -88,6 +100,13 @@ class TransformConfig:
         ):
             raise ConfigError(f"varying_inputs must be a tuple of argument names; got {self.varying_inputs!r}")
         self.varying_inputs = tuple(self.varying_inputs)
+        if isinstance(self.tokenwise_modules, (str, type)) or not isinstance(self.tokenwise_modules, (tuple, list)) \
+                or not all((isinstance(m, str) and m) or (isinstance(m, type) and issubclass(m, torch.nn.Module))
+                           for m in self.tokenwise_modules):
+            raise ConfigError(
+                "tokenwise_modules must be a tuple of nn.Module classes, class names or module paths, e.g. "
+                f"(MOEFeedForwardSwiGLU,) or ('blocks.0.ff',); got {self.tokenwise_modules!r}")
+        self.tokenwise_modules = tuple(self.tokenwise_modules)
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
 

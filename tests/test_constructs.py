@@ -117,13 +117,14 @@ def _inputs(seed: int, b: int = 2, h: int = 8, w: int = 12) -> dict:
     return {"hidden_states": torch.randn(b, 4, h, w, generator=g), "timestep": torch.rand(b, generator=g) * 1000}
 
 
-def _check_contract(model: torch.nn.Module, make_inputs, conservative: str | None = None) -> rasfx.RASModule:
+def _check_contract(model: torch.nn.Module, make_inputs, config: rasfx.TransformConfig | None = None,
+                    conservative: str | None = None) -> rasfx.RASModule:
     """``conservative``: a pattern the one expected RASWarning matches (None: no warning)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", rasfx.RASWarning)  # nothing conservative, nothing dense
         if conservative is not None:
             warnings.filterwarnings("ignore", f".*{conservative}", rasfx.RASWarning)
-        ras = rasfx.transform(model)
+        ras = rasfx.transform(model, config)
         kw, nxt = make_inputs(0), make_inputs(1)
         with torch.no_grad():
             want, want_nxt = model(**kw), model(**nxt)

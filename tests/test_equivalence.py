@@ -67,7 +67,7 @@ PASSING = [
     "consisid-tiny", "cogvideox15-tiny", "qwenimage-tiny", "nucleusmoe-image-tiny", "longcat-audio-tiny",
     "hunyuan-image-tiny", "mochi-tiny", "lumina2-tiny", "cogvideox-tiny",
     "bria-fibo2-tiny", "hunyuan-video15-tiny", "allegro-tiny",
-    "stable-audio-tiny", "stable-audio3-tiny", "krea2-tiny", "latte-tiny", "zimage-tiny",
+    "stable-audio-tiny", "stable-audio3-tiny", "krea2-tiny", "hidream-tiny", "latte-tiny", "zimage-tiny",
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
@@ -89,16 +89,18 @@ KNOWN_BUGS = {
         "derived ('the output tail mixes in mul_...')",
     ),
     "glm-image-tiny": (
-        CaptureError, True,
+        UnsupportedModelError, True,
         "captured since the wider second-resolution guess resizes prior_token_id / prior_token_drop [B, N]; "
-        "the graph then indexes the tokens with the boolean prior_token_drop (a data-dependent size: the "
-        "CaptureError names the op and line)",
+        "planned_capture.plan_capture then refuses the in-place prior_embedding[prior_token_drop] *= 0.0 "
+        "(transformer_glm_image.py:662, an aten.index_put_ into the image tokens by a boolean per-token mask): "
+        "plan_regions._plan_mutation has no rule to run it on the active tokens",
     ),
     "ideogram4-tiny": (
-        RuntimeError, True,
+        UnsupportedModelError, True,
         "the image input is one packed [pad / text / image] sequence [B, T + N, C], so rasfx takes all T + N "
-        "positions as image tokens; captured since the wider guess resizes segment_ids / indicator [B, T + N], "
-        "but a batch of 3 then fails in an expand of a cached [B, 2, 1, T + N] tensor",
+        "positions as image tokens; captured since the wider guess resizes segment_ids / indicator [B, T + N]; "
+        "shared sets run, but a per-row set is refused when it runs (ops.gather_tokens): a [3, B, 1, T + N] "
+        "tensor is gathered by rows with the batch in dim 1",
     ),
     "wan-animate-tiny": (
         CaptureError, True,

@@ -328,6 +328,11 @@ class Explanation:
                 for name, target, reason in self.cc.plan.conservative
                 if name not in views or self._keep(views[name])]
 
+    def tokenwise_modules(self) -> list[dict]:
+        """The modules captured as one opaque token-wise op each (``TransformConfig.tokenwise_modules``,
+        or chosen after a failed export), with why."""
+        return [{"module": c.path, "class": c.cls, "reason": c.reason} for c in self.cc.tokenwise]
+
     def conditioning(self) -> list[dict]:
         """Sequences that hold conditioning tokens with the image tokens: extra length and
         where the image segment starts."""
@@ -452,6 +457,7 @@ class Explanation:
             "sites": self.sites(),
             "caches": self.caches(),
             "conservative": self.conservative(),
+            "tokenwise_modules": self.tokenwise_modules(),
             "counters": self.counters(),
             "summary": self.stats(timings=timings),
         }

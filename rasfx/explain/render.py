@@ -142,6 +142,11 @@ def summary_text(exp: Explanation, *, timings: bool = True, color: bool = False)
         table = [[x["node"], x["target"], x["module"] or "-", x["reason"]] for x in cons]
         out.extend("  " + line for line in table_lines(table))
         out.append("")
+    tokenwise = exp.tokenwise_modules()
+    if tokenwise:
+        section(f"modules run as one token-wise op ({len(tokenwise)}; eager, on the active tokens, no CUDA graph)")
+        out.extend("  " + line for line in table_lines([[x["module"], x["class"], x["reason"]] for x in tokenwise]))
+        out.append("")
 
     section("pass counters (whole graph)")
     cnt = exp.counters()

@@ -51,6 +51,8 @@ JSON_SCHEMA = {
         "caches": {"type": "array", "items": {"type": "object", "required": [
             "name", "kind", "producer", "consumer", "shape", "dtype", "dim", "bytes"]}},
         "conservative": {"type": "array", "items": {"type": "object", "required": ["node", "target", "reason"]}},
+        "tokenwise_modules": {"type": "array",
+                              "items": {"type": "object", "required": ["module", "class", "reason"]}},
         "counters": {"type": "object", "required": ["capture", "variant"]},
         "summary": {"type": "object", "required": ["nodes", "region", "conditioning", "flops", "cache_bytes"],
                     "properties": {"flops": {"type": "object", "required": ["dense", "at_ratio", "ratio", "n", "N"]}}},

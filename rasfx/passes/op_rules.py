@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import ArgumentTypeError
+from ..tokenwise_modules import TOKENWISE_OP
 from .token_info import all_token_axes, token_axes, tokens_kept
 
 aten = torch.ops.aten
@@ -195,6 +196,10 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
         return _attention_rule(node, ins, kv_cache)
     if any(len(token_axes(i)) > 1 for i in ins) or len(token_axes(node)) > 1:
         return OpRule("opaque", set(ins), reason="tensor with several token axes")
+    if t is TOKENWISE_OP:  # a module checked to be token-wise over every row of its input (tokenwise_modules)
+        if ins and _rank(args[0]) - 1 in _axis_dims(args[0]):
+            return OpRule("opaque", set(ins), reason="token-wise module given the tokens in its feature dim")
+        return OpRule("tokenwise", reason="module run as one token-wise op")
     if t in VIEW_OPS or t in SPLIT_OPS:
         if t is aten.select.int and ins and (cast(int, args[1]) % _rank(args[0])) in _axis_dims(args[0]):
             return OpRule("opaque", set(ins), reason="select on the token axis")

@@ -31,7 +31,8 @@ import torch.fx as fx
 from ..errors import UnsupportedModelError
 from .batch_rows import ROW_GROUPS
 from .op_rules import SDPA_OPS, classify, mutated_input
-from .token_analysis import _NEW_TENSOR, model_line
+from .token_analysis import model_line
+from .token_segments import NEW_TENSOR
 from .token_info import Axis, has_token_axes, offsets_known, token_axes
 
 aten = torch.ops.aten
@@ -89,7 +90,7 @@ def plan_regions(
     plan = RegionPlan()
     for node in gm.graph.nodes:
         ins = [i for i in node.all_input_nodes if has_token_axes(i)]
-        if node.target in _NEW_TENSOR:  # reads its input's dtype and device only: a source
+        if node.target in NEW_TENSOR:  # reads its input's dtype and device only: a source
             ins = []
         if node.op == "placeholder" or node.op == "get_attr":
             plan.mode[node.name] = "F" if has_token_axes(node) else "-"

@@ -7,7 +7,8 @@ token axis. ``c > 0`` marks a sequence that concatenates the image tokens with `
 conditioning tokens; where the image segment sits (its offset) is propagated from the
 ``cat``/``slice``/``split`` nodes that build and cut such sequences. An attention mask over
 such a joint sequence, passed in or built from ``ones``/``arange``, takes the offset of the
-queries / keys it masks (counter ``masks_located``: sources located that way).
+queries / keys it masks (counter ``masks_located``: sources located that way; these locating
+steps are in ``token_segments``).
 
 ``N`` itself is found as the size that scales exactly with the image area (grid inputs) or
 is the packed sequence length (packed inputs). A dim of ``k * N`` (``k`` a multiple of the
@@ -43,6 +44,7 @@ from ..errors import TooFewTokensError, UnsupportedModelError
 from .batch_rows import annotate_row_groups, annotate_rows
 from .token_folds import fold_axis, fold_base, fold_offset, folded_error, involves_fold, unproven_fold
 from .token_info import Axis, token_axes
+from .token_segments import NEW_TENSOR, PINNED, locate_masks, locate_row_writes, locate_tables, per_row
 
 aten = torch.ops.aten
 
@@ -221,7 +223,7 @@ def _segment(offset, extra, n, start, end, size):
     of ``size``: the new offset, or None when the slice does not hold the whole segment."""
     if isinstance(offset, tuple):
         rows = tuple(_segment(o, extra, n, start, end, size) for o in offset)
-        return None if None in rows else _per_row(rows)
+        return None if None in rows else per_row(rows)
     if offset is None:
         return None
     start = max(0, start + size if start < 0 else start)
@@ -229,11 +231,6 @@ def _segment(offset, extra, n, start, end, size):
     if start <= offset and end >= offset + n:
         return offset - start
     return None
-
-
-def _per_row(offsets: tuple):
-    """Per-row offsets, one int when every row has the same."""
-    return offsets[0] if len(set(offsets)) == 1 else tuple(offsets)
 
 
 def _shift(offset, by: int):
@@ -263,8 +260,8 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
     t = node.target
     if involves_fold(node, ax, ins):
         return replace(ax, offset=fold_offset(node, ax, ins, node.meta.get("rasfx_ints")))
-    if not ins or t in _NEW_TENSOR:  # a source: the image input, or a tensor located by _locate_masks / _locate_row_writes
-        pinned = node.meta.get(_PINNED, {}).get(ax.dim)
+    if not ins or t in NEW_TENSOR:  # a source: the image input, or a tensor located by locate_masks / locate_row_writes
+        pinned = node.meta.get(PINNED, {}).get(ax.dim)
         if pinned is None and elem is not None and t in (aten.split.Tensor, aten.split_with_sizes.default):
             src = cast(fx.Node, node.args[0])
             sdim = cast(int, node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % src.meta["val"].dim()
@@ -308,15 +305,15 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
             return replace(ax, offset=off)
     if t in (aten.select.int, aten.slice.Tensor) and cast(int, node.args[1] if len(node.args) > 1 else 0) == 0:
         src = cast(fx.Node, node.args[0])
-        per_row = [a for a in (src.meta.get("rasfx_tokens") or ()) if isinstance(a.offset, tuple) and a.extra == ax.extra]
-        if per_row and per_row[0].dim != 0:  # rows of the batch: their own offsets
-            offsets = per_row[0].offset
+        by_row = [a for a in (src.meta.get("rasfx_tokens") or ()) if isinstance(a.offset, tuple) and a.extra == ax.extra]
+        if by_row and by_row[0].dim != 0:  # rows of the batch: their own offsets
+            offsets = by_row[0].offset
             if t is aten.select.int:
                 return replace(ax, offset=offsets[cast(int, node.args[2]) % len(offsets)])
             start = cast(int, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
             end = cast(int, node.args[3]) if len(node.args) > 3 and node.args[3] is not None else len(offsets)
             step = cast(int, node.args[4]) if len(node.args) > 4 else 1
-            return replace(ax, offset=_per_row(offsets[start:end:step]) if offsets[start:end:step] else None)
+            return replace(ax, offset=per_row(offsets[start:end:step]) if offsets[start:end:step] else None)
     if t in (aten.slice.Tensor, aten.narrow.default):
         src = cast(fx.Node, node.args[0])
         sval = src.meta["val"]
@@ -396,154 +393,6 @@ def _piece_offset(src: fx.Node, dim: int, pieces, elem: int, extra: int):
     return None
 
 
-# ---------------------------------------------------------------- attention masks
-
-_PINNED = "rasfx_pinned_offsets"  # {dim: offset} of a source, set by _locate_masks
-_SDPA = (aten.scaled_dot_product_attention.default,)
-# ops that keep a sequence's positions in place (no reordering, no slicing along it)
-_IN_PLACE_OF_POSITION = {
-    aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.expand.default, aten.clone.default,
-    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.rsub.Scalar, aten.neg.default, aten.where.self,
-    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
-    aten.type_as.default, aten.eq.Scalar, aten.ne.Scalar, aten.ge.Tensor, aten.ge.Scalar, aten.gt.Scalar,
-    aten.lt.Tensor, aten.lt.Scalar, aten.le.Scalar, aten.logical_not.default, aten.logical_and.default,
-    aten.logical_or.default, aten.bitwise_not.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
-    aten.__and__.Tensor, aten.__or__.Tensor, aten.mul.Scalar, aten.add.Scalar,
-}
-
-
-def _locate_masks(graph: fx.Graph) -> int:
-    """An attention mask over a joint (text + image) sequence built from an input or a
-    constructor (``ones``, ``arange``) has no located image segment: nothing in its own
-    history says where the image tokens sit. Its query / key columns index the same sequence
-    as the query / key tensors, so it takes their segment offset. The offset is pinned on the
-    sources the mask is built from (through ops that keep positions in place) and the caller
-    propagates again. Returns the number of sources pinned."""
-    pinned = 0
-    for node in graph.nodes:
-        if node.target not in _SDPA or len(node.args) < 3:
-            continue
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if not isinstance(mask, fx.Node) or not token_axes(mask):
-            continue
-        q, k = node.args[0], node.args[1]
-        rank = mask.meta["val"].dim()
-        known: dict[int, set] = {}
-        for dim, partner in ((rank - 2, q), (rank - 1, k)):
-            axes = [a for a in token_axes(partner) if a.dim == partner.meta["val"].dim() - 2]
-            mine = [a for a in token_axes(mask) if a.dim == dim]
-            if axes and mine and axes[0].offset is not None and mine[0].extra == axes[0].extra:
-                known[mine[0].extra] = known.get(mine[0].extra, set()) | {axes[0].offset}
-        offsets = {extra: offs.pop() for extra, offs in known.items() if len(offs) == 1}
-        pinned += _pin_sources(mask, offsets)
-    return pinned
-
-
-# constructors that take a tensor for its dtype and device only: sources of their values
-_NEW_TENSOR = (aten.new_zeros.default, aten.new_ones.default, aten.new_full.default, aten.new_empty.default)
-
-
-def _locate_row_writes(graph: fx.Graph, n1: int) -> int:
-    """A joint sequence built row by row (Lumina 2: ``joint[i, L_i:L_i + N] = x[i]``, the
-    text lengths ``L_i`` read from the prompt mask): a tensor made by a constructor has no
-    located image segment, but each copy of image tokens into a slice of one of its rows says
-    where that row's segment starts. When every row gets one, the offsets are pinned on the
-    constructor (one per row, ``Axis.offset`` a tuple, when they differ). Returns the number
-    of tensors located."""
-    found: dict = {}  # (source node, token dim) -> {row: offset}
-    for node in graph.nodes:
-        if node.target is not aten.copy_.default or len(node.args) < 2:
-            continue
-        dst, src = node.args[0], node.args[1]
-        if not isinstance(dst, fx.Node) or not isinstance(src, fx.Node):
-            continue
-        src_axes = [a for a in token_axes(src) if a.extra == 0 and isinstance(a.offset, int)]
-        dst_axes = [a for a in token_axes(dst) if a.extra == 0]
-        if not src_axes or not dst_axes:
-            continue
-        where = _row_slice(dst, dst_axes[0].dim)
-        if where is not None:
-            base, dim, row, start = where
-            found.setdefault((base, dim), {})[row] = start + src_axes[0].offset
-    located = 0
-    for (base, dim), rows in found.items():
-        batch = int(base.meta["val"].shape[0])
-        if dim == 0 or sorted(rows) != list(range(batch)) or any(a.offset is not None for a in token_axes(base)):
-            continue
-        pins = base.meta.setdefault(_PINNED, {})
-        pins[dim] = _per_row(tuple(rows[r] for r in range(batch)))
-        located += 1
-    return located
-
-
-def _row_slice(node: fx.Node, dim: int):
-    """(constructor, its token dim, batch row, slice start) when ``node`` is
-    ``constructor[row, ..., start:start + N, ...]`` (selects of other dims allowed), with
-    ``dim`` the token dim of ``node``; None otherwise."""
-    start = None
-    while True:
-        t = node.target
-        if t is aten.slice.Tensor:
-            sdim = cast(int, node.args[1]) % cast(fx.Node, node.args[0]).meta["val"].dim()
-            if sdim != dim or start is not None:
-                return None
-            start = cast(int, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
-            node = cast(fx.Node, node.args[0])
-        elif t is aten.select.int:
-            sdim = cast(int, node.args[1]) % cast(fx.Node, node.args[0]).meta["val"].dim()
-            if sdim == 0:
-                base = cast(fx.Node, node.args[0])
-                sourced = base.target in _NEW_TENSOR or not any(token_axes(i) for i in base.all_input_nodes)
-                if start is None or not sourced or base.op != "call_function":
-                    return None
-                return base, dim + 1, cast(int, node.args[2]) % int(base.meta["val"].shape[0]), start
-            if sdim <= dim:
-                dim += 1
-            node = cast(fx.Node, node.args[0])
-        else:
-            return None
-
-
-def _locate_tables(graph: fx.Graph) -> int:
-    """A table over the joint sequence (RoPE cos / sin of [global token, image], Stable Audio)
-    of unknown segment, combined position by position with a located tensor: the table has
-    that tensor's segment. Pins it on the table's sources; returns the number pinned."""
-    pinned = 0
-    for node in graph.nodes:
-        if node.target not in _IN_PLACE_OF_POSITION:
-            continue
-        for ax in token_axes(node):
-            if ax.offset is None or isinstance(ax.offset, tuple) or ax.outer > 1:
-                continue
-            for i in node.all_input_nodes:
-                if any(a.offset is None and a.extra == ax.extra and a.outer == 1 for a in token_axes(i)):
-                    pinned += _pin_sources(i, {ax.extra: ax.offset})
-    return pinned
-
-
-def _pin_sources(mask: fx.Node, offsets: dict) -> int:
-    """Pin ``offsets`` ({extra: offset}) on the sources of ``mask`` whose axes of that extra
-    are unlocated, walking back through position-keeping ops only."""
-    count, seen, todo = 0, set(), [mask]
-    while todo:
-        node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        open_axes = [a for a in token_axes(node) if a.offset is None and a.extra in offsets and a.outer == 1]
-        if not open_axes:
-            continue
-        parents = [i for i in node.all_input_nodes if token_axes(i)] if node.target not in _NEW_TENSOR else []
-        if not parents:
-            pins = node.meta.setdefault(_PINNED, {})
-            for a in open_axes:
-                pins[a.dim] = offsets[a.extra]
-            count += 1
-        elif node.target in _IN_PLACE_OF_POSITION:
-            todo.extend(parents)
-    return count
-
-
 # ---------------------------------------------------------------- the pass
 
 
@@ -586,13 +435,13 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict
         if any(node.meta["rasfx_tokens"] if isinstance(node.meta["rasfx_tokens"], tuple) else ()):
             result.stats["token_nodes"] += 1
     _propagate_offsets(gm.graph, n1)
-    result.stats["row_writes_located"] = _locate_row_writes(gm.graph, n1)
+    result.stats["row_writes_located"] = locate_row_writes(gm.graph, n1)
     if result.stats["row_writes_located"]:
         _propagate_offsets(gm.graph, n1)
-    result.stats["masks_located"] = _locate_masks(gm.graph)
+    result.stats["masks_located"] = locate_masks(gm.graph)
     if result.stats["masks_located"]:
         _propagate_offsets(gm.graph, n1)
-    result.stats["tables_located"] = _locate_tables(gm.graph)
+    result.stats["tables_located"] = locate_tables(gm.graph)
     if result.stats["tables_located"]:
         _propagate_offsets(gm.graph, n1)
     unproven, located = unproven_fold(gm.graph)

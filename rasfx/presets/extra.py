@@ -579,8 +579,6 @@ _KNOWN_FAILURES = {
                        "in-place op aten.index_put_"),
     "framepack-tiny": ("mask-sum lengths slice the sequence per sample (data-dependent on the prompt mask)",
                        "could not capture"),
-    "hidream-tiny": ("its MoE routes the image tokens with bincount().cpu().numpy() (data-dependent, per token)",
-                     "torch.export could not capture HiDreamImageTransformer2DModel.forward"),
     "qwenimage21-tiny": ("rasfx bug: its reads of the masks are specialised now, but img_mask is not resized with the "
                          "image for the second-resolution capture (the repeat_interleave by it at "
                          "transformer_qwenimage21.py:938 then fails)", _SECOND_SIZE),
