@@ -97,13 +97,43 @@ def ras_methods(ratios: Sequence[float], steps: int, ablations: Sequence[str]) -
     return out
 
 
+def compute_every(k: int, steps: int, fields: dict) -> dict:
+    """``fields`` with ``skip_steps`` that skip every RAS-kind step but each ``k``-th of its stretch
+    (TaylorSeer's ``cache_interval`` placement: one computed step in ``k``)."""
+    from rasfx import RASConfig
+    from rasfx.sampler import step_kinds
+
+    kinds = step_kinds(RASConfig(**{k: v for k, v in fields.items() if k in ("warmup", "reset_steps")}), steps)
+    skip, position = [], 0
+    for i, ras in enumerate(kinds):
+        position = position + 1 if ras else 0
+        if ras and position % k:
+            skip.append(i)
+    return dict(fields, skip_steps=tuple(skip))
+
+
 def combined_methods(steps: int, settings_count: Optional[int] = None) -> list[Method]:
     """The combined sampler (token sparsity + step sparsity, ``RASConfig``'s skip fields), settings
-    that span about 30-60 % of a dense run of ``steps``, each with both estimates of a skipped
-    step's noise (and of a RAS step's inactive tokens): ``reuse`` (the last computed prediction)
-    and ``extrapolate`` (linear, from the last two computed ones, per token). ``settings_count``:
-    the first so many settings (all by default)."""
-    settings = [
+    that span about 30-60 % of a dense run of ``steps``. The first seven try both estimates, for
+    the skipped steps and a RAS step's inactive tokens alike (``reuse``: the last computed
+    prediction; ``extrapolate``: linear, from the last two computed predictions, per element, in
+    timestep units); the next six give theirs: skipped steps extrapolated and inactive tokens
+    reused (the split the first head-to-head pointed to), with TaylorSeer's placement of the
+    computed steps (3 full steps, then one in ``k``). ``settings_count``: the first so many
+    settings (all by default)."""
+    lite = dict(warmup=max(1, round(3 * steps / 28)), reset_steps=())  # TaylorSeer's 3 full steps, no resets
+    split = dict(skip_estimate="extrapolate", inactive_estimate="reuse")
+    placed = [  # (name, fields): estimates given
+        ("dense + compute every 3rd, extrapolate", compute_every(3, steps, dict(lite, ratio=1.0, skip_estimate="extrapolate"))),
+        ("dense + compute every 2nd, extrapolate", compute_every(2, steps, dict(lite, ratio=1.0, skip_estimate="extrapolate"))),
+        ("RAS 0.75 inverted + compute every 2nd, extrapolate / reuse",
+         compute_every(2, steps, dict(lite, ratio=0.75, high_ratio=0.0, **split))),
+        ("RAS 0.5 inverted + compute every 2nd, extrapolate / reuse",
+         compute_every(2, steps, dict(lite, ratio=0.5, high_ratio=0.0, **split))),
+        ("dense + compute every 4th, extrapolate", compute_every(4, steps, dict(lite, ratio=1.0, skip_estimate="extrapolate"))),
+        ("RAS 0.5 inverted + skip every 2nd, extrapolate / reuse", dict(ratio=0.5, high_ratio=0.0, skip_every=2, **split)),
+    ]
+    both = [  # (name, fields): each estimate tried for both
         ("RAS 0.5 + skip every 2nd", dict(ratio=0.5, skip_every=2)),
         ("RAS 0.25 + skip every 2nd", dict(ratio=0.25, skip_every=2)),
         ("RAS 0.75 + skip every 2nd", dict(ratio=0.75, skip_every=2)),
@@ -112,8 +142,12 @@ def combined_methods(steps: int, settings_count: Optional[int] = None) -> list[M
         ("RAS 0.5 + adaptive skip 0.3", dict(ratio=0.5, skip_threshold=0.3, skip_sync=True)),
         ("dense + adaptive skip 0.3", dict(ratio=1.0, skip_threshold=0.3, skip_sync=True)),
     ]
+    settings = [(name, fields, True) for name, fields in both] + [(name, fields, False) for name, fields in placed]
     out = []
-    for name, fields in settings[:settings_count]:
+    for name, fields, each_estimate in settings[:settings_count]:
+        if not each_estimate:
+            out.append(Method("combined", name, "rasfx", steps, fields))
+            continue
         for estimate in ("extrapolate", "reuse"):
             inactive = {} if fields["ratio"] >= 1.0 else dict(inactive_estimate=estimate)
             out.append(Method("combined", f"{name}, {estimate}", "rasfx", steps,

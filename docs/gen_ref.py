@@ -704,10 +704,15 @@ def render_models() -> str:
         "| model in the test | construct |", "| --- | --- |",
         *_construct_rows(),
         "",
-        "A batch folded into the token axis (`q_linear(x).view(1, -1, heads, dim)` in the original "
-        "PixArt cross-attention, video blocks alternating `[B*F, H*W]` and `[B*H*W, F]` layouts) is not "
-        "supported yet: the first forward raises `UnsupportedModelError` naming the folded dimension and "
-        "the model line. Attention over a reduced grid (keys / values compressed by a strided conv, as "
+        "A batch folded into the token axis is supported where the ops that fold it keep each sample's "
+        "tokens contiguous: `q_linear(x).view(1, -1, heads, dim)` in the original PixArt cross-attention "
+        "(`FoldedBatchDiT`), video blocks alternating `[B*F, H*W]` and `[B*H*W, F]` layouts (Latte, "
+        "`SpatioTemporalDiT` and `latte-tiny`), a per-sample table repeated for every token "
+        "(`repeat_interleave(N)`). In the video layouts the tokens are the `H*W` positions of a frame: the frames, "
+        "folded into the batch dim of the spatial blocks, share one active set (a position is computed "
+        "in every frame or in none), which `rasfx inspect` lists as a conservative choice. A fold in "
+        "another layout raises `UnsupportedModelError` naming the folded dimension and the model line. "
+        "Attention over a reduced grid (keys / values compressed by a strided conv, as "
         "PixArt-Sigma's original code can) is refused the same way, naming the op that makes the "
         "smaller grid.", "",
         "Your own DiT needs no entry here: [Bring your own DiT](byo-dit.md) shows how to check one.", "",

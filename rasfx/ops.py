@@ -175,3 +175,27 @@ def index_rows(index: Tensor, start: int, stop: int, squeezed: bool) -> Tensor:
 def active_count(index: Tensor) -> int:
     """n, the number of active image tokens (a shape, so no device sync)."""
     return index.shape[-1]
+
+
+def index_groups(index: Tensor, groups: int) -> Tensor:
+    """A per-row index ``[B, n]`` for a tensor whose dim 0 holds ``groups`` consecutive rows per
+    sample (``[B*F, N, C]``: frames folded into the batch, ``batch_rows.ROW_GROUPS``):
+    ``[B*groups, n]``, each sample's positions for each of its rows. A shared index is returned
+    as it is."""
+    return index.repeat_interleave(groups, dim=0) if index.dim() == 2 else index
+
+
+def fold_index(index: Tensor, outer: int, num_image: int) -> Tensor:
+    """Index of the active positions along a folded token axis of ``outer`` blocks of
+    ``num_image`` tokens (``token_info.Axis.outer``): ``[outer * n]``, block-major. A per-row
+    index ``[B, n]`` needs one block per row."""
+    if index.dim() == 2:
+        if index.shape[0] != outer:
+            raise UnsupportedModelError(
+                f"per-row active sets need a folded token axis of one block of tokens per batch row; this one holds "
+                f"{outer} blocks for {index.shape[0]} rows. Use one index set [n] shared by all rows.")
+        blocks = index
+    else:
+        blocks = index.expand(outer, -1)
+    starts = torch.arange(outer, device=index.device, dtype=index.dtype).unsqueeze(1) * num_image
+    return (blocks + starts).reshape(-1)

@@ -24,7 +24,7 @@ from .errors import CaptureError, UnsupportedModelError, UsageError
 from . import compiler
 from .compiler import CaptureState, VariantState, run_passes
 from .passes.context import RewriteContext
-from .passes.batch_rows import ROWS
+from .passes.batch_rows import ROW_GROUPS, ROWS
 from .passes.token_analysis import model_line
 
 aten = torch.ops.aten
@@ -144,7 +144,10 @@ def _check_rowwise(cc: PlannedCapture) -> None:
         rows = nodes[site.producer].meta.get(ROWS) if site.producer in nodes else None
         if rows is not None and rows[2]:  # one row, its batch dim selected away: a 1-D index row
             continue
-        if site.axis.dim == 0 or site.shape[0] != (cc.batch if rows is None else rows[1] - rows[0]):
+        if site.axis.outer == cc.batch:  # a folded axis of one block per row: a 1-D index (ops.fold_index)
+            continue
+        groups = nodes[site.producer].meta.get(ROW_GROUPS, 1) if site.producer in nodes else 1
+        if site.axis.dim == 0 or site.shape[0] != groups * (cc.batch if rows is None else rows[1] - rows[0]):
             raise UnsupportedModelError(
                 f"per-row active sets need the batch in dim 0 of every cached tensor; {site.producer} has shape "
                 f"{site.shape} (batch {cc.batch}). Use one index set [n] shared by all rows."

@@ -25,7 +25,7 @@ import torch
 from .errors import ConfigError, RASWarning
 from .planned_capture import copy_graph_module
 from .compiler import lower
-from .target import MODES, contiguous_attention_caches
+from .target import MODES
 
 log = logging.getLogger("rasfx")
 
@@ -74,10 +74,6 @@ class GraphRunner:
         # Work done, cumulative over the runner's life (counts and seconds); never reset, so a
         # caller can take differences (``rasfx.stats`` reports them per pipeline run).
         self.work = cast(WorkCounts, Counter())
-        # The attention-cache layout of this mode (target.contiguous_attention_caches), for
-        # callers; the runner does not use it: the module's ExecutionTarget decided the layout
-        # when the model was transformed, and the compiler fixed it per capture.
-        self.contiguous_attention_caches = contiguous_attention_caches(mode)
 
     @property
     def stats(self) -> dict:

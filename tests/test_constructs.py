@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import rasfx
+from rasfx.passes import token_axes
 
 C, P, HEADS = 16, 2, 2  # width, patch size, heads
 TOL = 1e-5
@@ -116,9 +117,12 @@ def _inputs(seed: int, b: int = 2, h: int = 8, w: int = 12) -> dict:
     return {"hidden_states": torch.randn(b, 4, h, w, generator=g), "timestep": torch.rand(b, generator=g) * 1000}
 
 
-def _check_contract(model: torch.nn.Module, make_inputs) -> rasfx.RASModule:
+def _check_contract(model: torch.nn.Module, make_inputs, conservative: str | None = None) -> rasfx.RASModule:
+    """``conservative``: a pattern the one expected RASWarning matches (None: no warning)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", rasfx.RASWarning)  # nothing conservative, nothing dense
+        if conservative is not None:
+            warnings.filterwarnings("ignore", f".*{conservative}", rasfx.RASWarning)
         ras = rasfx.transform(model)
         kw, nxt = make_inputs(0), make_inputs(1)
         with torch.no_grad():
@@ -303,33 +307,102 @@ def _fixed_inputs(seed: int, size: int = 8) -> dict:
     return {"x": torch.randn(2, 4, size, size, generator=g), "t": torch.rand(2, generator=g) * 1000}
 
 
-def test_a_batch_folded_into_the_token_axis_is_named():
-    """Original PixArt cross-attention: ``q_linear(x).view(1, -1, heads, dim)`` over a batch."""
+class FoldedBatchDiT(torch.nn.Module):
+    """Original PixArt cross-attention: ``q_linear(x).view(1, -1, heads, dim)`` over a batch (the
+    queries of every sample in one sequence of B*N tokens; here over all prompts' text)."""
 
-    class Folded(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.embed = torch.nn.Conv2d(4, C, P, stride=P)
-            self.q = torch.nn.Linear(C, C)
-            self.kv = torch.nn.Linear(8, 2 * C)
-            self.head = torch.nn.Linear(C, 4 * P * P)
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+        self.q = torch.nn.Linear(C, C)
+        self.kv = torch.nn.Linear(8, 2 * C)
+        self.t_embed = torch.nn.Linear(1, C)
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+        self.head = torch.nn.Linear(C, 4 * P * P)
 
-        def forward(self, hidden_states, text):
-            b, _, h, w = hidden_states.shape
-            x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+    def forward(self, hidden_states, text, timestep):
+        b, _, h, w = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2) + self.t_embed(timestep.view(b, 1, 1) / 1000)
+        for blk in self.blocks:
+            x = x + blk.attention(x)
             q = self.q(x).view(1, -1, HEADS, C // HEADS).transpose(1, 2)
             k, v = self.kv(text).view(1, -1, 2, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
             x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, C)
-            x = self.head(x).view(b, h // P, w // P, P, P, 4)
-            return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+        x = self.head(x).view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
 
-    g = torch.Generator().manual_seed(0)
-    kw = {"hidden_states": torch.randn(2, 4, 8, 12, generator=g), "text": torch.randn(2, 5, 8, generator=g)}
-    ras = rasfx.transform(Folded().eval())
-    with pytest.raises(rasfx.UnsupportedModelError, match=r"(?s)48 = 2 x 24 image tokens \(first at .aten.view.default at q = self.q\(x\).view\(1, -1.*folds the batch.*view\(1, -1"):
+
+def _folded_inputs(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(2, 4, 8, 12, generator=g), "text": torch.randn(2, 5, 8, generator=g),
+            "timestep": torch.rand(2, generator=g) * 1000}
+
+
+def test_a_batch_folded_into_the_token_axis():
+    model = FoldedBatchDiT().eval()
+    ras = _check_contract(model, _folded_inputs)
+    kw = _folded_inputs(0)
+    kw["text"] = _folded_inputs(5)["text"]
+    _assert_per_row_sets_exact(ras, model, kw)
+    folded = [ax for n in ras.captures()[0].capture.graph_module.graph.nodes for ax in token_axes(n) if ax.outer > 1]
+    assert folded and all(ax.outer == 2 and ax.offset == 0 for ax in folded)
+
+
+class SpatioTemporalDiT(torch.nn.Module):
+    """Latte's original code (einops written out): spatial blocks on ``(b f) (h w) c``, temporal
+    blocks on ``(b h w) f c``, the timestep modulation repeated per frame and per position with
+    ``einops.repeat`` (``t[:, None].expand(...).reshape(...)``), a temporal position table."""
+
+    def __init__(self, frames: int = 3):
+        super().__init__()
+        _tiny_dit_layers(self)
+        self.temporal = torch.nn.ModuleList(_Block() for _ in range(2))
+        self.temp_pos = torch.nn.Parameter(torch.randn(1, frames, C) * 0.1)
+
+    def forward(self, hidden_states, timestep):
+        b, c, f, h, w = hidden_states.shape
+        x = hidden_states.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # b c f h w -> (b f) c h w
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        n = x.shape[1]
+        t = self.t_embed(timestep.view(b, 1) / 1000)
+        t_spatial = t[:, None].expand(b, f, 2 * C).reshape(b * f, 1, 2 * C)  # repeat(t, 'b d -> (b f) 1 d')
+        t_temporal = t[:, None].expand(b, n, 2 * C).reshape(b * n, 1, 2 * C)  # repeat(t, 'b d -> (b n) 1 d')
+        for i, (spatial, temporal) in enumerate(zip(self.blocks, self.temporal)):
+            scale, shift = t_spatial.chunk(2, dim=-1)
+            x = x + spatial.attention(x * (1 + scale) + shift)
+            x = x + spatial.mlp(x)
+            x = x.view(b, f, n, C).permute(0, 2, 1, 3).reshape(b * n, f, C)  # (b f) n c -> (b n) f c
+            if i == 0:
+                x = x + self.temp_pos
+            scale, shift = t_temporal.chunk(2, dim=-1)
+            x = x + temporal.attention(x * (1 + scale) + shift)
+            x = x + temporal.mlp(x)
+            x = x.view(b, n, f, C).permute(0, 2, 1, 3).reshape(b * f, n, C)  # (b n) f c -> (b f) n c
+        x = self.head(x).view(b, f, h // P, w // P, P, P, 4)
+        return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, 4, f, h, w)
+
+
+def _video_inputs(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(2, 4, 3, 8, 12, generator=g), "timestep": torch.rand(2, generator=g) * 1000}
+
+
+def test_spatial_and_temporal_layouts_of_one_token_set():
+    model = SpatioTemporalDiT().eval()
+    with pytest.warns(rasfx.RASWarning, match=r"dim 0 holds 3 rows per sample .*share one active set"):
+        ras = rasfx.transform(model)
         with torch.no_grad():
-            ras(**kw)
+            ras(**_video_inputs(0))
+    ras = _check_contract(model, _video_inputs, conservative=r"dim 0 holds 3 rows per sample")
+    assert ras.num_image_tokens == 24  # the positions of one frame: the frames share the active set
+    _assert_per_row_sets_exact(ras, model, _video_inputs(3))
+    report = rasfx.explain(ras)
+    assert [c["reason"] for c in report.conservative()] == [report.conservative()[0]["reason"]]
+    assert {s["kind"] for s in report.sites()} == {"attention", "output"}
+    assert len(report.sites()) == 5  # spatial K/V x 2 blocks + output: temporal attention runs on active positions
+    flops = report.flops()  # ratio 0.25: both layouts run on a quarter of the positions
+    assert flops["at_ratio"] < 0.5 * flops["dense"]
 
 
 class ListDiT(torch.nn.Module):

@@ -67,7 +67,7 @@ PASSING = [
     "consisid-tiny", "cogvideox15-tiny", "qwenimage-tiny", "nucleusmoe-image-tiny", "longcat-audio-tiny",
     "hunyuan-image-tiny", "mochi-tiny", "lumina2-tiny", "cogvideox-tiny",
     "bria-fibo2-tiny", "hunyuan-video15-tiny", "allegro-tiny",
-    "stable-audio-tiny", "stable-audio3-tiny", "krea2-tiny",
+    "stable-audio-tiny", "stable-audio3-tiny", "krea2-tiny", "latte-tiny",
     "kandinsky5-tiny", "kandinsky6-tiny",  # their output heads modulate the tokens in the grid shape
 ]
 
@@ -112,13 +112,6 @@ KNOWN_BUGS = {
         "input [B, L, C] is patchified by a strided Conv1d (ace_step_transformer.py:506-510, unpatchified by a "
         "ConvTranspose1d at :521-525), so the tokens are L / 2 while the packed analysis mode takes dim 1 of the "
         "input (L) as the token count; no token region is found",
-    ),
-    "latte-tiny": (
-        UnsupportedModelError, False,
-        "token_analysis.find_token_count refuses 'several token grids (24, 48 tokens)': spatial blocks run on "
-        "[B * F, H * W, C] (latte_transformer_3d.py:208) and temporal blocks on [B * H * W, F, C] "
-        "(latte_transformer_3d.py:269-270, back at :300-301): the batch (and frames) are folded into the token "
-        "axis, one token set seen as two grids, taken for a U-Net",
     ),
     # -- inputs
     "zimage-tiny": (

@@ -224,7 +224,7 @@ class Explanation:
                 axis = site.axis if site is not None else None
                 if axis is not None:
                     from ..passes import Axis
-                    axis = Axis(spec.dim, axis.extra, axis.offset)
+                    axis = Axis(spec.dim, axis.extra, axis.offset, axis.outer)
                 return ("F", [(axis,) if axis is not None else ()], [list(spec.shape)], [_dtype_str(spec.dtype)],
                         module_of.get(spec.consumer, ""),
                         f"{spec.kind} cache: {spec.producer} -> {spec.consumer}, full length")

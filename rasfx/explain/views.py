@@ -123,6 +123,7 @@ def _tensors_of(val) -> list | None:
 
 def _axis_str(ax) -> str:
     size = "N" if ax.extra == 0 else f"N+{ax.extra}"
+    size = f"{ax.outer}xN" if ax.outer > 1 else size
     off = "" if ax.extra == 0 else ("@?" if ax.offset is None else f"@{ax.offset}")
     return f"d{ax.dim}:{size}{off}"
 
@@ -130,6 +131,8 @@ def _axis_str(ax) -> str:
 def _dim_str(size, ax, active: bool):
     if not active:
         return int(size)
+    if ax.outer > 1:
+        return f"{ax.outer}xn"
     return "n" if ax.extra == 0 else f"n+{ax.extra}"
 
 

@@ -18,7 +18,6 @@ Inference only: no autograd formula is registered.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -26,21 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UsageError
-from ._common import (
-    FasterPath,
-    build_launchable,
-    check_index_arg,
-    cpu_range_check,
-    dot_input_precision,
-    jit,
-    launch_mode,
-    rows_bucket,
-    tile_columns,
-    tl,
-    tma_descriptor,
-    triton,
-    use_triton,
-)
+from ._common import FasterPath, check_index_arg, cpu_range_check, jit, tl, use_triton
+from ._mainloop import grouped_tile, launch_row_gemm, matmul_tile, store_tile
 
 __all__ = ["gather_linear", "gather_linear_reference", "gather_rows"]
 
@@ -79,7 +65,7 @@ def _gather_linear_kernel(
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # upcast operands before tl.dot (interpreter bf16 workaround)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: K-masks can be dropped
-    X_TMA: tl.constexpr,  # always False: gathered rows are not a TMA tile on Hopper (kept for the shared autotune key)
+    X_TMA: tl.constexpr,  # always False: gathered rows are not a TMA tile (kept for the shared autotune key)
     W_TMA: tl.constexpr,  # w_ptr is a TMA descriptor (Hopper): weight tiles arrive by TMA, zero-filled past the end
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -88,99 +74,23 @@ def _gather_linear_kernel(
     GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N + BLOCK_N2] tile of y for batch row program_id(1)."""
-    pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)  # int64: batch offsets of big caches pass 2**31
-
-    # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
-    num_pid_m = tl.cdiv(n, BLOCK_M)
-    TILE_N: tl.constexpr = BLOCK_N + BLOCK_N2
-    num_pid_n = tl.cdiv(N, TILE_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = grouped_tile(tl.program_id(0), n, N, BLOCK_M, BLOCK_N + BLOCK_N2, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output rows
-    offs_n = pid_n * TILE_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
-    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     m_mask = offs_m < n
-    n_mask = offs_n < N
+    w_row0 = pid_n * (BLOCK_N + BLOCK_N2)
 
     # The gather: source row of each output row. Out-of-range ids are masked off (they
     # read as zero) so a bad index can never fault; check_index reports them.
-    rows = tl.load(idx_ptr + pid_b * stride_ib + offs_m * stride_in, mask=m_mask, other=0)
-    rows = rows.to(tl.int64)  # [BLOCK_M]
+    rows = tl.load(idx_ptr + pid_b * stride_ib + offs_m * stride_in, mask=m_mask, other=0).to(tl.int64)
     row_mask = m_mask & (rows >= 0) & (rows < M)
-
-    # Wrapped column ids keep weight loads in bounds without a mask; the extra columns
-    # are discarded by the store mask.
-    offs_wn = offs_n % N
-
-    # x_ptrs: [BLOCK_M, BLOCK_K], w_ptrs: [BLOCK_K, BLOCK_N]
-    x_ptrs = x_ptr + pid_b * stride_xb + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    if not W_TMA:
-        w_ptrs = w_ptr + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if BLOCK_N2 > 0:  # the second column block: its own columns, weight tiles and accumulator
-        offs_n2 = pid_n * TILE_N + BLOCK_N + tl.arange(0, BLOCK_N2)  # [BLOCK_N2]
-        offs_wn2 = offs_n2 % N
-        if not W_TMA:
-            w2_ptrs = w_ptr + offs_wn2[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N2]
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
-
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k0 * BLOCK_K
-        if EVEN_K:
-            a = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
-        else:
-            a = tl.load(x_ptrs, mask=row_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if W_TMA:
-            b = w_ptr.load([pid_n * TILE_N, k0 * BLOCK_K]).T  # [BLOCK_K, BLOCK_N]
-        elif EVEN_K:
-            b = tl.load(w_ptrs)
-        else:
-            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if DOT_IN_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if BLOCK_N2 > 0:
-            if W_TMA:
-                b2 = w2_ptr.load([pid_n * TILE_N + BLOCK_N, k0 * BLOCK_K]).T  # [BLOCK_K, BLOCK_N2]
-            elif EVEN_K:
-                b2 = tl.load(w2_ptrs)
-            else:
-                b2 = tl.load(w2_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            if DOT_IN_FP32:
-                b2 = b2.to(tl.float32)
-            acc2 = tl.dot(a, b2, acc2, input_precision=INPUT_PRECISION)
-            if not W_TMA:
-                w2_ptrs += BLOCK_K * stride_wk
-        x_ptrs += BLOCK_K * stride_xk
-        if not W_TMA:
-            w_ptrs += BLOCK_K * stride_wk
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_wn).to(tl.float32)[None, :]  # bias: [BLOCK_N]
-    y_rows = y_ptr + pid_b * stride_yb + offs_m[:, None] * stride_yn  # [BLOCK_M, 1]
-    y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_rows + offs_n[None, :] * stride_yc, y, mask=m_mask[:, None] & n_mask[None, :])
-    if BLOCK_N2 > 0:
-        if HAS_BIAS:
-            acc2 += tl.load(bias_ptr + offs_wn2).to(tl.float32)[None, :]
-        y2 = acc2.to(y_ptr.dtype.element_ty)
-        tl.store(y_rows + offs_n2[None, :] * stride_yc, y2, mask=m_mask[:, None] & (offs_n2 < N)[None, :])
-
-
-@functools.lru_cache(maxsize=None)
-def _launchable(interpret: bool, tune: bool):
-    """The kernel wrapped for launch, built once per (interpreter on, autotuning on).
-
-    `interpret` only keys the cache: build_launchable jits for the mode in force now.
-    """
-    return build_launchable(_gather_linear_kernel, tune)
+    acc, acc2 = matmul_tile(
+        x_ptr, pid_b * stride_xb + rows * stride_xm, row_mask, 0, stride_xk,
+        w_ptr, w2_ptr, w_row0, stride_wn, stride_wk, N, K,
+        True, False, W_TMA, EVEN_K, DOT_IN_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_N2, BLOCK_K,
+    )
+    y_rows = y_ptr + pid_b * stride_yb + offs_m * stride_yn  # [BLOCK_M]
+    store_tile(acc, acc2, y_rows, m_mask, w_row0, N, stride_yc, bias_ptr, HAS_BIAS, BLOCK_N, BLOCK_N2)
 
 
 def _gather_linear_triton(
@@ -202,49 +112,7 @@ def _gather_linear_triton(
         # Empty reduction: the kernel would never touch the (possibly null) operand pointers.
         out.copy_((bias if bias is not None else out.new_zeros(N)).expand_as(out))
         return out
-
-    interpret, tune, meta = launch_mode()
-    kernel = _launchable(interpret, tune)
-    stride_ib = 0 if index.dim() == 1 else index.stride(0)  # 0: one index row shared by the batch
-    # Triton's interpreter multiplies bf16 tiles as their raw uint16 bits; an exact
-    # upcast to fp32 gives the same products and fp32 sums that the tensor cores compute.
-    dot_in_fp32 = interpret and x.dtype == torch.bfloat16
-
-    w_desc = tma_descriptor(weight, meta, "BLOCK_N")
-    w2_desc = tma_descriptor(weight, meta, "BLOCK_N2") if w_desc is not None else None
-
-    def grid(cfg):
-        return (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(N, tile_columns(cfg)), B)
-
-    kernel[grid](
-        x,
-        index,
-        weight if w_desc is None else w_desc,
-        weight if w2_desc is None else w2_desc,
-        bias if bias is not None else weight,
-        out,
-        M,
-        n,
-        N,
-        K,
-        rows_bucket(B, n),
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        stride_ib,
-        index.stride(-1),
-        weight.stride(0),
-        weight.stride(1),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        HAS_BIAS=bias is not None,
-        INPUT_PRECISION="ieee" if dot_in_fp32 else dot_input_precision(x.dtype),
-        DOT_IN_FP32=dot_in_fp32,
-        X_TMA=False,
-        W_TMA=w_desc is not None,
-        **meta,
-    )
+    launch_row_gemm(_gather_linear_kernel, x=x, index=index, weight=weight, bias=bias, out=out, M=M, x_tma=False)
     return out
 
 

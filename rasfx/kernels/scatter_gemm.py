@@ -24,7 +24,6 @@ Inference only: no autograd formula is registered.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -32,21 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UsageError
-from ._common import (
-    FasterPath,
-    build_launchable,
-    check_index_arg,
-    cpu_range_check,
-    dot_input_precision,
-    jit,
-    launch_mode,
-    rows_bucket,
-    tile_columns,
-    tl,
-    tma_descriptor,
-    triton,
-    use_triton,
-)
+from ._common import FasterPath, check_index_arg, cpu_range_check, jit, tl, use_triton
+from ._mainloop import grouped_tile, launch_row_gemm, matmul_tile, store_tile
 
 __all__ = ["linear_scatter_", "linear_scatter_reference_", "scatter_rows_"]
 
@@ -95,110 +81,30 @@ def _linear_scatter_kernel(
 ):
     """One [BLOCK_M, BLOCK_N + BLOCK_N2] tile of x @ weight.T for batch row program_id(1),
     stored at cache rows index."""
-    pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)  # int64: batch offsets of big caches pass 2**31
-
-    # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
-    num_pid_m = tl.cdiv(n, BLOCK_M)
-    TILE_N: tl.constexpr = BLOCK_N + BLOCK_N2
-    num_pid_n = tl.cdiv(N, TILE_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = grouped_tile(tl.program_id(0), n, N, BLOCK_M, BLOCK_N + BLOCK_N2, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of x
-    offs_n = pid_n * TILE_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
-    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     m_mask = offs_m < n
-    n_mask = offs_n < N
+    w_row0 = pid_n * (BLOCK_N + BLOCK_N2)
 
-    # Wrapped row/column ids keep the operand loads in bounds without masks; rows and
-    # columns past n / N are discarded by the store mask.
-    offs_xm = (offs_m % n).to(tl.int64)
-    offs_wn = offs_n % N
-
-    # x_ptrs: [BLOCK_M, BLOCK_K], w_ptrs: [BLOCK_K, BLOCK_N] (pointer paths only)
-    if not X_TMA:
-        x_ptrs = x_ptr + pid_b * stride_xb + offs_xm[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    if not W_TMA:
-        w_ptrs = w_ptr + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    # TMA tile origins. A row tile that runs past n reads the next batch row's rows (or
-    # zeros past the end): those output rows are dropped by the store mask.
+    # Wrapped row ids keep the x loads in bounds without a mask; rows past n are dropped by
+    # the store mask. A TMA row tile that runs past n reads the next batch row's rows (or
+    # zeros past the end): those output rows are dropped the same way.
+    x_rows = pid_b * stride_xb + (offs_m % n).to(tl.int64) * stride_xm  # [BLOCK_M]
     x_row0 = (pid_b * n + pid_m * BLOCK_M).to(tl.int32)
-    w_row0 = pid_n * TILE_N
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if BLOCK_N2 > 0:  # the second column block: its own columns, weight tiles and accumulator
-        offs_n2 = w_row0 + BLOCK_N + tl.arange(0, BLOCK_N2)  # [BLOCK_N2]
-        offs_wn2 = offs_n2 % N
-        if not W_TMA:
-            w2_ptrs = w_ptr + offs_wn2[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N2]
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k0 * BLOCK_K
-        if X_TMA:
-            a = x_ptr.load([x_row0, k0 * BLOCK_K])  # [BLOCK_M, BLOCK_K]
-        elif EVEN_K:
-            a = tl.load(x_ptrs)
-        else:
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        if W_TMA:
-            b = w_ptr.load([w_row0, k0 * BLOCK_K]).T  # [BLOCK_K, BLOCK_N]
-        elif EVEN_K:
-            b = tl.load(w_ptrs)
-        else:
-            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if DOT_IN_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if BLOCK_N2 > 0:
-            if W_TMA:
-                b2 = w2_ptr.load([w_row0 + BLOCK_N, k0 * BLOCK_K]).T  # [BLOCK_K, BLOCK_N2]
-            elif EVEN_K:
-                b2 = tl.load(w2_ptrs)
-            else:
-                b2 = tl.load(w2_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            if DOT_IN_FP32:
-                b2 = b2.to(tl.float32)
-            acc2 = tl.dot(a, b2, acc2, input_precision=INPUT_PRECISION)
-            if not W_TMA:
-                w2_ptrs += BLOCK_K * stride_wk
-        if not X_TMA:
-            x_ptrs += BLOCK_K * stride_xk
-        if not W_TMA:
-            w_ptrs += BLOCK_K * stride_wk
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_wn).to(tl.float32)[None, :]  # bias: [BLOCK_N]
+    acc, acc2 = matmul_tile(
+        x_ptr, x_rows, m_mask, x_row0, stride_xk,
+        w_ptr, w2_ptr, w_row0, stride_wn, stride_wk, N, K,
+        False, X_TMA, W_TMA, EVEN_K, DOT_IN_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_N2, BLOCK_K,
+    )
 
     # The scatter: destination cache row of each output row. Out-of-range ids are
     # dropped by the mask so a bad index can never write outside the cache; check_index
     # reports them.
-    rows = tl.load(idx_ptr + pid_b * stride_ib + offs_m * stride_in, mask=m_mask, other=0)
-    rows = rows.to(tl.int64)  # [BLOCK_M]
+    rows = tl.load(idx_ptr + pid_b * stride_ib + offs_m * stride_in, mask=m_mask, other=0).to(tl.int64)
     row_mask = m_mask & (rows >= 0) & (rows < M)
-
-    c_rows = cache_ptr + pid_b * stride_cb + rows[:, None] * stride_cm  # [BLOCK_M, 1]
-    y = acc.to(cache_ptr.dtype.element_ty)
-    tl.store(c_rows + offs_n[None, :] * stride_cn, y, mask=row_mask[:, None] & n_mask[None, :])
-    if BLOCK_N2 > 0:
-        if HAS_BIAS:
-            acc2 += tl.load(bias_ptr + offs_wn2).to(tl.float32)[None, :]
-        y2 = acc2.to(cache_ptr.dtype.element_ty)
-        tl.store(c_rows + offs_n2[None, :] * stride_cn, y2, mask=row_mask[:, None] & (offs_n2 < N)[None, :])
-
-
-@functools.lru_cache(maxsize=None)
-def _launchable(interpret: bool, tune: bool):
-    """The kernel wrapped for launch, built once per (interpreter on, autotuning on).
-
-    `interpret` only keys the cache: build_launchable jits for the mode in force now.
-    """
-    return build_launchable(_linear_scatter_kernel, tune)
+    c_rows = cache_ptr + pid_b * stride_cb + rows * stride_cm  # [BLOCK_M]
+    store_tile(acc, acc2, c_rows, row_mask, w_row0, N, stride_cn, bias_ptr, HAS_BIAS, BLOCK_N, BLOCK_N2)
 
 
 def _linear_scatter_triton(cache: Tensor, x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -212,51 +118,8 @@ def _linear_scatter_triton(cache: Tensor, x: Tensor, index: Tensor, weight: Tens
         src = (bias if bias is not None else cache.new_zeros(N)).expand(B, n, N)
         scatter_rows_(cache, src, index)
         return
-
-    interpret, tune, meta = launch_mode()
-    kernel = _launchable(interpret, tune)
-    stride_ib = 0 if index.dim() == 1 else index.stride(0)  # 0: one index row shared by the batch
-    # Triton's interpreter multiplies bf16 tiles as their raw uint16 bits; an exact
-    # upcast to fp32 gives the same products and fp32 sums that the tensor cores compute.
-    dot_in_fp32 = interpret and x.dtype == torch.bfloat16
-
     # TMA operand loads where the layout allows (x rows of all batch rows as one 2-D view).
-    x_desc = tma_descriptor(x.reshape(B * n, K), meta, "BLOCK_M") if x.stride(0) == n * x.stride(1) else None
-    w_desc = tma_descriptor(weight, meta, "BLOCK_N")
-    w2_desc = tma_descriptor(weight, meta, "BLOCK_N2") if w_desc is not None else None
-
-    def grid(cfg):
-        return (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(N, tile_columns(cfg)), B)
-
-    kernel[grid](
-        x if x_desc is None else x_desc,
-        index,
-        weight if w_desc is None else w_desc,
-        weight if w2_desc is None else w2_desc,
-        bias if bias is not None else weight,
-        cache,
-        M,
-        n,
-        N,
-        K,
-        rows_bucket(B, n),
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        stride_ib,
-        index.stride(-1),
-        weight.stride(0),
-        weight.stride(1),
-        cache.stride(0),
-        cache.stride(1),
-        cache.stride(2),
-        HAS_BIAS=bias is not None,
-        INPUT_PRECISION="ieee" if dot_in_fp32 else dot_input_precision(x.dtype),
-        DOT_IN_FP32=dot_in_fp32,
-        X_TMA=x_desc is not None,
-        W_TMA=w_desc is not None,
-        **meta,
-    )
+    launch_row_gemm(_linear_scatter_kernel, x=x, index=index, weight=weight, bias=bias, out=cache, M=M, x_tma=True)
 
 
 # ----------------------------------------------------------------------------------

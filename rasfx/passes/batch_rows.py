@@ -1,13 +1,19 @@
 """The batch rows a tensor holds: a per-sample loop over the batch (``x[i]``, ``x[i:i + 1]``,
 Mochi's attention of each prompt over its own valid text tokens) makes tensors of some rows
-only; per-row active sets must use those rows of the index (``annotate_rows``)."""
+only; per-row active sets must use those rows of the index (``annotate_rows``). A tensor whose
+dim 0 holds several rows per sample (frames folded into the batch) repeats each row of the
+index (``annotate_row_groups``)."""
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import cast
 
 import torch
 import torch.fx as fx
+
+from .op_rules import is_pointwise
 
 aten = torch.ops.aten
 
@@ -86,3 +92,90 @@ def _rows_of(node: fx.Node, batch: int):
             return None
     found = {i.meta[ROWS] for i in node.all_input_nodes if ROWS in i.meta}
     return found.pop() if len(found) == 1 else None
+
+
+ROW_GROUPS = "rasfx_row_groups"  # m: dim 0 holds B*m rows, each sample's m rows consecutive
+
+_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
+             aten.unflatten.int)
+# ops that keep dim 0 in place unless their dim argument (at this position) is 0
+_DIM_ARG = {aten.slice.Tensor: 1, aten.select.int: 1, aten.narrow.default: 1, aten.cat.default: 1,
+            aten.concat.default: 1, aten.chunk.default: 2, aten.split.Tensor: 2, aten.split_with_sizes.default: 2,
+            aten.unsqueeze.default: 1, aten.squeeze.dim: 1, aten.softmax.int: 1, aten._softmax.default: 1,
+            aten.index_select.default: 1, aten.repeat_interleave.self_int: 2}
+_KEEP_DIM0 = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default, aten.linear.default,
+              aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.scaled_dot_product_attention.default,
+              aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+              aten.detach.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.expand.default,
+              aten.type_as.default, operator.getitem}
+
+
+def annotate_row_groups(graph: fx.Graph, batch: int) -> int:
+    """Tensors whose dim 0 holds several consecutive rows per sample (Latte's spatial blocks
+    run on ``[B*F, H*W, C]``: ``[B, C, F, H, W]`` permuted and reshaped) get
+    ``meta["rasfx_row_groups"] = m`` (dim 0 is ``B*m``), so that a per-row active set is
+    repeated for each of a sample's rows. Only layouts proven by the graph count: a reshape
+    that merges or splits the leading dims of a tensor with the batch (or such groups) in dim 0,
+    ``repeat_interleave`` along dim 0, permutes and selects that move those rows to another dim
+    and back, and ops that keep them in place. Returns the number of token-bearing nodes marked."""
+    groups: dict[fx.Node, tuple[int, int]] = {}  # node -> (dim holding the B*m rows, m)
+    marked = 0
+    for node in graph.nodes:
+        size = _dim0(node)
+        if size is None:
+            continue
+        found = _groups_of(node, batch, groups)
+        if found is None and size == batch:
+            found = (0, 1)
+        if found is None:
+            continue
+        groups[node] = found
+        tokens_in_dim0 = any(a.dim == 0 for a in (node.meta.get("rasfx_tokens") or ()) if not isinstance(a, tuple))
+        if found[0] == 0 and found[1] > 1 and _has_token_axes(node) and not tokens_in_dim0:  # rows, not tokens
+            node.meta[ROW_GROUPS] = found[1]
+            marked += 1
+    return marked
+
+
+def _groups_of(node: fx.Node, batch: int, groups: dict):
+    t, args = node.target, node.args
+    if t in _KEEP_DIM0 or is_pointwise(t):
+        if t is operator.getitem:
+            return groups.get(cast(fx.Node, args[0]))
+        size = _dim0(node)
+        same = [i for i in node.all_input_nodes if i in groups and groups[i][0] == 0 and _dim0(i) == size]
+        return groups[same[0]] if same else None
+    src = args[0] if args and isinstance(args[0], fx.Node) else None
+    if src is None or src not in groups:
+        return None
+    (bd, m), sval = groups[src], src.meta["val"]
+    rank = sval.dim() if isinstance(sval, torch.Tensor) else 0
+    if t is aten.permute.default:
+        return [d % rank for d in cast("list[int]", args[1])].index(bd), m
+    if t is aten.transpose.int:
+        a, b = (cast(int, d) % rank for d in args[1:3])
+        return {a: b, b: a}.get(bd, bd), m
+    if t in (aten.unbind.int, aten.select.int):
+        u = cast(int, args[1] if len(args) > 1 else 0) % rank
+        return None if u == bd else (bd - (u < bd), m)
+    if bd != 0:
+        return None
+    size = _dim0(node)
+    if size is None or size % batch:
+        return None
+    if t in _RESHAPES:
+        prefixes = {math.prod(int(s) for s in sval.shape[:j]) for j in range(1, rank + 1)}
+        return (0, size // batch) if size in prefixes or int(sval.shape[0]) % size == 0 else None
+    if t in _DIM_ARG:
+        pos = _DIM_ARG[t]
+        dim = cast(int, args[pos] if len(args) > pos else node.kwargs.get("dim", 0))
+        if t is aten.repeat_interleave.self_int:
+            return (0, m * cast(int, args[1])) if dim is not None and dim % rank == 0 else (0, m)
+        return (0, m) if dim % rank != 0 and int(sval.shape[0]) == size else None
+    return None
+
+
+def _dim0(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    first = val[0] if isinstance(val, (list, tuple)) and val else val
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None

@@ -9,12 +9,14 @@ extra graph inputs that the rewrite adds after the captured ones: the active ind
 from __future__ import annotations
 
 import operator
+from typing import Optional
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from .. import ops
+from .batch_rows import ROW_GROUPS, ROWS
 from .plan_regions import RegionPlan
 from .token_analysis import Axis
 
@@ -61,7 +63,6 @@ class RewriteContext:
         if self.variant != "dense":
             with self.gm.graph.inserting_after(self._last_input):
                 self.index = self.gm.graph.placeholder("ras_index")
-            self.index.meta["rasfx_created_by"] = "rewrite_context"
             self._last_input = self.index
         self._after_inputs = self._last_input
 
@@ -79,12 +80,15 @@ class RewriteContext:
         node.meta["rasfx_cache"] = self.caches[-1]
         return node
 
-    def _insert_top(self, target, args, by: str = "rewrite_context") -> fx.Node:
-        # Index arithmetic lives right after the graph inputs, computed once per forward.
+    def _insert_top(self, target, args, by: Optional[str] = None) -> fx.Node:
+        # Index arithmetic lives right after the graph inputs, computed once per forward and
+        # shared by the passes that ask for it: stamped with ``by``, else by compiler.run_passes
+        # with the pass that asked first.
         anchor = self._top_anchor()
         with self.gm.graph.inserting_after(anchor):
             node = self.gm.graph.call_function(target, args)
-        node.meta["rasfx_created_by"] = by
+        if by is not None:
+            node.meta["rasfx_created_by"] = by
         self._top = node
         return node
 
@@ -97,20 +101,32 @@ class RewriteContext:
         # computed nodes go after the *last* placeholder at lint time (see finalize()).
         return self._after_inputs
 
-    def token_index(self, axis: Axis, rows: tuple | None = None) -> fx.Node:
-        """Index of the active positions along a token axis (image-only or concatenated) of a
-        tensor that holds ``rows`` of the batch (``batch_rows.ROWS``; None: every row)."""
+    def token_index(self, axis: Axis, node: fx.Node | None = None) -> fx.Node:
+        """Index of the active positions along a token axis (image-only, concatenated or
+        folded) of ``node``'s value, for the batch rows it holds (``batch_rows.ROWS``: some rows
+        only; ``batch_rows.ROW_GROUPS``: several consecutive rows per sample)."""
         assert self.index is not None
         index = self.index
+        rows = node.meta.get(ROWS) if node is not None else None
+        groups = node.meta.get(ROW_GROUPS, 1) if node is not None and self.variant == "rowwise" else 1
         if rows is not None and self.variant == "rowwise":
             if ("rows", rows) not in self._seq_index:
                 self._seq_index[("rows", rows)] = self._insert_top(ops.index_rows, (self.index, *rows))
             index = self._seq_index[("rows", rows)]
         else:
             rows = None
+        if axis.outer > 1:
+            if ("fold", axis.outer, rows) not in self._seq_index:
+                self._seq_index[("fold", axis.outer, rows)] = self._insert_top(
+                    ops.fold_index, (index, axis.outer, self.num_tokens))
+            return self._seq_index[("fold", axis.outer, rows)]
+        if groups > 1:
+            if ("groups", groups, rows) not in self._seq_index:
+                self._seq_index[("groups", groups, rows)] = self._insert_top(ops.index_groups, (index, groups))
+            index = self._seq_index[("groups", groups, rows)]
         if axis.extra == 0:
             return index
-        key = (axis.offset, axis.extra, rows)
+        key = (axis.offset, axis.extra, rows, groups)
         if key not in self._seq_index:
             self._seq_index[key] = self._insert_top(
                 ops.sequence_index, (index, axis.offset, self.num_tokens, self.num_tokens + axis.extra)

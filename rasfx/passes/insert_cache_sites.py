@@ -29,7 +29,6 @@ from collections import Counter
 import torch
 
 from .context import RewriteContext
-from .batch_rows import ROWS
 
 aten = torch.ops.aten
 
@@ -53,7 +52,7 @@ def insert_cache_sites(ctx: RewriteContext) -> Counter:
             if site.producer not in generic_memo:
                 cache = ctx.add_cache(site.kind, site.producer, site.consumer, site.shape, site.dtype,
                                       site.device, site.axis.dim, site.stride)
-                index = None if ctx.dense else ctx.token_index(site.axis, producer.meta.get(ROWS))
+                index = None if ctx.dense else ctx.token_index(site.axis, producer)
                 with graph.inserting_after(producer):
                     write = graph.call_function(
                         torch.ops.rasfx.cache_write_.default, (cache, producer, index, site.axis.dim)
@@ -195,7 +194,7 @@ def _attention_site(ctx: RewriteContext, node, sites) -> Counter:
         caches.append(ctx.add_cache("attention", site.producer, site.consumer, site.shape, site.dtype,
                                     site.device, site.axis.dim, site.stride))
     axis = by_producer[k.name].axis
-    index = None if ctx.dense else ctx.token_index(axis, k.meta.get(ROWS))
+    index = None if ctx.dense else ctx.token_index(axis, k)
     counts: Counter = Counter()
     replaced: list = []
     with graph.inserting_before(node):

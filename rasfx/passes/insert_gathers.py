@@ -19,7 +19,6 @@ import torch
 from .. import ops
 from .context import RewriteContext
 from .op_rules import mutated_storages, storage_root
-from .batch_rows import ROWS
 from .token_info import token_axes
 
 aten = torch.ops.aten
@@ -44,7 +43,7 @@ def insert_gathers(ctx: RewriteContext) -> int:
         rank = _rank(consumer, producer)
         key = _key(ctx, producer_name, consumer_name)
         if key not in memo:
-            index = ctx.token_index(axis, producer.meta.get(ROWS))
+            index = ctx.token_index(axis, producer)
             before = order[first_use[key]]
             written = [w for w in writes.get(storage_root(producer), ()) if order[producer] < order[w] < before]
             # after the producer and its writes; a graph input's gather goes before its first consumer

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Optional, cast
@@ -24,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import ArgumentTypeError
-from .token_info import all_token_axes, token_axes
+from .token_info import all_token_axes, token_axes, tokens_kept
 
 aten = torch.ops.aten
 
@@ -212,9 +211,7 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
             src = ins[0]
             if not out_axes:
                 return OpRule("opaque", set(ins), reason="reshape splits or merges the token axis")
-            ia, oa = token_axes(src)[0], out_axes[0]
-            sin, sout = src.meta["val"].shape, node.meta["val"].shape
-            if math.prod(sin[: ia.dim]) != math.prod(sout[: oa.dim]) or sin[ia.dim] != sout[oa.dim]:
+            if not tokens_kept(src.meta["val"].shape, token_axes(src)[0], node.meta["val"].shape, out_axes[0]):
                 return OpRule("opaque", set(ins), reason="reshape merges the token axis with another dim")
         return OpRule("tokenwise", cheap=True)
     if t in CAT_OPS or t in LIKE_OPS:
@@ -304,12 +301,31 @@ def _pointwise_conv(node: fx.Node) -> bool:
             and all(d >= 2 for d in _axis_dims(x)))
 
 
+def _grouped_attention(q: fx.Node, others: list) -> OpRule | None:
+    """Attention whose queries carry the token axis in a batch dim (Latte's temporal blocks:
+    ``[B*H*W, heads, F, d]``, each token's frames attend to each other): token-wise when the
+    keys, values and mask carry it in the same batch dim (counted from the last dim) or not at
+    all; None when the queries' token axis is the sequence dim."""
+    qa = token_axes(q)
+    if len(qa) != 1 or qa[0].dim >= _rank(q) - 2:
+        return None
+    lead = qa[0].dim - _rank(q)
+    for x in others:
+        xa = token_axes(x)
+        if len(xa) != 1 or xa[0].dim - _rank(x) != lead or (xa[0].extra, xa[0].outer) != (qa[0].extra, qa[0].outer):
+            return OpRule("opaque", {q, *others}, reason="attention: token axes in different dims")
+    return OpRule("tokenwise", reason="attention within each token's group (token axis in a batch dim)")
+
+
 def _attention_rule(node: fx.Node, ins: list, kv_cache: bool) -> OpRule:
     q, k, v = cast("tuple[fx.Node, fx.Node, fx.Node]", node.args[:3])  # the ATen schema: three tensors
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     mask = mask if isinstance(mask, fx.Node) and token_axes(mask) else None
     if any(len(token_axes(i)) > 1 for i in ins if i is not mask) or len(token_axes(node)) > 1:
         return OpRule("opaque", set(ins), reason="tensor with several token axes")
+    grouped = _grouped_attention(q, [x for x in (k, v, mask) if x is not None and token_axes(x)])
+    if grouped is not None:
+        return grouped
     if token_axes(q) and {a.dim for a in token_axes(q)} != {_rank(q) - 2}:
         return OpRule("opaque", set(ins), reason="query token axis is not the sequence dim")
     full = {x for x in (k, v) if token_axes(x)}

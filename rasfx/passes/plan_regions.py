@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedModelError
+from .batch_rows import ROW_GROUPS
 from .op_rules import SDPA_OPS, classify, mutated_input
 from .token_analysis import _NEW_TENSOR, model_line
 from .token_info import Axis, has_token_axes, offsets_known, token_axes
@@ -139,6 +140,7 @@ def plan_regions(
         _run_full(plan, node, ins, rule.kind if rule.kind == "mixing" else "opaque", rule.reason, record=False)
     _mark_output_sites(gm, plan)
     _check_tail(gm, plan, user_inputs)
+    _note_row_groups(gm, plan)
     plan.counters["active_nodes"] = sum(1 for m in plan.mode.values() if m == "A")
     plan.counters["gathers"] = len({p for p, _ in plan.gathers})
     plan.counters["sites"] = len(plan.sites)
@@ -218,6 +220,21 @@ def _check_tail(gm: fx.GraphModule, plan: RegionPlan, user_inputs: set | None) -
                 f"after the token region, reads {', '.join(entering[:3])}: inactive tokens' outputs are "
                 "recomputed with this step's values instead of reused",
             ))
+
+
+def _note_row_groups(gm: fx.GraphModule, plan: RegionPlan) -> None:
+    """Rows folded into the batch dim (``batch_rows.ROW_GROUPS``: Latte's frames in
+    ``[B*F, H*W, C]``) are not tokens of their own: the active set is one set of token
+    positions for all of a sample's rows. Recorded once, at the first active node that has them."""
+    for node in gm.graph.nodes:
+        m = node.meta.get(ROW_GROUPS, 1)
+        if m > 1 and plan.is_active(node):
+            plan.conservative.append((
+                node.name, str(node.target),
+                f"dim 0 holds {m} rows per sample (frames or views folded into the batch): they share one active set "
+                f"of token positions, so a position is computed in all {m} rows or in none (no set per row of them)",
+            ))
+            return
 
 
 def _run_full(plan: RegionPlan, node: fx.Node, ins, kind: str, reason: str, record: bool = True) -> None:

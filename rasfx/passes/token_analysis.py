@@ -10,8 +10,13 @@ such a joint sequence, passed in or built from ``ones``/``arange``, takes the of
 queries / keys it masks (counter ``masks_located``: sources located that way).
 
 ``N`` itself is found as the size that scales exactly with the image area (grid inputs) or
-is the packed sequence length (packed inputs). A graph with several token grids of
-different sizes (a U-Net) or none (a model without image tokens) is rejected.
+is the packed sequence length (packed inputs). A dim of ``k * N`` (``k`` a multiple of the
+batch) is the batch folded into the token axis (``Axis.outer = k``; Latte's temporal layout
+``[B*H*W, F, C]``), accepted where the ops that make it prove the block-major layout
+(``token_folds``). A graph with several token grids of different sizes (a U-Net), a fold
+whose layout is not proven, or no token grid (a model without image tokens) is rejected.
+Tensors whose dim 0 holds several rows per sample (``[B*F, H*W, C]``) are marked for per-row
+active sets (``batch_rows.annotate_row_groups``, counter ``row_groups``).
 
 Invariants: the graph is not modified; every node gets ``node.meta["rasfx_tokens"]`` (a
 ``token_info.TokenInfo``: a tuple of axes for tensor outputs, a list of them for multi-output
@@ -27,7 +32,7 @@ import operator
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, cast
 
 import torch
@@ -35,7 +40,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import TooFewTokensError, UnsupportedModelError
-from .batch_rows import annotate_rows
+from .batch_rows import annotate_row_groups, annotate_rows
+from .token_folds import fold_axis, fold_base, fold_offset, folded_error, involves_fold, unproven_fold
 from .token_info import Axis, token_axes
 
 aten = torch.ops.aten
@@ -91,12 +97,14 @@ def _area_pairs(pairs, area1: int, area2: int, smallest: int = 2) -> Counter:
     return counts
 
 
-def find_token_count(pairs, resolutions: dict) -> tuple[int, int]:
-    """(N, N_alt): the number of image tokens at the two resolutions."""
+def find_token_count(pairs, resolutions: dict, folds: bool = True) -> tuple[int, int, frozenset]:
+    """(N, N_alt, folds): the number of image tokens at the two resolutions, and the factors
+    ``k`` of the dims that hold ``k * N`` tokens (the batch folded into the token axis,
+    ``token_folds``; ``folds=False``: such dims are refused as other token grids)."""
     if resolutions["mode"] == "packed":
         if resolutions["n"] < 2:
             raise TooFewTokensError(f"the image is a single token ({resolutions['n']} in the sequence): nothing to skip")
-        return resolutions["n"], resolutions["n2"]
+        return resolutions["n"], resolutions["n2"], frozenset()
     (h, w), (h2, w2) = resolutions["hw"], resolutions["hw2"]
     counts = _area_pairs(pairs, h * w, h2 * w2)
     if not counts and _area_pairs(pairs, h * w, h2 * w2, smallest=1):
@@ -112,17 +120,14 @@ def find_token_count(pairs, resolutions: dict) -> tuple[int, int]:
     (best, freq), *rest = counts.most_common()
     grids = [pair for pair, c in rest if c >= max(3, freq // 10) and pair[0] != best[0]]
     batch = resolutions.get("batch", 1)
+    based = fold_base([best, *grids], batch) if grids and folds else None
+    if based is not None:  # k x N: checked once the axes are located (token_folds.unproven_fold)
+        return (*based[0], based[1])
     folded = [pair for pair in grids if batch > 1 and batch * min(pair[0], best[0]) == max(pair[0], best[0])]
     if folded and len(folded) == len(grids):
         small, large = sorted((best[0], folded[0][0]))
         line = _first_line(pairs, max(best, folded[0]))
-        where = f" (first at {line!r})" if line else ""
-        raise UnsupportedModelError(
-            f"a dimension of {large} = {large // small} x {small} image tokens{where}: the model folds the batch (or "
-            "frames) into the token axis (e.g. `x.view(1, -1, heads, dim)` over a batch, or video blocks that "
-            "alternate [B*F, H*W] and [B*H*W, F] layouts). rasfx does not support folded token axes yet: keep the "
-            "batch in its own dim in that code (e.g. `x.view(B, -1, heads, dim)`)."
-        )
+        raise folded_error(large, small, f" (first at {line!r})" if line else "")
     if grids:
         sizes = ", ".join(str(p[0]) for p in [best, *grids])
         line = _first_line(pairs, grids[0])
@@ -133,7 +138,7 @@ def find_token_count(pairs, resolutions: dict) -> tuple[int, int]:
             "pooling), whose token sets do not map one-to-one; rasfx supports transformers with one image-token "
             "sequence at full resolution."
         )
-    return best
+    return (*best, frozenset())
 
 
 def _first_line(pairs, sizes: tuple[int, int]) -> str:
@@ -162,7 +167,8 @@ def model_line(node: fx.Node) -> str:
     return lines[-1].strip() if lines else node.name
 
 
-def _axes_of(t1: torch.Tensor, t2: Optional[torch.Tensor], n1: int, n2: int, extras: set) -> tuple:
+def _axes_of(t1: torch.Tensor, t2: Optional[torch.Tensor], n1: int, n2: int, extras: set,
+             folds: frozenset = frozenset()) -> tuple:
     axes = []
     for d in range(t1.dim()):
         s1 = int(t1.shape[d])
@@ -170,6 +176,8 @@ def _axes_of(t1: torch.Tensor, t2: Optional[torch.Tensor], n1: int, n2: int, ext
             s2 = int(t2.shape[d])
             if s1 >= n1 and s1 - n1 == s2 - n2 and s1 != s2:
                 axes.append(Axis(d, s1 - n1, None))
+            elif folds and (folded := fold_axis(d, s1, s2, n1, n2, folds)) is not None:
+                axes.append(folded)
         elif s1 >= n1 and (s1 - n1) in extras:
             axes.append(Axis(d, s1 - n1, None))
     return tuple(axes)
@@ -253,9 +261,11 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
     # The casts below state the ATen schema of each op (fx types every argument as any
     # ``Argument``): the tensor arguments are nodes, dims and bounds are ints.
     t = node.target
+    if involves_fold(node, ax, ins):
+        return replace(ax, offset=fold_offset(node, ax, ins, node.meta.get("rasfx_ints")))
     if not ins or t in _NEW_TENSOR:  # a source: the image input, or a tensor located by _locate_masks / _locate_row_writes
         pinned = node.meta.get(_PINNED, {}).get(ax.dim)
-        return Axis(ax.dim, ax.extra, 0 if ax.extra == 0 else pinned)
+        return replace(ax, offset=0 if ax.extra == 0 else pinned)
     if t is operator.getitem:
         src = cast(fx.Node, node.args[0])
         infos = src.meta.get("rasfx_tokens")
@@ -263,8 +273,8 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
         if isinstance(infos, list) and isinstance(k, int) and k < len(infos) and infos[k]:
             for a in infos[k]:
                 if a.extra == ax.extra:
-                    return Axis(ax.dim, ax.extra, a.offset)
-        return Axis(ax.dim, ax.extra, None)
+                    return replace(ax, offset=a.offset)
+        return replace(ax, offset=None)
     if t in (aten.cat.default, aten.concat.default):
         tensors = cast("list[fx.Node]", node.args[0])
         cat_dim = cast(int, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
@@ -277,10 +287,10 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
                 here = [a for a in axes if a.dim == ax.dim] if isinstance(axes, tuple) else []
                 if here:
                     if found is not None or here[0].offset is None:
-                        return Axis(ax.dim, ax.extra, None)
+                        return replace(ax, offset=None)
                     found = _shift(here[0].offset, pos)
                 pos += int(val.shape[ax.dim])
-            return Axis(ax.dim, ax.extra, found)
+            return replace(ax, offset=found)
     if elem is not None and t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
         src = cast(fx.Node, node.args[0])
         sval = src.meta["val"]
@@ -291,18 +301,18 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
             start = sum(int(p.shape[sdim]) for p in pieces[:elem])
             end = start + int(pieces[elem].shape[sdim])
             off = _segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, int(sval.shape[sdim]))
-            return Axis(ax.dim, ax.extra, off)
+            return replace(ax, offset=off)
     if t in (aten.select.int, aten.slice.Tensor) and cast(int, node.args[1] if len(node.args) > 1 else 0) == 0:
         src = cast(fx.Node, node.args[0])
         per_row = [a for a in (src.meta.get("rasfx_tokens") or ()) if isinstance(a.offset, tuple) and a.extra == ax.extra]
         if per_row and per_row[0].dim != 0:  # rows of the batch: their own offsets
             offsets = per_row[0].offset
             if t is aten.select.int:
-                return Axis(ax.dim, ax.extra, offsets[cast(int, node.args[2]) % len(offsets)])
+                return replace(ax, offset=offsets[cast(int, node.args[2]) % len(offsets)])
             start = cast(int, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
             end = cast(int, node.args[3]) if len(node.args) > 3 and node.args[3] is not None else len(offsets)
             step = cast(int, node.args[4]) if len(node.args) > 4 else 1
-            return Axis(ax.dim, ax.extra, _per_row(offsets[start:end:step]) if offsets[start:end:step] else None)
+            return replace(ax, offset=_per_row(offsets[start:end:step]) if offsets[start:end:step] else None)
     if t in (aten.slice.Tensor, aten.narrow.default):
         src = cast(fx.Node, node.args[0])
         sval = src.meta["val"]
@@ -315,11 +325,11 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
                 end = cast(int, node.args[3]) if len(node.args) > 3 and node.args[3] is not None else size
                 step = cast(int, node.args[4]) if len(node.args) > 4 else 1
                 if step != 1:
-                    return Axis(ax.dim, ax.extra, None)
+                    return replace(ax, offset=None)
             else:
                 start, length = cast(int, node.args[2]), cast(int, node.args[3])
                 end = start + length
-            return Axis(ax.dim, ax.extra, _segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, size))
+            return replace(ax, offset=_segment(src_axes[0].offset, src_axes[0].extra, n1, start, end, size))
     if t in (aten.constant_pad_nd.default, aten.pad.default):  # the left width shifts the segment
         src = cast(fx.Node, node.args[0])
         pad = cast("list[int]", node.args[1])
@@ -327,17 +337,17 @@ def _resolve_axis(node: fx.Node, ax: Axis, ins, n1: int, elem: Optional[int]) ->
         left = pad[2 * (rank - 1 - ax.dim)] if 2 * (rank - 1 - ax.dim) < len(pad) else 0
         src_axes = [a for a in (src.meta.get("rasfx_tokens") or ()) if a.dim == ax.dim]
         if src_axes and src_axes[0].offset is not None:
-            return Axis(ax.dim, ax.extra, _shift(src_axes[0].offset, left))
-        return Axis(ax.dim, ax.extra, None)
+            return replace(ax, offset=_shift(src_axes[0].offset, left))
+        return replace(ax, offset=None)
     # token-wise ops keep the segment: take it from an input axis with the same extra. They
     # align their operands position by position, so an operand of unknown offset (a table of
     # [text, image] positions, CogVideoX's sin-cos buffer) has the other operands' segment.
-    offs = {a.offset for _, a in ins if a.extra == ax.extra}
+    offs = {a.offset for _, a in ins if a.extra == ax.extra and a.outer == 1}
     if len(offs) == 2 and None in offs:
         offs.discard(None)
     if len(offs) == 1:
-        return Axis(ax.dim, ax.extra, offs.pop())
-    return Axis(ax.dim, ax.extra, None)
+        return replace(ax, offset=offs.pop())
+    return replace(ax, offset=None)
 
 
 # ---------------------------------------------------------------- attention masks
@@ -457,10 +467,10 @@ def _locate_tables(graph: fx.Graph) -> int:
         if node.target not in _IN_PLACE_OF_POSITION:
             continue
         for ax in token_axes(node):
-            if ax.offset is None or isinstance(ax.offset, tuple):
+            if ax.offset is None or isinstance(ax.offset, tuple) or ax.outer > 1:
                 continue
             for i in node.all_input_nodes:
-                if any(a.offset is None and a.extra == ax.extra for a in token_axes(i)):
+                if any(a.offset is None and a.extra == ax.extra and a.outer == 1 for a in token_axes(i)):
                     pinned += _pin_sources(i, {ax.extra: ax.offset})
     return pinned
 
@@ -474,7 +484,7 @@ def _pin_sources(mask: fx.Node, offsets: dict) -> int:
         if node in seen:
             continue
         seen.add(node)
-        open_axes = [a for a in token_axes(node) if a.offset is None and a.extra in offsets]
+        open_axes = [a for a in token_axes(node) if a.offset is None and a.extra in offsets and a.outer == 1]
         if not open_axes:
             continue
         parents = [i for i in node.all_input_nodes if token_axes(i)] if node.target not in _NEW_TENSOR else []
@@ -494,7 +504,7 @@ def _pin_sources(mask: fx.Node, offsets: dict) -> int:
 def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict) -> TokenAnalysis:
     """Annotate every node of ``gm`` with its token axes (see module docstring)."""
     pairs = align(gm.graph, gm_alt.graph)
-    n1, n2 = find_token_count(pairs, resolutions)
+    n1, n2, folds = find_token_count(pairs, resolutions)
     extras: set = set()
     for a, b in pairs.items():
         for t1, t2 in zip(_tensors(a.meta.get("val")), _tensors(b.meta.get("val"))):
@@ -515,7 +525,7 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict
                 continue
             if t2 is not None and t2.dim() != t1.dim():
                 t2 = None
-            infos.append(_axes_of(t1, t2, n1, n2, extras))
+            infos.append(_axes_of(t1, t2, n1, n2, extras, folds))
         if isinstance(val, torch.Tensor):
             node.meta["rasfx_tokens"] = infos[0]
         elif isinstance(val, (list, tuple)):
@@ -539,6 +549,15 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict
     result.stats["tables_located"] = _locate_tables(gm.graph)
     if result.stats["tables_located"]:
         _propagate_offsets(gm.graph, n1)
+    unproven, located = unproven_fold(gm.graph)
+    if unproven is not None and located:
+        node, ax = unproven
+        raise folded_error(ax.outer * n1, n1, f" (first at {node.target} at {model_line(node)!r})")
+    if unproven is not None:  # no fold proven: grids of different sizes (a U-Net?)
+        find_token_count(pairs, resolutions, folds=False)
     if resolutions.get("batch"):
         result.stats["row_subsets"] = annotate_rows(gm.graph, resolutions["batch"])
+        grouped = annotate_row_groups(gm.graph, resolutions["batch"])
+        if grouped:
+            result.stats["row_groups"] = grouped
     return result

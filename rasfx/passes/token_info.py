@@ -10,6 +10,7 @@ A ``TokenInfo`` is
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -22,14 +23,20 @@ TOKENS = "rasfx_tokens"  # the node.meta key
 class Axis:
     """A token axis: ``dim`` of a tensor of size ``N + extra``; the image segment starts at
     ``offset`` (``None`` = unknown; a tuple: one offset per batch row, as in a joint sequence
-    whose rows hold prompts of different lengths before the image, Lumina 2)."""
+    whose rows hold prompts of different lengths before the image, Lumina 2).
+
+    ``outer > 1``: a *folded* axis of size ``outer * N`` (``extra`` is 0) holding ``outer``
+    blocks of the N tokens, block-major: the batch folded into the token axis (Latte's temporal
+    layout ``[B*H*W, F, C]``, ``x.view(1, -1, heads, dim)`` over a batch). Its offset is 0 when
+    that layout is proven by the ops that made it, ``None`` otherwise."""
 
     dim: int
     extra: int = 0
     offset: Optional[int | tuple] = 0
+    outer: int = 1
 
     def full_size(self, n_img: int) -> int:
-        return n_img + self.extra
+        return self.outer * (n_img + self.extra)
 
 
 TokenInfo = Union[tuple, list, None]  # see the module docstring
@@ -81,3 +88,12 @@ def has_token_axes(node: fx.Node) -> bool:
 def offsets_known(node: fx.Node) -> bool:
     """Whether the image segment's offset is known on every token axis of the node."""
     return all(a.offset is not None for a in all_token_axes(node))
+
+
+def tokens_kept(shape_in, a_in: Axis, shape_out, a_out: Axis) -> bool:
+    """Whether a reshape from ``shape_in`` (token axis ``a_in``) to ``shape_out`` (``a_out``)
+    keeps every token's values in place: as many elements before the token axis (folded
+    blocks included) and the same token length on both sides."""
+    before_in = math.prod(int(s) for s in shape_in[: a_in.dim]) * a_in.outer
+    before_out = math.prod(int(s) for s in shape_out[: a_out.dim]) * a_out.outer
+    return before_in == before_out and int(shape_in[a_in.dim]) * a_out.outer == int(shape_out[a_out.dim]) * a_in.outer

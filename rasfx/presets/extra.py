@@ -199,7 +199,8 @@ def _latte_inputs(batch, h, w, g):
     )
 
 
-_register("latte-tiny", "LatteTransformer3DModel (alternating spatial [B*F, HW] and temporal [B*HW, F] blocks), 2 frames",
+_register("latte-tiny", "LatteTransformer3DModel (alternating spatial [B*F, HW] and temporal [B*HW, F] blocks: one "
+          "token set, the HW positions, whose active set the frames share), 2 frames",
           _latte_model, _latte_inputs, (8, 12), frames=_FRAMES, model_class="LatteTransformer3DModel")
 
 
