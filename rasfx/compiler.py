@@ -3,8 +3,9 @@
 A model is compiled in three stages, each a list of passes run by ``run_passes``:
 
 * ``CAPTURE_PASSES``, once per input signature, on the graph ``torch.export`` captured
-  (``capture.py``): strip the shape asserts, find the token axes, plan the active region.
-  They annotate the graph; only ``strip_asserts`` changes it.
+  (``capture.py``): strip the shape asserts, find the token axes, move ops on a token grid
+  onto the flat token axis, plan the active region. They annotate the graph; only
+  ``strip_asserts`` and ``flatten_token_grids`` change it.
 * ``VARIANT_PASSES``, once per graph variant (dense / shared / rowwise, fused or not), on a
   copy of the captured graph: gathers, resized shape arguments, cache sites, the row exchange of
   the context-parallel variants, the rewrite context's clean-up, the optional kernel fusion, the
@@ -99,6 +100,11 @@ def _analyze_tokens(s: CaptureState) -> None:
         ) from e
 
 
+def _flatten_token_grids(s: CaptureState) -> Optional[int]:
+    moved = passes.flatten_token_grids(s.gm)
+    return moved or None  # counted only where the model puts its tokens on a grid (most do not)
+
+
 def _plan_regions(s: CaptureState) -> Counter:
     s.plan = passes.plan_regions(s.gm, s.kv_cache, s.op_rules, s.user_inputs)
     return s.plan.counters
@@ -123,6 +129,7 @@ def _data_dependent_origin(gm: fx.GraphModule) -> str:
 CAPTURE_PASSES: tuple[Pass, ...] = (
     Pass("strip_asserts", _strip_asserts, counter="asserts"),
     Pass("analyze_tokens", _analyze_tokens),
+    Pass("flatten_token_grids", _flatten_token_grids, counter="grid_ops_flattened"),
     Pass("plan_regions", _plan_regions),
 )
 

@@ -118,12 +118,17 @@ def _resize_everything(kwargs: dict, new: dict, image_key: str, counts, sides) -
     float one, equal to a token count (image or joint text + image) follows it (token ids
     [B, N], a float position table [T + N, 3]); a 1-D or 2-D tensor whose first dim is a
     grid side (per-axis RoPE tables [gh, d], aranges [gw]) follows that side; tuples of ints
-    ending in the grid (``img_shapes=[[(1, h, w)]]``) get the new grid."""
+    ending in the grid (``img_shapes=[[(1, h, w)]]``) get the new grid, and so do lists of
+    per-axis tables ending in the grid's (Kandinsky 5's ``[arange(F), arange(gh), arange(gw)]``:
+    the frame table stays, even when F equals a side). Where such a list is passed, it holds
+    the grid's tables: no other tensor is taken for one (Kandinsky's text positions
+    ``arange(T)`` stay when T equals a side)."""
     sizes_of = {a: b for a, b in counts if a > 1}
     batch = image_batch(kwargs[image_key])
     grid = {a: b for a, b in sides}
+    per_axis = {k for k, v in kwargs.items() if k != image_key and _per_axis_tables(v, grid)}
     side_of: dict[int, int] = {}
-    for (a, b), (a2, b2) in sides:
+    for (a, b), (a2, b2) in sides if not per_axis else ():
         side_of.setdefault(a, a2)
         side_of.setdefault(b, b2)
 
@@ -139,9 +144,16 @@ def _resize_everything(kwargs: dict, new: dict, image_key: str, counts, sides) -
             sizes = {0: side_of[int(t.shape[0])]}
         return _resized(t, sizes) if sizes else t
 
+    def resize_axes(tables):
+        lead, (th, tw) = tables[:-2], tables[-2:]
+        sides2 = grid[(int(th.shape[0]), int(tw.shape[0]))]
+        return type(tables)([*lead, _resized(th, {0: sides2[0]}), _resized(tw, {0: sides2[1]})])
+
     out = dict(new)
     for key, value in kwargs.items():
-        if key != image_key:
+        if key in per_axis:
+            out[key] = resize_axes(value)
+        elif key != image_key:
             resized = pytree.tree_map(resize, value, is_leaf=_grid_tuple)
             before, after = pytree.tree_leaves(value, is_leaf=_grid_tuple), pytree.tree_leaves(resized, is_leaf=_grid_tuple)
             if any(a is not b for a, b in zip(after, before)):
@@ -156,6 +168,13 @@ def _lengths(kwargs: dict, image_key: str) -> tuple[list[int], list[int]]:
     others = [v for k, v in kwargs.items() if k != image_key and isinstance(v, torch.Tensor)]
     return (sorted({int(v.shape[1]) for v in others if v.dim() == 3}),
             sorted({int(v.shape[1]) for v in others if v.dim() >= 3}))
+
+
+def _per_axis_tables(value: Any, grid: dict) -> bool:
+    """A list / tuple of 1-D or 2-D tensors whose last two are as long as the sides of a grid of ``grid``."""
+    return (isinstance(value, (list, tuple)) and len(value) >= 2
+            and all(isinstance(t, torch.Tensor) and 1 <= t.dim() <= 2 for t in value)
+            and (int(value[-2].shape[0]), int(value[-1].shape[0])) in grid)
 
 
 def second_resolution_candidates(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
@@ -316,7 +335,9 @@ def _other_layouts(kwargs: dict, image_key: str, x: torch.Tensor, lengths) -> li
             desc: dict[str, Any] = {"mode": "grid", "hw": (h, w), "hw2": (h2, w2), "batch": int(x.shape[0]),
                                     "resized": "a channels-last grid and every per-token input"}
             ps = [p for p in (1, 2, 4, 8) if not (h % p or w % p or h2 % p or w2 % p)]
-            counts = [(f * (h // p) * (w // p), f * (h2 // p) * (w2 // p)) for p in ps for f in frames]
+            # a count as small as the batch (one token a frame for the largest patch) would resize the batch dims
+            counts = [(f * (h // p) * (w // p), f * (h2 // p) * (w2 // p)) for p in ps for f in frames
+                      if f * (h // p) * (w // p) > int(x.shape[0])]
             joint = [pair for a, b in counts for pair in _joint(a, b, lengths)]
             sides = [((h // p, w // p), (h2 // p, w2 // p)) for p in ps]
             out.append((_resize_everything(kwargs, new, image_key, counts + joint, sides), desc))

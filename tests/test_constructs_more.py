@@ -494,3 +494,60 @@ def test_per_sample_sequences_padded_to_a_multiple():
     assert (cc.analysis.num_tokens, (cc.analysis.num_tokens_alt - 24) % 32) == (24, 0)
     assert cc.plan.counters["sites_attention"] == 6  # the refiner and both blocks run on the active tokens
     _assert_per_row_sets_exact(ras, model, _padded_list_inputs(3))
+
+
+class GridHeadDiT(torch.nn.Module):
+    """Kandinsky 5's output layer, as a final layer written on the token grid: the tokens go
+    back to their grid (``x.view(b, h // P, w // P, C)``) before the head, which normalises them,
+    modulates them with the timestep (``* (1 + scale[:, None, None]) + shift[:, None, None]``: a
+    [B, 1, 1, C] broadcast over the grid, in float32, cast back with ``type_as``) and projects
+    them; the unpatchify reads the grid. ``video``: channels-last latents [B, F, H, W, 4]
+    patchified into a [B, F, H / P, W / P, C] grid that is flattened for the blocks, and a head
+    on that three-dim grid, as Kandinsky 5 takes them."""
+
+    def __init__(self, video: bool = False):
+        super().__init__()
+        _tiny_dit_layers(self)
+        self.patch = torch.nn.Linear(4 * P * P, C)
+        self.video = video
+
+    def forward(self, hidden_states, timestep):
+        if self.video:
+            b, f, h, w, _ = hidden_states.shape
+            x = hidden_states.view(b, f, h // P, P, w // P, P, 4).permute(0, 1, 2, 4, 3, 5, 6).flatten(4)
+            grid = self.patch(x).shape[:-1]
+            x = self.patch(x).flatten(1, 3)
+        else:
+            b, _, h, w = hidden_states.shape
+            x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+            grid = (b, h // P, w // P)
+        scale, shift = self.t_embed(timestep.view(b, 1)).chunk(2, dim=-1)  # [B, C] each
+        for blk in self.blocks:
+            x = x + blk.attention(x)
+            x = x + blk.mlp(F.layer_norm(x, (C,)) * (1 + scale[:, None]) + shift[:, None])
+        x = x.view(*grid, C)
+        lead = (slice(None),) + (None,) * (len(grid) - 1)  # scale[:, None, None] (video: [:, None, None, None])
+        y = F.layer_norm(x.float(), (C,)) * (scale.float()[lead] + 1.0) + shift.float()[lead]
+        x = self.head(y.type_as(x))
+        if self.video:
+            x = x.view(*grid, P, P, 4).permute(0, 1, 2, 4, 3, 5, 6)
+            return x.reshape(b, f, h, w, 4)
+        x = x.view(b, h // P, w // P, P, P, 4)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+def _grid_inputs(seed: int, video: bool) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 2, 8, 12, 4) if video else (2, 4, 8, 12)
+    return {"hidden_states": torch.randn(*shape, generator=g), "timestep": torch.rand(2, generator=g)}
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["image-grid", "channels-last-video-grid"])
+def test_a_head_that_modulates_the_tokens_in_their_grid(video):
+    model = GridHeadDiT(video).eval()
+    ras = _check_contract(model, lambda seed: _grid_inputs(seed, video))
+    cc = ras.captures()[0]
+    assert cc.counters["grid_ops_flattened"] >= 6  # casts, norm, modulation, head
+    (out,) = [s for s in cc.plan.sites if s.kind == "output"]
+    assert out.shape == (2, cc.num_tokens, 4 * P * P)  # the output cache holds the head's flat tokens
+    _assert_per_row_sets_exact(ras, model, _grid_inputs(3, video))

@@ -112,6 +112,41 @@ def _dense_and_all_active_match(ras, model, kw):
     return want
 
 
+class GridRampHead(torch.nn.Module):
+    """A head on the token grid [B, H / P, W / P, C]: a LayerNorm and a scaling treat every grid
+    position alike; a ramp over the grid's columns does not."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(4, C, P, stride=P)
+        self.mlp = torch.nn.Linear(C, C)
+        self.head = torch.nn.Linear(C, 4 * P * P)
+
+    def forward(self, hidden_states):
+        b, _, h, w = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        x = x + self.mlp(x)
+        x = F.layer_norm(x.view(b, h // P, w // P, C), (C,)) * 2.0
+        x = self.head(x + torch.linspace(0, 1, w // P)[:, None])
+        return x.view(b, h // P, w // P, P, P, 4).permute(0, 5, 1, 3, 2, 4).reshape(b, 4, h, w)
+
+
+def test_flatten_token_grids_stops_at_an_op_over_the_grid():
+    assert plan_capture(JointDiT().eval(), inputs(), None, input_signature(JointDiT(), inputs())).counters[
+        "grid_ops_flattened"] == 0  # the unpatchify view splits the features too: not a token grid
+    model, kw = GridRampHead().eval(), {"hidden_states": inputs()["hidden_states"]}
+    ras = rasfx.transform(model)
+    _dense_and_all_active_match(ras, model, kw)
+    cc = ras.captures()[0]
+    assert cc.counters["grid_ops_flattened"] == 2  # the LayerNorm and the scaling; the ramp stays on the grid
+    (out,) = [s for s in cc.plan.sites if s.kind == "output"]
+    assert out.shape == (2, 24, C) and out.consumer.endswith("_grid")
+    with torch.no_grad():
+        ras.set_active(torch.tensor([0, 5, 23]))
+        assert torch.allclose(ras(**kw), model(**kw), atol=1e-5)  # the same inputs: the caches hold the dense values
+
+
 def test_unknown_token_mixer_is_conservative_and_reported():
     class CumsumMixer(torch.nn.Module):  # mixes tokens through an op rasfx has no rule for
         def forward(self, x):

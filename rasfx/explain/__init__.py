@@ -4,7 +4,8 @@ command line).
 ``explain(model, inputs)`` captures the model for one input signature (the forward is not
 run) and returns an :class:`Explanation` of one *stage* of the compiler:
 
-- ``captured``: the ATen graph from ``torch.export`` (after ``strip_asserts``);
+- ``captured``: the ATen graph from ``torch.export`` (after ``strip_asserts``, and
+  ``flatten_token_grids`` where the model puts its tokens back on their grid);
 - ``analyzed``: the same graph with the token analysis (token axes of every tensor) and the
   region plan (``active``: runs on the active tokens only, ``full``: full length, ``-``: no
   token axis);

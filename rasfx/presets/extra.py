@@ -566,8 +566,6 @@ _register("cogvideox15-tiny", "CogVideoXTransformer3DModel, 1.5 style (temporal 
 _SECOND_SIZE = "could not capture the model at a second resolution"
 _NO_REGION = "no op of the graph can run on a subset of the image tokens"
 _KNOWN_FAILURES = {
-    "kandinsky5-tiny": ("rasfx bug: at batch 1 no layout of its channels-last input [B, F, H, W, C] captures at a "
-                        "second size", _SECOND_SIZE),
     "wan-animate-tiny": ("rasfx bug: the second grid input (pose_hidden_states) is not resized with the image",
                          _SECOND_SIZE),
     "joyimage-edit-plus-tiny": ("rasfx bug: the pre-patchified input [B, P, C, pt, ph, pw] is resized in its patch "
