@@ -112,15 +112,25 @@ def compute_every(k: int, steps: int, fields: dict) -> dict:
     return dict(fields, skip_steps=tuple(skip))
 
 
+def dense_every(k: int, steps: int, fields: dict) -> dict:
+    """``fields`` with ``reset_steps`` that make every ``k``-th step after the warm-up dense: the
+    RAS steps between them are at most ``k - 1`` steps from a dense one."""
+    from rasfx.sampler import default_warmup
+
+    warmup = fields.get("warmup") or default_warmup(steps)
+    return dict(fields, reset_steps=tuple(range(warmup + k - 1, steps, k)))
+
+
 def combined_methods(steps: int, settings_count: Optional[int] = None) -> list[Method]:
     """The combined sampler (token sparsity + step sparsity, ``RASConfig``'s skip fields), settings
     that span about 30-60 % of a dense run of ``steps``. The first seven try both estimates, for
     the skipped steps and a RAS step's inactive tokens alike (``reuse``: the last computed
     prediction; ``extrapolate``: linear, from the last two computed predictions, per element, in
-    timestep units); the next six give theirs: skipped steps extrapolated and inactive tokens
+    timestep units); the next nine give theirs: skipped steps extrapolated and inactive tokens
     reused (the split the first head-to-head pointed to), with TaylorSeer's placement of the
-    computed steps (3 full steps, then one in ``k``). ``settings_count``: the first so many
-    settings (all by default)."""
+    computed steps (3 full steps, then one in ``k``); the last three skip nothing and run RAS
+    steps between dense ones every ``k``-th step, their inactive tokens extrapolated.
+    ``settings_count``: the first so many settings (all by default)."""
     lite = dict(warmup=max(1, round(3 * steps / 28)), reset_steps=())  # TaylorSeer's 3 full steps, no resets
     split = dict(skip_estimate="extrapolate", inactive_estimate="reuse")
     placed = [  # (name, fields): estimates given
@@ -132,6 +142,14 @@ def combined_methods(steps: int, settings_count: Optional[int] = None) -> list[M
          compute_every(2, steps, dict(lite, ratio=0.5, high_ratio=0.0, **split))),
         ("dense + compute every 4th, extrapolate", compute_every(4, steps, dict(lite, ratio=1.0, skip_estimate="extrapolate"))),
         ("RAS 0.5 inverted + skip every 2nd, extrapolate / reuse", dict(ratio=0.5, high_ratio=0.0, skip_every=2, **split)),
+        # no skipped step: RAS steps between dense ones, their inactive tokens extrapolated from at
+        # most k - 1 steps back (where reuse fell behind when tokens stayed inactive for long)
+        ("RAS 0.25 inverted between dense every 3rd, inactive extrapolated",
+         dense_every(3, steps, dict(lite, ratio=0.25, high_ratio=0.0, inactive_estimate="extrapolate"))),
+        ("RAS 0.25 between dense every 3rd, inactive extrapolated",
+         dense_every(3, steps, dict(lite, ratio=0.25, inactive_estimate="extrapolate"))),
+        ("RAS 0.125 inverted between dense every 4th, inactive extrapolated",
+         dense_every(4, steps, dict(lite, ratio=0.125, high_ratio=0.0, inactive_estimate="extrapolate"))),
     ]
     both = [  # (name, fields): each estimate tried for both
         ("RAS 0.5 + skip every 2nd", dict(ratio=0.5, skip_every=2)),

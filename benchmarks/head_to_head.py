@@ -81,10 +81,11 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "ablations at 28 steps / 0.25 on shapes-dit; 'default': none); the verdicts take the best")
     p.add_argument("--cache-settings", type=int, default=3,
                    help="settings per diffusers cache family, at most (2-3 defined; default 3)")
-    p.add_argument("--combined-settings", type=int, default=13,
-                   help="settings of the combined sampler, the first so many (13 defined: 7 each with both "
+    p.add_argument("--combined-settings", type=int, default=16,
+                   help="settings of the combined sampler, the first so many (16 defined: 7 each with both "
                         "estimates, then 6 with skips extrapolated, inactive tokens reused and one step in k "
-                        "computed; default 13)")
+                        "computed, then 3 with RAS steps between dense ones, inactive tokens extrapolated; "
+                        "default 16)")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run (default 480)")
     p.add_argument("--from-json", help="re-render the markdown and plot of an existing JSON (no sampling)")
