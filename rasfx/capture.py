@@ -258,7 +258,7 @@ def _export_failure(model: torch.nn.Module, e: Exception) -> str:
     first = text.splitlines()[0] if text else type(e).__name__
     frame = model_frame(e)
     at = f" at {frame}" if frame else ""
-    where = f"torch.export could not capture {type(model).__name__}.forward{at}: {type(e).__name__}: {first}. "
+    where = f"torch.export could not capture {type(model).__name__}.forward{at}: {type(e).__name__}: {first.rstrip('.')}. "
     if any(k in text for k in _DATA_DEPENDENT):
         return where + (
             "rasfx needs a forward without data-dependent Python control flow (e.g. .item()/.tolist() on "
