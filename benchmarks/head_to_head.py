@@ -86,6 +86,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "estimates, then 6 with skips extrapolated, inactive tokens reused and one step in k "
                         "computed, then 3 with RAS steps between dense ones, inactive tokens extrapolated; "
                         "default 16)")
+    p.add_argument("--combined-match", default="",
+                   help="keep only the combined settings whose name contains this text (e.g. 'between dense'; "
+                        "default: all of --combined-settings)")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run (default 480)")
     p.add_argument("--from-json", help="re-render the markdown and plot of an existing JSON (no sampling)")
@@ -284,7 +287,7 @@ def run_head_to_head(args, pipe=None, transform=None, t0: Optional[float] = None
     # the cache hooks (None: built when reached, after MagCache's calibration) alternating with the rest.
     dense = hm.dense_methods(_ints(args.dense_steps))
     ras = hm.ras_methods([float(x) for x in args.ratios.split(",") if x.strip()], args.steps, args.ras_ablations)
-    combined = hm.combined_methods(args.steps, args.combined_settings)
+    combined = [m for m in hm.combined_methods(args.steps, args.combined_settings) if args.combined_match in m.name]
     queue: list[Optional[hm.Method]] = [x[0] for x in (dense, ras, combined) if x] + [None] + interleave(
         dense[1:], ras[1:], combined[1:])
     failed_hooks: set = set()
