@@ -685,6 +685,8 @@ def render_models() -> str:
     for name in passing:
         exc, note = single.get(name, ("", ""))
         status = "checked" if not note else "checked, except a single active token"
+        if PRESETS[name].fixed_size is not None:
+            status, note = "checked at its default size only", PRESETS[name].fixed_size
         lines.append(row(name, status, note))
     for name, (exc, reason) in known.items():
         lines.append(row(name, f"known bug ({exc})" if exc else "known bug", reason))

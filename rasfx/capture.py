@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import logging
 import os
+import re
 import sys
 import sysconfig
 import threading
@@ -259,6 +260,9 @@ def _export_failure(model: torch.nn.Module, e: Exception) -> str:
     frame = model_frame(e)
     at = f" at {frame}" if frame else ""
     where = f"torch.export could not capture {type(model).__name__}.forward{at}: {type(e).__name__}: {first.rstrip('.')}. "
+    lifted = _LIFTED.search(text)
+    if lifted is not None:
+        return f"torch.export could not capture {type(model).__name__}.forward: " + _lifted_constant(model, lifted.group(1))
     if any(k in text for k in _DATA_DEPENDENT):
         return where + (
             "rasfx needs a forward without data-dependent Python control flow (e.g. .item()/.tolist() on "
@@ -267,6 +271,36 @@ def _export_failure(model: torch.nn.Module, e: Exception) -> str:
     return where + (
         "rasfx captures the forward with torch.export (non-strict); run torch.export.export on the model "
         "with the same inputs to see the full error, and see docs/limitations.md."
+    )
+
+
+# torch.export's check that no tensor made during tracing became a constant of the program
+_LIFTED = re.compile(r"fake tensor in the exported program constant's list.*?model attribute: (?:model\.)?(\S+?)\."
+                     r"lifted_tensor", re.S)
+
+
+def _lifted_constant(model: torch.nn.Module, path: str) -> str:
+    """What to say when torch.export lifted a tensor made in the forward of submodule ``path``
+    as a constant: the ``.data`` writes of that module's code (CogVideoX 2B rebuilds its sin-cos
+    table through ``joint.data[...].copy_()`` at any size but the one it was built for), with
+    their lines, which torch.export cannot trace."""
+    try:
+        mod = model.get_submodule(path)
+    except AttributeError:
+        mod = model
+    lines = []
+    for fn in vars(type(mod)).values():
+        if not inspect.isfunction(fn):
+            continue
+        src, first = inspect.getsourcelines(fn)
+        lines += [f"{inspect.getsourcefile(fn)}:{first + i} ({fn.__name__}): {line.strip()}"
+                  for i, line in enumerate(src) if re.search(r"\.data\b", line)]
+    found = f"; its code writes a tensor through .data at {'; '.join(lines)}" if lines else ""
+    return (
+        f"a tensor made in the forward of {path!r} ({type(mod).__name__}) was lifted as a constant torch.export "
+        f"cannot trace{found}. A model that rebuilds a table this way at sizes other than the one it was built for "
+        "(CogVideoX 2B's positions: sample_height, sample_width, sample_frames) can be captured only at that size: "
+        "run it there, or build the model for the size you need; see docs/limitations.md."
     )
 
 

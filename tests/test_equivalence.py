@@ -302,7 +302,10 @@ def check_equivalence(name, batch, hw, seeds, sub_seed=0, ratios=(0.5, 0.25)):
 
 
 def _hw_strategy(p):
-    """Resolutions other than the default one (non-square ones where the model allows them)."""
+    """Resolutions other than the default one (non-square ones where the model allows them); the
+    default one for a preset rasfx captures only there (``Preset.fixed_size``)."""
+    if p.fixed_size is not None:
+        return st.just(tuple(p.default_hw))
     m = p.multiple
     lo, hi = (2, 8) if m == 1 else (4, 16)
     if p.max_hw is not None:
@@ -413,11 +416,25 @@ def test_equivalence_default_size_more_classes(name, seeds, sub_seed, ratios):
 @given(data=st.data(), seeds=_seeds, sub_seed=st.integers(0, 2**16), ratios=_ratios)
 def test_equivalence_random_resolution_and_batch(name, data, seeds, sub_seed, ratios):
     """Random (non-square where the model allows it) resolution and batch 1-3: a new capture
-    per example, on the preset's shared RASModule (earlier signatures stay cached)."""
+    per example, on the preset's shared RASModule (earlier signatures stay cached). Batch 3 at
+    small sizes once took PRX's fused ``[3, B, H, L, D]`` q / k / v cut by ``qkv[0]`` for rows of
+    the batch (``batch_rows._batch_dims``)."""
     p = get_preset(name)
     hw = data.draw(_hw_strategy(p), label="hw")
     batch = data.draw(st.sampled_from([3, 1, 2]), label="batch")
     check_equivalence(name, batch, hw, seeds, sub_seed, ratios)
+
+
+@pytest.mark.parametrize("name", [n for n in PASSING if PRESETS[n].fixed_size is not None])
+def test_fixed_size_presets_name_the_construct_at_other_sizes(name):
+    """A preset rasfx captures only at its default size (CogVideoX 2B rebuilds its position table
+    through ``.data`` elsewhere): at another size a CaptureError names the ``.data`` write and its
+    line, never a raw torch error or a wrong result."""
+    p = get_preset(name)
+    h, w = p.default_hw
+    model = p.build(0)
+    with pytest.raises(CaptureError, match=r"through \.data at \S+\.py:\d+ \(\w+\): .*\.data\[.*docs/limitations\.md"):
+        rasfx.transform(model)(**p.inputs(2, h - p.multiple, w, seed=0))
 
 
 @pytest.mark.parametrize("name", _params(PASSING, SINGLE_TOKEN_BUGS))

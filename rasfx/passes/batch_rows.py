@@ -25,31 +25,34 @@ def annotate_rows(graph: fx.Graph, batch: int) -> int:
     prompt over its own valid text tokens) makes tensors that hold some rows of the batch
     only. Each such token-bearing node gets ``meta["rasfx_rows"] = (start, stop, squeezed)``
     (``squeezed``: the batch dim was selected away), so that per-row active sets use those
-    rows of the index; tensors of the whole batch get none. Returns the number of nodes marked."""
+    rows of the index; tensors of the whole batch get none. Only a cut of a tensor whose dim 0
+    is proven to be the batch counts (``_batch_dims``): PRX's fused ``[3, B, H, L, D]`` q / k / v
+    cut by ``qkv[0]`` at batch 3 is not a row. Returns the number of nodes marked."""
     marked = 0
-    shared = _single_row_sources(graph, batch)
+    whole = {node for node, layout in _batch_dims(graph, batch).items() if layout == (0, 1)}
+    shared = _single_row_sources(graph, batch, whole)
     for node in graph.nodes:
         if node.op != "call_function" or not _has_token_axes(node):
             continue
         if node.args and node.args[0] in shared and node.target in (aten.slice.Tensor, aten.select.int):
             continue
-        rows = _rows_of(node, batch)
+        rows = _rows_of(node, batch, whole)
         if rows is not None:
             node.meta[ROWS] = rows
             marked += 1
     return marked
 
 
-def _single_row_sources(graph: fx.Graph, batch: int) -> set:
-    """Whole-batch tensors of which the graph takes one row only (Flux's ``img_ids[0]``: a
-    table shared by every row, not a loop over the batch): their rows are not marked."""
+def _single_row_sources(graph: fx.Graph, batch: int, whole: set) -> set:
+    """Whole-batch tensors (``whole``: batch in dim 0) of which the graph takes one row only
+    (Flux's ``img_ids[0]``: a table shared by every row, not a loop over the batch): their rows
+    are not marked."""
     taken: dict = {}
     for node in graph.nodes:
         if node.target not in (aten.slice.Tensor, aten.select.int) or not node.args:
             continue
         src = node.args[0]
-        val = src.meta.get("val") if isinstance(src, fx.Node) else None
-        if (not isinstance(val, torch.Tensor) or val.dim() == 0 or int(val.shape[0]) != batch or ROWS in src.meta
+        if (src not in whole or ROWS in src.meta
                 or (node.args[1] if len(node.args) > 1 else 0) != 0):
             continue
         taken.setdefault(src, set()).add(tuple(node.args[2:4]))
@@ -61,7 +64,7 @@ def _has_token_axes(node: fx.Node) -> bool:
     return bool(info) if isinstance(info, tuple) else isinstance(info, list) and any(bool(e) for e in info)
 
 
-def _rows_of(node: fx.Node, batch: int):
+def _rows_of(node: fx.Node, batch: int, whole: set):
     t, args = node.target, node.args
     src = args[0] if args and isinstance(args[0], fx.Node) else None
     if t is operator.getitem and src is not None and src.target is aten.unbind.int and src.args[1:2] in ((), (0,)):
@@ -70,7 +73,7 @@ def _rows_of(node: fx.Node, batch: int):
     if t in (aten.slice.Tensor, aten.select.int) and src is not None and (args[1] if len(args) > 1 else 0) == 0:
         val = src.meta.get("val")
         before = src.meta.get(ROWS)
-        if not isinstance(val, torch.Tensor) or val.dim() == 0 or (before is None and int(val.shape[0]) != batch):
+        if not isinstance(val, torch.Tensor) or val.dim() == 0 or (before is None and src not in whole):
             return None
         if before is not None and before[2]:
             return before  # dim 0 is no longer the batch
@@ -121,8 +124,20 @@ def annotate_row_groups(graph: fx.Graph, batch: int) -> int:
     that merges or splits the leading dims of a tensor with the batch (or such groups) in dim 0,
     ``repeat_interleave`` along dim 0, permutes and selects that move those rows to another dim
     and back, and ops that keep them in place. Returns the number of token-bearing nodes marked."""
-    groups: dict[fx.Node, tuple[int, int]] = {}  # node -> (dim holding the B*m rows, m)
     marked = 0
+    for node, found in _batch_dims(graph, batch).items():
+        tokens_in_dim0 = any(a.dim == 0 for a in (node.meta.get("rasfx_tokens") or ()) if not isinstance(a, tuple))
+        if found[0] == 0 and found[1] > 1 and _has_token_axes(node) and not tokens_in_dim0:  # rows, not tokens
+            node.meta[ROW_GROUPS] = found[1]
+            marked += 1
+    return marked
+
+
+def _batch_dims(graph: fx.Graph, batch: int) -> dict[fx.Node, tuple[int, int]]:
+    """node -> (the dim holding its B*m batch rows, m), for the tensors whose layout the graph
+    proves (``_groups_of``); any other tensor whose dim 0 has the batch size is taken as
+    ``(0, 1)``, the batch in dim 0 (an input, or an op without a layout rule)."""
+    groups: dict[fx.Node, tuple[int, int]] = {}
     for node in graph.nodes:
         size = _dim0(node)
         if size is None:
@@ -130,14 +145,9 @@ def annotate_row_groups(graph: fx.Graph, batch: int) -> int:
         found = _groups_of(node, batch, groups)
         if found is None and size == batch:
             found = (0, 1)
-        if found is None:
-            continue
-        groups[node] = found
-        tokens_in_dim0 = any(a.dim == 0 for a in (node.meta.get("rasfx_tokens") or ()) if not isinstance(a, tuple))
-        if found[0] == 0 and found[1] > 1 and _has_token_axes(node) and not tokens_in_dim0:  # rows, not tokens
-            node.meta[ROW_GROUPS] = found[1]
-            marked += 1
-    return marked
+        if found is not None:
+            groups[node] = found
+    return groups
 
 
 def _groups_of(node: fx.Node, batch: int, groups: dict):
@@ -147,7 +157,20 @@ def _groups_of(node: fx.Node, batch: int, groups: dict):
             return groups.get(cast(fx.Node, args[0]))
         size = _dim0(node)
         same = [i for i in node.all_input_nodes if i in groups and groups[i][0] == 0 and _dim0(i) == size]
-        return groups[same[0]] if same else None
+        if same:
+            return groups[same[0]]
+        moved = {groups[i] for i in node.all_input_nodes if i in groups and _rank(i) == _rank(node)}
+        return moved.pop() if len(moved) == 1 else None  # the batch elsewhere, e.g. in dim 1 of [3, B, H, L, D]
+    if t in (aten.stack.default, aten.cat.default, aten.concat.default) and args and isinstance(args[0], (list, tuple)):
+        parts: set[tuple[int, int] | None] = {groups.get(p) for p in args[0]}
+        layout = parts.pop() if len(parts) == 1 else None
+        if layout is None:
+            return None
+        (bd, m), d = layout, cast(int, args[1] if len(args) > 1 else node.kwargs.get("dim", 0))
+        if t is aten.stack.default:  # torch.stack([q, k, v]): the batch moves one dim on when stacked before it
+            d %= _rank(node)
+            return bd + (d <= bd), m
+        return None if d % _rank(node) == bd else (bd, m)
     src = args[0] if args and isinstance(args[0], fx.Node) else None
     if src is None or src not in groups:
         return None
@@ -176,6 +199,11 @@ def _groups_of(node: fx.Node, batch: int, groups: dict):
             return (0, m * cast(int, args[1])) if dim is not None and dim % rank == 0 else (0, m)
         return (0, m) if dim % rank != 0 and int(sval.shape[0]) == size else None
     return None
+
+
+def _rank(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.dim() if isinstance(val, torch.Tensor) else -1
 
 
 def _dim0(node: fx.Node) -> int | None:

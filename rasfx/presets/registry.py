@@ -42,6 +42,9 @@ class Preset:
         frames: number of latent frames of video presets (None for image models).
         model_class: name of the diffusers class.
         known_failure: why rasfx cannot transform this preset yet (None: it can).
+        fixed_size: why rasfx captures this preset only at ``default_hw`` although the model
+            runs at other sizes (torch.export cannot capture it there; docs/limitations.md),
+            None: at every valid size.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Preset:
     model_class: str = ""
     tags: tuple[str, ...] = field(default=())
     known_failure: Optional[KnownFailure] = None
+    fixed_size: Optional[str] = None
 
     def valid_hw(self, height: int, width: int) -> bool:
         try:
@@ -116,7 +120,7 @@ _REGISTRY: dict[str, Preset] = {}
 
 
 def _register(name, description, model_fn, inputs_fn, default_hw, *, multiple=2, square_only=False,
-              max_hw=None, frames=None, model_class="", tags=(), known_failure=None):
+              max_hw=None, frames=None, model_class="", tags=(), known_failure=None, fixed_size=None):
     holder: dict[str, Preset] = {}
 
     def build(seed: int = 0) -> torch.nn.Module:
@@ -142,7 +146,7 @@ def _register(name, description, model_fn, inputs_fn, default_hw, *, multiple=2,
     build.__doc__ = f"Build {model_class} ({name}) with re-randomised weights."
     inputs.__doc__ = f"Forward kwargs of {name}, built as its diffusers pipeline builds them."
     preset = Preset(name, description, build, inputs, tuple(default_hw), multiple, square_only, max_hw, frames,
-                    model_class, tuple(tags), known_failure)
+                    model_class, tuple(tags), known_failure, fixed_size)
     holder["p"] = preset
     _REGISTRY[name] = preset
     return preset

@@ -93,7 +93,9 @@ def _cogvideox_inputs(rope: bool):
 
 _register("cogvideox-tiny", "CogVideoXTransformer3DModel, 2B style (3D sincos positions), [B, F, C, H, W], 2 frames",
           _cogvideox(False), _cogvideox_inputs(False), (8, 12), frames=_FRAMES,
-          model_class="CogVideoXTransformer3DModel")
+          model_class="CogVideoXTransformer3DModel",
+          fixed_size="built for 8 x 12 (sample_height, sample_width): at any other size CogVideoXPatchEmbed rebuilds its "
+                     "sin-cos table through .data (embeddings.py), which torch.export cannot capture")
 _register("cogvideox-rope-tiny", "CogVideoXTransformer3DModel, 5B style (3D RoPE (cos, sin) passed in), 2 frames",
           _cogvideox(True), _cogvideox_inputs(True), (8, 12), frames=_FRAMES,
           model_class="CogVideoXTransformer3DModel")
