@@ -717,6 +717,13 @@ def render_models() -> str:
         "Attention over a reduced grid (keys / values compressed by a strided conv, as "
         "PixArt-Sigma's original code can) is refused the same way, naming the op that makes the "
         "smaller grid.", "",
+        "### Code bases tried", "",
+        "Their code is not copied into this repository: the test suite tries each code base through "
+        "the construct models above, written the way it writes its DiT. The reference DiT was also "
+        "run as its authors ship it, outside the repository.", "",
+        "| code base | tried as | result |", "| --- | --- | --- |",
+        *(f"| {base} | {how} | {result} |" for base, how, result in CODE_BASES),
+        "",
         "Your own DiT needs no entry here: [Bring your own DiT](byo-dit.md) shows how to check one.", "",
     ]
     from rasfx.presets import NOT_COVERED
@@ -728,6 +735,29 @@ def render_models() -> str:
         *(f"| `{cls}` | {why.replace('|', '/')} |" for cls, why in NOT_COVERED.items()), "",
     ]
     return HEADER.format(pyver=PYVER) + "\n".join(lines)
+
+
+#: (code base, how it was tried, result) for the "Code bases tried" table of models.md
+CODE_BASES = (
+    ("facebookresearch/DiT (`models.py`, timm's `PatchEmbed`)",
+     "as shipped (session 10: `DiT(input_size=16, depth=2, hidden_size=64)`, random weights, "
+     "`rasfx.transform(model)` and `rasfx inspect module:factory`) and `FixedSizeDiT`",
+     "exact: dense, shared and per-row sets, cached outputs of inactive tokens; other input sizes "
+     "fail in the model's own size assert, with or without rasfx"),
+    ("Wan 2.1 (original code)", "`AutocastDiT`, `ListDiT`", "checked"),
+    ("PixArt-alpha / PixArt-Sigma (original code)", "`FoldedBatchDiT`; K/V compression",
+     "checked; a K/V compressed by a strided conv is refused, naming the op"),
+    ("Lumina-Next / Lumina 2", "`RowJoinDiT`", "checked"),
+    ("Mochi", "`PerSampleAttentionDiT`, `PromptReadDiT`", "checked"),
+    ("HunyuanVideo, Chroma", "`JointMaskDiT`", "checked"),
+    ("CogVideoX 2B", "`JointTableDiT`", "checked at the size the model was built for"),
+    ("Allegro", "`EmbeddingRopeDiT`", "checked"),
+    ("Stable Audio", "`GlobalTokenAudioDiT`", "checked"),
+    ("Latte", "`SpatioTemporalDiT`", "checked"),
+    ("Z-Image", "`PaddedListDiT`", "checked"),
+    ("HiDream", "`MoEDiT`, `PaddedDiT`", "checked"),
+    ("Kandinsky 5", "`GridHeadDiT`", "checked"),
+)
 
 
 def _construct_rows() -> list[str]:
