@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
@@ -132,7 +133,9 @@ def export_specialised(model: torch.nn.Module, kwargs: dict, varying: Optional[I
         if first is not None:
             raise first from None
         if specialise:  # inputs rasfx made (another resolution): a candidate that failed
-            raise CaptureError(f"{type(model).__name__} fails on these inputs: {type(e).__name__}: {e}") from e
+            frame = model_frame(e)
+            at = f" at {frame}" if frame else ""
+            raise CaptureError(f"{type(model).__name__} fails on these inputs{at}: {type(e).__name__}: {e}") from e
         raise
     if not table:
         if plain is not None:
@@ -239,9 +242,41 @@ def _inline_wrappers(ep: ExportedProgram) -> ExportedProgram:
     program with an empty decomposition table inlines them, with the dtype casts that
     autocast makes written out as ops, so the graph computes exactly what the forward did."""
     hops = _wrapper_hops()
-    if not any(n.op == "call_function" and n.target in hops for n in ep.graph.nodes):
+    bodies = {n.name: _body_traces(ep, n) for n in ep.graph.nodes if n.op == "call_function" and n.target in hops}
+    if not bodies:
         return ep
-    return ep.run_decompositions({})
+    ep = ep.run_decompositions({})
+    for node in ep.graph.nodes:
+        _restore_body_trace(node, bodies)
+    return ep
+
+
+def _body_traces(ep: ExportedProgram, hop: fx.Node) -> dict[str, str]:
+    """The stack traces of the nodes of a wrapper op's body, by node name."""
+    traces: dict[str, str] = {}
+    for arg in hop.args:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            body = getattr(ep.graph_module, str(arg.target), None)
+            if isinstance(body, fx.GraphModule):
+                traces.update((n.name, n.meta["stack_trace"]) for n in body.graph.nodes if n.meta.get("stack_trace"))
+    return traces
+
+
+def _restore_body_trace(node: fx.Node, bodies: dict[str, dict[str, str]]) -> None:
+    """Inlining traces a wrapper's body as generated code, so its nodes' stack traces point at
+    that code (``<eval_with_key>``) instead of the model's: they get back the trace of the body node
+    of the same name, or else of the body's first node with one (``model_line`` names it in errors)."""
+    frames = re.findall(r'File "([^"]*)"', str(node.meta.get("stack_trace", "")))
+    if not frames or not frames[-1].startswith("<"):
+        return
+    sources = list(node.meta.get("from_node") or ())
+    while sources:
+        source = sources.pop()
+        traces = bodies.get(source.name)
+        if traces:
+            node.meta["stack_trace"] = traces.get(node.name) or next(iter(traces.values()))
+            return
+        sources.extend(getattr(source, "from_node", ()))
 
 
 def model_frame(e: BaseException) -> str | None:

@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import passes
-from .capture import Capture, describe_signature, export_specialised
+from .capture import Capture, describe_signature, export_specialised, model_frame
 from .prompt_values import STEP_INPUTS
 from .second_resolution import (find_image_input, image_batch, padding_neutral_candidates, resized_model,
                                 second_resolution_candidates, token_padding)
@@ -27,6 +27,7 @@ from . import compiler
 from .compiler import CaptureState, VariantState, run_passes
 from .passes.context import RewriteContext
 from .passes.batch_rows import ROW_GROUPS, ROWS
+from .passes.insert_gathers import gather_rank
 from .passes.op_rules import SDPA_OPS
 from .passes.token_analysis import model_line
 from .tokenwise_modules import Choice, TokenwiseModules, module_nodes, node_module
@@ -149,7 +150,12 @@ def build_variant(cc: PlannedCapture, name: str) -> GraphVariant:
 
 
 def _check_rowwise(cc: PlannedCapture) -> None:
+    """Per-row active sets ``[B, n]`` index the batch rows in dim 0: refused, naming the model
+    line, when a cached or gathered tensor holds something else there (a sequence-first
+    ``[S, B, D]`` stream, a stacked ``[3, B, ...]`` position table)."""
     nodes = {n.name: n for n in cc.capture.graph_module.graph.nodes}
+    for producer_name, consumer_name in cc.plan.gathers:
+        _check_rowwise_gather(cc, nodes[producer_name], nodes[consumer_name])
     for site in cc.plan.sites:
         rows = nodes[site.producer].meta.get(ROWS) if site.producer in nodes else None
         if rows is not None and rows[2]:  # one row, its batch dim selected away: a 1-D index row
@@ -158,10 +164,29 @@ def _check_rowwise(cc: PlannedCapture) -> None:
             continue
         groups = nodes[site.producer].meta.get(ROW_GROUPS, 1) if site.producer in nodes else 1
         if site.axis.dim == 0 or site.shape[0] != groups * (cc.batch if rows is None else rows[1] - rows[0]):
+            where = f" at {model_line(nodes[site.producer])}" if site.producer in nodes else ""
             raise UnsupportedModelError(
-                f"per-row active sets need the batch in dim 0 of every cached tensor; {site.producer} has shape "
-                f"{site.shape} (batch {cc.batch}). Use one index set [n] shared by all rows."
+                f"per-row active sets need the batch in dim 0 of every cached tensor; {site.producer}{where} has "
+                f"shape {site.shape} (batch {cc.batch}). Use one index set [n] shared by all rows."
             )
+
+
+def _check_rowwise_gather(cc: PlannedCapture, producer: fx.Node, consumer: fx.Node) -> None:
+    """The check ``ops.gather_tokens`` makes on a per-row gather when it runs, made on the
+    producer's captured shape so that the error names the model line: its index has one row
+    per batch row the value holds (``batch_rows.ROWS`` / ``ROW_GROUPS``, as
+    ``RewriteContext.token_index``), and a value whose dim 0 is neither that nor 1 is refused."""
+    val, axes = producer.meta.get("val"), passes.token_axes(producer)
+    rows = producer.meta.get(ROWS)
+    if not isinstance(val, torch.Tensor) or not axes or axes[0].outer > 1 or (rows is not None and rows[2]):
+        return  # a 1-D index (one row selected away, a folded axis): gathered with index_select
+    count = (cc.batch if rows is None else rows[1] - rows[0]) * producer.meta.get(ROW_GROUPS, 1)
+    if val.dim() >= gather_rank(consumer, producer) and val.shape[0] not in (1, count):
+        raise UnsupportedModelError(
+            f"per-row active sets need the batch in dim 0 of every tensor gathered by rows; one has shape "
+            f"{tuple(val.shape)} for {count} rows (tokens in dim {axes[0].dim}): {producer.target} at "
+            f"{model_line(producer)}. Use one index set [n] shared by all rows."
+        )
 
 
 def _export_tokenwise(model: torch.nn.Module, kwargs: dict, varying: set, tokenwise: TokenwiseModules):
@@ -188,8 +213,8 @@ def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, var
     that one found no token region) or when every plain one fails, resized ones (``tokens()``:
     the image's token count the analysis of the plain one found, if it did). The other plain
     sizes are not tried after one captured: a model whose sequence does not follow one size
-    follows no other. ``errors`` gets the capture errors: message -> the candidates that failed
-    with it. ``specialise``: the first capture was specialised on prompt values; so is this one."""
+    follows no other. ``errors`` gets the capture errors: message -> (the model line it failed at,
+    the candidates that failed with it). ``specialise``: the first capture was specialised on prompt values; so is this one."""
     candidates = second_resolution_candidates(kwargs, image_key)
 
     def export(alt_kwargs):
@@ -199,7 +224,7 @@ def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, var
         try:
             alt = export(alt_kwargs), desc
         except CaptureError as e:
-            errors.setdefault(str(e), []).append(_candidate(desc))
+            _record(errors, e, _candidate(desc))
             continue
         yield _keep_padding(gm, alt, kwargs, image_key, export), False
         break
@@ -210,7 +235,7 @@ def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, var
             try:
                 ep = export(alt_kwargs)
             except CaptureError as e:
-                errors.setdefault(str(e), []).append(_candidate(desc) + " (model resized)")
+                _record(errors, e, _candidate(desc) + " (model resized)")
                 continue
         yield (ep, desc), True
 
@@ -222,9 +247,12 @@ def _run_capture_passes(model: torch.nn.Module, state: CaptureState) -> Counter:
     counters = run_passes(state.gm, compiler.CAPTURE_PASSES, state)
     plan = state.plan
     if plan.counters["active_nodes"] == 0:
+        nodes = {n.name: n for n in state.gm.graph.nodes}
+        ops = [f"{target} at {model_line(nodes[name]) if name in nodes else name}: {reason}"
+               for name, target, reason in plan.conservative[:3]]
         raise UnsupportedModelError(
             f"{type(model).__name__}: no op of the graph can run on a subset of the image tokens "
-            f"({len(plan.conservative)} ops handled conservatively, e.g. {plan.conservative[:3]}); "
+            f"({len(plan.conservative)} ops handled conservatively, e.g. {'; '.join(ops)}); "
             "RAS would save nothing."
         )
     return counters
@@ -278,6 +306,25 @@ def _brief(message: str) -> str:
     return text.split(". rasfx ", 1)[0]
 
 
+def _record(errors: dict, e: CaptureError, candidate: str) -> None:
+    """Add a candidate's capture error to ``errors`` (see ``_analysis_captures``)."""
+    frame = model_frame(e.__cause__) if e.__cause__ is not None else None
+    errors.setdefault(str(e), (frame, []))[1].append(candidate)
+
+
+def _most_common_frame(errors: dict) -> str:
+    """Where most of the failed candidates failed in the model's code (``; N of M candidates
+    failed at file:line (function): code``); empty when no error names a model line."""
+    frames: Counter = Counter()
+    for frame, descs in errors.values():
+        if frame is not None:
+            frames[frame] += len(descs)
+    if not frames:
+        return ""
+    frame, count = frames.most_common(1)[0]
+    return f"; {count} of {sum(len(d) for _, d in errors.values())} candidates failed at {frame}"
+
+
 def _candidate(desc: dict) -> str:
     """A second-resolution candidate in a few characters: ``16x28``, ``N=36``, ``+ tables``."""
     size = "x".join(map(str, desc["hw2"])) if "hw2" in desc else f"N={desc.get('n2')}"
@@ -309,7 +356,7 @@ def plan_capture(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user_inputs = {n.name for n, (kind, _) in zip(placeholders, cap.input_sources) if kind == "user"}
     batch = image_batch(kwargs[image_key])
-    errors: dict[str, list[str]] = {}
+    errors: dict[str, tuple[str | None, list[str]]] = {}
     found: list[int] = []  # the token count an analysis found, for the resized attempts
     failure: UnsupportedModelError | None = None  # of the first second-resolution capture that captured
     blind = None  # the first plan whose attention does not see the image tokens: kept if no other plans
@@ -342,11 +389,12 @@ def plan_capture(
             else:
                 # the first error in full; the others by where they failed (each torch error once)
                 tried = [f"{', '.join(descs)}: {message if i == 0 else _brief(message)}"
-                         for i, (message, descs) in enumerate(errors.items())]
+                         for i, (message, (_, descs)) in enumerate(errors.items())]
                 raise CaptureError(
                     "could not capture the model at a second resolution, which the token analysis needs to tell "
                     f"image-token axes from other dims (captured at {describe_signature(signature)}), not even with "
-                    "its size-bound tables and attributes resized (a model built for one input size). Tried:\n  "
+                    f"its size-bound tables and attributes resized (a model built for one input size){_most_common_frame(errors)}. "
+                    "Tried:\n  "
                     + "\n  ".join(tried or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] "
                                              "or [B,N,C])"])
                 )

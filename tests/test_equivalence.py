@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 
 import pytest
@@ -461,6 +462,35 @@ def test_equivalence_known_bugs(name):
     """Presets that rasfx gets wrong today (see KNOWN_BUGS): the same properties, once."""
     p = get_preset(name)
     check_equivalence(name, 2, p.default_hw, seeds=[11, 12], sub_seed=0)
+
+
+# Known failures whose error names the construct by its line in the model's code:
+# preset -> (error, the model file, whether the error comes with a per-row active set).
+_NAMED_LINES = {
+    "glm-image-tiny": (UnsupportedModelError, "transformer_glm_image.py", False),
+    "ideogram4-tiny": (UnsupportedModelError, "transformer_ideogram4.py", True),
+    "ernie-image-tiny": (UnsupportedModelError, "transformer_ernie_image.py", True),
+    "ace-step-tiny": (UnsupportedModelError, "ace_step_transformer.py", False),
+    "qwenimage21-tiny": (CaptureError, "transformer_qwenimage21.py", False),
+    "omnigen-tiny": (CaptureError, "transformer_omnigen.py", False),
+}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=[pytest.mark.slow] if KNOWN_BUGS.get(name, (None, False))[1] else [], id=name)
+    for name in _NAMED_LINES])
+def test_known_failures_name_the_model_line(name):
+    """The error of a known failure names the model's source line (``file.py:<line> (function): code``)."""
+    error, source, per_row = _NAMED_LINES[name]
+    p = get_preset(name)
+    ras = rasfx.transform(p.build(0))
+    kw = p.inputs(2)
+    if per_row:
+        ras(**kw)  # dense and shared sets run
+        ras.set_active(torch.stack([torch.arange(3), torch.arange(3) + 1]))
+    with pytest.raises(error) as e:
+        ras(**kw)
+    assert re.search(rf"{re.escape(source)}:\d+ \(\w+\): \S", str(e.value)), str(e.value)
 
 
 @pytest.mark.parametrize("name", _params(UNSUPPORTED, UNSUPPORTED))

@@ -40,7 +40,7 @@ def insert_gathers(ctx: RewriteContext) -> int:
     for producer_name, consumer_name in ctx.plan.gathers:
         producer, consumer = ctx.nodes[producer_name], ctx.nodes[consumer_name]
         axis = token_axes(producer)[0]  # an attention mask's query axis (its key axis stays full)
-        rank = _rank(consumer, producer)
+        rank = gather_rank(consumer, producer)
         key = _key(ctx, producer_name, consumer_name)
         if key not in memo:
             index = ctx.token_index(axis, producer)
@@ -57,7 +57,7 @@ def insert_gathers(ctx: RewriteContext) -> int:
     return len(memo)
 
 
-def _rank(consumer, producer) -> int:
+def gather_rank(consumer, producer) -> int:
     """Rank of the frame the gathered value broadcasts in: the consumer's, but an embedding
     lookup's indices are one dim short of its output (Allegro's RoPE positions [1, N])."""
     val = consumer.meta.get("val")
@@ -70,5 +70,5 @@ def _rank(consumer, producer) -> int:
 
 def _key(ctx: RewriteContext, producer_name: str, consumer_name: str) -> tuple:
     """Gathers are shared per (value, consumer rank in the rowwise variant)."""
-    rank = _rank(ctx.nodes[consumer_name], ctx.nodes[producer_name])
+    rank = gather_rank(ctx.nodes[consumer_name], ctx.nodes[producer_name])
     return (producer_name, rank if ctx.variant == "rowwise" else 0)

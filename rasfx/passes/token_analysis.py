@@ -158,14 +158,15 @@ def _first_line(pairs, sizes: tuple[int, int]) -> str:
 
 
 def model_line(node: fx.Node) -> str:
-    """The innermost source line of the model's own code that produced ``node`` (frames of
-    torch and rasfx skipped), from the stack trace torch.export records; the node name without one."""
+    """``file:line (function): code`` of the innermost frame of the model's own code that
+    produced ``node`` (frames of torch and rasfx skipped), from the stack trace torch.export
+    records (the form of ``capture.model_frame``); the node name without one."""
     lines = node.meta.get("stack_trace", "").strip().splitlines()
     skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
     for i in range(len(lines) - 2, -1, -1):
-        m = re.match(r'\s*File "([^"]+)", line \d+', lines[i])
-        if m and not m.group(1).startswith(skip):
-            return lines[i + 1].strip()
+        m = re.match(r'\s*File "([^"]+)", line (\d+), in (\S+)', lines[i])
+        if m and not m.group(1).startswith((*skip, "<")):
+            return f"{m.group(1)}:{m.group(2)} ({m.group(3)}): {lines[i + 1].strip()}"
     return lines[-1].strip() if lines else node.name
 
 
