@@ -87,8 +87,9 @@ KNOWN_BUGS = {
         UnsupportedModelError, True,
         "the image input is one packed [pad / text / image] sequence [B, T + N, C], so rasfx takes all T + N "
         "positions as image tokens; captured since the wider guess resizes segment_ids / indicator [B, T + N]; "
-        "shared sets run, but a per-row set is refused when it runs (ops.gather_tokens): a [3, B, 1, T + N] "
-        "tensor is gathered by rows with the batch in dim 1",
+        "shared sets run, but a per-row set is refused when the rowwise variant is planned "
+        "(planned_capture._check_rowwise): a [3, B, 1, T + N] tensor is gathered by rows with the batch in dim 1 "
+        "(transformer_ideogram4.py:80, the MRoPE frequencies)",
     ),
     "wan-animate-tiny": (
         CaptureError, True,
