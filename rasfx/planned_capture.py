@@ -6,6 +6,7 @@ variants eagerly, under ``torch.compile`` or as CUDA graphs."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 import time
@@ -241,9 +242,8 @@ def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, var
 
 
 def _run_capture_passes(model: torch.nn.Module, state: CaptureState) -> Counter:
-    """The capture passes on ``state`` (annotations of an earlier attempt dropped first); raises
+    """The capture passes on ``state`` (a graph of its own, see ``_attempt_graph``); raises
     ``UnsupportedModelError`` when no op can run on a subset of the image tokens."""
-    _drop_annotations(state.gm)
     counters = run_passes(state.gm, compiler.CAPTURE_PASSES, state)
     plan = state.plan
     if plan.counters["active_nodes"] == 0:
@@ -266,12 +266,12 @@ def _attends_to_tokens(gm: fx.GraphModule) -> bool:
     return not attention or any(isinstance(n.args[0], fx.Node) and passes.token_axes(n.args[0]) for n in attention)
 
 
-def _drop_annotations(gm: fx.GraphModule) -> None:
-    """Drop what the capture passes wrote in the nodes' meta (``rasfx_*`` keys: they only
-    annotate), so that an analysis against another second-resolution capture starts clean."""
-    for node in gm.graph.nodes:
-        for key in [k for k in node.meta if k.startswith("rasfx_")]:
-            del node.meta[key]
+def _attempt_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the captured graph for one analysis attempt: the capture passes annotate its
+    nodes and ``flatten_token_grids`` rewrites it, so an attempt against another
+    second-resolution capture must not start from an earlier attempt's graph. The nodes' meta
+    dicts are copied (their values shared), the weights stay graph inputs."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
 
 
 def _keep_padding(gm: fx.GraphModule, alt: tuple, kwargs: dict, image_key: str, export) -> tuple:
@@ -285,7 +285,7 @@ def _keep_padding(gm: fx.GraphModule, alt: tuple, kwargs: dict, image_key: str, 
     n, multiple = padding
     for alt_kwargs, desc in padding_neutral_candidates(kwargs, image_key, n, multiple):
         try:
-            return export(alt_kwargs), dict(desc, padded_to=multiple)
+            return export(alt_kwargs), desc
         except CaptureError:
             continue
     return alt
@@ -364,8 +364,8 @@ def plan_capture(
         for alt, resized in _analysis_captures(model, kwargs, image_key, step_inputs, bool(value_leaves), gm,
                                                errors, lambda: found[0] if found else None):
             t2 = time.perf_counter()
-            state = CaptureState(type(model).__name__, gm, alt[0].graph_module, dict(alt[1], batch=batch), kv_cache,
-                                 op_rules, user_inputs)
+            state = CaptureState(type(model).__name__, _attempt_graph(gm), alt[0].graph_module,
+                                 dict(alt[1], batch=batch), kv_cache, op_rules, user_inputs)
             try:
                 counters = _run_capture_passes(model, state)
             except TooFewTokensError:
@@ -373,7 +373,7 @@ def plan_capture(
             except UnsupportedModelError as e:  # e.g. a sequence padded to a length the model fixes: try a resized one
                 failure = failure or e
             else:
-                if _attends_to_tokens(gm):
+                if _attends_to_tokens(state.gm):
                     break
                 blind = blind or (alt, resized)
             if state.analysis is not None and not found:
@@ -381,8 +381,8 @@ def plan_capture(
         else:
             if blind is not None:
                 (alt, resized), t2 = blind, time.perf_counter()
-                state = CaptureState(type(model).__name__, gm, alt[0].graph_module, dict(alt[1], batch=batch),
-                                     kv_cache, op_rules, user_inputs)
+                state = CaptureState(type(model).__name__, _attempt_graph(gm), alt[0].graph_module,
+                                     dict(alt[1], batch=batch), kv_cache, op_rules, user_inputs)
                 counters = _run_capture_passes(model, state)
             elif failure is not None:
                 raise failure
@@ -398,6 +398,7 @@ def plan_capture(
                     + "\n  ".join(tried or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] "
                                              "or [B,N,C])"])
                 )
+    cap.graph_module = state.gm  # the attempt whose plan is kept
     analysis, plan = state.analysis, state.plan
     cc = PlannedCapture(cap, analysis, plan, image_key, batch, counters, contiguous_attention=contiguous_attention,
                         tokenwise=tokenwise.choices())
