@@ -27,7 +27,7 @@ from .errors import CaptureError, TooFewTokensError, UnsupportedModelError, Usag
 from . import compiler
 from .compiler import CaptureState, VariantState, run_passes
 from .passes.context import RewriteContext
-from .passes.batch_rows import ROW_GROUPS, ROWS
+from .passes.batch_rows import ROW_GROUPS, ROWS, batch_dims
 from .passes.insert_gathers import gather_rank
 from .passes.op_rules import SDPA_OPS
 from .passes.token_analysis import model_line
@@ -154,9 +154,13 @@ def _check_rowwise(cc: PlannedCapture) -> None:
     """Per-row active sets ``[B, n]`` index the batch rows in dim 0: refused, naming the model
     line, when a cached or gathered tensor holds something else there (a sequence-first
     ``[S, B, D]`` stream, a stacked ``[3, B, ...]`` position table)."""
-    nodes = {n.name: n for n in cc.capture.graph_module.graph.nodes}
+    graph = cc.capture.graph_module.graph
+    nodes = {n.name: n for n in graph.nodes}
+    # where the graph proves each tensor's batch dim: a dim 0 of the batch's size by coincidence
+    # (q / k / v stacked as [3, B, ...] at batch 3) is not the batch
+    moved = {n.name for n, (dim, _) in batch_dims(graph, cc.batch).items() if dim != 0}
     for producer_name, consumer_name in cc.plan.gathers:
-        _check_rowwise_gather(cc, nodes[producer_name], nodes[consumer_name])
+        _check_rowwise_gather(cc, nodes[producer_name], nodes[consumer_name], producer_name in moved)
     for site in cc.plan.sites:
         rows = nodes[site.producer].meta.get(ROWS) if site.producer in nodes else None
         if rows is not None and rows[2]:  # one row, its batch dim selected away: a 1-D index row
@@ -164,7 +168,8 @@ def _check_rowwise(cc: PlannedCapture) -> None:
         if site.axis.outer == cc.batch:  # a folded axis of one block per row: a 1-D index (ops.fold_index)
             continue
         groups = nodes[site.producer].meta.get(ROW_GROUPS, 1) if site.producer in nodes else 1
-        if site.axis.dim == 0 or site.shape[0] != groups * (cc.batch if rows is None else rows[1] - rows[0]):
+        if (site.axis.dim == 0 or site.producer in moved
+                or site.shape[0] != groups * (cc.batch if rows is None else rows[1] - rows[0])):
             where = f" at {model_line(nodes[site.producer])}" if site.producer in nodes else ""
             raise UnsupportedModelError(
                 f"per-row active sets need the batch in dim 0 of every cached tensor; {site.producer}{where} has "
@@ -172,17 +177,18 @@ def _check_rowwise(cc: PlannedCapture) -> None:
             )
 
 
-def _check_rowwise_gather(cc: PlannedCapture, producer: fx.Node, consumer: fx.Node) -> None:
+def _check_rowwise_gather(cc: PlannedCapture, producer: fx.Node, consumer: fx.Node, moved: bool) -> None:
     """The check ``ops.gather_tokens`` makes on a per-row gather when it runs, made on the
     producer's captured shape so that the error names the model line: its index has one row
     per batch row the value holds (``batch_rows.ROWS`` / ``ROW_GROUPS``, as
-    ``RewriteContext.token_index``), and a value whose dim 0 is neither that nor 1 is refused."""
+    ``RewriteContext.token_index``), and a value whose dim 0 is neither that nor 1, or whose
+    batch the graph puts in another dim (``moved``), is refused."""
     val, axes = producer.meta.get("val"), passes.token_axes(producer)
     rows = producer.meta.get(ROWS)
     if not isinstance(val, torch.Tensor) or not axes or axes[0].outer > 1 or (rows is not None and rows[2]):
         return  # a 1-D index (one row selected away, a folded axis): gathered with index_select
     count = (cc.batch if rows is None else rows[1] - rows[0]) * producer.meta.get(ROW_GROUPS, 1)
-    if val.dim() >= gather_rank(consumer, producer) and val.shape[0] not in (1, count):
+    if val.dim() >= gather_rank(consumer, producer) and (moved or val.shape[0] not in (1, count)):
         raise UnsupportedModelError(
             f"per-row active sets need the batch in dim 0 of every tensor gathered by rows; one has shape "
             f"{tuple(val.shape)} for {count} rows (tokens in dim {axes[0].dim}): {producer.target} at "

@@ -420,7 +420,7 @@ def test_equivalence_random_resolution_and_batch(name, data, seeds, sub_seed, ra
     """Random (non-square where the model allows it) resolution and batch 1-3: a new capture
     per example, on the preset's shared RASModule (earlier signatures stay cached). Batch 3 at
     small sizes once took PRX's fused ``[3, B, H, L, D]`` q / k / v cut by ``qkv[0]`` for rows of
-    the batch (``batch_rows._batch_dims``)."""
+    the batch (``batch_rows.batch_dims``)."""
     p = get_preset(name)
     hw = data.draw(_hw_strategy(p), label="hw")
     batch = data.draw(st.sampled_from([3, 1, 2]), label="batch")

@@ -26,10 +26,10 @@ def annotate_rows(graph: fx.Graph, batch: int) -> int:
     only. Each such token-bearing node gets ``meta["rasfx_rows"] = (start, stop, squeezed)``
     (``squeezed``: the batch dim was selected away), so that per-row active sets use those
     rows of the index; tensors of the whole batch get none. Only a cut of a tensor whose dim 0
-    is proven to be the batch counts (``_batch_dims``): PRX's fused ``[3, B, H, L, D]`` q / k / v
+    is proven to be the batch counts (``batch_dims``): PRX's fused ``[3, B, H, L, D]`` q / k / v
     cut by ``qkv[0]`` at batch 3 is not a row. Returns the number of nodes marked."""
     marked = 0
-    whole = {node for node, layout in _batch_dims(graph, batch).items() if layout == (0, 1)}
+    whole = {node for node, layout in batch_dims(graph, batch).items() if layout == (0, 1)}
     shared = _single_row_sources(graph, batch, whole)
     for node in graph.nodes:
         if node.op != "call_function" or not _has_token_axes(node):
@@ -125,7 +125,7 @@ def annotate_row_groups(graph: fx.Graph, batch: int) -> int:
     ``repeat_interleave`` along dim 0, permutes and selects that move those rows to another dim
     and back, and ops that keep them in place. Returns the number of token-bearing nodes marked."""
     marked = 0
-    for node, found in _batch_dims(graph, batch).items():
+    for node, found in batch_dims(graph, batch).items():
         tokens_in_dim0 = any(a.dim == 0 for a in (node.meta.get("rasfx_tokens") or ()) if not isinstance(a, tuple))
         if found[0] == 0 and found[1] > 1 and _has_token_axes(node) and not tokens_in_dim0:  # rows, not tokens
             node.meta[ROW_GROUPS] = found[1]
@@ -133,17 +133,20 @@ def annotate_row_groups(graph: fx.Graph, batch: int) -> int:
     return marked
 
 
-def _batch_dims(graph: fx.Graph, batch: int) -> dict[fx.Node, tuple[int, int]]:
+def batch_dims(graph: fx.Graph, batch: int) -> dict[fx.Node, tuple[int, int]]:
     """node -> (the dim holding its B*m batch rows, m), for the tensors whose layout the graph
     proves (``_groups_of``); any other tensor whose dim 0 has the batch size is taken as
-    ``(0, 1)``, the batch in dim 0 (an input, or an op without a layout rule)."""
+    ``(0, 1)``, the batch in dim 0 (an input, or an op without a layout rule), unless one of its
+    inputs is proven to hold the batch in another dim: then dim 0 having the batch's size says
+    nothing (``flip`` of a ``[3, B, H, L, D]`` q / k / v at batch 3) and its layout stays unknown."""
     groups: dict[fx.Node, tuple[int, int]] = {}
     for node in graph.nodes:
         size = _dim0(node)
         if size is None:
             continue
         found = _groups_of(node, batch, groups)
-        if found is None and size == batch:
+        moved = any(groups[i][0] != 0 for i in node.all_input_nodes if i in groups)
+        if found is None and size == batch and not moved:
             found = (0, 1)
         if found is not None:
             groups[node] = found
