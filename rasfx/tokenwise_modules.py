@@ -83,6 +83,12 @@ def tokenwise_module(x: torch.Tensor, key: int) -> torch.Tensor:
 
 @tokenwise_module.register_fake
 def _(x: torch.Tensor, key: int) -> torch.Tensor:
+    if key not in _OUT_SPECS:
+        module = _MODULES.get(key)
+        raise UnsupportedModelError(
+            f"{type(module).__name__ if module is not None else 'a module'} runs as one token-wise op during the "
+            "capture, but the eager forward on the same inputs never called it, so its output could not be checked "
+            "or sized; take it out of TransformConfig.tokenwise_modules")
     channels, dtype = _OUT_SPECS[key]
     return x.new_empty((*x.shape[:-1], channels), dtype=dtype or x.dtype)
 
@@ -191,7 +197,7 @@ class TokenwiseModules:
             if cls in self.auto:
                 continue
             group = [m for m in self.model.modules() if type(m) is cls]
-            failures = _probe(self.model, group, kwargs)
+            failures = _probe(self.model, group, kwargs, uncalled=True)
             if not failures:
                 self.auto[cls] = f"torch.export failed in it: {_torch_error(error)}"
                 return True
@@ -242,13 +248,16 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 16 * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
 
-def _probe(model: torch.nn.Module, modules: list, kwargs: dict) -> dict[int, str]:
+def _probe(model: torch.nn.Module, modules: list, kwargs: dict, uncalled: bool = False) -> dict[int, str]:
     """Run ``model(**kwargs)`` eagerly; at every call of one of ``modules`` check that it is
-    token-wise (module docstring) and record its output spec. ``{id(module): why not}``."""
+    token-wise (module docstring) and record its output spec. ``{id(module): why not}``; with
+    ``uncalled``, a module the forward never calls (so not checked) counts as a failure too."""
     failures: dict[int, str] = {}
+    called: set[int] = set()
     gen = torch.Generator().manual_seed(0)
 
     def hook(module, args, kw, out):
+        called.add(id(module))
         if id(module) in failures:
             return
         why = _check_call(module, args, kw, out, gen)
@@ -268,6 +277,9 @@ def _probe(model: torch.nn.Module, modules: list, kwargs: dict) -> dict[int, str
     finally:
         for h in handles:
             h.remove()
+    for m in modules if uncalled else ():
+        if id(m) not in called:
+            failures.setdefault(id(m), "an eager forward on these inputs never calls it, so it could not be checked")
     return failures
 
 
