@@ -180,6 +180,30 @@ def test_attach_refuses_what_cannot_run_across_ranks(one_rank_group):
     assert ras.parallel is None and runtime.modules == []
 
 
+def test_a_destroyed_group_is_not_kept_alive_and_is_formed_again(one_rank_group):
+    """rasfx holds its groups weakly: destroy_process_group frees them (a gloo group freed at
+    interpreter shutdown after a timed-out collective aborted the process), the runtime says
+    so, and a later runtime of the same config forms a new group instead of using the dead one."""
+    import gc
+
+    from rasfx.parallel import ParallelRuntime
+
+    cfg = ParallelConfig(timeout_s=7.0)
+    runtime = ParallelRuntime(cfg)
+    group = runtime.comm.group
+    runtime.begin_run()
+    dist.destroy_process_group(group)
+    del group
+    gc.collect()
+    with pytest.raises(ParallelError, match="destroy_process_group.*rasfx.enable"):
+        runtime.begin_run()
+    with pytest.raises(ParallelError, match="destroy_process_group"):
+        runtime.comm.group
+    again = ParallelRuntime(cfg)
+    assert again.comm.group is not None and again.regroups == 0
+    again.begin_run()
+
+
 def test_collective_op_outside_the_runtime_raises():
     from rasfx.parallel import exchange  # noqa: F401  (registers the ops)
 

@@ -35,8 +35,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import weakref
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
@@ -53,18 +53,34 @@ __all__ = ["Communicator", "using", "current"]
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-@dataclass
+GROUP_DESTROYED = ("rasfx: the context-parallel process group was destroyed (torch.distributed.destroy_process_group); "
+                   "after init_process_group again, call rasfx.enable(pipe, cfg, parallel=...) (or attach) again")
+
+
 class Communicator:
     """What the collective ops need: rasfx's process group, this rank in it, and the bytes the
     ops received (by cache kind, counted when the op's Python runs: eager and compiled modes;
-    a replayed CUDA graph does not run it, the runtime's ``ForwardRecord`` counts those)."""
+    a replayed CUDA graph does not run it, the runtime's ``ForwardRecord`` counts those).
 
-    group: Any
-    rank: int
-    world: int
-    timeout_s: float = 0.0
-    failure: Any = None  # () -> str: the failure another rank posted ('' if none)
-    received: Counter = field(default_factory=Counter)
+    The group is held weakly (torch's registry owns it, see ``rasfx.parallel.runtime``); after
+    ``destroy_process_group()`` the ops raise ``ParallelError``."""
+
+    def __init__(self, group: Any, rank: int, world: int, timeout_s: float = 0.0, failure: Any = None) -> None:
+        self.group = group
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self.failure = failure  # () -> str: the failure another rank posted ('' if none)
+        self.received: Counter = Counter()
+
+    @property
+    def group(self) -> Any:
+        group = self._ref()
+        if group is None:
+            raise ParallelError(GROUP_DESTROYED)
+        return group
+
+    @group.setter
+    def group(self, group: Any) -> None:
+        self._ref = weakref.ref(group)
 
 
 _CURRENT: contextvars.ContextVar[Optional[Communicator]] = contextvars.ContextVar("rasfx_parallel", default=None)

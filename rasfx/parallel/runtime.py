@@ -6,9 +6,12 @@ per :func:`attach` call. What it does:
 * **Group.** rasfx's collectives run on a process group of their own, formed from the default
   one (``torchrun`` / ``init_process_group``) with ``ParallelConfig.timeout_s``: a rank that stops
   taking part makes the others raise :class:`~rasfx.errors.ParallelError` when it expires instead
-  of hanging. Groups are kept per (ranks, backend, timeout) for the process's life and shared by
-  later runtimes; a failed one is retired (never destroyed: a destroyed group's name would be
-  reused, with stale rendezvous keys in the store) and replaced by a new one.
+  of hanging. Groups are kept per (ranks, backend, timeout) and shared by later runtimes; a
+  failed one is retired (never destroyed: a destroyed group's name would be reused, with stale
+  rendezvous keys in the store) and replaced by a new one. rasfx holds its groups *weakly*:
+  torch's group registry owns them, so ``destroy_process_group()`` frees them while Python is
+  alive (a gloo group freed during interpreter shutdown after a timed-out collective aborted
+  the process); a runtime whose group was destroyed raises ``ParallelError`` naming the fix.
 * **Forwards.** :meth:`shard` turns the step's active set (``None``: dense) into the group plan
   (:func:`~rasfx.parallel.sharding.split_shares`) and names the graph variant; :meth:`running`
   wraps the graph call: it makes the group current for the collective ops
@@ -26,6 +29,7 @@ import contextlib
 import datetime
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -34,7 +38,7 @@ import torch.distributed as dist
 
 from ..errors import ArgumentTypeError, ConfigError, ParallelError, UsageError
 from .config import ParallelConfig
-from .exchange import Communicator, using
+from .exchange import GROUP_DESTROYED, Communicator, using
 from .sharding import contiguous_counts, split_shares
 from .stats import ForwardRecord, ParallelStats, step_stats
 
@@ -50,20 +54,25 @@ class _Group:
     ranks: tuple[int, ...]
     backend: str
     timeout_s: float
-    group: Any = None
+    ref: Optional[weakref.ref] = None  # the process group (torch's registry owns it; None: not formed)
     broken: Optional[str] = None  # why the group cannot be used any more (None: usable)
     regroups: int = 0
-    retired: tuple = ()
+
+    @property
+    def group(self) -> Any:
+        """The process group; None before :meth:`form` and after ``destroy_process_group()``."""
+        return self.ref() if self.ref is not None else None
 
     def form(self) -> None:
         """A new group for these ranks (every member calls this, in the same order; a group of
-        every rank is formed by every rank, which keeps torch's group names in step)."""
-        if self.group is not None:
-            self.retired = (*self.retired, self.group)
+        every rank is formed by every rank, which keeps torch's group names in step). The old
+        group stays in torch's registry until ``destroy_process_group()``."""
+        if self.ref is not None:
             self.regroups += 1
         subset = len(self.ranks) < dist.get_world_size()
-        self.group = dist.new_group(ranks=list(self.ranks), timeout=datetime.timedelta(seconds=self.timeout_s),
-                                    backend=self.backend, use_local_synchronization=subset)
+        group = dist.new_group(ranks=list(self.ranks), timeout=datetime.timedelta(seconds=self.timeout_s),
+                               backend=self.backend, use_local_synchronization=subset)
+        self.ref = weakref.ref(group)
         self.broken = None
 
 
@@ -105,7 +114,7 @@ class ParallelRuntime:
         instance = store.add(f"rasfx-parallel/{tag}/rank{me}/instances", 1)  # the k-th runtime on every rank
         self.store = dist.PrefixStore(f"rasfx-parallel/{tag}/{instance}/", store)
         key = (ranks, self.backend, float(config.timeout_s))
-        if key not in _GROUPS:
+        if key not in _GROUPS or _GROUPS[key].group is None:  # new, or destroyed with its default group
             _GROUPS[key] = _Group(ranks, self.backend, float(config.timeout_s))
         self._group = _GROUPS[key]
         if self._group.group is None:
@@ -165,6 +174,8 @@ class ParallelRuntime:
         self.records = []
         self._forwards = 0
         key = f"run{i}"
+        if self._group.group is None:
+            raise ParallelError(GROUP_DESTROYED)
         if self.in_run or self._group.broken is not None:
             self.store.add(f"{key}/regroup", 1)
         try:
