@@ -12,7 +12,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Generator, Iterator
 
 import torch
 import torch.fx as fx
@@ -21,8 +21,8 @@ import torch.utils._pytree as pytree
 from . import passes
 from .capture import Capture, describe_signature, export_specialised, model_frame
 from .prompt_values import STEP_INPUTS
-from .second_resolution import (find_image_input, image_batch, padding_neutral_candidates, resized_model,
-                                second_resolution_candidates, token_padding)
+from .second_resolution import (find_image_input, image_batch, image_grid_candidates, padding_neutral_candidates,
+                                resized_model, second_resolution_candidates, token_padding)
 from .errors import CaptureError, TooFewTokensError, UnsupportedModelError, UsageError
 from . import compiler
 from .compiler import CaptureState, VariantState, run_passes
@@ -214,25 +214,40 @@ def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, var
                        ) -> Iterator[tuple[tuple, bool]]:
     """Captures at a second resolution, for the token analysis, in the order to try them:
     (exported program, description of the two resolutions) and whether the model had to be resized for it
-    (``resized_model``: a model built for one input size). The first plain attempt that
+    (``resized_model``: a model built for one input size); those of ``_candidate_captures`` for
+    ``second_resolution_candidates``, then, when none of these captured, for
+    ``image_grid_candidates`` (the other inputs on the image's grid resized too). ``errors`` gets
+    the capture errors: message -> (the model line it failed at, the candidates that failed with
+    it). ``specialise``: the first capture was specialised on prompt values; so is this one."""
+
+    def export(alt_kwargs):
+        return export_specialised(model, alt_kwargs, varying if specialise else None, specialise)[0]
+
+    captured = yield from _candidate_captures(model, second_resolution_candidates(kwargs, image_key), kwargs,
+                                              image_key, gm, export, errors, tokens)
+    if not captured:
+        yield from _candidate_captures(model, image_grid_candidates(kwargs, image_key), kwargs, image_key, gm,
+                                       export, errors, tokens)
+
+
+def _candidate_captures(model: torch.nn.Module, candidates: list, kwargs: dict, image_key: str, gm: fx.GraphModule,
+                        export: Callable, errors: dict, tokens: Callable[[], int | None]
+                        ) -> Generator[tuple[tuple, bool], None, bool]:
+    """The captures of ``candidates`` (see ``_analysis_captures``): the first plain attempt that
     captures (at a size whose padding is that of the first capture ``gm`` when the model pads
     its tokens: ``_keep_padding``); after it (the caller asks for another when the analysis of
     that one found no token region) or when every plain one fails, resized ones (``tokens()``:
     the image's token count the analysis of the plain one found, if it did). The other plain
     sizes are not tried after one captured: a model whose sequence does not follow one size
-    follows no other. ``errors`` gets the capture errors: message -> (the model line it failed at,
-    the candidates that failed with it). ``specialise``: the first capture was specialised on prompt values; so is this one."""
-    candidates = second_resolution_candidates(kwargs, image_key)
-
-    def export(alt_kwargs):
-        return export_specialised(model, alt_kwargs, varying if specialise else None, specialise)[0]
-
+    follows no other. Returns whether any candidate captured."""
+    captured = False
     for alt_kwargs, desc in candidates:
         try:
             alt = export(alt_kwargs), desc
         except CaptureError as e:
             _record(errors, e, _candidate(desc))
             continue
+        captured = True
         yield _keep_padding(gm, alt, kwargs, image_key, export), False
         break
     for alt_kwargs, desc in candidates:
@@ -244,7 +259,9 @@ def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, var
             except CaptureError as e:
                 _record(errors, e, _candidate(desc) + " (model resized)")
                 continue
+        captured = True
         yield (ep, desc), True
+    return captured
 
 
 def _run_capture_passes(model: torch.nn.Module, state: CaptureState) -> Counter:

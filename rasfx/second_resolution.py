@@ -6,8 +6,10 @@ resized, and with it every input that carries per-token data (position tables, m
 joint text + image sequence, grid sizes passed as ints or tuples), first with narrow guesses,
 then wider ones and other input layouts. A model that pads its tokens to a multiple (found by
 ``token_padding`` in the two captures) is analysed at a size that keeps its padding
-(``padding_neutral_candidates``). ``resized_model`` makes a model built for one input size look
-built for the other one during that capture.
+(``padding_neutral_candidates``). When none of these captures, ``image_grid_candidates`` also
+resizes the other inputs on the image's grid (pose or control latents, masks over the latent
+grid). ``resized_model`` makes a model built for one input size look built for the other one
+during that capture.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Iterator, cast
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .errors import CaptureError, RasfxError
 from .passes.token_analysis import align, find_token_count
@@ -264,6 +267,49 @@ def _grid_candidates(kwargs: dict, image_key: str, hw2: tuple[int, int], before:
     return candidates
 
 
+def _on_grid(t: Any, hw: tuple[int, int]) -> bool:
+    """A tensor of rank >= 3 whose last two dims are the grid ``hw``."""
+    return isinstance(t, torch.Tensor) and t.dim() >= 3 and tuple(map(int, t.shape[-2:])) == hw
+
+
+def image_grid_candidates(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
+    """Candidates for a model that adds another input on the image's grid to the image (Wan
+    Animate's pose latents ``[B, C, F - 1, H, W]``; control latents, masks ``[B, H, W]`` over the
+    latent grid): the image and those inputs (tensors of rank >= 3, also in lists, whose last two
+    dims are the image's ``H, W``) resized to the same grid, with the per-token guesses of
+    ``_grid_candidates``. Tried only when no ``second_resolution_candidates`` entry captures, so a
+    model that captures without them is analysed as before. All such inputs first; when several
+    are, each alone after (one may match the grid by chance: a square pixel input as large as a
+    square latent). Empty for packed and channels-last image inputs, or when no other input is
+    on the grid."""
+    x = kwargs[image_key]
+    x = x[0] if isinstance(x, (list, tuple)) else x
+    if x.dim() < 4:
+        return []
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
+    names = [k for k, v in kwargs.items() if k != image_key and any(_on_grid(t, hw) for t in pytree.tree_leaves(v))]
+    if not names:
+        return []
+    groups = [names] + ([[k] for k in names] if len(names) > 1 else [])
+    out: list[tuple[dict, dict]] = []
+    for dh, dw in ((8, 16), (-8, -16), (16, 8)):
+        h2, w2 = hw[0] + dh, hw[1] + dw
+        if h2 <= 0 or w2 <= 0:
+            continue
+        for group in groups:
+            moved = dict(kwargs)
+            for key in group:
+                moved[key] = pytree.tree_map(
+                    lambda t: _resized(t, {t.dim() - 2: h2, t.dim() - 1: w2}) if _on_grid(t, hw) else t, kwargs[key])
+            inputs = f"the image-grid input{'s' if len(group) > 1 else ''} {', '.join(group)}"
+            # the per-token guesses of _grid_candidates see these inputs at the new grid already
+            for new, desc in _grid_candidates(moved, image_key, (h2, w2), before=len(out)):
+                tables = desc.get("resized")
+                extra = f" and {tables}" if isinstance(tables, str) else " and the per-token tables" if tables else ""
+                out.append((new, dict(desc, resized=inputs + extra)))
+    return out
+
+
 def padding_neutral_candidates(kwargs: dict, image_key: str, n: int, multiple: int) -> list[tuple[dict, dict]]:
     """Candidates at a grid whose token count ``N2`` differs from ``n`` by a multiple of
     ``multiple``, for a model that pads its image tokens to a multiple of it (Z-Image pads each
@@ -301,12 +347,14 @@ def token_padding(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict)
     pairs = align(gm.graph, gm_alt.graph)
     try:
         n1, n2, _ = find_token_count(pairs, resolutions)
-    except RasfxError:
+    except (RasfxError, GuardOnDataDependentSymNode):  # a size computed from values: the analysis names it
         return None
     found = {0}
     for a, b in pairs.items():
         for t1, t2 in zip(pytree.tree_leaves(a.meta.get("val")), pytree.tree_leaves(b.meta.get("val"))):
             if not isinstance(t1, torch.Tensor) or not isinstance(t2, torch.Tensor) or t1.dim() != t2.dim():
+                continue
+            if not all(isinstance(s, int) for s in (*t1.shape, *t2.shape)):  # data-dependent sizes
                 continue
             for s1, s2 in zip(map(int, t1.shape), map(int, t2.shape)):
                 if s1 == s2 or (s1, s2) == (n1, n2):

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 import rasfx
-from rasfx import capture
+from rasfx import capture, planned_capture
+from rasfx.errors import CaptureError
+from rasfx.second_resolution import image_grid_candidates
 
 from test_constructs import (C, HEADS, P, TOL, _assert_per_row_sets_exact, _Block, _check_contract, _prompt_inputs,
                              _rel, _tiny_dit_layers)
@@ -611,3 +613,57 @@ def test_a_fused_qkv_at_a_batch_of_three(fuse):
                 continue
             assert _rel(ras(**kw), want) <= TOL, f"active set of shape {tuple(active.shape)}"
     assert ras.captures()[0].analysis.stats["row_subsets"] == 0
+
+
+class PoseDiT(torch.nn.Module):
+    """Wan Animate's pose latents: a second latent input on the image's grid, ``[B, 4, F - 1, H, W]``
+    for every frame but the first, patchified like the image and added to its tokens in place
+    (``x[:, :, 1:] = x[:, :, 1:] + pose``); and a face input ``[B, 3, 8, 8]`` in pixels, flattened
+    into a linear, that must keep its size (at a square 8 x 8 latent it is on the image's grid by
+    chance)."""
+
+    def __init__(self):
+        super().__init__()
+        _tiny_dit_layers(self)
+        self.embed = torch.nn.Conv3d(4, C, (1, P, P), stride=(1, P, P))
+        self.pose = torch.nn.Conv3d(4, C, (1, P, P), stride=(1, P, P))
+        self.face = torch.nn.Linear(3 * 8 * 8, C)
+
+    def forward(self, hidden_states, pose_hidden_states, face_pixel_values, timestep):
+        b, _, f, h, w = hidden_states.shape
+        x = self.embed(hidden_states)
+        x[:, :, 1:] = x[:, :, 1:] + self.pose(pose_hidden_states)
+        x = x.flatten(2).transpose(1, 2)
+        scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
+        face = self.face(face_pixel_values.flatten(1))[:, None]
+        for blk in self.blocks:
+            x = x + blk.attention(x * (1 + scale) + shift + face)
+            x = x + blk.mlp(x)
+        x = self.head(x).view(b, f, h // P, w // P, P, P, 4)
+        return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, 4, f, h, w)
+
+
+def _pose_inputs(seed: int, h: int, w: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(2, 4, 3, h, w, generator=g),
+            "pose_hidden_states": torch.randn(2, 4, 2, h, w, generator=g),
+            "face_pixel_values": torch.randn(2, 3, 8, 8, generator=g), "timestep": torch.rand(2, generator=g) * 1000}
+
+
+@pytest.mark.parametrize("hw", [(8, 12), (8, 8)], ids=["8x12", "square-8x8"])
+def test_a_second_latent_input_on_the_image_grid_added_to_the_tokens(hw, monkeypatch):
+    model = PoseDiT().eval()
+    h, w = hw
+    kinds = [desc["resized"] for _, desc in image_grid_candidates(_pose_inputs(0, h, w), "hidden_states")]
+    if hw == (8, 8):  # the face input matches the grid: all of them first, then each alone (pose alone captures)
+        assert kinds[0] == "the image-grid inputs pose_hidden_states, face_pixel_values"
+        assert kinds.index("the image-grid input pose_hidden_states") < kinds.index("the image-grid input face_pixel_values")
+    else:
+        assert kinds[0] == "the image-grid input pose_hidden_states"
+    ras = _check_contract(model, lambda seed: _pose_inputs(seed, h, w))
+    assert ras.num_image_tokens == 3 * (h // P) * (w // P)
+    _assert_per_row_sets_exact(ras, model, _pose_inputs(3, h, w))
+    # the second-resolution candidates that resize only the image (and per-token tables) all fail
+    monkeypatch.setattr(planned_capture, "image_grid_candidates", lambda kwargs, image_key: [])
+    with pytest.raises(CaptureError, match="at a second resolution"):
+        rasfx.transform(model)(**_pose_inputs(0, h, w))

@@ -64,7 +64,8 @@ PASSING = [
     # rasfx.presets.extra*
     "cosmos-tiny", "skyreels-v2-tiny", "skyreels-v2-df-tiny", "bria-tiny", "flux2-tiny", "sana-video-tiny",
     "easyanimate-tiny", "longcat-image-tiny", "ovis-image-tiny", "bria-fibo-tiny", "prx-tiny", "chronoedit-tiny",
-    "wan-vace-tiny", "motif-video-tiny", "anyflow-tiny", "helios-tiny", "joyimage-edit-tiny", "ltx2-tiny",
+    "wan-vace-tiny", "wan-animate-tiny", "motif-video-tiny", "anyflow-tiny", "helios-tiny", "joyimage-edit-tiny",
+    "ltx2-tiny",
     "consisid-tiny", "cogvideox15-tiny", "qwenimage-tiny", "nucleusmoe-image-tiny", "longcat-audio-tiny",
     "hunyuan-image-tiny", "mochi-tiny", "lumina2-tiny", "cogvideox-tiny",
     "bria-fibo2-tiny", "hunyuan-video15-tiny", "allegro-tiny",
@@ -90,12 +91,6 @@ KNOWN_BUGS = {
         "shared sets run, but a per-row set is refused when the rowwise variant is planned "
         "(planned_capture._check_rowwise): a [3, B, 1, T + N] tensor is gathered by rows with the batch in dim 1 "
         "(transformer_ideogram4.py:80, the MRoPE frequencies)",
-    ),
-    "wan-animate-tiny": (
-        CaptureError, True,
-        "second-resolution capture: pose_hidden_states [B, C, T, H, W] is a second input on the image grid; "
-        "second_resolution_candidates resizes only the image input (and per-token tables), so hidden_states[:, :, 1:] + "
-        "pose_hidden_states (transformer_wan_animate.py:1223) broadcasts grids of different sizes",
     ),
     "joyimage-edit-plus-tiny": (
         CaptureError, True,

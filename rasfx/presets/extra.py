@@ -566,8 +566,6 @@ _register("cogvideox15-tiny", "CogVideoXTransformer3DModel, 1.5 style (temporal 
 _SECOND_SIZE = "could not capture the model at a second resolution"
 _NO_REGION = "no op of the graph can run on a subset of the image tokens"
 _KNOWN_FAILURES = {
-    "wan-animate-tiny": ("rasfx bug: the second grid input (pose_hidden_states) is not resized with the image",
-                         _SECOND_SIZE),
     "joyimage-edit-plus-tiny": ("rasfx bug: the pre-patchified input [B, P, C, pt, ph, pw] is resized in its patch "
                                 "dims", _SECOND_SIZE),
     "ace-step-tiny": ("rasfx bug: a strided Conv1d patchifies packed [B, L, C] audio into L / 2 tokens; rasfx counts "
@@ -576,7 +574,7 @@ _KNOWN_FAILURES = {
                        "(prior_embedding[prior_token_drop] *= 0.0), which cannot run on active tokens",
                        "in-place op aten.index_put_"),
     "framepack-tiny": ("mask-sum lengths slice the sequence per sample (data-dependent on the prompt mask)",
-                       "could not capture"),
+                       "data-dependent"),
     "qwenimage21-tiny": ("rasfx bug: its reads of the masks are specialised now, but img_mask is not resized with the "
                          "image for the second-resolution capture (the repeat_interleave by it at "
                          "transformer_qwenimage21.py:938 then fails)", _SECOND_SIZE),
