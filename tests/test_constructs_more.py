@@ -402,6 +402,45 @@ def test_a_module_that_mixes_tokens_is_refused():
         rasfx.transform(MoEDiT().eval(), rasfx.TransformConfig(tokenwise_modules=("ffs.7",)))(**kw)
 
 
+class SpareMoEDiT(MoEDiT):
+    """``MoEDiT`` with one more ``HostRoutedMoE`` that its forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = HostRoutedMoE()
+
+
+def test_a_class_with_a_module_the_forward_never_calls_is_not_chosen():
+    """The eager check cannot see the spare module, so its class is not chosen automatically
+    (the export's error stands, with a note); the fake of a module that was never probed says so."""
+    with pytest.raises(rasfx.CaptureError) as e:
+        rasfx.transform(SpareMoEDiT().eval())(**_moe_inputs(0))
+    assert "spare (HostRoutedMoE)" in "\n".join(getattr(e.value, "__notes__", []))
+    assert "never calls it" in "\n".join(getattr(e.value, "__notes__", []))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rasfx import tokenwise_modules as tm
+
+    spare = HostRoutedMoE()
+    key = tm._key_of(spare)
+    with FakeTensorMode(), pytest.raises(rasfx.UnsupportedModelError, match="HostRoutedMoE .* never called it"):
+        torch.ops.rasfx.tokenwise_module(torch.empty(2, 3, C), key)
+
+
+def test_a_tokenwise_output_spec_goes_with_its_module():
+    import gc
+
+    from rasfx import tokenwise_modules as tm
+
+    model = MoEDiT().eval()
+    rasfx.transform(model, rasfx.TransformConfig(tokenwise_modules=(HostRoutedMoE,)))(**_moe_inputs(0))
+    keys = [tm._key_of(ff) for ff in model.ffs]
+    assert all(k in tm._OUT_SPECS for k in keys)
+    del model
+    gc.collect()
+    assert not any(k in tm._OUT_SPECS for k in keys)
+
+
 @pytest.mark.parametrize("value", ["HostRoutedMoE", (int,), ("",), HostRoutedMoE])
 def test_tokenwise_modules_is_validated(value):
     with pytest.raises(rasfx.ConfigError, match="tokenwise_modules must be a tuple"):
