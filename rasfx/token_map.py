@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import UnsupportedModelError
+from .passes.token_analysis import model_line
 from .planned_capture import PlannedCapture
 
 aten = torch.ops.aten
@@ -114,7 +115,12 @@ def _probe_tail(cc: PlannedCapture, variant, outs: list) -> torch.Tensor:
                 todo.extend(n.all_input_nodes)
         mixed = [n for n in mixed if n in ancestors]
         if mixed:
-            raise UnsupportedModelError(f"token map: the output tail mixes in {mixed[0].name}; cannot derive the token map")
+            raise UnsupportedModelError(
+                f"token map: after the output cache, {mixed[0].target} at {model_line(mixed[0])} combines the "
+                "tokens' outputs with other values (as a conv over the unpatchified image, U-ViT's final_layer, "
+                "mixes neighbouring tokens), so no output element is known to come from one token; the forwards "
+                "run, but the sampler needs the token map (rasfx.enable runs such a model dense): end the model "
+                "at unpatchify, or give PixelLayout.channels_first a token grid of the model's own patch layout")
         raise UnsupportedModelError("token map: the first output is not derived from the image tokens")
     result = env[node]
     if not torch.equal(result, result.round()):
