@@ -719,8 +719,9 @@ def render_models() -> str:
         "smaller grid.", "",
         "### Code bases tried", "",
         "Their code is not copied into this repository: the test suite tries each code base through "
-        "the construct models above, written the way it writes its DiT. The reference DiT was also "
-        "run as its authors ship it, outside the repository.", "",
+        "the construct models above, written the way it writes its DiT. The reference DiT, Flux, SD3.5 "
+        "and U-ViT were also run as their authors ship them, outside the repository (tiny random-weight "
+        "configs; a missing einops or timm import replaced by a stand-in of the same semantics).", "",
         "| code base | tried as | result |", "| --- | --- | --- |",
         *(f"| {base} | {how} | {result} |" for base, how, result in CODE_BASES),
         "",
@@ -757,6 +758,24 @@ CODE_BASES = (
     ("Z-Image", "`PaddedListDiT`", "checked"),
     ("HiDream", "`MoEDiT`, `PaddedDiT`", "checked"),
     ("Kandinsky 5", "`GridHeadDiT`", "checked"),
+    ("black-forest-labs/flux (`model.py`, `modules/layers.py`, `math.py`; einops)",
+     "as shipped (held-back check: `Flux` with hidden 64, 2 double + 2 single blocks, guidance embedding, "
+     "inputs packed as `sampling.prepare` does; `rasfx.transform` and `rasfx inspect module:factory`)",
+     "exact: dense, every token active (shared and per-row), a quarter on the last inputs, per-row sets, "
+     "cached outputs of inactive tokens under a new timestep, a second resolution (12x20); nothing conservative"),
+    ("Stability-AI/sd3.5 (`mmditx.py`)",
+     "as shipped (held-back check: `MMDiTX` depth 2, RMS qk-norm, the second x self-attention of SD3.5 "
+     "Medium in block 0, a cropped 16x16 position table, a last context block with `pre_only`)",
+     "exact: the same checks as Flux, a second resolution (12x20); the byo-dit sampling loop runs"),
+    ("baofff/U-ViT (`libs/uvit.py`)",
+     "as shipped (held-back check: `UViT` class-conditional, `conv=True` as in its pixel-space configs and "
+     "`conv=False, use_checkpoint=True` as in `imagenet256_uvit_huge.py`) and `ExtraTokenDiT`",
+     "exact: dense, every token active, a quarter on the last inputs, per-row sets, cached outputs of "
+     "inactive tokens (with `conv=True`: of pixels whose 3x3 neighbourhood has no active token), the "
+     "byo-dit sampling loop (`conv=False`); its `2 + N`-row position table is resized for the analysis "
+     "capture. With `conv=True` the conv after unpatchify leaves no token map (`token_map()` raises, "
+     "naming the conv's line; `rasfx.enable` would run dense). Other input sizes fail in the model's own "
+     "position table, with or without rasfx"),
 )
 
 

@@ -41,6 +41,12 @@ VARIANTS = ("dense", "shared", "rowwise", "fused", "fused_shared", "fused_rowwis
             "parallel_rowwise")
 
 
+#: The last resized attempts also resize tables of up to this many rows more than the tokens (tokens
+#: the model makes itself: U-ViT's time and class tokens, a few register tokens), after the attempts
+#: without, which a table of that length that is not per-token (a text table) could break.
+EXTRA_TOKENS = 16
+
+
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
@@ -237,7 +243,8 @@ def _candidate_captures(model: torch.nn.Module, candidates: list, kwargs: dict, 
     captures (at a size whose padding is that of the first capture ``gm`` when the model pads
     its tokens: ``_keep_padding``); after it (the caller asks for another when the analysis of
     that one found no token region) or when every plain one fails, resized ones (``tokens()``:
-    the image's token count the analysis of the plain one found, if it did). The other plain
+    the image's token count the analysis of the plain one found, if it did), last resized ones
+    that also resize tables of a few rows more than the tokens (``EXTRA_TOKENS``). The other plain
     sizes are not tried after one captured: a model whose sequence does not follow one size
     follows no other. Returns whether any candidate captured."""
     captured = False
@@ -250,17 +257,19 @@ def _candidate_captures(model: torch.nn.Module, candidates: list, kwargs: dict, 
         captured = True
         yield _keep_padding(gm, alt, kwargs, image_key, export), False
         break
-    for alt_kwargs, desc in candidates:
-        with resized_model(model, desc, kwargs[image_key], tokens()) as changed:
-            if not changed:
-                continue
-            try:
-                ep = export(alt_kwargs)
-            except CaptureError as e:
-                _record(errors, e, _candidate(desc) + " (model resized)")
-                continue
-        captured = True
-        yield (ep, desc), True
+    for extra in (0, EXTRA_TOKENS):
+        for alt_kwargs, desc in candidates:
+            with resized_model(model, desc, kwargs[image_key], tokens(), extra) as changed:
+                if not changed:
+                    continue
+                try:
+                    ep = export(alt_kwargs)
+                except CaptureError as e:
+                    _record(errors, e, _candidate(desc) + (" (model resized)" if not extra else
+                                                          f" (model resized, tables of up to {extra} extra rows too)"))
+                    continue
+            captured = True
+            yield (ep, desc), True
     return captured
 
 

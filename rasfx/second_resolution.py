@@ -410,7 +410,8 @@ _SIZE_NAMES = ("img_size", "image_size", "input_size", "sample_size", "grid", "r
 
 
 @contextlib.contextmanager
-def resized_model(model: torch.nn.Module, desc: dict, x: Any, tokens: int | None = None) -> Iterator[bool]:
+def resized_model(model: torch.nn.Module, desc: dict, x: Any, tokens: int | None = None,
+                  extra_tokens: int = 0) -> Iterator[bool]:
     """For the analysis capture of a model built for one input size (the reference DiT: a
     patch embedding asserting ``img_size``, a position table built in ``__init__``): within
     the context, the model looks built for the candidate's size ``desc``. Parameters and
@@ -424,7 +425,11 @@ def resized_model(model: torch.nn.Module, desc: dict, x: Any, tokens: int | None
     did not follow the image): an int attribute named for a sequence length (``max_seq``) longer
     than ``N`` is a length the tokens are padded to (HiDream pads non-square latents to
     ``max_seq``), and grows with the tokens, so that the padding stays as many extra tokens.
-    Everything is restored on exit. Yields whether anything changed."""
+    ``extra_tokens``: tables of up to that many rows more than a token count (or a joint text + image
+    count) count too and keep their extra rows: tokens the model makes itself and puts in the sequence
+    (U-ViT's time and class tokens, a table of ``2 + N`` rows); then it yields whether such a table
+    changed (without one the attempt is the one without ``extra_tokens``). Everything is restored on
+    exit. Yields whether anything changed."""
     tuples: dict = {}
     counts: dict = {}
     sides: dict = {}  # a word of an attribute's name -> (input side, new side): CogVideoX's sample_height
@@ -446,9 +451,15 @@ def resized_model(model: torch.nn.Module, desc: dict, x: Any, tokens: int | None
     else:
         counts[desc["n"]] = desc["n2"]
     counts = {a: b for a, b in counts.items() if a > 1}
+    extras: dict[int, int] = {}  # the fewest extra rows first: 18 rows over 16 tokens are 16 + 2, not 4 + 14
+    for k in range(1, extra_tokens + 1):
+        for a, b in counts.items():
+            if a + k not in counts:
+                extras.setdefault(a + k, b + k)
     # a padded length: the tokens' count plus padding that stays the same at both sizes
     grow = counts[tokens] - tokens if tokens in counts else None
     undo: list[tuple[dict, str, Any]] = []  # (namespace, name, original value)
+    extra_tables = False  # a table resized as one of ``extras``
     try:
         for mod in model.modules():
             tables: tuple[dict[str, Any], ...] = () if isinstance(mod, _LAYERS) else (mod._parameters, mod._buffers)
@@ -457,6 +468,9 @@ def resized_model(model: torch.nn.Module, desc: dict, x: Any, tokens: int | None
                     if t is None or t.dim() < 2:
                         continue
                     sizes = {d: counts[s] for d, s in enumerate(t.shape[:-1]) if s in counts}
+                    with_extras = {d: extras[s] for d, s in enumerate(t.shape[:-1]) if s in extras}
+                    extra_tables |= bool(with_extras)
+                    sizes.update(with_extras)
                     if sizes:
                         new = _resized(t.detach(), sizes)
                         table[name] = torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
@@ -478,7 +492,7 @@ def resized_model(model: torch.nn.Module, desc: dict, x: Any, tokens: int | None
                 if new_value is not None:
                     vars(mod)[name] = new_value
                     undo.append((vars(mod), name, value))
-        yield bool(undo)
+        yield extra_tables if extra_tokens else bool(undo)
     finally:
         for namespace, name, value in reversed(undo):
             namespace[name] = value

@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import UnsupportedModelError
+from .passes.token_analysis import model_line
 from .planned_capture import PlannedCapture
 
 aten = torch.ops.aten
@@ -43,6 +44,34 @@ def _site_ids(cc: PlannedCapture, spec) -> torch.Tensor:
     return ids.view(shape).expand(spec.shape).contiguous()
 
 
+_TRANSPOSED_CONVS = (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
+
+
+def _unpatchify_ids(node: fx.Node, env: dict) -> torch.Tensor | None:
+    """The ids after a transposed convolution whose kernel equals its stride (an unpatchify,
+    ACE-Step's ``ConvTranspose1d``: token ``t`` of ``[B, D, N]`` makes positions ``t * p`` to
+    ``t * p + p - 1`` of ``[B, C, N * p]``), from the ids of its input (the same in every
+    channel: one token a position); None for any other node, or ids that differ by channel."""
+    args: list[Any] = [*node.args, *[None] * 9]  # the ATen schema's tensors, int lists and flags
+    if node.target in _TRANSPOSED_CONVS:
+        stride, padding, out_padding, dilation = args[3], args[4], args[5], args[7]
+    elif node.target is aten.convolution.default and args[6]:
+        stride, padding, dilation, out_padding = args[3], args[4], args[5], args[7]
+    else:
+        return None
+    x, weight = args[0], args[1]
+    if x not in env or not isinstance(weight, fx.Node):
+        return None
+    ids, kernel = env[x], [int(k) for k in weight.meta["val"].shape[2:]]
+    if (list(stride or [1]) != kernel or any(padding or []) or any(out_padding or [])
+            or any(d != 1 for d in dilation or []) or not torch.equal(ids, ids[:, :1].expand_as(ids))):
+        return None
+    out = ids[:, :1]
+    for d, k in enumerate(kernel):
+        out = out.repeat_interleave(k, dim=2 + d)
+    return out.expand(node.meta["val"].shape).contiguous()
+
+
 def _probe_tail(cc: PlannedCapture, variant, outs: list) -> torch.Tensor:
     """Every output cache holds its token ids; the ops after them that read only such ids are
     run (a model whose tail joins several caches, Lumina 2's per-sample output rows stacked);
@@ -60,6 +89,10 @@ def _probe_tail(cc: PlannedCapture, variant, outs: list) -> torch.Tensor:
         if not any(a in env for a in node.all_input_nodes):
             continue
         if node.target is torch.ops.rasfx.cache_write_.default:
+            continue
+        spread = _unpatchify_ids(node, env)
+        if spread is not None:
+            env[node] = spread
             continue
         if any(a not in env for a in node.all_input_nodes):
             mixed.append(node)
@@ -82,7 +115,12 @@ def _probe_tail(cc: PlannedCapture, variant, outs: list) -> torch.Tensor:
                 todo.extend(n.all_input_nodes)
         mixed = [n for n in mixed if n in ancestors]
         if mixed:
-            raise UnsupportedModelError(f"token map: the output tail mixes in {mixed[0].name}; cannot derive the token map")
+            raise UnsupportedModelError(
+                f"token map: after the output cache, {mixed[0].target} at {model_line(mixed[0])} combines the "
+                "tokens' outputs with other values (as a conv over the unpatchified image, U-ViT's final_layer, "
+                "mixes neighbouring tokens), so no output element is known to come from one token; the forwards "
+                "run, but the sampler needs the token map (rasfx.enable runs such a model dense): end the model "
+                "at unpatchify, or give PixelLayout.channels_first a token grid of the model's own patch layout")
         raise UnsupportedModelError("token map: the first output is not derived from the image tokens")
     result = env[node]
     if not torch.equal(result, result.round()):

@@ -57,6 +57,7 @@ def _key_of(module: torch.nn.Module) -> int:
     if key is None:
         key = _KEYS[module] = next(_NEXT_KEY)
         _MODULES[key] = module
+        weakref.finalize(module, _OUT_SPECS.pop, key, None)  # the spec goes with the module
     return key
 
 
@@ -201,7 +202,8 @@ class TokenwiseModules:
             if not failures:
                 self.auto[cls] = f"torch.export failed in it: {_torch_error(error)}"
                 return True
-            tried.append(f"{names[id(module)]} ({cls.__name__}): {next(iter(failures.values()))}")
+            failed, why = next(iter(failures.items()))  # the module of the class that failed the check
+            tried.append(f"{names.get(failed, names[id(module)])} ({cls.__name__}): {why}")
         if tried:
             error.add_note("rasfx: the failing modules cannot run as one token-wise op either (TransformConfig."
                            "tokenwise_modules): " + "; ".join(tried))

@@ -406,6 +406,42 @@ def test_spatial_and_temporal_layouts_of_one_token_set():
     assert flops["at_ratio"] < 0.5 * flops["dense"]
 
 
+class FoldedVideoDiT(SpatioTemporalDiT):
+    """Frames folded into the batch (``[B*F, N, C]``, Latte) and, in every block, PixArt's
+    cross-attention with all of them folded into one query sequence (``view(1, -1, H, D)``:
+    a token axis of B*F blocks) over every prompt's text."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(C, C)
+        self.kv = torch.nn.Linear(8, 2 * C)
+
+    def forward(self, hidden_states, timestep, text):
+        b, c, f, h, w = hidden_states.shape
+        x = self.embed(hidden_states.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)).flatten(2).transpose(1, 2)
+        n = x.shape[1]
+        x = x + self.t_embed(timestep.view(b, 1, 1) / 1000).chunk(2, dim=-1)[0].repeat_interleave(f, dim=0)
+        for blk in self.blocks:
+            x = x + blk.attention(x)
+            q = self.q(x).view(1, -1, HEADS, C // HEADS).transpose(1, 2)
+            k, v = self.kv(text).view(1, -1, 2, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+            x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * f, n, C)
+        x = self.head(x).view(b, f, h // P, w // P, P, P, 4)
+        return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, 4, f, h, w)
+
+
+def test_frames_folded_twice_into_the_batch_and_into_the_queries():
+    model = FoldedVideoDiT().eval()
+
+    def inputs(seed: int) -> dict:
+        return dict(_video_inputs(seed), text=torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(seed)))
+
+    ras = _check_contract(model, inputs, conservative=r"dim 0 holds 3 rows per sample")
+    _assert_per_row_sets_exact(ras, model, inputs(3))
+    graph = ras.captures()[0].capture.graph_module.graph
+    assert {ax.outer for node in graph.nodes for ax in token_axes(node) if ax.outer > 1} == {6}  # B * F blocks
+
+
 class ListDiT(torch.nn.Module):
     """The original Wan 2.1 code's interface: ``x`` is a list of per-sample [C, F, H, W]
     latents, embedded one by one, padded to ``seq_len`` (an int) and concatenated into a

@@ -228,6 +228,81 @@ def test_a_global_token_and_pointwise_convs_around_1d_latents():
     assert ras.captures()[0].analysis.stats["tables_located"] >= 1
 
 
+class PatchedAudioDiT(torch.nn.Module):
+    """ACE-Step's layout: packed latents ``[B, L, C]`` and a per-frame context concatenated on the
+    features, padded to a multiple of the patch, patchified by a ``Conv1d`` of kernel == stride
+    into ``L / 2`` tokens (the 1-D patch embedding), blocks with a banded (sliding-window) mask
+    built from ``arange`` over the tokens, and unpatchified by a ``ConvTranspose1d`` of kernel ==
+    stride, cut back to ``L`` frames."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = torch.nn.Conv1d(8, C, P, stride=P), torch.nn.ConvTranspose1d(C, 4, P, stride=P)
+        self.t_embed = torch.nn.Linear(1, 2 * C)
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+
+    def forward(self, hidden_states, context_latents, timestep):
+        b, length, _ = hidden_states.shape
+        x = torch.cat([context_latents, hidden_states], dim=-1)
+        if length % P:
+            x = F.pad(x, (0, 0, 0, P - length % P))
+        x = self.embed(x.transpose(1, 2)).transpose(1, 2)
+        pos = torch.arange(x.shape[1])
+        band = (pos[:, None] - pos[None, :]).abs() <= 3
+        scale, shift = self.t_embed(timestep.view(b, 1, 1)).chunk(2, dim=-1)
+        for blk in self.blocks:
+            x = x + blk.attention(x * (1 + scale) + shift, band)
+            x = x + blk.mlp(x)
+        return self.head(x.transpose(1, 2)).transpose(1, 2)[:, :length]
+
+
+def _patched_audio_inputs(seed: int, length: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randn(2, length, 4, generator=torch.Generator().manual_seed(99))  # the same at every step
+    return {"hidden_states": torch.randn(2, length, 4, generator=g), "context_latents": context,
+            "timestep": torch.rand(2, generator=g)}
+
+
+@pytest.mark.parametrize("length", [48, 47], ids=["even", "padded"])
+def test_a_sequence_patchified_by_a_strided_conv1d(length):
+    """The tokens are the conv's patches (L / 2, 24 here), not the L frames of the input."""
+    model = PatchedAudioDiT().eval()
+    ras = _check_contract(model, lambda seed: _patched_audio_inputs(seed, length))
+    cc = ras.captures()[0]
+    assert cc.num_tokens == 24 and cc.analysis.stats["sequence_patched"] == 1
+    assert cc.plan.sites[-1].kind == "output" and "conv_transpose1d" in cc.plan.sites[-1].consumer
+    tokens = ras.token_map()[0, :, 0]  # frames 2t and 2t + 1 come from token t
+    assert torch.equal(tokens, torch.arange(length) // 2)
+    _assert_per_row_sets_exact(ras, model, _patched_audio_inputs(2, length))
+
+
+class PooledKeysDiT(torch.nn.Module):
+    """Packed tokens whose keys / values a strided ``Conv1d`` pools inside the block (attention
+    over a reduced sequence): that conv is no patch embedding, the tokens stay the L positions."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj, self.qkv, self.out = torch.nn.Linear(4, C), torch.nn.Linear(C, 3 * C), torch.nn.Linear(C, 4)
+        self.pool = torch.nn.Conv1d(C, C, P, stride=P)
+
+    def forward(self, hidden_states, timestep):
+        x = self.proj(hidden_states) * timestep[:, None, None]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        k, v = (self.pool(u.transpose(1, 2)).transpose(1, 2) for u in (k, v))
+        return self.out(x + F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.filterwarnings("ignore:.*handled conservatively")  # the pooling conv runs at full length
+def test_a_strided_conv1d_inside_the_blocks_does_not_patchify_the_tokens():
+    ras = rasfx.transform(PooledKeysDiT().eval())
+    with torch.no_grad():
+        ras(hidden_states=torch.randn(2, 24, 4), timestep=torch.rand(2))
+    cc = ras.captures()[0]
+    assert cc.num_tokens == 24 and "sequence_patched" not in cc.analysis.stats
+
+
 class HostRoutedMoE(torch.nn.Module):
     """An MoE feed-forward as research code writes it: top-1 routing, the tokens per expert
     counted on the host (``bincount().cpu().tolist()``), each expert run on its tokens."""
@@ -327,6 +402,45 @@ def test_a_module_that_mixes_tokens_is_refused():
         rasfx.transform(MoEDiT(HostScaledNorm).eval(), named)(**kw)
     with pytest.raises(rasfx.UnsupportedModelError, match="match no submodule"):
         rasfx.transform(MoEDiT().eval(), rasfx.TransformConfig(tokenwise_modules=("ffs.7",)))(**kw)
+
+
+class SpareMoEDiT(MoEDiT):
+    """``MoEDiT`` with one more ``HostRoutedMoE`` that its forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = HostRoutedMoE()
+
+
+def test_a_class_with_a_module_the_forward_never_calls_is_not_chosen():
+    """The eager check cannot see the spare module, so its class is not chosen automatically
+    (the export's error stands, with a note); the fake of a module that was never probed says so."""
+    with pytest.raises(rasfx.CaptureError) as e:
+        rasfx.transform(SpareMoEDiT().eval())(**_moe_inputs(0))
+    assert "spare (HostRoutedMoE)" in "\n".join(getattr(e.value, "__notes__", []))
+    assert "never calls it" in "\n".join(getattr(e.value, "__notes__", []))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rasfx import tokenwise_modules as tm
+
+    spare = HostRoutedMoE()
+    key = tm._key_of(spare)
+    with FakeTensorMode(), pytest.raises(rasfx.UnsupportedModelError, match="HostRoutedMoE .* never called it"):
+        torch.ops.rasfx.tokenwise_module(torch.empty(2, 3, C), key)
+
+
+def test_a_tokenwise_output_spec_goes_with_its_module():
+    import gc
+
+    from rasfx import tokenwise_modules as tm
+
+    model = MoEDiT().eval()
+    rasfx.transform(model, rasfx.TransformConfig(tokenwise_modules=(HostRoutedMoE,)))(**_moe_inputs(0))
+    keys = [tm._key_of(ff) for ff in model.ffs]
+    assert all(k in tm._OUT_SPECS for k in keys)
+    del model
+    gc.collect()
+    assert not any(k in tm._OUT_SPECS for k in keys)
 
 
 @pytest.mark.parametrize("value", ["HostRoutedMoE", (int,), ("",), HostRoutedMoE])

@@ -69,7 +69,7 @@ PASSING = [
     "consisid-tiny", "cogvideox15-tiny", "qwenimage-tiny", "nucleusmoe-image-tiny", "longcat-audio-tiny",
     "hunyuan-image-tiny", "mochi-tiny", "lumina2-tiny", "cogvideox-tiny",
     "bria-fibo2-tiny", "hunyuan-video15-tiny", "allegro-tiny",
-    "stable-audio-tiny", "stable-audio3-tiny", "krea2-tiny", "hidream-tiny", "latte-tiny", "zimage-tiny",
+    "stable-audio-tiny", "stable-audio3-tiny", "ace-step-tiny", "krea2-tiny", "hidream-tiny", "latte-tiny", "zimage-tiny",
     "kandinsky5-tiny", "kandinsky6-tiny",  # their output heads modulate the tokens in the grid shape
 ]
 
@@ -104,13 +104,6 @@ KNOWN_BUGS = {
         "dense and shared partial sets pass; per-row sets are refused by planned_capture._check_rowwise: the residual "
         "stream is sequence-first [S, B, D] (transformer_ernie_image.py:384-389, back to batch-first only inside "
         "attention at :272-274), so the cached tensors have the batch in dim 1",
-    ),
-    "ace-step-tiny": (
-        UnsupportedModelError, False,
-        "planned_capture.plan_capture: 'no op of the graph can run on a subset of the image tokens': the packed "
-        "input [B, L, C] is patchified by a strided Conv1d (ace_step_transformer.py:506-510, unpatchified by a "
-        "ConvTranspose1d at :521-525), so the tokens are L / 2 while the packed analysis mode takes dim 1 of the "
-        "input (L) as the token count; no token region is found",
     ),
 }
 
@@ -466,7 +459,6 @@ _NAMED_LINES = {
     "glm-image-tiny": (UnsupportedModelError, "transformer_glm_image.py", False),
     "ideogram4-tiny": (UnsupportedModelError, "transformer_ideogram4.py", True),
     "ernie-image-tiny": (UnsupportedModelError, "transformer_ernie_image.py", True),
-    "ace-step-tiny": (UnsupportedModelError, "ace_step_transformer.py", False),
     "qwenimage21-tiny": (CaptureError, "transformer_qwenimage21.py", False),
     "omnigen-tiny": (CaptureError, "transformer_omnigen.py", False),
 }

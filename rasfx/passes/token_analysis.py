@@ -11,7 +11,9 @@ queries / keys it masks (counter ``masks_located``: sources located that way; th
 steps are in ``token_segments``).
 
 ``N`` itself is found as the size that scales exactly with the image area (grid inputs) or
-is the packed sequence length (packed inputs). A dim of ``k * N`` (``k`` a multiple of the
+is the packed sequence length (packed inputs), or that length over ``p`` where a Conv1d of
+kernel == stride == ``p`` patchifies the sequence (``sequence_patch``, counter
+``sequence_patched``). A dim of ``k * N`` (``k`` a multiple of the
 batch) is the batch folded into the token axis (``Axis.outer = k``; Latte's temporal layout
 ``[B*H*W, F, C]``), accepted where the ops that make it prove the block-major layout
 (``token_folds``). A graph with several token grids of different sizes (a U-Net), a fold
@@ -42,6 +44,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import TooFewTokensError, UnsupportedModelError
 from .batch_rows import annotate_row_groups, annotate_rows
+from .op_rules import MATMUL_OPS, SDPA_OPS
 from .token_folds import fold_axis, fold_base, fold_offset, folded_error, involves_fold, unproven_fold
 from .token_info import Axis, token_axes
 from .token_segments import NEW_TENSOR, PINNED, locate_masks, locate_row_writes, locate_tables, per_row
@@ -104,9 +107,10 @@ def find_token_count(pairs, resolutions: dict, folds: bool = True) -> tuple[int,
     ``k`` of the dims that hold ``k * N`` tokens (the batch folded into the token axis,
     ``token_folds``; ``folds=False``: such dims are refused as other token grids)."""
     if resolutions["mode"] == "packed":
-        if resolutions["n"] < 2:
-            raise TooFewTokensError(f"the image is a single token ({resolutions['n']} in the sequence): nothing to skip")
-        return resolutions["n"], resolutions["n2"], frozenset()
+        n1, n2 = sequence_patch(pairs, resolutions["n"], resolutions["n2"]) or (resolutions["n"], resolutions["n2"])
+        if n1 < 2:
+            raise TooFewTokensError(f"the image is a single token ({n1} in the sequence): nothing to skip")
+        return n1, n2, frozenset()
     (h, w), (h2, w2) = resolutions["hw"], resolutions["hw2"]
     counts = _area_pairs(pairs, h * w, h2 * w2)
     if not counts and _area_pairs(pairs, h * w, h2 * w2, smallest=1):
@@ -141,6 +145,57 @@ def find_token_count(pairs, resolutions: dict, folds: bool = True) -> tuple[int,
             "sequence at full resolution."
         )
     return (*best, frozenset())
+
+
+_CONVS = (aten.conv1d.default, aten.convolution.default)
+# ops that mix the features of the sequence: a conv after one of them is no patch embedding
+_LAYERS = (*_CONVS, *MATMUL_OPS, *SDPA_OPS, aten.conv2d.default, aten.conv3d.default, aten.conv_transpose1d.default)
+
+
+def sequence_patch(pairs, n1: int, n2: int) -> Optional[tuple[int, int]]:
+    """The token counts of a packed sequence of ``n1`` (``n2`` in the other capture) positions
+    that a strided Conv1d patchifies, the 1-D analogue of a Conv2d patch embedding (ACE-Step:
+    ``[B, C, L] -> [B, D, L / p]``, kernel == stride == ``p``): the conv's output lengths, when
+    its input is the sequence (also padded up to a multiple of ``p``) at both resolutions; None
+    without such a conv (the positions are the tokens). The first such conv in graph order.
+    Conservative: only a conv of the inputs themselves (no matmul, attention or conv before
+    it) counts; a strided conv inside the blocks (keys compressed over the tokens) does not
+    make the tokens patches."""
+    for a, b in pairs.items():
+        if a.op != "call_function" or a.target not in _CONVS or b.target is not a.target or _after_layer(a):
+            continue
+        x, weight = a.args[0], a.args[1]
+        args: list[Any] = [*a.args, *[None] * 9]  # the ATen schema's tensors, int lists and flags
+        if a.target is aten.convolution.default and args[6]:  # transposed: an unpatchify, not a patchify
+            continue
+        if not isinstance(x, fx.Node) or not isinstance(weight, fx.Node) or not isinstance(b.args[0], fx.Node):
+            continue
+        vals = [n.meta.get("val") for n in (x, b.args[0], weight)]
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in vals):
+            continue
+        x1, x2, w = cast("list[torch.Tensor]", vals)
+        p = int(w.shape[-1])
+        stride, padding = list(args[3] or [1]), list(args[4] or [0])
+        dilation = list(args[5] or [1])
+        if p < 2 or stride != [p] or any(padding) or any(d != 1 for d in dilation):
+            continue
+        if int(x1.shape[-1]) in (n1, -(-n1 // p) * p) and int(x2.shape[-1]) in (n2, -(-n2 // p) * p):
+            return int(x1.shape[-1]) // p, int(x2.shape[-1]) // p
+    return None
+
+
+def _after_layer(node: fx.Node) -> bool:
+    """Whether an op of ``_LAYERS`` computes an input of ``node`` (directly or not)."""
+    todo, seen = list(node.all_input_nodes), set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target in _LAYERS:
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def _first_line(pairs, sizes: tuple[int, int]) -> str:
@@ -407,6 +462,8 @@ def analyze_tokens(gm: fx.GraphModule, gm_alt: fx.GraphModule, resolutions: dict
             if t1 is not None and t2 is not None and t1.dim() == t2.dim():
                 extras.update(ax.extra for ax in _axes_of(t1, t2, n1, n2, set()))
     result = TokenAnalysis(num_tokens=n1, num_tokens_alt=n2, matched=len(pairs))
+    if resolutions["mode"] == "packed" and n1 != resolutions["n"]:
+        result.stats["sequence_patched"] = 1  # the tokens are patches of the sequence (sequence_patch)
     for node in gm.graph.nodes:
         other = pairs.get(node)
         if other is None and node.op not in ("output",):

@@ -564,12 +564,9 @@ _register("cogvideox15-tiny", "CogVideoXTransformer3DModel, 1.5 style (temporal 
 # checks that ``rasfx inspect`` still fails with the fragment). Rasfx bugs among them are listed with
 # their diagnosis in tests/test_equivalence.py (KNOWN_BUGS); the rest are limits of torch.export.
 _SECOND_SIZE = "could not capture the model at a second resolution"
-_NO_REGION = "no op of the graph can run on a subset of the image tokens"
 _KNOWN_FAILURES = {
     "joyimage-edit-plus-tiny": ("rasfx bug: the pre-patchified input [B, P, C, pt, ph, pw] is resized in its patch "
                                 "dims", _SECOND_SIZE),
-    "ace-step-tiny": ("rasfx bug: a strided Conv1d patchifies packed [B, L, C] audio into L / 2 tokens; rasfx counts "
-                      "L", _NO_REGION),
     "glm-image-tiny": ("the boolean per-token prior_token_drop masks the tokens in place "
                        "(prior_embedding[prior_token_drop] *= 0.0), which cannot run on active tokens",
                        "in-place op aten.index_put_"),
