@@ -21,6 +21,7 @@ import hashlib
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, cast
 
 import torch
@@ -94,8 +95,40 @@ def _read(func, args, kwargs) -> Optional[tuple[str, list]]:
     return (name, [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]) if name else None
 
 
+@dataclass(frozen=True)
+class _MaskSlots:
+    """What ``x[mask] = values`` (``_mask_write``) records: the row of ``values`` each position of
+    the mask takes (``count`` = the number of masked positions, for the others)."""
+
+    slot: T
+    count: int
+
+
+def _mask_write(args: tuple) -> Optional[tuple[T, T, Any]]:
+    """``(x, mask, values)`` of ``x[mask] = values`` where ``mask`` covers the leading dims of
+    ``x`` (``values``: one row per masked element, as ``x[mask] *= 0.0`` writes back the rows it
+    read, or one broadcast to all of them); None for any other assignment."""
+    x, index = args[0], args[1] if len(args) > 1 else None
+    values = args[2] if len(args) > 2 else None
+    if isinstance(index, tuple) and len(index) == 1:
+        index = index[0]
+    if not (isinstance(x, T) and isinstance(index, T) and index.dtype == torch.bool
+            and isinstance(values, (T, bool, int, float))):
+        return None
+    m = index.dim()
+    if tuple(index.shape) != tuple(x.shape[:m]) or (isinstance(values, T) and values.dim() > x.dim() - m + 1):
+        return None
+    return x, index, values
+
+
 def _record(func, args, kwargs):
     """What a read's replay needs (its result, or the integer indices of its mask / repeats), and its result."""
+    if func is T.__setitem__ and _mask_write(args) is not None:
+        mask = args[1] if isinstance(args[1], T) else args[1][0]
+        count = int(mask.sum())
+        slot = torch.full(mask.shape, count, dtype=torch.long, device=mask.device)
+        slot[mask] = torch.arange(count, device=mask.device)
+        return _MaskSlots(slot, count), func(*args, **kwargs)
     out = func(*args, **kwargs)
     if func in _INDEXING:
         return [m.nonzero(as_tuple=True) for m in _bool_indices(args)], out
@@ -113,6 +146,9 @@ def _record(func, args, kwargs):
 def _replay(func, args, kwargs, recorded):
     """The read's result from what ``_record`` kept: the op run with integer indices where it
     took a boolean mask or tensor repeats, or the recorded value itself."""
+    write = _mask_write(args) if isinstance(recorded, _MaskSlots) else None
+    if write is not None:  # recorded for this write: the same shapes make it one again
+        return _replay_mask_write(*write, recorded.slot, recorded.count)
     if func in _INDEXING:
         items, k, out = _index_items(args), 0, []
         for v in items:
@@ -130,6 +166,23 @@ def _replay(func, args, kwargs, recorded):
         x = args[0]
         return x.flatten().index_select(0, recorded) if dim is None else x.index_select(dim, recorded)
     return recorded
+
+
+def _replay_mask_write(x: T, mask: T, values: Any, slot: T, count: int) -> None:
+    """``x[mask] = values`` (``_mask_write``) as a write of every position of the mask's dims:
+    ``slot`` (recorded, of the mask's shape) is the row of ``values`` each masked position takes
+    (``count`` for the others: a row of zeros that the mask does not select). Unlike ``x[i, j] =
+    values`` by the mask's integer indices, this keeps a per-token tensor per token: the mask and
+    the slots are gathered with the active tokens (``op_rules._index_rule``), and the write is the
+    same, exact, for every subset of them."""
+    trailing = tuple(x.shape[mask.dim():])
+    if isinstance(values, T):
+        rows = torch.broadcast_to(values.to(x.dtype), (count, *trailing))
+    else:
+        rows = x.new_full((count, *trailing), values)
+    table = torch.cat([rows, rows.new_zeros((1, *trailing))])
+    keep = mask.reshape(*mask.shape, *(1,) * len(trailing))
+    x.copy_(torch.where(keep, table[slot], x))
 
 
 class _Reads(TorchFunctionMode):

@@ -71,19 +71,13 @@ PASSING = [
     "bria-fibo2-tiny", "hunyuan-video15-tiny", "allegro-tiny",
     "stable-audio-tiny", "stable-audio3-tiny", "ace-step-tiny", "krea2-tiny", "hidream-tiny", "latte-tiny", "zimage-tiny",
     "kandinsky5-tiny", "kandinsky6-tiny",  # their output heads modulate the tokens in the grid shape
+    "glm-image-tiny",  # prior_embedding[prior_token_drop] *= 0.0: a write through a per-token mask
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
 KNOWN_BUGS = {
     # -- second-resolution capture (second_resolution.second_resolution_candidates / _resize_token_tables, raised by
     #    planned_capture.plan_capture): the resolution-dependent inputs are not resized with the image
-    "glm-image-tiny": (
-        UnsupportedModelError, True,
-        "captured since the wider second-resolution guess resizes prior_token_id / prior_token_drop [B, N]; "
-        "planned_capture.plan_capture then refuses the in-place prior_embedding[prior_token_drop] *= 0.0 "
-        "(transformer_glm_image.py:662, an aten.index_put_ into the image tokens by a boolean per-token mask): "
-        "plan_regions._plan_mutation has no rule to run it on the active tokens",
-    ),
     "ideogram4-tiny": (
         UnsupportedModelError, True,
         "the image input is one packed [pad / text / image] sequence [B, T + N, C], so rasfx takes all T + N "
@@ -456,7 +450,6 @@ def test_equivalence_known_bugs(name):
 # Known failures whose error names the construct by its line in the model's code:
 # preset -> (error, the model file, whether the error comes with a per-row active set).
 _NAMED_LINES = {
-    "glm-image-tiny": (UnsupportedModelError, "transformer_glm_image.py", False),
     "ideogram4-tiny": (UnsupportedModelError, "transformer_ideogram4.py", True),
     "ernie-image-tiny": (UnsupportedModelError, "transformer_ernie_image.py", True),
     "qwenimage21-tiny": (CaptureError, "transformer_qwenimage21.py", False),

@@ -18,10 +18,11 @@ import torch
 
 from .. import ops
 from .context import RewriteContext
-from .op_rules import mutated_storages, storage_root
+from .op_rules import INDEX_PUT_OPS, mutated_storages, storage_root
 from .token_info import token_axes
 
 aten = torch.ops.aten
+INDEX_OPS = {aten.index.Tensor, *INDEX_PUT_OPS}
 
 
 def insert_gathers(ctx: RewriteContext) -> int:
@@ -59,12 +60,15 @@ def insert_gathers(ctx: RewriteContext) -> int:
 
 def gather_rank(consumer, producer) -> int:
     """Rank of the frame the gathered value broadcasts in: the consumer's, but an embedding
-    lookup's indices are one dim short of its output (Allegro's RoPE positions [1, N])."""
+    lookup's indices are one dim short of its output (Allegro's RoPE positions [1, N]), and an
+    index (``table[idx]``, ``x[mask] = v``) lines up with the leading dims, in its own rank."""
     val = consumer.meta.get("val")
     if not hasattr(val, "dim"):
         return producer.meta["val"].dim()
     if consumer.target is aten.embedding.default and len(consumer.args) > 1 and consumer.args[1] is producer:
         return val.dim() - 1
+    if consumer.target in INDEX_OPS and len(consumer.args) > 1 and producer in consumer.args[1]:
+        return producer.meta["val"].dim()
     return val.dim()
 
 

@@ -70,6 +70,7 @@ REDUCE_OPS = {
 }
 NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
 SDPA_OPS = {aten.scaled_dot_product_attention.default}
+INDEX_PUT_OPS = {aten.index_put.default, aten.index_put_.default}
 MATMUL_OPS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
               aten.matmul.default, aten.einsum.default}
 
@@ -122,9 +123,6 @@ def mutated_storages(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
 def _rank(node) -> int:
     val = node.meta.get("val")
     return val.dim() if isinstance(val, torch.Tensor) else 0
-
-
-
 
 
 def _axis_dims(node) -> set:
@@ -223,6 +221,10 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
         return OpRule("tokenwise", cheap=True)
     if t is aten.embedding.default:  # a per-token lookup: the indices' token axis passes through
         return OpRule("tokenwise") if args[0] not in ins else OpRule("opaque", set(ins), reason="embedding table over tokens")
+    if t in INDEX_PUT_OPS and ins:
+        return _index_put_rule(node, ins)
+    if t is aten.index.Tensor and ins:
+        return _index_rule(node, ins)
     if t is aten.index_select.default and ins:
         d = cast(int, args[1]) % _rank(args[0])
         if d in _axis_dims(args[0]) or args[2] in ins:
@@ -294,6 +296,67 @@ def classify(node: fx.Node, kv_cache: bool = True, extra: Optional[dict] = None)
             return OpRule("tokenwise", cheap=True)
         return OpRule("opaque", set(ins), reason="pad_sequence of sequences of different lengths")
     return OpRule("opaque", set(ins), reason=f"unknown op {t}")
+
+
+def _index_put_rule(node: fx.Node, ins: list) -> OpRule:
+    """``x[mask] = v`` / ``x[mask] *= c`` (``index_put`` with one boolean mask over the leading
+    dims of ``x``, GLM-Image's ``prior_embedding[prior_token_drop] *= 0.0``): token-wise when
+    the mask carries ``x``'s token axes in the dims it covers (gathered with the same active
+    index as ``x``, each token's row is written or not by its own mask element) and the values
+    are broadcast over the masked elements (no dim of their own per masked element). So is
+    ``x[..., idx] = v``, an index into the dims after the token axes (``_after_tokens``:
+    Ideogram's interleaved RoPE sections), with values whose token axes line up with ``x``'s.
+    Values listed one row per masked element follow the mask's order, not the tokens (an active
+    subset would take the wrong rows), and an integer index into the token axis names token
+    positions (``x[idx] = v`` moves values between tokens): both run at full length.
+    ``prompt_values`` replays a specialised ``x[mask] = rows`` as a token-wise write."""
+    x, indices, values = cast("tuple[fx.Node, list, object]", node.args[:3])
+    x_axes = token_axes(x)
+    if x_axes and _after_tokens(x, indices):
+        rank = _rank(x)
+        if isinstance(values, fx.Node) and not {a.dim + rank - _rank(values) for a in token_axes(values)} <= _axis_dims(x):
+            return OpRule("opaque", set(ins), reason="index_put of values whose token axis is not x's")
+        return OpRule("tokenwise", cheap=True, reason="write into the dims after the token axis")
+    mask = indices[0] if len(indices) == 1 and isinstance(indices[0], fx.Node) else None
+    if not x_axes or mask is None or mask.meta["val"].dtype is not torch.bool:
+        return OpRule("opaque", set(ins), reason="index_put by an index into the token axis other than one boolean "
+                                                  "mask over the leading dims (integer indices name positions)")
+    m = _rank(mask)
+    if isinstance(values, fx.Node) and _rank(values) > _rank(x) - m:
+        return OpRule("opaque", set(ins), reason="index_put of values listed per masked element (in the mask's "
+                                                  "order, not the tokens')")
+    if isinstance(values, fx.Node) and token_axes(values):
+        return OpRule("opaque", set(ins), reason="index_put of values with token axes of their own")
+    if token_axes(mask) != tuple(a for a in x_axes if a.dim < m):
+        return OpRule("opaque", set(ins), reason="index_put by a mask without x's token axis in the dims it covers")
+    return OpRule("tokenwise", cheap=True, reason="write through a per-token mask")
+
+
+def _index_rule(node: fx.Node, ins: list) -> OpRule:
+    """``table[idx]`` (``index.Tensor`` with one integer index, into dim 0 of a table without
+    token axes): a lookup per index element, like ``embedding``; the index's token axis passes
+    through. ``x[..., idx]`` (``_after_tokens``) picks features of every token. Any other
+    indexing of a tensor with token axes picks or moves token positions."""
+    table, indices = cast("tuple[fx.Node, list]", node.args[:2])
+    if token_axes(table) and _after_tokens(table, indices):
+        return OpRule("tokenwise", cheap=True, reason="index into the dims after the token axis")
+    if (len(indices) == 1 and isinstance(indices[0], fx.Node) and not token_axes(table)
+            and indices[0].meta["val"].dtype not in (torch.bool, torch.uint8)):
+        return OpRule("tokenwise", reason="lookup by a per-token index")
+    return OpRule("opaque", set(ins), reason="indexing of the token axis (x[mask], x[idx]: picks token positions)")
+
+
+def _after_tokens(x: fx.Node, indices: list) -> bool:
+    """Whether ``indices`` (of ``x[indices]``) is one 1-D integer index without token axes into
+    a dim after every token axis of ``x`` (``x[..., idx]``): the result keeps ``x``'s rank and
+    its token axes in their dims."""
+    tensors = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if len(tensors) != 1 or not isinstance(tensors[0][1], fx.Node):
+        return False
+    d, index = tensors[0]
+    val = index.meta.get("val")
+    return (isinstance(val, torch.Tensor) and val.dim() == 1 and val.dtype not in (torch.bool, torch.uint8)
+            and not token_axes(index) and d > max(_axis_dims(x)))
 
 
 _POINTWISE_CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)

@@ -567,9 +567,6 @@ _SECOND_SIZE = "could not capture the model at a second resolution"
 _KNOWN_FAILURES = {
     "joyimage-edit-plus-tiny": ("rasfx bug: the pre-patchified input [B, P, C, pt, ph, pw] is resized in its patch "
                                 "dims", _SECOND_SIZE),
-    "glm-image-tiny": ("the boolean per-token prior_token_drop masks the tokens in place "
-                       "(prior_embedding[prior_token_drop] *= 0.0), which cannot run on active tokens",
-                       "in-place op aten.index_put_"),
     "framepack-tiny": ("mask-sum lengths slice the sequence per sample (data-dependent on the prompt mask)",
                        "data-dependent"),
     "qwenimage21-tiny": ("rasfx bug: its reads of the masks are specialised now, but img_mask is not resized with the "

@@ -344,7 +344,8 @@ def _glm_image_model():
 def _glm_image_inputs(batch, h, w, g):
     # GlmImagePipeline: latents [B, 16, H, W]; byT5 glyph embeddings [B, T, 1472]; prior_token_id
     # = the autoregressive model's image tokens upsampled to the latent token grid [B, h*w / 4]
-    # (int64) with prior_token_drop = False (bool, same shape); timestep = t.expand(B) - 1
+    # (int64) with prior_token_drop (bool, same shape) all False for the conditional call and all
+    # True for the unconditional one (here batched: the odd rows dropped); timestep = t.expand(B) - 1
     # (float); target_size [B, 2] = pixel (height, width), crop_coords zeros [B, 2] (prompt dtype).
     n = (h // 2) * (w // 2)
     size = torch.tensor([[h * 8, w * 8]], dtype=torch.float32).repeat(batch, 1)
@@ -352,7 +353,7 @@ def _glm_image_inputs(batch, h, w, g):
         hidden_states=_randn(g, batch, 4, h, w),
         encoder_hidden_states=_randn(g, batch, 7, 16),
         prior_token_id=torch.randint(0, 64, (batch, n), generator=g),
-        prior_token_drop=torch.zeros(batch, n, dtype=torch.bool),
+        prior_token_drop=(torch.arange(batch) % 2 == 1)[:, None].repeat(1, n),
         timestep=_flow_timestep(g, batch) - 1,
         target_size=size,
         crop_coords=torch.zeros(batch, 2),
