@@ -700,7 +700,7 @@ def render_models() -> str:
         "rasfx raises a clear error instead of running.", "",
         "## Constructs of DiT code outside diffusers", "",
         "Research code bases write DiTs in ways diffusers' classes do not. Each construct below is "
-        "reproduced by a small model in `tests/test_constructs*.py`, written the way such code writes "
+        "reproduced by a small model in `tests/test_constructs*.py` (and `tests/test_tokenwise_modules.py`), written the way such code writes "
         "it, and checked the same way (dense and partial equivalence, cached outputs of inactive "
         "tokens, no conservative op without a warning):", "",
         "| model in the test | construct |", "| --- | --- |",
@@ -780,9 +780,11 @@ CODE_BASES = (
 
 
 def _construct_rows() -> list[str]:
-    """One row per model class of tests/test_constructs*.py: its name and docstring."""
+    """One row per model class of tests/test_constructs*.py and tests/test_tokenwise_modules.py:
+    its name and docstring."""
     rows = []
-    nodes = [node for path in sorted((ROOT / "tests").glob("test_constructs*.py"))
+    files = [*sorted((ROOT / "tests").glob("test_constructs*.py")), ROOT / "tests" / "test_tokenwise_modules.py"]
+    nodes = [node for path in files
              for node in ast.parse(path.read_text()).body]
     for node in nodes:
         doc = ast.get_docstring(node) if isinstance(node, ast.ClassDef) else None
