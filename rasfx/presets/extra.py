@@ -565,8 +565,6 @@ _register("cogvideox15-tiny", "CogVideoXTransformer3DModel, 1.5 style (temporal 
 # their diagnosis in tests/test_equivalence.py (KNOWN_BUGS); the rest are limits of torch.export.
 _SECOND_SIZE = "could not capture the model at a second resolution"
 _KNOWN_FAILURES = {
-    "joyimage-edit-plus-tiny": ("rasfx bug: the pre-patchified input [B, P, C, pt, ph, pw] is resized in its patch "
-                                "dims", _SECOND_SIZE),
     "glm-image-tiny": ("the boolean per-token prior_token_drop masks the tokens in place "
                        "(prior_embedding[prior_token_drop] *= 0.0), which cannot run on active tokens",
                        "in-place op aten.index_put_"),
