@@ -772,10 +772,11 @@ CODE_BASES = (
      "`conv=False, use_checkpoint=True` as in `imagenet256_uvit_huge.py`) and `ExtraTokenDiT`",
      "exact: dense, every token active, a quarter on the last inputs, per-row sets, cached outputs of "
      "inactive tokens (with `conv=True`: of pixels whose 3x3 neighbourhood has no active token), the "
-     "byo-dit sampling loop (`conv=False`); its `2 + N`-row position table is resized for the analysis "
-     "capture. With `conv=True` the conv after unpatchify leaves no token map (`token_map()` raises, "
-     "naming the conv's line; `rasfx.enable` would run dense). Other input sizes fail in the model's own "
-     "position table, with or without rasfx"),
+     "byo-dit sampling loop (both: a quarter of the tokens on RAS steps); its `2 + N`-row position table "
+     "is resized for the analysis capture. With `conv=True` the token map is approximate: the 3x3 conv "
+     "after unpatchify mixes neighbouring tokens' outputs, and each pixel is taken as the token at its "
+     "position (the map of unpatchify's output; a `RASWarning` and a `rasfx inspect` note name the "
+     "conv's line). Other input sizes fail in the model's own position table, with or without rasfx"),
 )
 
 

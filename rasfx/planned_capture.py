@@ -97,6 +97,8 @@ class PlannedCapture:
     timings: dict = field(default_factory=dict)  # seconds per stage (export, analysis, build_<variant>)
     # which image token produced each element of the first output (RASModule.token_map, made on first use)
     token_map: torch.Tensor | None = None
+    # the approximations the token map makes, one note each (token_map.derive_token_map)
+    token_map_notes: list[str] = field(default_factory=list)
     # Attention caches allocated contiguous instead of in the producer's layout (the runner's
     # choice, fixed per capture: the dense variant may write producers into the caches through
     # views that assume the layout).
