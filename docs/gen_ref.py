@@ -700,8 +700,7 @@ def render_models() -> str:
         "rasfx raises a clear error instead of running.", "",
         "## Constructs of DiT code outside diffusers", "",
         "Research code bases write DiTs in ways diffusers' classes do not. Each construct below is "
-        "reproduced by a small model in `tests/test_constructs*.py` (token-wise modules: "
-        "`tests/test_tokenwise_modules.py`), written the way such code writes "
+        "reproduced by a small model in `tests/test_constructs*.py` (and `tests/test_tokenwise_modules.py`), written the way such code writes "
         "it, and checked the same way (dense and partial equivalence, cached outputs of inactive "
         "tokens, no conservative op without a warning):", "",
         "| model in the test | construct |", "| --- | --- |",
@@ -773,19 +772,21 @@ CODE_BASES = (
      "`conv=False, use_checkpoint=True` as in `imagenet256_uvit_huge.py`) and `ExtraTokenDiT`",
      "exact: dense, every token active, a quarter on the last inputs, per-row sets, cached outputs of "
      "inactive tokens (with `conv=True`: of pixels whose 3x3 neighbourhood has no active token), the "
-     "byo-dit sampling loop (`conv=False`); its `2 + N`-row position table is resized for the analysis "
-     "capture. With `conv=True` the conv after unpatchify leaves no token map (`token_map()` raises, "
-     "naming the conv's line; `rasfx.enable` would run dense). Other input sizes fail in the model's own "
-     "position table, with or without rasfx"),
+     "byo-dit sampling loop (both: a quarter of the tokens on RAS steps); its `2 + N`-row position table "
+     "is resized for the analysis capture. With `conv=True` the token map is approximate: the 3x3 conv "
+     "after unpatchify mixes neighbouring tokens' outputs, and each pixel is taken as the token at its "
+     "position (the map of unpatchify's output; a `RASWarning` and a `rasfx inspect` note name the "
+     "conv's line). Other input sizes fail in the model's own position table, with or without rasfx"),
 )
 
 
 def _construct_rows() -> list[str]:
-    """One row per model class of tests/test_constructs*.py and tests/test_tokenwise_modules.py: its
-    name and docstring."""
+    """One row per model class of tests/test_constructs*.py and tests/test_tokenwise_modules.py:
+    its name and docstring."""
     rows = []
-    paths = [*sorted((ROOT / "tests").glob("test_constructs*.py")), ROOT / "tests" / "test_tokenwise_modules.py"]
-    nodes = [node for path in paths for node in ast.parse(path.read_text()).body]
+    files = [*sorted((ROOT / "tests").glob("test_constructs*.py")), ROOT / "tests" / "test_tokenwise_modules.py"]
+    nodes = [node for path in files
+             for node in ast.parse(path.read_text()).body]
     for node in nodes:
         doc = ast.get_docstring(node) if isinstance(node, ast.ClassDef) else None
         if doc and not node.name.startswith("_"):

@@ -22,7 +22,7 @@ from .model_structure import ModelStructure
 from .runtime import GraphKey, GraphRunner, WorkCounts
 from .target import ExecutionTarget
 from .slot_state import SignatureBuffers, SlotState, check_index_values, hoisted_values, unaliased
-from .token_map import derive_token_map
+from .token_map import token_map_of
 from .tokenwise_modules import TokenwiseModules
 
 log = logging.getLogger("rasfx")
@@ -290,10 +290,13 @@ class RASModule(torch.nn.Module):
         cc = self._current_capture()
         if cc is None:
             raise UsageError("token_map() needs one forward first (the map is derived from the captured graph)")
-        if cc.token_map is None:
-            self._variant(cc, "shared")  # built here so that its passes count in work_counts()
-            cc.token_map = derive_token_map(cc)
-        return cc.token_map
+        if cc.token_map is not None:
+            return cc.token_map
+        self._variant(cc, "shared")  # built here so that its passes count in work_counts()
+        token_map = token_map_of(cc)
+        for note in cc.token_map_notes:  # once per capture: the map is kept
+            warnings.warn(f"rasfx: {note}", RASWarning, stacklevel=2)
+        return token_map
 
     # ------------------------------------------------------------------ internals
     def _bind(self, args: tuple, kwargs: dict) -> dict:

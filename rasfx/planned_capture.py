@@ -22,7 +22,7 @@ from . import passes
 from .capture import Capture, describe_signature, export_specialised, model_frame
 from .prompt_values import STEP_INPUTS
 from .second_resolution import (find_image_input, image_batch, image_grid_candidates, padding_neutral_candidates,
-                                resized_model, second_resolution_candidates, token_padding)
+                                patchified_candidates, resized_model, second_resolution_candidates, token_padding)
 from .errors import CaptureError, TooFewTokensError, UnsupportedModelError, UsageError
 from . import compiler
 from .compiler import CaptureState, VariantState, run_passes
@@ -97,6 +97,8 @@ class PlannedCapture:
     timings: dict = field(default_factory=dict)  # seconds per stage (export, analysis, build_<variant>)
     # which image token produced each element of the first output (RASModule.token_map, made on first use)
     token_map: torch.Tensor | None = None
+    # the approximations the token map makes, one note each (token_map.derive_token_map)
+    token_map_notes: list[str] = field(default_factory=list)
     # Attention caches allocated contiguous instead of in the producer's layout (the runner's
     # choice, fixed per capture: the dense variant may write producers into the caches through
     # views that assume the layout).
@@ -222,18 +224,18 @@ def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, var
     (exported program, description of the two resolutions) and whether the model had to be resized for it
     (``resized_model``: a model built for one input size); those of ``_candidate_captures`` for
     ``second_resolution_candidates``, then, when none of these captured, for
-    ``image_grid_candidates`` (the other inputs on the image's grid resized too). ``errors`` gets
-    the capture errors: message -> (the model line it failed at, the candidates that failed with
-    it). ``specialise``: the first capture was specialised on prompt values; so is this one."""
+    ``image_grid_candidates`` (the other inputs on the image's grid resized too), then for
+    ``patchified_candidates`` (an image input patchified by the pipeline, resized along its
+    tokens). ``errors`` gets the capture errors: message -> (the model line it failed at, the
+    candidates that failed with it). ``specialise``: the first capture was specialised on prompt values; so is this one."""
 
     def export(alt_kwargs):
         return export_specialised(model, alt_kwargs, varying if specialise else None, specialise)[0]
 
-    captured = yield from _candidate_captures(model, second_resolution_candidates(kwargs, image_key), kwargs,
-                                              image_key, gm, export, errors, tokens)
-    if not captured:
-        yield from _candidate_captures(model, image_grid_candidates(kwargs, image_key), kwargs, image_key, gm,
-                                       export, errors, tokens)
+    for candidates in (second_resolution_candidates, image_grid_candidates, patchified_candidates):
+        if (yield from _candidate_captures(model, candidates(kwargs, image_key), kwargs, image_key, gm, export,
+                                           errors, tokens)):
+            return
 
 
 def _candidate_captures(model: torch.nn.Module, candidates: list, kwargs: dict, image_key: str, gm: fx.GraphModule,
@@ -427,8 +429,8 @@ def plan_capture(
                     f"image-token axes from other dims (captured at {describe_signature(signature)}), not even with "
                     f"its size-bound tables and attributes resized (a model built for one input size){_most_common_frame(errors)}. "
                     "Tried:\n  "
-                    + "\n  ".join(tried or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W] "
-                                             "or [B,N,C])"])
+                    + "\n  ".join(tried or ["no candidate resolution (image input must be [B,C,H,W], [B,C,F,H,W], "
+                                             "[B,N,C] or pre-patchified [B,N,C,p,p])"])
                 )
     cap.graph_module = state.gm  # the attempt whose plan is kept
     analysis, plan = state.analysis, state.plan

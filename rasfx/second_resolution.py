@@ -8,8 +8,9 @@ then wider ones and other input layouts. A model that pads its tokens to a multi
 ``token_padding`` in the two captures) is analysed at a size that keeps its padding
 (``padding_neutral_candidates``). When none of these captures, ``image_grid_candidates`` also
 resizes the other inputs on the image's grid (pose or control latents, masks over the latent
-grid). ``resized_model`` makes a model built for one input size look built for the other one
-during that capture.
+grid), and then ``patchified_candidates`` takes the image input for one the pipeline patchified
+already (tokens in dim 1, each token's patch pixels in the trailing dims). ``resized_model``
+makes a model built for one input size look built for the other one during that capture.
 """
 
 from __future__ import annotations
@@ -198,27 +199,61 @@ def second_resolution_candidates(kwargs: dict, image_key: str) -> list[tuple[dic
             if h + dh > 0 and w + dw > 0:
                 candidates += _grid_candidates(kwargs, image_key, (h + dh, w + dw), before=len(candidates))
     elif x.dim() == 3:
-        n = x.shape[1]
-        candidates += _grid_int_candidates(kwargs, image_key, n, lengths)
-        candidates += _grid_tuple_candidates(kwargs, image_key, n, lengths)
-        for n2 in (n + max(4, n // 2), max(1, n - max(4, n // 3)), 2 * n):
-            if n2 == n or n2 <= 1:
-                continue
-            new = dict(kwargs)
-            new[image_key] = _resized(x, {1: n2})
-            desc = {"mode": "packed", "n": n, "n2": n2}
-            # Per-token inputs (position ids) follow the sequence length; feature dims (last)
-            # never do. If a conditioning length equals N by chance, the plain candidate helps.
-            resized = _resize_token_tables(kwargs, new, image_key, [(n, n2)], _joint(n, n2, lengths))
-            candidates.append((resized, dict(desc, resized=True)))
-            if any(resized[k] is not new[k] for k in new):
-                candidates.append((new, desc))
-            wider = _resize_everything(kwargs, new, image_key, [(n, n2), *_joint(n, n2, all_lengths)], [])
-            if any(wider[k] is not resized[k] for k in new):
-                candidates.append((wider, dict(desc, resized="every per-token input")))
+        candidates += _sequence_candidates(kwargs, image_key, x, lengths, all_lengths)
     if samples is None:
         candidates += _other_layouts(kwargs, image_key, x, all_lengths)
     return candidates
+
+
+def _sequence_candidates(kwargs: dict, image_key: str, x: torch.Tensor, lengths,
+                         all_lengths) -> list[tuple[dict, dict]]:
+    """The image input ``x``'s sequence of tokens (dim 1) resized: with its grid passed as ints
+    or tuples of ints (``_grid_int_candidates``, ``_grid_tuple_candidates``), then to a few other
+    lengths, with the per-token inputs, alone, and with every per-token input."""
+    n = int(x.shape[1])
+    candidates = _grid_int_candidates(kwargs, image_key, n, lengths)
+    candidates += _grid_tuple_candidates(kwargs, image_key, n, lengths)
+    for n2 in (n + max(4, n // 2), max(1, n - max(4, n // 3)), 2 * n):
+        if n2 == n or n2 <= 1:
+            continue
+        new = dict(kwargs)
+        new[image_key] = _resized(x, {1: n2})
+        desc = {"mode": "packed", "n": n, "n2": n2}
+        # Per-token inputs (position ids) follow the sequence length; feature dims (last)
+        # never do. If a conditioning length equals N by chance, the plain candidate helps.
+        resized = _resize_token_tables(kwargs, new, image_key, [(n, n2)], _joint(n, n2, lengths))
+        candidates.append((resized, dict(desc, resized=True)))
+        if any(resized[k] is not new[k] for k in new):
+            candidates.append((new, desc))
+        wider = _resize_everything(kwargs, new, image_key, [(n, n2), *_joint(n, n2, all_lengths)], [])
+        if any(wider[k] is not resized[k] for k in new):
+            candidates.append((wider, dict(desc, resized="every per-token input")))
+    return candidates
+
+
+def patchified_candidates(kwargs: dict, image_key: str) -> list[tuple[dict, dict]]:
+    """Candidates for an image input that the pipeline patchified already (JoyImage Edit Plus:
+    ``[B, P, C, pt, ph, pw]``, ``P = t * h * w`` tokens in dim 1, each token's patch pixels in the
+    trailing dims): the sequence resized along dim 1 like a packed ``[B, N, C]`` one
+    (``_sequence_candidates``: with the grid passed as ints or tuples of ints whose product is
+    ``P``, as JoyImage's ``shape_list=[[(t, h, w)]] * B``), the patch dims kept. Tried only when no
+    other candidate captures: the trailing dims of such an input look like a grid (its patch), so
+    ``second_resolution_candidates`` resizes the patch first. Conservative: the tokens are dim 1
+    only (after the batch, as in packed sequences); rank >= 4 tensors, not lists of them."""
+    x = kwargs[image_key]
+    if not isinstance(x, torch.Tensor) or x.dim() < 4 or int(x.shape[1]) <= 1:
+        return []
+    lengths, all_lengths = _lengths(kwargs, image_key)
+    out = []
+    for new, desc in _sequence_candidates(kwargs, image_key, x, lengths, all_lengths):
+        out.append((new, dict(desc, resized="a pre-patchified sequence (tokens in dim 1)" + _and_tables(desc))))
+    return out
+
+
+def _and_tables(desc: dict) -> str:
+    """What else a candidate resized, to follow what a wider candidate kind resizes in its name."""
+    tables = desc.get("resized")
+    return f" and {tables}" if isinstance(tables, str) else " and the per-token tables" if tables else ""
 
 
 def _grid_candidates(kwargs: dict, image_key: str, hw2: tuple[int, int], before: int = 0) -> list[tuple[dict, dict]]:
@@ -304,9 +339,7 @@ def image_grid_candidates(kwargs: dict, image_key: str) -> list[tuple[dict, dict
             inputs = f"the image-grid input{'s' if len(group) > 1 else ''} {', '.join(group)}"
             # the per-token guesses of _grid_candidates see these inputs at the new grid already
             for new, desc in _grid_candidates(moved, image_key, (h2, w2), before=len(out)):
-                tables = desc.get("resized")
-                extra = f" and {tables}" if isinstance(tables, str) else " and the per-token tables" if tables else ""
-                out.append((new, dict(desc, resized=inputs + extra)))
+                out.append((new, dict(desc, resized=inputs + _and_tables(desc))))
     return out
 
 

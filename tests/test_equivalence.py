@@ -65,7 +65,7 @@ PASSING = [
     "cosmos-tiny", "skyreels-v2-tiny", "skyreels-v2-df-tiny", "bria-tiny", "flux2-tiny", "sana-video-tiny",
     "easyanimate-tiny", "longcat-image-tiny", "ovis-image-tiny", "bria-fibo-tiny", "prx-tiny", "chronoedit-tiny",
     "wan-vace-tiny", "wan-animate-tiny", "motif-video-tiny", "anyflow-tiny", "helios-tiny", "joyimage-edit-tiny",
-    "ltx2-tiny",
+    "joyimage-edit-plus-tiny", "ltx2-tiny",
     "consisid-tiny", "cogvideox15-tiny", "qwenimage-tiny", "nucleusmoe-image-tiny", "longcat-audio-tiny",
     "hunyuan-image-tiny", "mochi-tiny", "lumina2-tiny", "cogvideox-tiny",
     "bria-fibo2-tiny", "hunyuan-video15-tiny", "allegro-tiny",
@@ -85,12 +85,6 @@ KNOWN_BUGS = {
         "shared sets run, but a per-row set is refused when the rowwise variant is planned "
         "(planned_capture._check_rowwise): a [3, B, 1, T + N] tensor is gathered by rows with the batch in dim 1 "
         "(transformer_ideogram4.py:80, the MRoPE frequencies)",
-    ),
-    "joyimage-edit-plus-tiny": (
-        CaptureError, True,
-        "second-resolution capture: the image input is pre-patchified [B, P, C, pt, ph, pw] (tokens in dim 1, "
-        "patch pixels last); second_resolution_candidates takes the last two dims (2, 2) for H, W and resizes the patch, so "
-        "the patch embedding's LayerNorm rejects it. Also: shape_list is a nested python list of (t, h, w)",
     ),
     # -- token analysis
     "ernie-image-tiny": (

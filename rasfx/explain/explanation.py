@@ -14,9 +14,10 @@ import torch
 from torch import fx
 
 from .. import ops as _ops
-from ..errors import ExplainError
+from ..errors import ExplainError, UnsupportedModelError
 from ..flops import FlopModel
 from ..stages import STAGES, VARIANTS
+from ..token_map import token_map_of
 from . import render
 from .diff import StageDiff
 from .graph_dot import dot_source, render_svg
@@ -57,6 +58,20 @@ class Explanation:
         self._captured_views: list | None = None
         if stage in VARIANT_STAGES:
             self._variant = self._load_variant()
+        self.notes += tuple(n for n in self._token_map_notes() if n not in self.notes)
+
+    def _token_map_notes(self) -> list[str]:
+        """What the token map approximates (``token_map.derive_token_map``), or why there is none:
+        derived here at the stage that built the shared variant (``transformed``); at the other
+        stages, the notes of a map already derived."""
+        if self.stage == "transformed" and self.variant_name == "shared" and self.cc.token_map is None:
+            try:
+                token_map_of(self.cc)
+            except Exception as e:  # as rasfx.enable does: a model without a map runs dense
+                if isinstance(e, UnsupportedModelError):  # says why and what rasfx.enable does
+                    return [str(e)]
+                return [f"no token map ({type(e).__name__}: {e}); rasfx.enable runs this model dense"]
+        return list(self.cc.token_map_notes)
 
     # ---------------------------------------------------------------- basic facts
     @property

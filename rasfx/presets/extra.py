@@ -565,8 +565,6 @@ _register("cogvideox15-tiny", "CogVideoXTransformer3DModel, 1.5 style (temporal 
 # their diagnosis in tests/test_equivalence.py (KNOWN_BUGS); the rest are limits of torch.export.
 _SECOND_SIZE = "could not capture the model at a second resolution"
 _KNOWN_FAILURES = {
-    "joyimage-edit-plus-tiny": ("rasfx bug: the pre-patchified input [B, P, C, pt, ph, pw] is resized in its patch "
-                                "dims", _SECOND_SIZE),
     "framepack-tiny": ("mask-sum lengths slice the sequence per sample (data-dependent on the prompt mask)",
                        "data-dependent"),
     "qwenimage21-tiny": ("rasfx bug: its reads of the masks are specialised now, but img_mask is not resized with the "
