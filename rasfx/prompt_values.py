@@ -156,9 +156,8 @@ def _replay_run_write(x: T, dim: int, rows: T, runs: tuple[tuple[int, int], ...]
         pieces += [x.narrow(dim, end, start - end), rows.narrow(dim, taken, length)]
         end, taken = start + length, taken + length
     pieces.append(x.narrow(dim, end, x.shape[dim] - end))
-    shape = list(x.shape)
-    shape[dim] = -1
-    x.copy_(torch.cat([p.to(x.dtype).expand(*shape[:dim], p.shape[dim], *shape[dim + 1:]) for p in pieces], dim))
+    lead, trail = x.shape[:dim], x.shape[dim + 1:]
+    x.copy_(torch.cat([p.to(x.dtype).expand(*lead, p.shape[dim], *trail) for p in pieces], dim))
 
 
 def _record(func, args, kwargs):
