@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 
 from . import passes
 from .capture import Capture, describe_signature, export_specialised, model_frame
+from .joint_masks import joint_mask_candidates
 from .prompt_values import STEP_INPUTS
 from .second_resolution import (find_image_input, image_batch, image_grid_candidates, padding_neutral_candidates,
                                 patchified_candidates, resized_model, second_resolution_candidates, token_padding)
@@ -226,13 +227,15 @@ def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, var
     ``second_resolution_candidates``, then, when none of these captured, for
     ``image_grid_candidates`` (the other inputs on the image's grid resized too), then for
     ``patchified_candidates`` (an image input patchified by the pipeline, resized along its
-    tokens). ``errors`` gets the capture errors: message -> (the model line it failed at, the
+    tokens), then for ``joint_mask_candidates`` (a boolean mask over a joint sequence whose image
+    part follows the image, QwenImage 2.1's ``img_mask``). ``errors`` gets the capture errors: message -> (the model line it failed at, the
     candidates that failed with it). ``specialise``: the first capture was specialised on prompt values; so is this one."""
 
     def export(alt_kwargs):
         return export_specialised(model, alt_kwargs, varying if specialise else None, specialise)[0]
 
-    for candidates in (second_resolution_candidates, image_grid_candidates, patchified_candidates):
+    for candidates in (second_resolution_candidates, image_grid_candidates, patchified_candidates,
+                       joint_mask_candidates):
         if (yield from _candidate_captures(model, candidates(kwargs, image_key), kwargs, image_key, gm, export,
                                            errors, tokens)):
             return

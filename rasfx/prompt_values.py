@@ -121,8 +121,52 @@ def _mask_write(args: tuple) -> Optional[tuple[T, T, Any]]:
     return x, index, values
 
 
+@dataclass(frozen=True)
+class _MaskRuns:
+    """What ``x[:, mask] = rows`` (``_run_write``) records: (start, length) of each run of ``True`` in the mask."""
+
+    runs: tuple[tuple[int, int], ...]
+
+
+def _run_write(args: tuple) -> Optional[tuple[T, int, T, T]]:
+    """``(x, dim, mask, rows)`` of ``x[:, ..., mask] = rows`` with full slices before a 1-D boolean
+    ``mask`` over dim ``dim`` of ``x`` (``dim`` >= 1) and ``rows`` listed per masked element in that dim
+    (QwenImage 2.1 writes its image tokens into the joint sequence, ``joint[:, image_pad_mask] =
+    hidden_states``); None for any other assignment."""
+    x, index = args[0], args[1] if len(args) > 1 else None
+    rows = args[2] if len(args) > 2 else None
+    if not (isinstance(x, T) and isinstance(index, tuple) and len(index) >= 2 and isinstance(rows, T)):
+        return None
+    *lead, mask = index
+    dim = len(lead)
+    if not (all(v == slice(None) for v in lead) and isinstance(mask, T) and mask.dtype == torch.bool
+            and mask.dim() == 1 and x.dim() > dim and mask.shape[0] == x.shape[dim]
+            and rows.dim() == x.dim()):
+        return None
+    return x, dim, mask, rows
+
+
+def _replay_run_write(x: T, dim: int, rows: T, runs: tuple[tuple[int, int], ...]) -> None:
+    """``x[:, mask] = rows`` (``_run_write``) as ``x`` made anew of its own slices between the
+    mask's runs and the rows each run takes, in order (a ``cat`` along ``dim``): the rows' token
+    axis lands at the runs' offsets, as in a joint sequence built by ``cat``, instead of a write by
+    the mask's integer indices, which names token positions."""
+    pieces, end, taken = [], 0, 0
+    for start, length in runs:
+        pieces += [x.narrow(dim, end, start - end), rows.narrow(dim, taken, length)]
+        end, taken = start + length, taken + length
+    pieces.append(x.narrow(dim, end, x.shape[dim] - end))
+    lead, trail = x.shape[:dim], x.shape[dim + 1:]
+    x.copy_(torch.cat([p.to(x.dtype).expand(*lead, p.shape[dim], *trail) for p in pieces], dim))
+
+
 def _record(func, args, kwargs):
     """What a read's replay needs (its result, or the integer indices of its mask / repeats), and its result."""
+    if func is T.__setitem__ and (run := _run_write(args)) is not None and run[3].shape[run[1]] == int(run[2].sum()):
+        row = run[2].tolist() + [False]
+        runs = tuple((i, next(j for j in range(i, len(row)) if not row[j]) - i)
+                     for i in range(len(row) - 1) if row[i] and (i == 0 or not row[i - 1]))
+        return _MaskRuns(runs), func(*args, **kwargs)
     if func is T.__setitem__ and _mask_write(args) is not None:
         mask = args[1] if isinstance(args[1], T) else args[1][0]
         count = int(mask.sum())
@@ -146,6 +190,9 @@ def _record(func, args, kwargs):
 def _replay(func, args, kwargs, recorded):
     """The read's result from what ``_record`` kept: the op run with integer indices where it
     took a boolean mask or tensor repeats, or the recorded value itself."""
+    run = _run_write(args) if isinstance(recorded, _MaskRuns) else None
+    if run is not None:
+        return _replay_run_write(run[0], run[1], run[3], recorded.runs)
     write = _mask_write(args) if isinstance(recorded, _MaskSlots) else None
     if write is not None:  # recorded for this write: the same shapes make it one again
         return _replay_mask_write(*write, recorded.slot, recorded.count)
