@@ -72,6 +72,7 @@ PASSING = [
     "stable-audio-tiny", "stable-audio3-tiny", "ace-step-tiny", "krea2-tiny", "hidream-tiny", "latte-tiny", "zimage-tiny",
     "kandinsky5-tiny", "kandinsky6-tiny",  # their output heads modulate the tokens in the grid shape
     "glm-image-tiny",  # prior_embedding[prior_token_drop] *= 0.0: a write through a per-token mask
+    "omnigen-tiny",  # position ids and a [B, S, S] mask over [text, time, image] (joint_sequence_candidates)
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
@@ -447,7 +448,6 @@ _NAMED_LINES = {
     "ideogram4-tiny": (UnsupportedModelError, "transformer_ideogram4.py", True),
     "ernie-image-tiny": (UnsupportedModelError, "transformer_ernie_image.py", True),
     "qwenimage21-tiny": (CaptureError, "transformer_qwenimage21.py", False),
-    "omnigen-tiny": (CaptureError, "transformer_omnigen.py", False),
 }
 
 

@@ -570,8 +570,6 @@ _KNOWN_FAILURES = {
     "qwenimage21-tiny": ("rasfx bug: its reads of the masks are specialised now, but img_mask is not resized with the "
                          "image for the second-resolution capture (the repeat_interleave by it at "
                          "transformer_qwenimage21.py:938 then fails)", _SECOND_SIZE),
-    "omnigen-tiny": ("rasfx bug: position_ids [B, T + 1 + N] and the attention mask [B, S, S] over its joint "
-                     "sequence are not resized with the image for the second-resolution capture", _SECOND_SIZE),
 }
 
 
