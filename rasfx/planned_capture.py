@@ -22,6 +22,7 @@ from . import passes
 from .capture import Capture, describe_signature, export_specialised, model_frame
 from .joint_masks import joint_mask_candidates
 from .prompt_values import STEP_INPUTS
+from .joint_sequence import joint_sequence_candidates
 from .second_resolution import (find_image_input, image_batch, image_grid_candidates, padding_neutral_candidates,
                                 patchified_candidates, resized_model, second_resolution_candidates, token_padding)
 from .errors import CaptureError, TooFewTokensError, UnsupportedModelError, UsageError
@@ -228,14 +229,16 @@ def _analysis_captures(model: torch.nn.Module, kwargs: dict, image_key: str, var
     ``image_grid_candidates`` (the other inputs on the image's grid resized too), then for
     ``patchified_candidates`` (an image input patchified by the pipeline, resized along its
     tokens), then for ``joint_mask_candidates`` (a boolean mask over a joint sequence whose image
-    part follows the image, QwenImage 2.1's ``img_mask``). ``errors`` gets the capture errors: message -> (the model line it failed at, the
-    candidates that failed with it). ``specialise``: the first capture was specialised on prompt values; so is this one."""
+    part follows the image, QwenImage 2.1's ``img_mask``), last for ``joint_sequence_candidates``
+    (position ids and a square mask over a joint [prefix, image] sequence continued with the image).
+    ``errors`` gets the capture errors: message -> (the model line it failed at, the candidates that
+    failed with it). ``specialise``: the first capture was specialised on prompt values; so is this one."""
 
     def export(alt_kwargs):
         return export_specialised(model, alt_kwargs, varying if specialise else None, specialise)[0]
 
     for candidates in (second_resolution_candidates, image_grid_candidates, patchified_candidates,
-                       joint_mask_candidates):
+                       joint_mask_candidates, joint_sequence_candidates):
         if (yield from _candidate_captures(model, candidates(kwargs, image_key), kwargs, image_key, gm, export,
                                            errors, tokens)):
             return

@@ -187,7 +187,7 @@ def test_presets_command(capsys, monkeypatch):
     for cls in cli.CONFIG_CLASSES:
         assert cls in out
     unsupported = {n: p.known_failure for n, p in PRESETS.items() if p.known_failure is not None}
-    assert {"framepack-tiny", "omnigen-tiny"} <= set(unsupported)
+    assert {"framepack-tiny"} <= set(unsupported)
     lines = out.splitlines()
     marked = [lines[i - 1].split()[0] for i, line in enumerate(lines) if "UNSUPPORTED:" in line]
     assert marked == list(unsupported)

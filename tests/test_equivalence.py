@@ -73,6 +73,7 @@ PASSING = [
     "kandinsky5-tiny", "kandinsky6-tiny",  # their output heads modulate the tokens in the grid shape
     "glm-image-tiny",  # prior_embedding[prior_token_drop] *= 0.0: a write through a per-token mask
     "qwenimage21-tiny",  # img_mask's image slots resized with the image (joint_masks.joint_mask_candidates)
+    "omnigen-tiny",  # position ids and a [B, S, S] mask over [text, time, image] (joint_sequence_candidates)
 ]
 
 # Presets that fail because of a rasfx bug: (exception the test currently raises, slow, diagnosis).
@@ -447,7 +448,6 @@ def test_equivalence_known_bugs(name):
 _NAMED_LINES = {
     "ideogram4-tiny": (UnsupportedModelError, "transformer_ideogram4.py", True),
     "ernie-image-tiny": (UnsupportedModelError, "transformer_ernie_image.py", True),
-    "omnigen-tiny": (CaptureError, "transformer_omnigen.py", False),
 }
 
 

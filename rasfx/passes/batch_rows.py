@@ -18,6 +18,7 @@ from .op_rules import is_pointwise
 aten = torch.ops.aten
 
 ROWS = "rasfx_rows"  # (start, stop, squeezed): the batch rows a tensor holds, when not all of them
+SHARED_TABLE = "rasfx_shared_table"  # True: a table (or what builds it) of which the graph takes one row for all
 
 
 def annotate_rows(graph: fx.Graph, batch: int) -> int:
@@ -31,6 +32,7 @@ def annotate_rows(graph: fx.Graph, batch: int) -> int:
     marked = 0
     whole = {node for node, layout in batch_dims(graph, batch).items() if layout == (0, 1)}
     shared = _single_row_sources(graph, batch, whole)
+    _mark_shared_tables(shared)
     for node in graph.nodes:
         if node.op != "call_function" or not _has_token_axes(node):
             continue
@@ -57,6 +59,20 @@ def _single_row_sources(graph: fx.Graph, batch: int, whole: set) -> set:
             continue
         taken.setdefault(src, set()).add(tuple(node.args[2:4]))
     return {src for src, rows in taken.items() if len(rows) == 1} if batch > 1 else set()
+
+
+def _mark_shared_tables(shared: set) -> None:
+    """Mark ``SHARED_TABLE`` on the tables of ``shared`` and on the token-bearing nodes they are
+    built from (OmniGen's RoPE: ``(inv_freq @ position_ids[:, None]).transpose(1, 2)``, then
+    ``cat(...)[0]``): they must run at full length (``plan_regions``), since a per-row active set
+    gathered before the one row is taken would give every row the active positions of that row."""
+    todo = list(shared)
+    while todo:
+        node = todo.pop()
+        if node.op != "call_function" or node.meta.get(SHARED_TABLE):
+            continue
+        node.meta[SHARED_TABLE] = True
+        todo.extend(i for i in node.all_input_nodes if _has_token_axes(i))
 
 
 def _has_token_axes(node: fx.Node) -> bool:

@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedModelError
-from .batch_rows import ROW_GROUPS
+from .batch_rows import ROW_GROUPS, SHARED_TABLE
 from .op_rules import SDPA_OPS, classify, mutated_input
 from .token_analysis import model_line
 from .token_segments import NEW_TENSOR
@@ -116,6 +116,8 @@ def plan_regions(
         # A table without a batch dim (token axis first: RoPE positions [N, 3]) starts no region:
         # per-row active sets cannot be laid on it; it is gathered where it meets the batch.
         want_active = passing and (any_active or not (rule.cheap or all(_batchless(i) for i in passing)))
+        # a table of which one row is taken for all rows starts no region (batch_rows.SHARED_TABLE)
+        want_active = want_active and (any_active or not node.meta.get(SHARED_TABLE))
         can_active = (
             node.meta.get("rasfx_ints") is not None
             and offsets_known(node)

@@ -159,13 +159,41 @@ def locate_tables(graph: fx.Graph) -> int:
                 continue
             for i in node.all_input_nodes:
                 if any(a.offset is None and a.extra == ax.extra and a.outer == 1 for a in token_axes(i)):
-                    pinned += _pin_sources(i, {ax.extra: ax.offset})
+                    pinned += _pin_sources(i, {ax.extra: ax.offset}, tables=True)
     return pinned
 
 
-def _pin_sources(mask: fx.Node, offsets: dict) -> int:
+# ops that keep a table's positions along the token axis whatever else they do: the RoPE
+# frequencies of positions passed in (OmniGen: ``(inv_freq @ position_ids[:, None]).transpose(1, 2)``,
+# ``cat((freqs, freqs), -1)[0].cos()``)
+_TABLE_UNARY = {aten.cos.default, aten.sin.default, aten.transpose.int, aten.permute.default, aten.t.default}
+
+
+def _table_parents(node: fx.Node, parents: list[fx.Node]) -> list[fx.Node]:
+    """The inputs of ``node`` whose token axes index the same positions as ``node``'s: all of them
+    for an op of ``_TABLE_UNARY``; for ``select`` / ``slice`` / ``cat`` along another dim than the
+    input's token axis, that input; for ``bmm`` / ``matmul`` the operands whose token axis is not
+    the contracted dim. None for any other op (conservative: the walk stops there)."""
+    t = node.target
+    if t in _TABLE_UNARY:
+        return parents
+    if t in (aten.select.int, aten.slice.Tensor, aten.cat.default):
+        first = node.args[0]
+        src = cast("list[fx.Node]", first) if t is aten.cat.default else [cast(fx.Node, first)]
+        rank = src[0].meta["val"].dim()
+        dim = cast(int, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % rank
+        return [p for p in parents if p in src and all(a.dim != dim for a in token_axes(p))]
+    if t in (aten.bmm.default, aten.matmul.default):
+        a, b = node.args[0], node.args[1]
+        return [p for p in parents if (p is a and all(x.dim != p.meta["val"].dim() - 1 for x in token_axes(p)))
+                or (p is b and p is not a and all(x.dim != p.meta["val"].dim() - 2 for x in token_axes(p)))]
+    return []
+
+
+def _pin_sources(mask: fx.Node, offsets: dict, tables: bool = False) -> int:
     """Pin ``offsets`` ({extra: offset}) on the sources of ``mask`` whose axes of that extra
-    are unlocated, walking back through position-keeping ops only."""
+    are unlocated, walking back through position-keeping ops only (``tables``: also through the
+    ops of ``_table_parents``, which build a table from positions)."""
     count, seen, todo = 0, set(), [mask]
     while todo:
         node = todo.pop()
@@ -183,4 +211,6 @@ def _pin_sources(mask: fx.Node, offsets: dict) -> int:
             count += 1
         elif node.target in _IN_PLACE_OF_POSITION:
             todo.extend(parents)
+        elif tables:
+            todo.extend(_table_parents(node, parents))
     return count

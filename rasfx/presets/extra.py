@@ -567,8 +567,6 @@ _SECOND_SIZE = "could not capture the model at a second resolution"
 _KNOWN_FAILURES = {
     "framepack-tiny": ("mask-sum lengths slice the sequence per sample (data-dependent on the prompt mask)",
                        "data-dependent"),
-    "omnigen-tiny": ("rasfx bug: position_ids [B, T + 1 + N] and the attention mask [B, S, S] over its joint "
-                     "sequence are not resized with the image for the second-resolution capture", _SECOND_SIZE),
 }
 
 
