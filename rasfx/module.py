@@ -293,10 +293,7 @@ class RASModule(torch.nn.Module):
         if cc.token_map is not None:
             return cc.token_map
         self._variant(cc, "shared")  # built here so that its passes count in work_counts()
-        token_map = token_map_of(cc)
-        for note in cc.token_map_notes:  # once per capture: the map is kept
-            warnings.warn(f"rasfx: {note}", RASWarning, stacklevel=2)
-        return token_map
+        return token_map_of(cc)  # warns its approximations once per capture (the map is kept)
 
     # ------------------------------------------------------------------ internals
     def _bind(self, args: tuple, kwargs: dict) -> dict:

@@ -241,7 +241,7 @@ def patchified_candidates(kwargs: dict, image_key: str) -> list[tuple[dict, dict
     ``second_resolution_candidates`` resizes the patch first. Conservative: the tokens are dim 1
     only (after the batch, as in packed sequences); rank >= 4 tensors, not lists of them."""
     x = kwargs[image_key]
-    if not isinstance(x, torch.Tensor) or x.dim() < 4 or int(x.shape[1]) <= 1:
+    if not isinstance(x, torch.Tensor) or x.dim() < 5 or int(x.shape[1]) <= 1:  # [B, C, H, W] is a grid
         return []
     lengths, all_lengths = _lengths(kwargs, image_key)
     out = []
@@ -315,7 +315,7 @@ def image_grid_candidates(kwargs: dict, image_key: str) -> list[tuple[dict, dict
     ``_grid_candidates``. Tried only when no ``second_resolution_candidates`` entry captures, so a
     model that captures without them is analysed as before. All such inputs first; when several
     are, each alone after (one may match the grid by chance: a square pixel input as large as a
-    square latent). Empty for packed and channels-last image inputs, or when no other input is
+    square latent). Empty for packed image inputs, or when no other input is
     on the grid."""
     x = kwargs[image_key]
     x = x[0] if isinstance(x, (list, tuple)) else x

@@ -9,13 +9,14 @@ per capture) and ``rasfx.explain`` / ``rasfx inspect`` list it among their notes
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .errors import UnsupportedModelError
+from .errors import RASWarning, UnsupportedModelError
 from .passes.token_analysis import model_line
 from .planned_capture import PlannedCapture
 
@@ -24,9 +25,12 @@ aten = torch.ops.aten
 
 def token_map_of(cc: PlannedCapture) -> torch.Tensor:
     """The capture's token map, derived on first use; the notes of its approximations go to
-    ``cc.token_map_notes``."""
+    ``cc.token_map_notes`` and are warned once, when it is derived (by ``RASModule.token_map``
+    or by ``rasfx.explain``, whichever comes first)."""
     if cc.token_map is None:
         cc.token_map, cc.token_map_notes = derive_token_map(cc)
+        for note in cc.token_map_notes:
+            warnings.warn(f"rasfx: {note}", RASWarning, stacklevel=3)
     return cc.token_map
 
 

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, cast
 
 import torch
@@ -314,7 +314,9 @@ def _index_put_rule(node: fx.Node, ins: list) -> OpRule:
     x_axes = token_axes(x)
     if x_axes and _after_tokens(x, indices):
         rank = _rank(x)
-        if isinstance(values, fx.Node) and not {a.dim + rank - _rank(values) for a in token_axes(values)} <= _axis_dims(x):
+        shifted = {replace(a, dim=a.dim + rank - _rank(values)) for a in token_axes(values)} if isinstance(
+            values, fx.Node) else set()
+        if not shifted <= set(x_axes):  # the same axes (segment, offset, fold) in the same dims as x's
             return OpRule("opaque", set(ins), reason="index_put of values whose token axis is not x's")
         return OpRule("tokenwise", cheap=True, reason="write into the dims after the token axis")
     mask = indices[0] if len(indices) == 1 and isinstance(indices[0], fx.Node) else None

@@ -157,7 +157,9 @@ def sequence_patch(pairs, n1: int, n2: int) -> Optional[tuple[int, int]]:
     that a strided Conv1d patchifies, the 1-D analogue of a Conv2d patch embedding (ACE-Step:
     ``[B, C, L] -> [B, D, L / p]``, kernel == stride == ``p``): the conv's output lengths, when
     its input is the sequence (also padded up to a multiple of ``p``) at both resolutions; None
-    without such a conv (the positions are the tokens). The first such conv in graph order.
+    without such a conv (the positions are the tokens). The first such conv in graph order, of
+    any input whose length is the sequence's (a conditioning input of that length patchified while
+    the image is not would be taken for the image's patches: not seen in a model so far).
     Conservative: only a conv of the inputs themselves (no matmul, attention or conv before
     it) counts; a strided conv inside the blocks (keys compressed over the tokens) does not
     make the tokens patches."""
