@@ -18,23 +18,12 @@ from __future__ import annotations
 
 import torch
 
+from .prompt_values import true_runs
 from .second_resolution import second_resolution_candidates
 
 #: Tokens per position of the mask's image part: one position a token (a mask marking the image
 #: tokens of a joint sequence), or a slot for a 2x2 or 4x4 group of them (QwenImage 2.1's 2x2 slots).
 TOKENS_PER_SLOT = (1, 4, 16)
-
-
-def _runs(row: list[bool]) -> list[tuple[int, int]]:
-    """(start, length) of each maximal run of ``True`` in ``row``."""
-    out, start = [], None
-    for i, v in enumerate([*row, False]):
-        if v and start is None:
-            start = i
-        elif not v and start is not None:
-            out.append((start, i - start))
-            start = None
-    return out
 
 
 def _image_run(mask: torch.Tensor, n: int) -> tuple[int, int, int] | None:
@@ -47,7 +36,7 @@ def _image_run(mask: torch.Tensor, n: int) -> tuple[int, int, int] | None:
     rows = mask.reshape(-1, mask.shape[-1]).tolist()
     found = set()
     for row in rows:
-        runs = [(s, c, n // c) for s, c in _runs(row) if n % c == 0 and n // c in TOKENS_PER_SLOT]
+        runs = [(s, c, n // c) for s, c in true_runs(row) if n % c == 0 and n // c in TOKENS_PER_SLOT]
         if not runs:
             return None
         found.add(runs[-1])

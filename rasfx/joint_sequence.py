@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .second_resolution import _frames, _resized
+from .second_resolution import LATE_GRID_STEPS, _frames, _resized
 
 
 def _image_part_step(rows: torch.Tensor, n: int) -> torch.Tensor | None:
@@ -89,7 +89,7 @@ def joint_sequence_candidates(kwargs: dict, image_key: str) -> list[tuple[dict, 
                 out.append((resized, {"mode": "packed", "n": n, "n2": n2, "resized": _RESIZED}))
         return out
     h, w = int(x.shape[-2]), int(x.shape[-1])
-    for dh, dw in ((8, 16), (-8, -16), (16, 8)):
+    for dh, dw in LATE_GRID_STEPS:
         h2, w2 = h + dh, w + dw
         if h2 <= 0 or w2 <= 0:
             continue

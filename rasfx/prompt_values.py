@@ -121,6 +121,18 @@ def _mask_write(args: tuple) -> Optional[tuple[T, T, Any]]:
     return x, index, values
 
 
+def true_runs(row: list[bool]) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of ``True`` in ``row``."""
+    out, start = [], None
+    for i, v in enumerate([*row, False]):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            out.append((start, i - start))
+            start = None
+    return out
+
+
 @dataclass(frozen=True)
 class _MaskRuns:
     """What ``x[:, mask] = rows`` (``_run_write``) records: (start, length) of each run of ``True`` in the mask."""
@@ -163,10 +175,7 @@ def _replay_run_write(x: T, dim: int, rows: T, runs: tuple[tuple[int, int], ...]
 def _record(func, args, kwargs):
     """What a read's replay needs (its result, or the integer indices of its mask / repeats), and its result."""
     if func is T.__setitem__ and (run := _run_write(args)) is not None and run[3].shape[run[1]] == int(run[2].sum()):
-        row = run[2].tolist() + [False]
-        runs = tuple((i, next(j for j in range(i, len(row)) if not row[j]) - i)
-                     for i in range(len(row) - 1) if row[i] and (i == 0 or not row[i - 1]))
-        return _MaskRuns(runs), func(*args, **kwargs)
+        return _MaskRuns(tuple(true_runs(run[2].tolist()))), func(*args, **kwargs)
     if func is T.__setitem__ and _mask_write(args) is not None:
         mask = args[1] if isinstance(args[1], T) else args[1][0]
         count = int(mask.sum())

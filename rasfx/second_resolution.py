@@ -29,6 +29,8 @@ from .errors import CaptureError, RasfxError
 from .passes.token_analysis import align, find_token_count
 
 
+# the (dH, dW) of the grids tried by the candidate kinds tried late (after second_resolution_candidates)
+LATE_GRID_STEPS = ((8, 16), (-8, -16), (16, 8))
 IMAGE_INPUT_NAMES = ("hidden_states", "x", "sample", "latents", "img", "image")
 
 
@@ -327,7 +329,7 @@ def image_grid_candidates(kwargs: dict, image_key: str) -> list[tuple[dict, dict
         return []
     groups = [names] + ([[k] for k in names] if len(names) > 1 else [])
     out: list[tuple[dict, dict]] = []
-    for dh, dw in ((8, 16), (-8, -16), (16, 8)):
+    for dh, dw in LATE_GRID_STEPS:
         h2, w2 = hw[0] + dh, hw[1] + dw
         if h2 <= 0 or w2 <= 0:
             continue
@@ -407,7 +409,7 @@ def _other_layouts(kwargs: dict, image_key: str, x: torch.Tensor, lengths) -> li
     if x.dim() >= 5:
         h, w = int(x.shape[-3]), int(x.shape[-2])
         frames = {int(s) for s in x.shape[1:-3]} or {1}
-        for dh, dw in ((8, 16), (-8, -16), (16, 8)):
+        for dh, dw in LATE_GRID_STEPS:
             h2, w2 = h + dh, w + dw
             if h2 <= 0 or w2 <= 0:
                 continue

@@ -180,3 +180,23 @@ def test_features_indexed_after_the_token_axis():
 def _inputs_plain(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"hidden_states": torch.randn(2, 4, 8, 12, generator=g), "timestep": torch.rand(2, generator=g) * 1000}
+
+
+@pytest.mark.parametrize("write", ["assign", "scale"])
+def test_a_new_prompt_mask_is_not_served_the_last_prompts_write(write):
+    """State across calls: the slots ``x[mask] *= 0.0`` records are per prompt (specialised on the
+    mask's values); one module called with a mask, then another one, then the first again, gives
+    each prompt's own output, dense and on a partial step after that prompt's dense step."""
+    model = PriorDropDiT(write).eval()
+    ras = rasfx.transform(model)
+    prompts = [_inputs(0, drop="random"), _inputs(1, drop="cfg"), _inputs(2, drop="random")]
+    prompts[1]["prior_ids"] = prompts[0]["prior_ids"]  # only the mask differs from the first prompt
+    n = prompts[0]["drop"].shape[1]
+    with torch.no_grad():
+        for kw in prompts:
+            want = model(**kw)
+            ras.set_active(None)
+            assert _rel(ras(**kw), want) <= TOL
+            ras.set_active(torch.arange(0, n, 3))
+            assert _rel(ras(**kw), want) <= TOL
+        assert _rel(model(**prompts[0]), model(**prompts[1])) > 1e-3  # the masks do matter
